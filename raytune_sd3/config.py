@@ -1,0 +1,410 @@
+"""The job config: one typed schema, validated at the door before Ray or any model starts.
+
+A job is a YAML file whose sections mirror the classes below (`model`, `text`, `data`, `flow`, `lora`, `train`,
+`validation`, `ray`); `output_dir` sits at the top level as in SimpleTuner. Every field has a one-line docstring.
+Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TINY_MODELS = ("tiny-sd3", "tiny-sd35")
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the file, the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class ModelConfig(Section):
+    pretrained: str = "tiny-sd3"
+    """A diffusers SD3 directory, a hub id already in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the frozen base transformer and VAE; LoRA weights train in fp32 unless train.mixed_precision says so."""
+
+
+class TextConfig(Section):
+    t5_max_length: int = Field(154, ge=1, le=512)
+    """T5 tokens per prompt: 154 (SimpleTuner, SD3.5 default) or 77 (smaller cache, some quality loss)."""
+    t5_padding: Literal["unmodified", "zero"] = "unmodified"
+    """`unmodified` keeps T5's outputs at padding positions (Stability, diffusers); `zero` masks them to zero."""
+    uncond: Literal["empty_string", "zero"] = "empty_string"
+    """Unconditional embedding for caption dropout and CFG: the encoded empty caption, or zeros."""
+
+
+class DatasetConfig(Section):
+    id: str
+    """A short name for this data set (used in cache reports and errors)."""
+    type: Literal["local", "demo"] = "local"
+    """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
+    instance_data_dir: Path
+    """Folder of images (searched recursively)."""
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = "textfile"
+    """Where captions come from: a .txt beside each image (falls back to the file name), the file name, or
+    instance_prompt for every image."""
+    instance_prompt: str | None = None
+    """The caption of every image when caption_strategy is instanceprompt."""
+    resolution: int = Field(1024, ge=16)
+    """Square training size in pixels (shorter side resized to it, then centre-cropped); a multiple of 16."""
+    demo_images: int = Field(48, ge=1)
+    """How many images a demo data set generates."""
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        # VAE /8 then the transformer's 2x2 patches: sides must divide by 16.
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE /8 x patch 2), got {v}; try {round(v / 16) * 16}")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_when_needed(self) -> DatasetConfig:
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt set")
+        return self
+
+
+class DataConfig(Section):
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    """The data sets of this job."""
+    cache_dir: Path | None = None
+    """Where encoded latents and text embeddings live; default `<output_dir>/cache`. Reused by later runs."""
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability that a training sample uses the unconditional embedding instead of its caption."""
+    eval_samples: int = Field(4, ge=0)
+    """Items held out of training for the eval loss (fixed sigmas, fixed noise)."""
+    encode_batch_size: int = Field(8, ge=1)
+    """Images (or captions) per batch in the encoding actors."""
+    encode_actors: int | None = Field(None, ge=1)
+    """Encoding actors per encoder; default 1 per GPU, or 2 on a CPU-only cluster."""
+
+
+class FlowConfig(Section):
+    sigma_sampling: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
+    """How training sigmas are drawn: sigmoid(N(logit_mean, logit_std)), U(0,1), or SD3's mode sampling."""
+    logit_mean: float = 0.0
+    """Mean of the normal behind logit-normal sigmas."""
+    logit_std: float = Field(1.0, gt=0)
+    """Std of the normal behind logit-normal sigmas."""
+    mode_scale: float = 1.29
+    """Scale of mode sampling."""
+    shift: float | Literal["auto"] = 3.0
+    """Sigma shift s*sigma/(1+(s-1)*sigma): a number (SD3 3.0; Stability's SD3.5 notes 1.0) or `auto` (from the
+    image sequence length, as Flux/SimpleTuner)."""
+    prediction: Literal["velocity", "x0"] = "velocity"
+    """Loss target: `velocity` (noise - latents, plain MSE; SimpleTuner, SD3.5) or `x0` (diffusers' preconditioning:
+    pred * -sigma + noisy against the latents)."""
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Per-sample loss weight (diffusers' compute_loss_weighting_for_sd3)."""
+    eval_sigmas: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    """Fixed sigmas at which the eval loss is measured (unshifted)."""
+
+    @field_validator("shift")
+    @classmethod
+    def _positive_shift(cls, v: float | str) -> float | str:
+        if v != "auto" and v <= 0:
+            raise ValueError(f"shift must be > 0 or 'auto', got {v}")
+        return v
+
+    @field_validator("eval_sigmas")
+    @classmethod
+    def _sigmas_in_range(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < s < 1 for s in v):
+            raise ValueError(f"eval_sigmas must be a non-empty list of values in (0, 1), got {v}")
+        return v
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float | None = None
+    """LoRA alpha; default = rank (scale 1). Other values are folded into lora_B when saving."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch."""
+    targets: Literal["attention", "attention+context", "all"] | list[str] = "attention"
+    """Preset (`attention`: to_q/k/v/out.0, SimpleTuner; `attention+context`: also add_*_proj/to_add_out, diffusers;
+    `all`: also feed-forward) or an explicit list of module-name suffixes."""
+    blocks: list[int] | None = None
+    """Only these transformer blocks get LoRA; default all."""
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; default: when the Ray cluster has any."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Logical CPUs each training worker reserves."""
+    batch_size: int = Field(4, ge=1)
+    """Images per worker per micro-step."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step."""
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps to train."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    """Schedule after warmup."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    optimizer: Literal["adamw"] = "adamw"
+    """Optimizer (more arrive with the training-engine work)."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip threshold; null disables clipping."""
+    grad_clip: Literal["norm", "value"] = "norm"
+    """Clip the global gradient norm (default) or each gradient value."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """Autocast the forward pass to bf16 (GPU)."""
+    seed: int = 0
+    """Seed of LoRA init, data order, sigmas and noise."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Report a Ray Train checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept in storage."""
+    max_failures: int = Field(1, ge=0)
+    """Worker or node failures the run survives (restarting from the last checkpoint)."""
+    eval_every: int | None = Field(None, ge=1)
+    """Measure the eval loss every N steps; default: at the start and at the end only."""
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = Field(default_factory=list)
+    """Prompts sampled with the trained LoRA; empty disables validation images."""
+    every_steps: int | None = Field(None, ge=1)
+    """Also sample every N steps; default: only at the end."""
+    resolution: str = "1024x1024"
+    """Comma-separated WxH list, e.g. `1024x1024,1280x768`."""
+    guidance: float = Field(4.0, ge=0)
+    """Classifier-free guidance scale (SD3 prefers low values)."""
+    steps: int = Field(28, ge=1)
+    """Sampling steps."""
+    seed: int = 0
+    """Seed of the initial noise."""
+    skip_layers: list[int] | None = None
+    """Skip-layer guidance: transformer blocks skipped in the extra pass (SD3.5: [7, 8, 9]); null disables SLG."""
+    skip_layer_start: float = Field(0.01, ge=0, le=1)
+    """Fraction of the steps where SLG starts."""
+    skip_layer_stop: float = Field(0.2, ge=0, le=1)
+    """Fraction of the steps where SLG stops."""
+    skip_layer_scale: float = 2.8
+    """SLG scale."""
+
+    @field_validator("resolution")
+    @classmethod
+    def _sizes(cls, v: str) -> str:
+        parse_resolutions(v)
+        return v
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return parse_resolutions(self.resolution)
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Cluster to join; default: RAY_ADDRESS, else a local Ray started by the job."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a local Ray; default 2x the cores (so Data, Train and Tune do not wait on each other)."""
+
+
+class JobConfig(Section):
+    output_dir: Path
+    """Where this run writes job.yaml, metrics.jsonl, validation images and the LoRA (shared storage on clusters)."""
+    name: str | None = None
+    """Run name in Ray Train storage; default: output_dir's folder name."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    data: DataConfig
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> JobConfig:
+        if self.train.lr_warmup_steps >= self.train.max_steps and self.train.lr_warmup_steps > 0:
+            raise ValueError(
+                f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        ids = [d.id for d in self.data.datasets]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"data.datasets ids must be unique, got {ids}")
+        if self.validation.skip_layers is not None and self.validation.skip_layer_start >= self.validation.skip_layer_stop:
+            raise ValueError("validation.skip_layer_start must be below validation.skip_layer_stop")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or Path(self.output_dir).name
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.data.cache_dir or Path(self.output_dir) / "cache")
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """`"1024x1024,1280x768"` -> [(1024, 1024), (1280, 768)] as (width, height); each side a multiple of 16."""
+    sizes = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:x(\d+))?\s*", part)
+        if not m:
+            raise ValueError(f"resolution {part!r} is not WxH (e.g. 1024x1024)")
+        w, h = int(m.group(1)), int(m.group(2) or m.group(1))
+        if w % 16 or h % 16:
+            raise ValueError(f"resolution {w}x{h}: both sides must be multiples of 16")
+        sizes.append((w, h))
+    return sizes
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` strings (values parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-5")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _suggest(model: type[BaseModel], loc: tuple) -> str:
+    """A 'did you mean' for an unknown key, found among the fields at that place in the schema."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or (ann,)
+        cls = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return ""
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(cls.model_fields)})"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_suggest(JobConfig, e['loc'])}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> JobConfig:
+    """Read, override and validate a job; raise ConfigError (naming file and key) on anything wrong."""
+    source = str(path) if path is not None else "<dict>"
+    if raw is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise ConfigError(f"{p}: job file not found (jobs/tiny.yaml is a working example)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job is a YAML mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    return absolute_paths(cfg)
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Relative paths are relative to where the command runs; Ray workers run elsewhere, so fix them now."""
+    cfg.output_dir = cfg.output_dir.expanduser().resolve()
+    if cfg.data.cache_dir is not None:
+        cfg.data.cache_dir = cfg.data.cache_dir.expanduser().resolve()
+    for ds in cfg.data.datasets:
+        ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
+    return cfg
+
+
+def check_paths(cfg: JobConfig) -> None:
+    """Checks that what must exist on disk does, before Ray starts. Demo data sets and tiny models are made later."""
+    problems = []
+    for i, ds in enumerate(cfg.data.datasets):
+        if ds.type == "local" and not ds.instance_data_dir.is_dir():
+            problems.append(
+                f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
+                "(point it at your images, or use type: demo)"
+            )
+    pretrained = cfg.model.pretrained
+    looks_like_path = pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").split("/", 1)[-1]
+    if pretrained not in TINY_MODELS and looks_like_path and not Path(pretrained).expanduser().is_dir():
+        problems.append(f"model.pretrained: {pretrained} is not a folder (a diffusers SD3 directory or a hub id)")
+    if problems:
+        raise ConfigError("job config refers to missing paths:\n  " + "\n  ".join(problems))
+
+
+# --- writing (secrets never leave) --------------------------------------------------------------------------------
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "RAY_AUTH_TOKEN")
+_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey|credential)", re.I)
+
+
+def redact(obj: Any) -> Any:
+    """A copy with secret-looking keys and any value equal to a secret from the environment replaced."""
+    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    def walk(x: Any, key: str = "") -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v, str(k)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v, key) for v in x]
+        if _SECRET_KEY.search(key) and x is not None:
+            return "<redacted>"
+        if isinstance(x, str):
+            for s in secrets:
+                if s and s in x:
+                    x = x.replace(s, "<redacted>")
+        return x
+    return walk(obj)
+
+
+def dump_job(cfg: JobConfig) -> str:
+    """The resolved job as YAML (every default filled in, secrets stripped): loadable by load_job."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

@@ -1,0 +1,54 @@
+"""From a job config to a manifest: demo data made if needed, images discovered, the cache filled (Ray Data).
+
+Used by `python -m raytune_sd3.train` (and by the cache-only and Tune entry points): one place decides what the
+cache must hold for a job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from raytune_sd3.config import JobConfig
+from raytune_sd3.data.demo import make_demo_dataset
+from raytune_sd3.data.discovery import discover
+from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
+from raytune_sd3.data.reader import MANIFEST, write_manifest
+from raytune_sd3.models.loading import component_identity, vae_scaling
+
+log = logging.getLogger(__name__)
+
+
+def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
+    rev = cfg.model.revision
+    shift, scale = vae_scaling(pretrained, rev)
+    text_ids = tuple(component_identity(pretrained, sub, rev) for sub in
+                     ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"))
+    return CacheSpec(
+        pretrained=pretrained, revision=rev, cache_dir=str(Path(cfg.cache_dir).resolve()),
+        vae_id=component_identity(pretrained, "vae", rev), text_ids=text_ids, vae_shift=shift, vae_scale=scale,
+        t5_max_length=cfg.text.t5_max_length, t5_padding=cfg.text.t5_padding, dtype=cfg.model.dtype,
+    )
+
+
+def prepare_data(cfg: JobConfig, pretrained: str) -> tuple[Path, CacheReport]:
+    """Fill the cache for this job and write `<output_dir>/manifest.json` and `cache_report.json`."""
+    items = []
+    for ds in cfg.data.datasets:
+        if ds.type == "demo":
+            make_demo_dataset(ds.instance_data_dir, ds.demo_images, size=ds.resolution, seed=cfg.train.seed)
+        items += discover(ds)
+    spec = cache_spec(cfg, pretrained)
+    report = build_cache(spec, items, ["", *cfg.validation.prompts], cfg.data.encode_batch_size,
+                         cfg.data.encode_actors)
+    if not report.rows:
+        raise RuntimeError(f"no usable images: all {len(items)} were skipped, see cache_report.json")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]
+    manifest = out / MANIFEST
+    write_manifest(manifest, report.rows, report.text_keys[""], validation, spec.cache_dir)
+    (out / "cache_report.json").write_text(json.dumps(report.summary(), indent=2))
+    log.info("cache: %s", json.dumps(report.summary()))
+    return manifest, report

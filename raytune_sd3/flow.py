@@ -1,0 +1,122 @@
+"""Rectified-flow (flow matching) objective of SD3, written once: training, eval loss and benchmarks use it.
+
+    sigma ~ density (logit-normal by default), shifted:  sigma' = s*sigma / (1 + (s-1)*sigma)
+    noisy  = (1 - sigma') * latents + sigma' * noise
+    model(noisy, t = sigma' * 1000) -> v
+    velocity target (default):  loss = mean((v - (noise - latents))^2)
+    x0 target (diffusers):      loss = mean(w(sigma') * (v * -sigma' + noisy - latents)^2)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from raytune_sd3.config import FlowConfig
+
+NUM_TRAIN_TIMESTEPS = 1000  # SD3's scheduler: timestep = sigma * 1000
+
+
+def sample_sigmas(cfg: FlowConfig, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unshifted sigmas in (0, 1), shape (batch_size,), drawn on the CPU from `generator` (fp32)."""
+    if cfg.sigma_sampling == "logit_normal":
+        u = torch.normal(cfg.logit_mean, cfg.logit_std, size=(batch_size,), generator=generator)
+        return torch.sigmoid(u)
+    u = torch.rand(batch_size, generator=generator)
+    if cfg.sigma_sampling == "mode":
+        # SD3 paper eq. 20: density with a mode, heavier in the middle for mode_scale > 0.
+        return 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def auto_shift(image_seq_len: int) -> float:
+    """Resolution-dependent shift (Flux/SimpleTuner): mu linear in seq_len through (256, 0.5), (4096, 1.15); e^mu."""
+    mu = 0.5 + (image_seq_len - 256) * (1.15 - 0.5) / (4096 - 256)
+    return math.exp(mu)
+
+
+def image_seq_len(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
+    """Transformer tokens of one latent: (h/p) * (w/p)."""
+    return (latent_height // patch_size) * (latent_width // patch_size)
+
+
+def resolve_shift(cfg: FlowConfig, latent_height: int, latent_width: int) -> float:
+    return auto_shift(image_seq_len(latent_height, latent_width)) if cfg.shift == "auto" else float(cfg.shift)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """s*sigma / (1 + (s-1)*sigma): the same map FlowMatchEulerDiscreteScheduler applies to its schedule."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigmas.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """(1 - sigma) * latents + sigma * noise, sigma per sample."""
+    s = _per_sample(sigmas, latents)
+    return (1 - s) * latents + s * noise
+
+
+def loss_weighting(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights: none -> 1, sigma_sqrt -> sigma^-2, cosmap -> 2 / (pi * (1 - 2s + 2s^2))."""
+    if weighting == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def flow_loss(
+    cfg: FlowConfig,
+    model_pred: torch.Tensor,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample loss, shape (B,), computed in fp32. `sigmas` are the shifted ones used to build the input."""
+    pred, latents, noise = model_pred.float(), latents.float(), noise.float()
+    if cfg.prediction == "velocity":
+        target = noise - latents
+    else:  # diffusers' preconditioning: turn the velocity into an x0 estimate
+        pred = pred * -_per_sample(sigmas, pred) + noisy_input(latents, noise, sigmas)
+        target = latents
+    err = (pred - target) ** 2
+    if mask is not None:
+        err = err * mask
+    per_sample = err.flatten(1).mean(1)
+    return per_sample * loss_weighting(cfg.weighting, sigmas.to(per_sample.device).float())
+
+
+@dataclass
+class FlowBatch:
+    """What one transformer call needs, built from clean latents."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    noise: torch.Tensor
+
+
+def make_flow_batch(
+    cfg: FlowConfig,
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    sigmas: torch.Tensor | None = None,
+) -> FlowBatch:
+    """Draw (or take) sigmas and noise from the CPU `generator`, shift them and build the noisy input.
+
+    Drawing on the CPU keeps the random stream identical across devices, so a resumed or re-sharded run is
+    reproducible.
+    """
+    b = latents.shape[0]
+    if sigmas is None:
+        sigmas = sample_sigmas(cfg, b, generator)
+    sigmas = shift_sigmas(sigmas, resolve_shift(cfg, latents.shape[-2], latents.shape[-1]))
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    sigmas = sigmas.to(latents.device)
+    return FlowBatch(noisy_input(latents, noise, sigmas), sigmas * NUM_TRAIN_TIMESTEPS, sigmas, noise)

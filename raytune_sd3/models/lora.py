@@ -1,0 +1,104 @@
+"""LoRA on the SD3 transformer through peft: target presets, adding the adapter, saving in diffusers' layout.
+
+The saved `pytorch_lora_weights.safetensors` has keys `transformer.transformer_blocks.N.attn.to_q.lora_A.weight`
+and the adapter config in its header, so `StableDiffusion3Pipeline.load_lora_weights` matches every key; alpha is
+folded into lora_B (scale 1) so ComfyUI, which reads alpha only from `.alpha` tensors, gets the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raytune_sd3.config import LoraConfig
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+_CONTEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+PRESETS = {
+    "attention": _ATTN + [s.replace("attn.", "attn2.") for s in _ATTN],  # attn2: SD3.5's dual-attention blocks
+    "attention+context": _ATTN + [s.replace("attn.", "attn2.") for s in _ATTN] + _CONTEXT,
+    "all": _ATTN + [s.replace("attn.", "attn2.") for s in _ATTN] + _CONTEXT + _FF,
+}
+
+
+def target_modules(transformer: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Full names of the nn.Linear modules that get LoRA, from the preset (or suffix list) and block selection."""
+    suffixes = PRESETS[cfg.targets] if isinstance(cfg.targets, str) else cfg.targets
+    names = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, nn.Linear) or not any(name == s or name.endswith("." + s) for s in suffixes):
+            continue
+        if cfg.blocks is not None:
+            parts = name.split(".")
+            if parts[0] != "transformer_blocks" or int(parts[1]) not in cfg.blocks:
+                continue
+        names.append(name)
+    if not names:
+        raise ValueError(f"lora.targets {cfg.targets!r} (blocks {cfg.blocks}) matches no linear layer of the model")
+    return names
+
+
+def add_lora(transformer: nn.Module, cfg: LoraConfig, seed: int = 0) -> list[nn.Parameter]:
+    """Freeze the base, add a peft LoRA adapter (B = 0, so the output starts unchanged); returns trainable params."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    transformer.requires_grad_(False)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        lora_dropout=cfg.dropout,
+        init_lora_weights="gaussian",
+        target_modules=target_modules(transformer, cfg),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(peft_cfg)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:  # LoRA weights train in fp32 even on a bf16 base
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """diffusers-named LoRA tensors (fp32 CPU copies) with alpha/rank folded into lora_B."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
+    scale = (cfg.alpha if cfg.alpha is not None else cfg.rank) / cfg.rank
+    if scale != 1.0:
+        for k in sd:
+            if ".lora_B." in k:
+                sd[k] *= scale
+    return sd
+
+
+def adapter_metadata(transformer: nn.Module, cfg: LoraConfig) -> dict:
+    """The peft config written into the file header (alpha = rank, since the scale is folded)."""
+    return {
+        "r": cfg.rank,
+        "lora_alpha": cfg.rank,
+        "target_modules": sorted(transformer.peft_config["default"].target_modules),
+        "lora_dropout": 0.0,
+        "init_lora_weights": "gaussian",
+    }
+
+
+def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` atomically (temp file in the same folder, then rename)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
+        StableDiffusion3Pipeline.save_lora_weights(
+            tmp, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
+        )
+        os.replace(Path(tmp) / LORA_FILE, out_dir / LORA_FILE)
+    return out_dir / LORA_FILE

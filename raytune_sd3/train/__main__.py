@@ -1,0 +1,104 @@
+"""python -m raytune_sd3.train JOB.yaml [--set key=value ...]
+
+Validate the job -> start/join Ray -> fill the cache (Ray Data) -> train a LoRA (Ray Train TorchTrainer) ->
+copy the final LoRA into output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from raytune_sd3.config import ConfigError, JobConfig, check_paths, dump_job, load_job
+from raytune_sd3.models.lora import LORA_FILE
+
+log = logging.getLogger("raytune_sd3")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raytune_sd3.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", help="job YAML, e.g. jobs/tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=1e-5 (repeatable)")
+    return p.parse_args(argv)
+
+
+def run_training(cfg: JobConfig, manifest: Path, pretrained: str):
+    """Fit the TorchTrainer; returns Ray Train's Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytune_sd3.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=str(Path(cfg.output_dir).resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def export_lora(result, output_dir: Path) -> Path:
+    """Copy the last checkpoint's LoRA into output_dir (atomically)."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the Ray Train logs above")
+    with result.checkpoint.as_directory() as folder:
+        dest = output_dir / LORA_FILE
+        tmp = output_dir / f".{LORA_FILE}.tmp"
+        shutil.copyfile(Path(folder) / LORA_FILE, tmp)
+        os.replace(tmp, dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_job(args.job, args.overrides)
+        check_paths(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.runtime import init_ray
+
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.yaml").write_text(dump_job(cfg))
+    pretrained = resolve_pretrained(cfg.model.pretrained)
+    init_ray(cfg)
+    manifest, report = prepare_data(cfg, pretrained)
+    log.info("cache: %d items (%d latents encoded, %d reused; %d captions encoded, %d reused; %d skipped) in %.1fs",
+             len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
+             report.texts_reused, len(report.skipped), report.seconds)
+    result = run_training(cfg, manifest, pretrained)
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    lora = export_lora(result, out)
+    log.info("done in %.0fs: %s", time.perf_counter() - t0, lora)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline hub, a tiny SD3 pipeline built once per session, a local Ray."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: a hub lookup with no network hangs instead of failing.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYTUNE_SD3_HOME", tempfile.mkdtemp(prefix="raytune_sd3_home-"))
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3() -> str:
+    from raytune_sd3.models.tiny import ensure_tiny_pipeline
+
+    return str(ensure_tiny_pipeline("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1",
+                                                        "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"]}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,108 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytune_sd3.config import ConfigError, dump_job, load_job, parse_resolutions, redact
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def tiny_raw() -> dict:
+    return yaml.safe_load((ROOT / "jobs" / "tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_file_validates(job):
+    cfg = load_job(job)
+    assert cfg.output_dir.is_absolute()
+    # the dump is itself a valid job with the same content
+    assert load_job(raw=yaml.safe_load(dump_job(cfg))) == cfg
+
+
+def test_jobs_folder_has_the_shipped_jobs():
+    names = {p.name for p in JOBS}
+    assert {"tiny.yaml", "sd35.yaml"} <= names
+
+
+def test_typo_gets_a_suggestion():
+    raw = tiny_raw()
+    raw["train"]["learning_rat"] = 1e-4
+    with pytest.raises(ConfigError, match=r"train\.learning_rat: unknown key \(did you mean 'learning_rate'\?\)"):
+        load_job(raw=raw)
+
+
+def test_typo_in_a_list_item_gets_a_suggestion():
+    raw = tiny_raw()
+    raw["data"]["datasets"][0]["resolutoin"] = 64
+    with pytest.raises(ConfigError, match=r"data\.datasets\.0\.resolutoin: unknown key \(did you mean 'resolution'"):
+        load_job(raw=raw)
+
+
+def test_wrong_type_and_impossible_values_name_the_key():
+    raw = tiny_raw()
+    raw["train"]["batch_size"] = "four"
+    raw["data"]["datasets"][0]["resolution"] = 100
+    with pytest.raises(ConfigError) as e:
+        load_job(raw=raw)
+    assert "train.batch_size" in str(e.value)
+    assert "data.datasets.0.resolution: must be a multiple of 16" in str(e.value)
+
+
+def test_impossible_combination():
+    raw = tiny_raw()
+    raw["train"]["lr_warmup_steps"] = raw["train"]["max_steps"]
+    with pytest.raises(ConfigError, match="lr_warmup_steps"):
+        load_job(raw=raw)
+
+
+def test_set_overrides_any_key():
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["train.learning_rate=3e-5", "flow.shift=auto", "lora.targets=[to_q]"])
+    assert cfg.train.learning_rate == 3e-5 and cfg.flow.shift == "auto" and cfg.lora.targets == ["to_q"]
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_job(ROOT / "jobs" / "tiny.yaml", ["train.learning_rate"])
+
+
+def test_resolutions():
+    assert parse_resolutions("1024x1024,1280x768") == [(1024, 1024), (1280, 768)]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        parse_resolutions("1000x1000")
+
+
+def test_secrets_never_reach_the_dump(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecret123")
+    raw = tiny_raw()
+    raw["validation"]["prompts"] = ["a photo hf_supersecret123"]
+    assert "hf_supersecret123" not in dump_job(load_job(raw=raw))
+    assert redact({"wandb": {"api_key": "abc"}}) == {"wandb": {"api_key": "<redacted>"}}
+
+
+def test_cli_rejects_a_typo_fast_before_ray(tmp_path):
+    job = tmp_path / "bad.yaml"
+    raw = tiny_raw()
+    raw["lora"]["rnak"] = 4
+    job.write_text(yaml.safe_dump(raw))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(job)], capture_output=True, text=True,
+                       timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 2
+    assert "lora.rnak: unknown key (did you mean 'rank'?)" in r.stderr
+    assert str(job) in r.stderr
+    assert "Ray" not in r.stdout + r.stderr.replace("raytune_sd3", "")
+    assert elapsed < 5, f"config error took {elapsed:.1f}s"
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    raw = tiny_raw()
+    raw["data"]["datasets"][0].update(type="local", instance_data_dir=str(tmp_path / "nope"))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(job)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert "data.datasets[0].instance_data_dir" in r.stderr and "nope" in r.stderr

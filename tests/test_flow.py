@@ -1,0 +1,93 @@
+"""The flow objective against diffusers' scheduler and training utilities, and hand-computed values."""
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from raytune_sd3.config import FlowConfig
+from raytune_sd3.flow import (
+    auto_shift,
+    flow_loss,
+    image_seq_len,
+    loss_weighting,
+    make_flow_batch,
+    noisy_input,
+    resolve_shift,
+    sample_sigmas,
+    shift_sigmas,
+)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5, 7.5])
+def test_shift_equals_the_schedulers(shift):
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    unshifted = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas
+    torch.testing.assert_close(shift_sigmas(unshifted, shift), sched.sigmas, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("side", [256, 512, 768, 1024, 1536])
+def test_auto_shift_equals_diffusers_calculate_shift(side):
+    seq = image_seq_len(side // 8, side // 8)
+    assert auto_shift(seq) == pytest.approx(math.exp(calculate_shift(seq)), rel=1e-9)
+
+
+def test_auto_shift_values_by_resolution():
+    assert resolve_shift(FlowConfig(shift="auto"), 64, 64) == pytest.approx(1.877, abs=1e-3)  # 512px
+    assert resolve_shift(FlowConfig(shift="auto"), 128, 128) == pytest.approx(3.158, abs=1e-3)  # 1024px
+    assert resolve_shift(FlowConfig(shift=2.0), 128, 128) == 2.0
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "uniform", "mode"])
+def test_sigma_sampling_equals_diffusers_density(scheme):
+    cfg = FlowConfig(sigma_sampling=scheme, logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
+    ours = sample_sigmas(cfg, 64, torch.Generator().manual_seed(5))
+    ref = compute_density_for_timestep_sampling(scheme, 64, logit_mean=0.3, logit_std=1.2, mode_scale=1.29,
+                                                generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, ref)
+    assert ours.min() > 0 and ours.max() < 1
+
+
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_loss_weighting_equals_diffusers(scheme):
+    s = torch.tensor([0.05, 0.3, 0.5, 0.95])
+    torch.testing.assert_close(loss_weighting(scheme, s), compute_loss_weighting_for_sd3(scheme, s))
+
+
+def test_noisy_input_and_velocity_loss_by_hand():
+    latents = torch.tensor([[[[1.0, 2.0]]], [[[0.0, -1.0]]]])  # (2, 1, 1, 2)
+    noise = torch.tensor([[[[0.0, 1.0]]], [[[2.0, 2.0]]]])
+    sigmas = torch.tensor([0.25, 0.5])
+    # (1 - s) * x + s * n
+    torch.testing.assert_close(noisy_input(latents, noise, sigmas),
+                               torch.tensor([[[[0.75, 1.75]]], [[[1.0, 0.5]]]]))
+    # target n - x = [[-1, -1], [2, 3]]; pred zeros -> per-sample mean squares [1, 6.5]
+    loss = flow_loss(FlowConfig(), torch.zeros_like(latents), latents, noise, sigmas)
+    torch.testing.assert_close(loss, torch.tensor([1.0, 6.5]))
+
+
+def test_x0_preconditioned_loss_by_hand():
+    latents = torch.tensor([[[[1.0, 2.0]]]])
+    noise = torch.tensor([[[[0.0, 1.0]]]])
+    sigmas = torch.tensor([0.5])
+    pred = torch.tensor([[[[2.0, 0.0]]]])
+    # noisy = [0.5, 1.5]; x0 = pred * -0.5 + noisy = [-0.5, 1.5]; error vs x = [-1.5, -0.5] -> mean sq 1.25
+    cfg = FlowConfig(prediction="x0", weighting="none")
+    torch.testing.assert_close(flow_loss(cfg, pred, latents, noise, sigmas), torch.tensor([1.25]))
+    # sigma_sqrt weights by sigma^-2 = 4
+    cfg = FlowConfig(prediction="x0", weighting="sigma_sqrt")
+    torch.testing.assert_close(flow_loss(cfg, pred, latents, noise, sigmas), torch.tensor([5.0]))
+
+
+def test_flow_batch_is_reproducible_and_shifted():
+    cfg = FlowConfig(shift=3.0)
+    latents = torch.randn(3, 16, 8, 8)
+    a = make_flow_batch(cfg, latents, torch.Generator().manual_seed(1))
+    b = make_flow_batch(cfg, latents, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.noisy, b.noisy)
+    raw = sample_sigmas(cfg, 3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.sigmas, shift_sigmas(raw, 3.0))
+    torch.testing.assert_close(a.timesteps, a.sigmas * 1000)
