@@ -80,11 +80,11 @@ def load_text_encoders(pretrained: str, device: str | torch.device = "cpu", dtyp
 
     kw = {"revision": revision}
     toks, encs = [], []
-    for i, (sub_tok, sub_enc, cls) in enumerate([
+    for sub_tok, sub_enc, cls in [
         ("tokenizer", "text_encoder", CLIPTextModelWithProjection),
         ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
         ("tokenizer_3", "text_encoder_3", T5EncoderModel),
-    ]):
+    ]:
         tok = AutoTokenizer.from_pretrained(pretrained, subfolder=sub_tok, **kw)
         enc = cls.from_pretrained(pretrained, subfolder=sub_enc, torch_dtype=dtype, **kw).to(device).eval()
         enc.requires_grad_(False)

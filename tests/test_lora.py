@@ -1,0 +1,97 @@
+"""The saved LoRA loads in diffusers with every key matched and reproduces the trainer's transformer output."""
+
+import re
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors import safe_open
+
+from raytune_sd3.config import LoraConfig
+from raytune_sd3.models.loading import load_transformer
+from raytune_sd3.models.lora import (
+    LORA_FILE,
+    PRESETS,
+    adapter_metadata,
+    add_lora,
+    lora_state_dict,
+    save_lora,
+    target_modules,
+)
+
+
+def _inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 16, 8, 8, generator=g), "timestep": torch.tensor([300.0, 800.0]),
+            "encoder_hidden_states": torch.randn(2, 77 + 77, 96, generator=g),
+            "pooled_projections": torch.randn(2, 80, generator=g), "return_dict": False}
+
+
+def _trained(tiny_sd3: str, cfg: LoraConfig):
+    transformer = load_transformer(tiny_sd3)
+    params = add_lora(transformer, cfg, seed=0)
+    with torch.no_grad():  # stands in for training: B != 0, so the adapter changes the output
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return transformer
+
+
+@pytest.mark.parametrize("targets,alpha", [("attention", None), ("attention+context", 8.0), ("all", 2.0)])
+def test_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, targets, alpha):
+    cfg = LoraConfig(rank=4, alpha=alpha, targets=targets)
+    transformer = _trained(tiny_sd3, cfg)
+    with torch.no_grad():
+        ours = transformer(**_inputs())[0]
+    path = save_lora(tmp_path, lora_state_dict(transformer, cfg), adapter_metadata(transformer, cfg))
+    assert path == tmp_path / LORA_FILE
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        saved = {k: f.get_tensor(k) for k in keys}
+    assert all(k.startswith("transformer.transformer_blocks.") for k in keys)
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    with torch.no_grad():
+        base = pipe.transformer(**_inputs())[0]
+    pipe.load_lora_weights(tmp_path)
+    # every saved tensor landed in a LoRA layer of the pipeline, with its value: no key left unmatched
+    loaded = {"transformer." + re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v
+              for k, v in pipe.transformer.state_dict().items() if "lora_" in k}
+    assert set(loaded) == keys
+    for k in keys:
+        torch.testing.assert_close(loaded[k], saved[k])
+    with torch.no_grad():
+        theirs = pipe.transformer(**_inputs())[0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert (theirs - base).abs().max() > 1e-3  # the LoRA is not a no-op
+
+
+def test_pipeline_images_change_with_the_lora(tiny_sd3, tmp_path):
+    cfg = LoraConfig(rank=4)
+    transformer = _trained(tiny_sd3, cfg)
+    save_lora(tmp_path, lora_state_dict(transformer, cfg), adapter_metadata(transformer, cfg))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np",
+          "max_sequence_length": 77}
+    before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(tmp_path)
+    after = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(after - before).max() > 1e-3
+
+
+def test_presets_and_block_selection(tiny_sd3):
+    transformer = load_transformer(tiny_sd3)
+    attn = target_modules(transformer, LoraConfig(targets="attention"))
+    ctx = target_modules(transformer, LoraConfig(targets="attention+context"))
+    everything = target_modules(transformer, LoraConfig(targets="all"))
+    assert len(attn) == 2 * 4  # 2 blocks x (to_q, to_k, to_v, to_out.0)
+    assert set(attn) < set(ctx) < set(everything)
+    assert "transformer_blocks.0.attn.add_q_proj" in ctx and "transformer_blocks.0.ff.net.2" in everything
+    only_1 = target_modules(transformer, LoraConfig(targets="attention", blocks=[1]))
+    assert only_1 == [n for n in attn if n.startswith("transformer_blocks.1.")]
+    assert set(PRESETS) == {"attention", "attention+context", "all"}
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        target_modules(transformer, LoraConfig(targets=["nonexistent_proj"]))
