@@ -33,7 +33,10 @@ class ModelConfig(Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """dtype of the frozen base transformer and VAE; LoRA weights train in fp32 unless train.mixed_precision says so."""
+    """dtype of the frozen base transformer and VAE; LoRA weights train in fp32 unless lora.dtype says so."""
+    quantize: Literal["none", "int8", "int4", "int2", "fp8"] = "none"
+    """Quantise the frozen base transformer's weights with optimum-quanto (SimpleTuner's int8-quanto etc.); norms,
+    proj_out, pos_embed, context_embedder and time_text_embed stay in full precision."""
 
 
 class TextConfig(Section):
@@ -139,11 +142,18 @@ class LoraConfig(Section):
     `all`: also feed-forward) or an explicit list of module-name suffixes."""
     blocks: list[int] | None = None
     """Only these transformer blocks get LoRA; default all."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """dtype of the LoRA weights: fp32 (default) or bf16 for pure-bf16 training (use train.optimizer adamw_bf16)."""
 
 
 class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (one per GPU on a GPU cluster)."""
+    strategy: Literal["ddp", "zero2", "zero3"] = "ddp"
+    """ddp (LoRA gradients all-reduced, base replicated); zero2 / zero3: DeepSpeed ZeRO stage 2 / 3 (zero3 also
+    shards the frozen base across workers)."""
+    deepspeed_config: Path | None = None
+    """A DeepSpeed JSON to use instead of the one generated from this job (batch sizes and clipping still ours)."""
     use_gpu: bool | None = None
     """Train on GPUs; default: when the Ray cluster has any."""
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -160,8 +170,9 @@ class TrainConfig(Section):
     """Schedule after warmup."""
     lr_warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps."""
-    optimizer: Literal["adamw"] = "adamw"
-    """Optimizer (more arrive with the training-engine work)."""
+    optimizer: Literal["adamw", "adamw_bf16", "stableadamw", "lion", "adamw8bit", "lion8bit"] = "adamw"
+    """adamw (torch); adamw_bf16 (AdamW with stochastic rounding into bf16 weights, for lora.dtype bf16);
+    stableadamw (AdamW with per-tensor update clipping); lion; adamw8bit / lion8bit (bitsandbytes, CUDA)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -170,6 +181,8 @@ class TrainConfig(Section):
     """AdamW beta2."""
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
+    gradient_checkpointing: bool = False
+    """Recompute the transformer's activations in the backward pass: less memory, about a third more compute."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip threshold; null disables clipping."""
     grad_clip: Literal["norm", "value"] = "norm"
@@ -186,6 +199,12 @@ class TrainConfig(Section):
     """Worker or node failures the run survives (restarting from the last checkpoint)."""
     eval_every: int | None = Field(None, ge=1)
     """Measure the eval loss every N steps; default: at the start and at the end only."""
+    max_nonfinite_steps: int = Field(5, ge=0)
+    """A step whose loss or gradient is NaN/inf is skipped and counted; after this many the run stops as diverged."""
+    divergence_factor: float | None = Field(None, gt=1)
+    """Stop as diverged when the eval loss rises above this factor times its value before training."""
+    grad_norm_limit: float | None = Field(None, gt=0)
+    """Stop as diverged when the (unclipped) gradient norm exceeds this."""
 
 
 class ValidationConfig(Section):
@@ -241,6 +260,17 @@ class JobConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tune: dict[str, Any] | None = None
+    """Ray Tune study settings (search space, scheduler); validated by raytune_sd3.tune.config.TuneConfig."""
+
+    @field_validator("tune")
+    @classmethod
+    def _tune(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            from raytune_sd3.tune.config import TuneConfig  # its own module: Tune is an optional layer
+
+            return TuneConfig.model_validate(v).model_dump(mode="json")
+        return v
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
@@ -283,18 +313,27 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` strings (values parsed as YAML) to a nested dict, in place; returns it."""
+    """Apply `a.b=c` strings (values parsed as YAML; `data.datasets.0.x` indexes a list) to a nested dict."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-5")
         key, value = item.split("=", 1)
-        node = raw
+        node: Any = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        for i, part in enumerate(parts):
+            leaf = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of the {len(node)}-item list")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+            if leaf:
+                node[part] = yaml.safe_load(value)
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
     return raw
 
 

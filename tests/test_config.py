@@ -106,3 +106,10 @@ def test_missing_data_folder_is_named(tmp_path):
                        timeout=60)
     assert r.returncode == 2
     assert "data.datasets[0].instance_data_dir" in r.stderr and "nope" in r.stderr
+
+
+def test_set_indexes_lists():
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["data.datasets.0.instance_data_dir=/tmp/elsewhere"])
+    assert str(cfg.data.datasets[0].instance_data_dir) == "/tmp/elsewhere"
+    with pytest.raises(ConfigError, match="not an index of the 1-item list"):
+        load_job(ROOT / "jobs" / "tiny.yaml", ["data.datasets.3.id=x"])

@@ -61,33 +61,36 @@ def add_lora(transformer: nn.Module, cfg: LoraConfig, seed: int = 0) -> list[nn.
         torch.manual_seed(seed)
         transformer.add_adapter(peft_cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:  # LoRA weights train in fp32 even on a bf16 base
-        p.data = p.data.float()
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32  # fp32 LoRA even on a bf16 base by default
+    for p in params:
+        p.data = p.data.to(dtype)
     return params
 
 
-def lora_state_dict(transformer: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
-    """diffusers-named LoRA tensors (fp32 CPU copies) with alpha/rank folded into lora_B."""
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """peft's LoRA tensors of `transformer` (diffusers names, unfolded), as fp32 CPU copies."""
     from peft.utils import get_peft_model_state_dict
 
-    sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def fold_alpha(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """Scale lora_B by alpha/rank, so the file means the same with alpha = rank (how ComfyUI reads it)."""
     scale = (cfg.alpha if cfg.alpha is not None else cfg.rank) / cfg.rank
-    if scale != 1.0:
-        for k in sd:
-            if ".lora_B." in k:
-                sd[k] *= scale
-    return sd
+    return {k: v.float() * scale if scale != 1.0 and ".lora_B." in k else v.float() for k, v in tensors.items()}
 
 
-def adapter_metadata(transformer: nn.Module, cfg: LoraConfig) -> dict:
+def adapter_metadata(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict:
     """The peft config written into the file header (alpha = rank, since the scale is folded)."""
-    return {
-        "r": cfg.rank,
-        "lora_alpha": cfg.rank,
-        "target_modules": sorted(transformer.peft_config["default"].target_modules),
-        "lora_dropout": 0.0,
-        "init_lora_weights": "gaussian",
-    }
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    return {"r": cfg.rank, "lora_alpha": cfg.rank, "target_modules": modules, "lora_dropout": 0.0,
+            "init_lora_weights": "gaussian"}
+
+
+def export_lora(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> Path:
+    """The user-facing LoRA file from peft's tensors: alpha folded, metadata in the header, written atomically."""
+    folded = fold_alpha(tensors, cfg)
+    return save_lora(out_dir, folded, adapter_metadata(folded, cfg))
 
 
 def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> Path:

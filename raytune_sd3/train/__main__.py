@@ -7,6 +7,7 @@ copy the final LoRA into output_dir.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -24,13 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m raytune_sd3.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", help="job YAML, e.g. jobs/tiny.yaml")
+    p.add_argument("--restart", action="store_true",
+                   help="discard this run's earlier checkpoints in output_dir instead of resuming from them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.learning_rate=1e-5 (repeatable)")
     return p.parse_args(argv)
 
 
-def run_training(cfg: JobConfig, manifest: Path, pretrained: str):
-    """Fit the TorchTrainer; returns Ray Train's Result."""
+def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: list | None = None,
+                  storage_path: str | None = None):
+    """The TorchTrainer for this job (Tune trials build theirs here too, with TuneReportCallback)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -47,12 +51,47 @@ def run_training(cfg: JobConfig, manifest: Path, pretrained: str):
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=str(Path(cfg.output_dir).resolve() / "ray"),
+            storage_path=storage_path or str(Path(cfg.output_dir).resolve() / "ray"),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    return trainer
+
+
+# Keys that may change between a run and its resumption; any other change means a different run.
+RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "eval_every",
+                     "max_nonfinite_steps", "divergence_factor", "grad_norm_limit"}
+SETTINGS_FILE = "raytune_sd3_settings.json"
+
+
+def run_settings(cfg: JobConfig) -> dict:
+    """The settings that define a run's trajectory (what a resumed run must share with the one it continues)."""
+    d = cfg.model_dump(mode="json", include={"model", "text", "data", "flow", "lora", "train"})
+    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
+    for k in ("encode_batch_size", "encode_actors"):
+        d["data"].pop(k)
+    return d
+
+
+def guard_resume(cfg: JobConfig, restart: bool) -> None:
+    """Refuse to silently continue an earlier run in output_dir that had other settings; --restart starts over."""
+    run_dir = Path(cfg.output_dir) / "ray" / cfg.run_name
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    settings = run_settings(cfg)
+    path = run_dir / SETTINGS_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, vals in settings.items()
+                 for k, v in vals.items() if old.get(sec, {}).get(k) != v]
+        if diffs:
+            raise ConfigError(
+                f"{run_dir} holds a run with other settings, which this job would resume:\n  " + "\n  ".join(diffs)
+                + "\nUse another output_dir or name for a new run, or pass --restart to discard the old one.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def export_lora(result, output_dir: Path) -> Path:
@@ -73,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_job(args.job, args.overrides)
         check_paths(cfg)
+        guard_resume(cfg, args.restart)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -91,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info("cache: %d items (%d latents encoded, %d reused; %d captions encoded, %d reused; %d skipped) in %.1fs",
              len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
              report.texts_reused, len(report.skipped), report.seconds)
-    result = run_training(cfg, manifest, pretrained)
+    result = build_trainer(cfg, manifest, pretrained).fit()
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
+    if (result.metrics or {}).get("diverged"):
+        print(f"error: training diverged at step {result.metrics['step']}: {result.metrics['diverged_reason']}. "
+              "Lower train.learning_rate or train.max_grad_norm (see metrics.jsonl).", file=sys.stderr)
+        return 3
     lora = export_lora(result, out)
     log.info("done in %.0fs: %s", time.perf_counter() - t0, lora)
     return 0

@@ -21,7 +21,10 @@ from raytune_sd3.data.reader import CachedBatches, read_manifest, split_eval
 from raytune_sd3.flow import flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, load_scheduler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
-from raytune_sd3.train.state import load_checkpoint, save_checkpoint
+from raytune_sd3.models.quantize import quantize_transformer
+from raytune_sd3.train.optim import make_optimizer
+from raytune_sd3.train.state import load_checkpoint, load_optimizer, save_checkpoint, save_optimizer
+from raytune_sd3.train.strategy import make_strategy
 from raytune_sd3.train.validation import eval_loss, sample_images
 
 METRICS = "metrics.jsonl"
@@ -45,12 +48,6 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def make_optimizer(params, cfg: JobConfig):
-    t = cfg.train
-    return torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                             weight_decay=t.weight_decay)
-
-
 def make_scheduler(optimizer, cfg: JobConfig):
     from diffusers.optimization import get_scheduler
 
@@ -59,15 +56,29 @@ def make_scheduler(optimizer, cfg: JobConfig):
     return get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
 
 
-def clip_gradients(params, cfg: JobConfig) -> torch.Tensor:
-    """Clip by global norm (default) or by value; returns the global gradient norm before clipping."""
+def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int, cfg: JobConfig) -> str | None:
+    """Why this run should stop as diverged, or None. Uses values that are identical on every rank."""
     t = cfg.train
-    if t.grad_clip == "norm":
-        return torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
-    norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
-    if t.max_grad_norm:
-        torch.nn.utils.clip_grad_value_(params, t.max_grad_norm)
-    return norm
+    if nonfinite > t.max_nonfinite_steps:
+        return f"{nonfinite} steps with a non-finite loss or gradient (train.max_nonfinite_steps={t.max_nonfinite_steps})"
+    ev = metrics.get("eval_loss")
+    if ev is not None and not math.isfinite(ev):
+        return "eval loss is not finite"
+    if ev is not None and t.divergence_factor and initial_eval and ev > t.divergence_factor * initial_eval:
+        return f"eval loss {ev:.4g} rose above {t.divergence_factor} x its initial {initial_eval:.4g}"
+    gn = metrics.get("grad_norm")
+    if t.grad_norm_limit and gn is not None and math.isfinite(gn) and gn > t.grad_norm_limit:
+        return f"gradient norm {gn:.4g} above train.grad_norm_limit={t.grad_norm_limit}"
+    return None
+
+
+def _from_rank0(value: float, world: int) -> float:
+    """Rank 0's value on every rank: eval runs on rank 0 only, and stop decisions must agree."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.broadcast(t, src=0)
+    return t.item()
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -84,27 +95,30 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     out_dir = Path(cfg.output_dir)
+    dtype = DTYPES[cfg.model.dtype]
 
-    # --- setup: frozen base + LoRA, DDP over the LoRA parameters only
-    transformer = load_transformer(pretrained, DTYPES[cfg.model.dtype], cfg.model.revision)
+    # --- setup: frozen base + LoRA; the strategy (DDP or DeepSpeed) reduces the LoRA's gradients
+    transformer = quantize_transformer(load_transformer(pretrained, dtype, cfg.model.revision), cfg.model.quantize)
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     params = add_lora(transformer, cfg.lora, seed=t.seed)
     transformer.to(device)
-    model = ray.train.torch.prepare_model(transformer, parallel_strategy="ddp" if world > 1 else None)
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, t)
     scheduler = make_scheduler(optimizer, cfg)
+    strategy = make_strategy(transformer, params, optimizer, cfg, world)
 
-    start_step = 0
+    start_step, resumed = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            start_step = load_checkpoint(Path(folder), transformer, optimizer, scheduler)
+            start_step, resumed = load_checkpoint(Path(folder), transformer, scheduler)
+            strategy.load_optimizer_state(load_optimizer(Path(folder), rank if strategy.sharded_optimizer else 0))
 
     manifest = read_manifest(config["manifest"])
     train_rows, eval_rows = split_eval(manifest["rows"], cfg.data.eval_samples)
     reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond)
     eval_batch = reader.load(eval_rows) if eval_rows and rank == 0 else None
-    log = MetricsLog(out_dir / "metrics.jsonl", start_step) if rank == 0 else None
-    dtype = DTYPES[cfg.model.dtype]
+    log = MetricsLog(out_dir / METRICS, start_step) if rank == 0 else None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
                 else contextlib.nullcontext())
     vae = None
@@ -121,12 +135,35 @@ def train_loop_per_worker(config: dict) -> None:
         sample_images(transformer, vae, load_scheduler(pretrained, cfg.model.revision), embeds, uncond,
                       cfg.validation, out_dir / "validation" / f"step_{step:06d}", device)
 
-    if start_step == 0 and log is not None and eval_batch is not None:
-        log.write({"step": 0, "eval_loss": eval_loss(transformer, eval_batch, cfg.flow, device, dtype)})
+    def measure_eval() -> float:
+        value = eval_loss(transformer, eval_batch, cfg.flow, device, dtype) if eval_batch is not None else math.nan
+        return _from_rank0(value, world)
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        lora = strategy.lora_tensors()  # a collective under ZeRO-3: every rank calls it
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            if rank == 0:
+                save_checkpoint(folder, lora, cfg.lora, scheduler, metrics["step"],
+                                {"initial_eval": initial_eval, "nonfinite": nonfinite})
+            if rank == 0 or strategy.sharded_optimizer:
+                save_optimizer(folder, rank, strategy.optimizer_state())
+            has_files = any(folder.iterdir())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
+    initial_eval = resumed.get("initial_eval")
+    if eval_rows and start_step == 0:
+        initial_eval = measure_eval()
+        if log is not None:
+            log.write({"step": 0, "eval_loss": initial_eval})
 
     # --- train
-    model.train()
+    strategy.model.train()
     global_batch = t.batch_size * t.grad_accum * world
+    nonfinite = resumed.get("nonfinite", 0)
     for step in range(start_step + 1, t.max_steps + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -134,40 +171,36 @@ def train_loop_per_worker(config: dict) -> None:
             batch = reader.micro_batch(step - 1, micro, t.grad_accum, rank, world, t.batch_size)
             latents = batch["latents"].to(device, dtype)
             fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(_step_seed(t.seed, step, micro, rank)))
-            sync = micro == t.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                pred = model(hidden_states=fb.noisy, timestep=fb.timesteps,
-                             encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
-                             pooled_projections=batch["pooled"].to(device, dtype), return_dict=False)[0]
+            with strategy.accumulating(sync=micro == t.grad_accum - 1), autocast:
+                pred = strategy.model(hidden_states=fb.noisy, timestep=fb.timesteps,
+                                      encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
+                                      pooled_projections=batch["pooled"].to(device, dtype), return_dict=False)[0]
                 loss = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas).mean() / t.grad_accum
-            loss.backward()
+                strategy.backward(loss)
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(params, cfg)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
+        if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+        loss_value = loss_sum.item()
+        lr = scheduler.get_last_lr()[0]
+        grad_norm, stepped = strategy.step(math.isfinite(loss_value))
+        if not stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
+            nonfinite += 1
+        scheduler.step()
         step_time = time.perf_counter() - t0
-        metrics = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": float(grad_norm),
-                   "step_time_s": step_time, "images_per_s": global_batch / step_time, "epoch": (
-                       step * global_batch) / len(train_rows)}
+        metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+                   "images_per_s": global_batch / step_time, "epoch": step * global_batch / len(train_rows),
+                   "nonfinite_steps": nonfinite}
 
         last = step == t.max_steps
-        if eval_batch is not None and (last or (t.eval_every and step % t.eval_every == 0)):
-            metrics["eval_loss"] = eval_loss(transformer, eval_batch, cfg.flow, device, dtype)
-        if last or (cfg.validation.every_steps and step % cfg.validation.every_steps == 0):
+        if eval_rows and (last or (t.eval_every and step % t.eval_every == 0)):
+            metrics["eval_loss"] = measure_eval()
+        reason = divergence_reason(metrics, initial_eval, nonfinite, cfg)
+        if reason:
+            metrics.update(diverged=1, diverged_reason=reason)
+        elif last or (cfg.validation.every_steps and step % cfg.validation.every_steps == 0):
             validate(step)
         if log is not None:
             log.write(metrics)
-
-        if last or step % t.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(Path(tmp), transformer, cfg.lora, optimizer, scheduler, step)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
-        else:
-            ray.train.report(metrics)
+        report(metrics, with_checkpoint=not reason and (last or step % t.checkpoint_every == 0))
+        if reason:
+            break

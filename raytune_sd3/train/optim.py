@@ -1,0 +1,232 @@
+"""The optimizers named by `train.optimizer`, built by `make_optimizer(params, train_config)`.
+
+    adamw                torch.optim.AdamW (fused when every param is on CUDA)
+    adamw_bf16           AdamW for bf16 weights: fp32 moments and math, stochastic rounding back into bf16
+    stableadamw          AdamW with per-tensor update clipping (Wortsman et al. 2023)
+    lion                 Lion (Chen et al. 2023): the sign of an interpolated momentum
+    adamw8bit, lion8bit  bitsandbytes (CUDA only)
+
+The custom optimizers share one rule for dtypes: a bf16 param is updated in an fp32 copy and written back with
+stochastic rounding; any other param is updated in place in its own dtype, as torch's optimizers do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from raytune_sd3.config import TrainConfig
+
+BNB_FIX = "pip install bitsandbytes on a CUDA machine, or use train.optimizer: adamw"
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], t: TrainConfig) -> Optimizer:
+    """The optimizer `t.optimizer` over `params`, with lr, betas, eps and weight decay from `t` (seed: t.seed)."""
+    params = list(params)
+    lr, betas, eps, wd = t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay
+    if t.optimizer == "adamw":
+        fused = True if params and all(p.is_cuda for p in params) else None  # fused: one kernel for all tensors
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=fused)
+    if t.optimizer == "adamw_bf16":
+        return AdamWBF16(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, seed=t.seed)
+    if t.optimizer == "stableadamw":
+        return StableAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, seed=t.seed)
+    if t.optimizer == "lion":
+        return Lion(params, lr=lr, betas=betas, weight_decay=wd, seed=t.seed)
+    if t.optimizer == "adamw8bit":
+        return _bitsandbytes(t.optimizer).optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    if t.optimizer == "lion8bit":
+        return _bitsandbytes(t.optimizer).optim.Lion8bit(params, lr=lr, betas=betas, weight_decay=wd)
+    raise ValueError(f"train.optimizer: unknown optimizer {t.optimizer!r}")
+
+
+def _bitsandbytes(name: str) -> Any:
+    """The bitsandbytes module, or a RuntimeError naming the option and the fix."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise RuntimeError(f"train.optimizer: {name} needs bitsandbytes, which is not installed: {BNB_FIX}") from None
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"train.optimizer: {name} needs bitsandbytes on CUDA, and no GPU is visible: {BNB_FIX}")
+    return bitsandbytes
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+    """Write fp32 `value` into bf16 `target` (same shape), rounding up with probability = the fraction dropped.
+
+    bf16 is fp32 without the low 16 mantissa bits. Adding uniform noise in [0, 2^16) to those bits and then clearing
+    them rounds |x| up with probability (low bits) / 2^16, so E[round(x)] = x: unbiased.
+    """
+    noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+    bits = (value.view(torch.int32) + noise).bitwise_and_(-65536)  # -65536 = 0xFFFF0000: keep sign, exp, 7 bits
+    target.copy_(bits.view(torch.float32))  # exact: the value is now representable in bf16
+
+
+def _evaluate(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class _RoundingOptimizer(Optimizer):
+    """Base of the optimizers below: bf16 params get fp32 math and stochastic rounding, others in-place math.
+
+    The rounding noise comes from one torch.Generator per device, seeded with `seed`: the same seed on every DDP rank
+    keeps the replicas identical, and the generators' states travel in state_dict() (key "rng") so that a resumed
+    run draws the same bits as an uninterrupted one.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], defaults: dict[str, Any], seed: int):
+        if defaults["lr"] < 0 or defaults["weight_decay"] < 0 or not all(0 <= b < 1 for b in defaults["betas"]):
+            raise ValueError(f"{type(self).__name__}: need lr >= 0, weight_decay >= 0, 0 <= betas < 1, got {defaults}")
+        super().__init__(params, defaults)
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        self._rng_to_restore: dict[str, torch.Tensor] = {}  # from load_state_dict, applied when first needed
+
+    def _math_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, grad) to do the math on: p and its grad themselves, or fp32 copies of them for a bf16 p."""
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if p.dtype == torch.bfloat16:
+            return p.float(), p.grad.float()
+        return p, p.grad
+
+    def _write_back(self, p: torch.Tensor, weight: torch.Tensor) -> None:
+        if weight is not p:
+            stochastic_round_(p, weight, self._generator(p.device))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device).manual_seed(self.seed)
+            if key in self._rng_to_restore:
+                g.set_state(self._rng_to_restore.pop(key))
+            self._generators[key] = g
+        return self._generators[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["rng"] = {**self._rng_to_restore, **{k: g.get_state() for k, g in self._generators.items()}}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self._rng_to_restore, self._generators = dict(state_dict.pop("rng", {})), {}
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to each param's dtype; the fp32 moments of a bf16 param must stay fp32.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class AdamWBF16(_RoundingOptimizer):
+    """AdamW for pure-bf16 training (SimpleTuner's `adamw_bf16`); takes params (bf16 or fp32), lr, betas, eps,
+    weight_decay and the rounding seed.
+
+    Per step t, for each param w with gradient g (in fp32):
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2            (m, v kept in fp32)
+        w = w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+    A bf16 w is updated in an fp32 copy and written back with *stochastic rounding* (not Kahan summation): an
+    update smaller than half a bf16 ulp (bf16 keeps 8 bits of mantissa, ulp 2^-7 at 1.0) would vanish under
+    round-to-nearest every step, whereas stochastic rounding is unbiased in expectation, so many small updates add
+    up to the right amount, with no extra per-param buffer (Kahan would need one). fp32 params: exactly AdamW.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), seed)
+
+    def _tensor_lr(self, lr: float, grad: torch.Tensor, exp_avg_sq: torch.Tensor, bias_correction2: float,
+                   eps: float) -> float:
+        """The learning rate of this tensor at this step: lr itself (StableAdamW scales it)."""
+        return lr
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = _evaluate(closure)
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                weight, grad = self._math_tensors(p)
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(weight), exp_avg_sq=torch.zeros_like(weight))
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(grad, 1 - beta1)  # m = b1 m + (1 - b1) g
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v = b2 v + (1 - b2) g^2
+                bias_correction1, bias_correction2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                tensor_lr = self._tensor_lr(lr, grad, v, bias_correction2, eps)
+                weight.mul_(1 - tensor_lr * wd)  # decoupled weight decay
+                denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps, in torch's op order
+                weight.addcdiv_(m, denom, value=-tensor_lr / bias_correction1)  # w -= lr m_hat / denom
+                self._write_back(p, weight)
+        return loss
+
+
+class StableAdamW(AdamWBF16):
+    """AdamW with per-tensor update clipping (Wortsman et al. 2023, "Stable and low-precision training for
+    large-scale vision-language models", AdaFactor's update clipping added to AdamW); takes what AdamWBF16 takes.
+
+    For each parameter tensor, after updating m and v with the current gradient g:
+        rms = sqrt(mean(g^2 / max(v_hat, eps^2)))      (mean over the tensor's elements)
+        lr_t = lr / max(1, rms)
+        w = w (1 - lr_t wd) - lr_t m_hat / (sqrt(v_hat) + eps)
+    rms > 1 means v lags behind a sudden rise in the gradient (AdamW would take an outsized step), so the step
+    shrinks; rms <= 1 leaves plain AdamW. bf16 params are handled as in AdamWBF16 (stochastic rounding).
+    One host sync per tensor per step (rms.item()), negligible for LoRA-sized param lists.
+    """
+
+    def _tensor_lr(self, lr: float, grad: torch.Tensor, exp_avg_sq: torch.Tensor, bias_correction2: float,
+                   eps: float) -> float:
+        v_hat = exp_avg_sq / bias_correction2
+        rms = (grad.square() / v_hat.clamp_min(eps * eps)).mean().sqrt().item()
+        return lr / max(1.0, rms)
+
+
+class Lion(_RoundingOptimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"); takes params (bf16 or fp32), lr,
+    betas, weight_decay and the rounding seed.
+
+    Per step, for each param w with gradient g:
+        update = sign(b1 m + (1 - b1) g)
+        w = w - lr (update + wd w)
+        m = b2 m + (1 - b2) g
+    The paper's betas are (0.9, 0.99): make_optimizer passes train.adam_beta1/adam_beta2 as given, so set
+    `adam_beta2: 0.99` for Lion. Its sign update is larger than AdamW's: the paper uses lr 3-10x smaller and
+    weight decay 3-10x larger than for AdamW. bf16 params are handled as in AdamWBF16 (stochastic rounding).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), seed)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = _evaluate(closure)
+        for group in self.param_groups:
+            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                weight, grad = self._math_tensors(p)
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(weight)
+                m = state["exp_avg"]
+                update = m.lerp(grad, 1 - beta1).sign_()  # sign(b1 m + (1 - b1) g)
+                weight.mul_(1 - lr * wd).add_(update, alpha=-lr)  # w -= lr (update + wd w)
+                m.lerp_(grad, 1 - beta2)  # m = b2 m + (1 - b2) g
+                self._write_back(p, weight)
+        return loss

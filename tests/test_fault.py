@@ -1,0 +1,78 @@
+"""Surviving lost workers: a training worker killed mid-run is replaced, the run resumes from its last checkpoint
+and its metrics equal those of an uninterrupted run with the same seed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+def _cmd(tmp: Path, out: str) -> list[str]:
+    sets = [f"output_dir={tmp / out}", f"data.cache_dir={tmp / 'cache'}",
+            f"data.datasets.0.instance_data_dir={tmp / 'demo'}", f"train.max_steps={STEPS}",
+            "train.checkpoint_every=4", "train.eval_every=4", "train.max_failures=2", "validation.prompts=[]",
+            "data.datasets.0.demo_images=24"]
+    return [sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml"] + [a for s in sets for a in ("--set", s)]
+
+
+def _metrics(path: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _our_train_workers(tag: str) -> list[int]:
+    """pids of Ray Train workers whose environment carries our tag (other Ray jobs may share this machine)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+                continue
+            if f"RAYTUNE_SD3_TEST_TAG={tag}".encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_with_identical_metrics(tmp_path):
+    env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": uuid.uuid4().hex}
+    ref = subprocess.run(_cmd(tmp_path, "uninterrupted"), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
+    proc = subprocess.Popen(_cmd(tmp_path, "killed"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = _metrics(metrics) if metrics.exists() else {}
+        if len(steps) >= 7:  # past the step-4 checkpoint, before the end
+            workers = _our_train_workers(tag)
+            assert len(workers) == 2, workers
+            os.kill(max(workers), signal.SIGKILL)
+            killed_at = max(steps)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert killed_at is not None and killed_at < STEPS, "the run ended before a worker could be killed"
+
+    resumed, uninterrupted = _metrics(metrics), _metrics(tmp_path / "uninterrupted" / "metrics.jsonl")
+    assert sorted(resumed) == list(range(STEPS + 1))  # every step once, step 0 being the initial eval
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "grad_norm", "lr"):
+            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-6, abs=1e-9), (step, key)
+        if "eval_loss" in uninterrupted[step]:
+            assert resumed[step]["eval_loss"] == pytest.approx(uninterrupted[step]["eval_loss"], rel=1e-6)

@@ -1,0 +1,269 @@
+"""The optimizers of train.optimizer: against torch's AdamW, hand-computed steps, bf16 stochastic rounding,
+exact resume from a state_dict, and a small least-squares fit."""
+
+import importlib.util
+import io
+import math
+
+import pytest
+import torch
+
+from raytune_sd3.config import TrainConfig
+from raytune_sd3.train.optim import AdamWBF16, Lion, StableAdamW, make_optimizer
+
+BF16_ULP_AT_1 = 2.0**-7  # spacing of bf16 values in [1, 2): 8 bits of mantissa
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tensors here are tiny: thread start-up, not math, dominates (and CI machines are shared).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _param(values, dtype=torch.float32) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.as_tensor(values, dtype=torch.float32).clone().to(dtype))  # a copy, not an alias
+
+
+def _random_grads(shape, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    # Scales vary step to step, so that StableAdamW's clip is active on some steps.
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * (0.1, 1.0, 5.0)[i % 3] for i in range(steps)]
+
+
+def _run(opt: torch.optim.Optimizer, p: torch.nn.Parameter, grads: list[torch.Tensor]) -> None:
+    for g in grads:
+        p.grad = g.to(p.dtype)
+        opt.step()
+
+
+def _torch_adamw(p, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                             weight_decay=cfg.weight_decay, foreach=False)
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    # |x| in [2^(e-1), 2^e) -> bf16 spacing 2^(e-1-7)
+    _, exponent = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), exponent - 8)
+
+
+# --- adamw ---------------------------------------------------------------------------------------------------------
+
+
+def test_adamw_is_torch_adamw_with_the_configs_hyperparameters():
+    cfg = TrainConfig(optimizer="adamw", learning_rate=3e-3, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95,
+                      adam_epsilon=1e-6)
+    p, q = _param(torch.linspace(-1, 1, 12)), _param(torch.linspace(-1, 1, 12))
+    opt, ref = make_optimizer([p], cfg), _torch_adamw(q, cfg)
+    assert type(opt) is torch.optim.AdamW
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-3, (0.8, 0.95), 1e-6, 0.05)
+    assert not group["fused"]  # plain on CPU
+    for g in _random_grads(12, 5):
+        _run(opt, p, [g])
+        _run(ref, q, [g])
+        assert torch.equal(p, q)
+
+
+# --- adamw_bf16 ----------------------------------------------------------------------------------------------------
+
+
+def test_adamw_bf16_on_fp32_params_is_adamw():
+    cfg = TrainConfig(optimizer="adamw_bf16", learning_rate=1e-2, weight_decay=0.1)
+    p, q = _param(torch.linspace(-2, 2, 64)), _param(torch.linspace(-2, 2, 64))
+    opt, ref = make_optimizer([p], cfg), _torch_adamw(q, cfg)
+    assert isinstance(opt, AdamWBF16)
+    for g in _random_grads(64, 10):
+        _run(opt, p, [g])
+        _run(ref, q, [g])
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert not torch.equal(p, _param(torch.linspace(-2, 2, 64)))  # it did move
+
+
+def test_adamw_bf16_one_step_is_within_one_bf16_ulp_of_fp32_adamw():
+    cfg = TrainConfig(optimizer="adamw_bf16", learning_rate=1e-3, weight_decay=0.1)
+    start = torch.randn(4096, generator=torch.Generator().manual_seed(1)).bfloat16()
+    grad = torch.randn(4096, generator=torch.Generator().manual_seed(2)).bfloat16()
+    p, q = _param(start, torch.bfloat16), _param(start.float())
+    _run(make_optimizer([p], cfg), p, [grad])
+    _run(_torch_adamw(q, cfg), q, [grad.float()])
+    assert p.dtype == torch.bfloat16
+    err = (p.float() - q).abs()
+    assert (err <= _bf16_ulp(q)).all(), err.max()
+    assert (p != start).any() and (p.float() != q).any()  # some moved, and they are bf16 values, not fp32
+
+
+def test_adamw_bf16_stochastic_rounding_is_unbiased():
+    # Updates of a tenth of an ulp on params at 1.0: round-to-nearest loses every one of them, stochastic rounding
+    # moves the mean by the right amount.
+    steps, lr = 30, BF16_ULP_AT_1 / 10
+    cfg = TrainConfig(optimizer="adamw_bf16", learning_rate=lr, weight_decay=0.0)
+    p, nearest = _param(torch.ones(4096), torch.bfloat16), _param(torch.ones(4096), torch.bfloat16)
+    grads = [-torch.ones(4096)] * steps  # constant gradient: AdamW's update is +lr per step
+    _run(make_optimizer([p], cfg), p, grads)
+    _run(_torch_adamw(nearest, cfg), nearest, grads)  # torch's AdamW on bf16 params rounds to nearest
+    assert torch.equal(nearest, torch.ones_like(nearest))
+    moved = p.float().mean().item() - 1.0
+    assert moved == pytest.approx(steps * lr, rel=0.05)
+    assert {v.item() for v in p.unique()} <= {1 + k * BF16_ULP_AT_1 for k in range(12)}  # bf16 values only
+
+
+def test_adamw_bf16_same_seed_same_result():
+    def run(seed: int) -> torch.Tensor:
+        cfg = TrainConfig(optimizer="adamw_bf16", learning_rate=1e-3, seed=seed)
+        p = _param(torch.linspace(-1, 1, 256), torch.bfloat16)
+        _run(make_optimizer([p], cfg), p, _random_grads(256, 5))
+        return p.detach().clone()
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+# --- stableadamw ---------------------------------------------------------------------------------------------------
+
+
+def _stableadamw_by_hand(w, grads, lr, betas, eps, wd):
+    """StableAdamW in plain Python floats, from the formula; returns (weights, the rms of each step)."""
+    (b1, b2), n = betas, len(w)
+    m, v, rms_seen = [0.0] * n, [0.0] * n, []
+    for t, g in enumerate(grads, 1):
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g, strict=True)]
+        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g, strict=True)]
+        m_hat, v_hat = [mi / (1 - b1**t) for mi in m], [vi / (1 - b2**t) for vi in v]
+        rms = math.sqrt(sum(gi * gi / max(vh, eps * eps) for gi, vh in zip(g, v_hat, strict=True)) / n)
+        lr_t = lr / max(1.0, rms)
+        w = [wi * (1 - lr_t * wd) - lr_t * mh / (math.sqrt(vh) + eps)
+             for wi, mh, vh in zip(w, m_hat, v_hat, strict=True)]
+        rms_seen.append(rms)
+    return w, rms_seen
+
+
+STABLE = dict(optimizer="stableadamw", learning_rate=0.1, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99)
+
+
+def test_stableadamw_clips_a_gradient_spike():
+    # Small gradients, then a large one: v lags behind, rms > 1 and the step shrinks.
+    grads = [[0.1, 0.2, -0.1], [1.0, 0.5, -2.0]]
+    expected, rms = _stableadamw_by_hand([1.0, -1.0, 0.5], grads, 0.1, (0.9, 0.99), 1e-8, 0.1)
+    assert rms[1] == pytest.approx(1.3752, abs=1e-4)
+    assert expected == pytest.approx([0.824969, -1.150295, 0.647023], abs=1e-6)
+    cfg = TrainConfig(**STABLE)
+    p, q = _param([1.0, -1.0, 0.5]), _param([1.0, -1.0, 0.5])
+    opt = make_optimizer([p], cfg)
+    assert isinstance(opt, StableAdamW)
+    _run(opt, p, [torch.tensor(g) for g in grads])
+    _run(_torch_adamw(q, cfg), q, [torch.tensor(g) for g in grads])
+    torch.testing.assert_close(p, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert (p - q).abs().max() > 1e-3  # differs from AdamW where the clip is active
+
+
+def test_stableadamw_is_adamw_when_rms_is_below_one():
+    # Large gradients, then small ones: rms < 1, and the lr is not raised (max(1, rms)).
+    grads = [[1.0, 0.5, -2.0], [0.1, 0.2, -0.1]]
+    expected, rms = _stableadamw_by_hand([1.0, -1.0, 0.5], grads, 0.1, (0.9, 0.99), 1e-8, 0.1)
+    assert rms[1] < 1
+    cfg = TrainConfig(**STABLE)
+    p, q = _param([1.0, -1.0, 0.5]), _param([1.0, -1.0, 0.5])
+    _run(make_optimizer([p], cfg), p, [torch.tensor(g) for g in grads])
+    _run(_torch_adamw(q, cfg), q, [torch.tensor(g) for g in grads])
+    torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+# --- lion ----------------------------------------------------------------------------------------------------------
+
+
+def test_lion_two_steps_by_hand():
+    cfg = TrainConfig(optimizer="lion", learning_rate=0.1, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99)
+    p = _param([1.0, -2.0, 0.5])
+    opt = make_optimizer([p], cfg)
+    assert isinstance(opt, Lion)
+    # step 1, m = 0: update = sign(0.1 g) = [1, -1, 0]; w -= 0.1 (update + 0.1 w); m = 0.01 g
+    _run(opt, p, [torch.tensor([0.5, -1.0, 0.0])])
+    torch.testing.assert_close(p, torch.tensor([0.89, -1.88, 0.495]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([0.005, -0.01, 0.0]), atol=1e-7, rtol=0)
+    # step 2: b1 m + (1 - b1) g = [-0.0055, -0.007, 0.1]: the gradient sets the first sign, the momentum the second
+    # (with b2 in its place the first sign would flip); m = 0.99 m + 0.01 g
+    _run(opt, p, [torch.tensor([-0.1, 0.02, 1.0])])
+    torch.testing.assert_close(p, torch.tensor([0.89 + 0.0911, -1.88 + 0.1188, 0.495 - 0.10495]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([0.00395, -0.0097, 0.01]), atol=1e-7, rtol=0)
+
+
+# --- every optimizer -----------------------------------------------------------------------------------------------
+
+CASES = [("adamw", torch.float32), ("adamw_bf16", torch.float32), ("adamw_bf16", torch.bfloat16),
+         ("stableadamw", torch.float32), ("stableadamw", torch.bfloat16), ("lion", torch.float32),
+         ("lion", torch.bfloat16)]
+IDS = [f"{name}-{str(dtype).removeprefix('torch.')}" for name, dtype in CASES]
+
+
+def _config(name: str) -> TrainConfig:
+    if name == "lion":
+        return TrainConfig(optimizer=name, learning_rate=5e-2, weight_decay=0.1, adam_beta2=0.99, seed=3)
+    return TrainConfig(optimizer=name, learning_rate=5e-2, weight_decay=0.01, seed=3)
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=IDS)
+def test_state_dict_round_trip_resumes_exactly(name, dtype):
+    cfg, grads, start = _config(name), _random_grads((8, 16), 8, seed=5), torch.randn(8, 16)
+    full = _param(start, dtype)
+    _run(make_optimizer([full], cfg), full, grads)
+
+    first = _param(start, dtype)
+    opt = make_optimizer([first], cfg)
+    _run(opt, first, grads[:4])
+    buf = io.BytesIO()
+    torch.save({"weights": first.detach(), "optimizer": opt.state_dict()}, buf)  # as a checkpoint does
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    resumed = torch.nn.Parameter(saved["weights"])
+    opt = make_optimizer([resumed], cfg)
+    opt.load_state_dict(saved["optimizer"])
+    if dtype == torch.bfloat16:
+        assert opt.state[resumed]["exp_avg"].dtype == torch.float32  # the moments of bf16 params stay fp32
+    _run(opt, resumed, grads[4:])
+    assert torch.equal(resumed, full)
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=IDS)
+def test_reduces_a_least_squares_loss(name, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, w_true = torch.randn(64, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    y = x @ w_true.T
+    w = _param(torch.zeros(4, 8), dtype)
+    opt = make_optimizer([w], _config(name))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = ((x @ w.float().T - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    initial = closure().item()
+    for _ in range(100):
+        opt.step(closure)  # the optimizers run the closure with grad enabled inside their no_grad step
+    assert closure().item() < 0.05 * initial
+
+
+@pytest.mark.parametrize("name", ["adamw_bf16", "stableadamw", "lion"])
+def test_params_without_grad_are_skipped(name):
+    a, b = _param([1.0, 2.0]), _param([3.0, 4.0])
+    opt = make_optimizer([a, b], _config(name))
+    a.grad = torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        opt.step()
+    assert not torch.equal(a, torch.tensor([1.0, 2.0]))
+    assert torch.equal(b, torch.tensor([3.0, 4.0])) and b not in opt.state
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+def test_8bit_optimizers_need_bitsandbytes(name):
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(RuntimeError, match="bitsandbytes") as err:
+        make_optimizer([_param([1.0])], TrainConfig(optimizer=name))
+    assert name in str(err.value) and "adamw" in str(err.value)
