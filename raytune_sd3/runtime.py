@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from raytune_sd3.config import JobConfig
+
+
+def _job_env_vars() -> dict[str, str] | None:
+    """The env_vars of the runtime_env of the `ray job submit` job this driver runs in; None outside a job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for the entrypoint only
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+        return dict(runtime_env.get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def init_ray(cfg: JobConfig) -> None:
@@ -17,13 +30,22 @@ def init_ray(cfg: JobConfig) -> None:
                         "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAYTUNE_SD3_HOME"):
         env["env_vars"]["RAYTUNE_SD3_HOME"] = os.environ["RAYTUNE_SD3_HOME"]
+    job_env_vars = _job_env_vars()
+    if job_env_vars is not None:
+        # Inside `ray job submit`, ray.init merges the job's runtime_env (working_dir, excludes, env_vars...) with
+        # the one passed here and raises ValueError if both set the same env var, even to the same value. The
+        # job's values reach this process and every worker anyway: add only what the job does not set.
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in job_env_vars}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address and job_env_vars is not None:
+        address = "auto"  # a job's entrypoint always runs on a cluster node (Ray normally sets RAY_ADDRESS for it)
     if address:
         # Inside `ray job submit` (or any existing cluster) resources are the cluster's: never pass num_cpus.
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True)
         return
     # A local Ray with more logical CPUs than cores: Ray Data, Train workers and Tune trials reserve CPUs they
     # mostly wait on; on a 2-core laptop exact accounting deadlocks them.
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # The dashboard process also serves the state API that Train and Tune use to release finished workers.
-    ray.init(num_cpus=num_cpus, runtime_env=env)
+    # address="local": always a new instance, never a `ray start` cluster that happens to run on this machine.
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=env)

@@ -12,10 +12,9 @@ from raytune_sd3.models.loading import load_transformer
 from raytune_sd3.models.lora import (
     LORA_FILE,
     PRESETS,
-    adapter_metadata,
     add_lora,
+    export_lora,
     lora_state_dict,
-    save_lora,
     target_modules,
 )
 
@@ -43,7 +42,7 @@ def test_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, targets, alpha
     transformer = _trained(tiny_sd3, cfg)
     with torch.no_grad():
         ours = transformer(**_inputs())[0]
-    path = save_lora(tmp_path, lora_state_dict(transformer, cfg), adapter_metadata(transformer, cfg))
+    path = export_lora(tmp_path, lora_state_dict(transformer), cfg)
     assert path == tmp_path / LORA_FILE
 
     with safe_open(str(path), "pt") as f:
@@ -71,7 +70,7 @@ def test_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, targets, alpha
 def test_pipeline_images_change_with_the_lora(tiny_sd3, tmp_path):
     cfg = LoraConfig(rank=4)
     transformer = _trained(tiny_sd3, cfg)
-    save_lora(tmp_path, lora_state_dict(transformer, cfg), adapter_metadata(transformer, cfg))
+    export_lora(tmp_path, lora_state_dict(transformer), cfg)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
     pipe.set_progress_bar_config(disable=True)
     kw = {"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np",
