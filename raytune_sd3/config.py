@@ -156,6 +156,8 @@ class TrainConfig(Section):
     """A DeepSpeed JSON to use instead of the one generated from this job (batch sizes and clipping still ours)."""
     use_gpu: bool | None = None
     """Train on GPUs; default: when the Ray cluster has any."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers: PACK (fewest nodes), SPREAD (across nodes), STRICT_SPREAD (one per node)."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs each training worker reserves."""
     batch_size: int = Field(4, ge=1)
