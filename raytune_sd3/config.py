@@ -373,7 +373,18 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_job(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> JobConfig:
+def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """Replace the job's data sets with one folder (captions from a .txt beside each image, else the file name),
+    keeping the first data set's resolution: `--data DIR` tries your own images with any job file."""
+    data = raw.setdefault("data", {})
+    first = (data.get("datasets") or [{}])[0]
+    data["datasets"] = [{"id": Path(folder).name or "data", "type": "local", "instance_data_dir": str(folder),
+                         "caption_strategy": "textfile", "resolution": first.get("resolution", 1024)}]
+    return raw
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None,
+             data_dir: str | Path | None = None) -> JobConfig:
     """Read, override and validate a job; raise ConfigError (naming file and key) on anything wrong."""
     source = str(path) if path is not None else "<dict>"
     if raw is None:
@@ -386,6 +397,8 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job is a YAML mapping at the top level")
+    if data_dir is not None:
+        raw = use_data_dir(raw, data_dir)
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = JobConfig.model_validate(raw)

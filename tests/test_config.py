@@ -113,3 +113,10 @@ def test_set_indexes_lists():
     assert str(cfg.data.datasets[0].instance_data_dir) == "/tmp/elsewhere"
     with pytest.raises(ConfigError, match="not an index of the 1-item list"):
         load_job(ROOT / "jobs" / "tiny.yaml", ["data.datasets.3.id=x"])
+
+
+def test_data_dir_replaces_the_data_sets(tmp_path):
+    cfg = load_job(ROOT / "jobs" / "sd35.yaml", data_dir=tmp_path)
+    (ds,) = cfg.data.datasets
+    assert ds.instance_data_dir == tmp_path and ds.type == "local" and ds.resolution == 1024
+    assert ds.caption_strategy == "textfile"

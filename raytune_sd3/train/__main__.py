@@ -21,14 +21,21 @@ from raytune_sd3.models.lora import LORA_FILE
 log = logging.getLogger("raytune_sd3")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raytune_sd3.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every entry point shares: the job file, --data and --set."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", help="job YAML, e.g. jobs/tiny.yaml")
-    p.add_argument("--restart", action="store_true",
-                   help="discard this run's earlier checkpoints in output_dir instead of resuming from them")
+    p.add_argument("--data", metavar="DIR", help="train on this folder of images instead of the job's data sets "
+                   "(captions from a .txt beside each image, else the file name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.learning_rate=1e-5 (repeatable)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = job_parser("python -m raytune_sd3.train", __doc__)
+    p.add_argument("--restart", action="store_true",
+                   help="discard this run's earlier checkpoints in output_dir instead of resuming from them")
     return p.parse_args(argv)
 
 
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        cfg = load_job(args.job, args.overrides)
+        cfg = load_job(args.job, args.overrides, data_dir=args.data)
         check_paths(cfg)
         guard_resume(cfg, args.restart)
     except ConfigError as e:
