@@ -284,6 +284,8 @@ class JobConfig(Section):
         ids = [d.id for d in self.data.datasets]
         if len(set(ids)) != len(ids):
             raise ValueError(f"data.datasets ids must be unique, got {ids}")
+        if self.train.strategy != "ddp" and self.train.grad_clip == "value":
+            raise ValueError("train.grad_clip 'value' works with train.strategy ddp only (ZeRO clips by norm)")
         if self.validation.skip_layers is not None and self.validation.skip_layer_start >= self.validation.skip_layer_stop:
             raise ValueError("validation.skip_layer_start must be below validation.skip_layer_stop")
         return self
@@ -414,6 +416,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
         cfg.data.cache_dir = cfg.data.cache_dir.expanduser().resolve()
     for ds in cfg.data.datasets:
         ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
+    if cfg.train.deepspeed_config is not None:
+        cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
     return cfg
 
 
@@ -426,6 +430,8 @@ def check_paths(cfg: JobConfig) -> None:
                 f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
                 "(point it at your images, or use type: demo)"
             )
+    if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
+        problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a file")
     pretrained = cfg.model.pretrained
     looks_like_path = pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").split("/", 1)[-1]
     if pretrained not in TINY_MODELS and looks_like_path and not Path(pretrained).expanduser().is_dir():

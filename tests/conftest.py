@@ -36,7 +36,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1",
+        ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1",
                                                         "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"]}})
     yield ray
     ray.shutdown()

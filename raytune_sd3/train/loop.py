@@ -105,19 +105,22 @@ def train_loop_per_worker(config: dict) -> None:
     transformer.to(device)
     optimizer = make_optimizer(params, t)
     scheduler = make_scheduler(optimizer, cfg)
-    strategy = make_strategy(transformer, params, optimizer, cfg, world)
-
     start_step, resumed = 0, {}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
         with checkpoint.as_directory() as folder:
             start_step, resumed = load_checkpoint(Path(folder), transformer, scheduler)
+    strategy = make_strategy(transformer, params, optimizer, cfg, world)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
             strategy.load_optimizer_state(load_optimizer(Path(folder), rank if strategy.sharded_optimizer else 0))
 
     manifest = read_manifest(config["manifest"])
     train_rows, eval_rows = split_eval(manifest["rows"], cfg.data.eval_samples)
     reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond)
-    eval_batch = reader.load(eval_rows) if eval_rows and rank == 0 else None
+    # Under ZeRO-3 a forward pass needs every rank, so every rank runs eval and sampling; otherwise rank 0 alone.
+    runs_eval = rank == 0 or strategy.sharded_params
+    eval_batch = reader.load(eval_rows) if eval_rows and runs_eval else None
     log = MetricsLog(out_dir / METRICS, start_step) if rank == 0 else None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
                 else contextlib.nullcontext())
@@ -125,18 +128,19 @@ def train_loop_per_worker(config: dict) -> None:
 
     def validate(step: int) -> None:
         nonlocal vae
-        if rank != 0 or not cfg.validation.prompts:
+        if not runs_eval or not cfg.validation.prompts:
             return
         vae = vae or load_vae(pretrained, device, dtype, cfg.model.revision)
         embeds = [{"prompt": v["prompt"], **reader.store.read("text", v["text_key"])} for v in manifest["validation"]]
         uncond = reader.store.read("text", manifest["uncond_key"])
         if cfg.text.uncond == "zero":
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
-        sample_images(transformer, vae, load_scheduler(pretrained, cfg.model.revision), embeds, uncond,
-                      cfg.validation, out_dir / "validation" / f"step_{step:06d}", device)
+        sample_images(strategy.module, vae, load_scheduler(pretrained, cfg.model.revision), embeds,
+                      uncond, cfg.validation, out_dir / "validation" / f"step_{step:06d}", device, save=rank == 0)
 
     def measure_eval() -> float:
-        value = eval_loss(transformer, eval_batch, cfg.flow, device, dtype) if eval_batch is not None else math.nan
+        value = (eval_loss(strategy.module, eval_batch, cfg.flow, device, dtype)
+                 if eval_batch is not None else math.nan)
         return _from_rank0(value, world)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:

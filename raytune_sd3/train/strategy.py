@@ -6,17 +6,23 @@ The loop calls the same five things whatever the strategy:
     backward(loss)
     step(loss_finite) -> (norm, stepped)   clip, then step unless the loss or the gradient is not finite
     lora_tensors()                 peft's LoRA tensors, complete on rank 0 (gathered under ZeRO-3)
+    optimizer_state() / load_optimizer_state(state)   weights_only-loadable; per rank when sharded_optimizer
+and two flags: sharded_optimizer (each rank saves its own optimizer file) and sharded_params (ZeRO-3: a forward
+pass is a collective, so eval and validation sampling must run on every rank).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from raytune_sd3.config import JobConfig
+from raytune_sd3.config import ConfigError, JobConfig
 
 
 def clip_gradients(params: list[nn.Parameter], cfg: JobConfig) -> torch.Tensor:
@@ -35,6 +41,7 @@ class DDPStrategy:
 
     name = "ddp"
     sharded_optimizer = False  # every rank holds the same optimizer state: rank 0 saves it, all load it
+    sharded_params = False  # every rank holds the whole model: rank 0 alone may run eval and sampling
 
     def __init__(self, transformer: nn.Module, params: list[nn.Parameter], optimizer, cfg: JobConfig, world: int):
         import ray.train.torch
@@ -69,5 +76,145 @@ class DDPStrategy:
         self.optimizer.load_state_dict(state)
 
 
+# --- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: JobConfig, world: int) -> dict:
+    """The DeepSpeed config of this job: generated from `cfg.train`, or the user's JSON with our keys on top.
+
+    Batch size, accumulation, clipping and the ZeRO stage always come from the job (train.batch_size, grad_accum,
+    max_grad_norm, strategy): the loop's data reader and LR schedule are built from them, so a JSON that said
+    otherwise would silently train something else.
+    """
+    t = cfg.train
+    stage = {"zero2": 2, "zero3": 3}[t.strategy]
+    where = "train.deepspeed_config"
+    if t.grad_clip == "value" and t.max_grad_norm:
+        # ZeRO keeps reduced gradients in its own flat partitions until its step, which clips by norm only.
+        raise ConfigError(f"train.grad_clip 'value' works with train.strategy ddp only (got {t.strategy}); "
+                          "use grad_clip: norm (DeepSpeed clips the global norm) or strategy: ddp")
+    if t.deepspeed_config is not None:
+        path = Path(t.deepspeed_config)
+        try:
+            ds = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: cannot read {path} as JSON: {e}") from None
+        for key in ("optimizer", "scheduler"):  # ours are built from train.* and stepped by the loop
+            if key in ds:
+                raise ConfigError(f"{where}: {path} has an '{key}' section; remove it, the optimizer and LR "
+                                  "schedule come from train.optimizer, train.learning_rate and train.lr_scheduler")
+        their_stage = ds.get("zero_optimization", {}).get("stage", stage)
+        if their_stage != stage:
+            raise ConfigError(f"{where}: {path} sets zero_optimization.stage {their_stage} but train.strategy is "
+                              f"{t.strategy}; make them agree")
+    else:
+        ds = {"bf16": {"enabled": t.mixed_precision == "bf16"}, "steps_per_print": 2**62,
+              "wall_clock_breakdown": False}
+    # Ours override the JSON's (see the docstring).
+    ds.setdefault("zero_optimization", {})["stage"] = stage
+    ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+              train_batch_size=t.batch_size * t.grad_accum * world,
+              gradient_clipping=t.max_grad_norm or 0.0)  # 0 = off in DeepSpeed
+    # Our optimizers (train/optim.py) are torch optimizers that DeepSpeed does not list as tested with ZeRO.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO-2 (optimizer state and gradients sharded) or ZeRO-3 (also every parameter, the frozen base
+    included), with our torch optimizer; our LR scheduler stays outside DeepSpeed and is stepped by the loop.
+
+    Accumulation: DeepSpeed counts micro-steps itself and wants `engine.step()` after every backward (it updates only
+    at the boundary). So `backward` steps the engine after each micro-step but the last, and `step` does the
+    boundary one. The loop already divides each micro-step's loss by grad_accum, so backward passes
+    `scale_wrt_gas=False` (DeepSpeed would divide again): the gradient is the mean over micro-steps and ranks, as
+    under DDP.
+
+    Non-finite steps: a loss that is NaN/inf is turned into NaN gradients (`loss * nan`, no host sync), and
+    DeepSpeed's own overflow check (a non-finite global gradient norm) then skips the update on every rank, zeroes
+    the gradients and reports the norm as inf. So `step` returns (inf, False) for such a step, where DDP returns
+    (its NaN/inf norm, False); the weights and optimizer state are untouched either way.
+    """
+
+    sharded_optimizer = True  # each rank saves and loads its own shard: optimizer_rank{R}.pt
+
+    def __init__(self, transformer: nn.Module, params: list[nn.Parameter], optimizer, cfg: JobConfig, world: int):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # else a page of config per worker
+        self.name = cfg.train.strategy
+        self.stage = 3 if self.name == "zero3" else 2
+        # Under ZeRO-3 a forward pass gathers parameters from every rank: eval and sampling must run on all ranks.
+        self.sharded_params = self.stage == 3
+        self.module, self.params, self.world = transformer, params, world
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=transformer, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world),
+            dist_init_required=False)  # Ray Train has set up torch.distributed already
+        self._last_micro = True
+
+    def accumulating(self, sync: bool):
+        self._last_micro = sync  # the engine reduces gradients at its own boundary; no_sync is DDP-only
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)  # see the class docstring
+        self.model.backward(loss * poison, scale_wrt_gas=False)
+        if not self._last_micro:
+            self.model.step()  # a no-op update that advances DeepSpeed's micro-step counter
+
+    def step(self, loss_finite: bool) -> tuple[float, bool]:
+        if not self.model.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's micro-step count disagrees with the loop's: accumulating(sync=True) "
+                               "must mark the last micro-step of each optimizer step")
+        self.model.step()
+        norm = self.model.get_global_grad_norm()  # before clipping, over every rank's shard
+        norm = math.nan if norm is None else float(norm)
+        return norm, self.model.was_step_applied()
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """peft's LoRA tensors from the optimizer's fp32 master weights, assembled from every rank's shard.
+
+        A collective (every rank must call it), complete on every rank. The masters, not the module's copies: under
+        ZeRO-3 the module's are partitioned (empty tensors on each rank), and with bf16 they are rounded.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+        from peft.utils import get_peft_model_state_dict
+
+        full = {name: safe_get_full_fp32_param(p).detach().cpu()
+                for name, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v.contiguous() for k, v in get_peft_model_state_dict(self.module, state_dict=full).items()}
+
+    def optimizer_state(self) -> dict:
+        """This rank's ZeRO state (base optimizer's shard + fp32 master shard), in types torch.load(weights_only=True)
+        accepts: DeepSpeed's own dict holds a LossScaler object, an enum and (ZeRO-2) fragment addresses."""
+        state = dict(self.optimizer.state_dict())
+        state.pop("param_slice_mappings", None)  # ZeRO-2: read only by DeepSpeed's universal checkpoints
+        state["zero_stage"] = int(state["zero_stage"])
+        state["loss_scaler"] = {k: v for k, v in vars(state["loss_scaler"]).items()
+                                if type(v) in (bool, int, float)}  # scale and its counters (fp16 dynamic scaling)
+        return state
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Restore what optimizer_state() gave on this rank, including the fp32 master weights, and write them
+        into the model's LoRA weights (so the model holds the checkpoint's LoRA whatever was loaded into it before)."""
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = dict(state)
+        scaler = self.optimizer.loss_scaler
+        for k, v in state["loss_scaler"].items():
+            setattr(scaler, k, v)
+        state.update(loss_scaler=scaler, zero_stage=ZeroStageEnum(state["zero_stage"]))
+        # A list indexed by rank; each rank reads only its own entry.
+        self.optimizer.load_state_dict([state] * self.world, load_from_fp32_weights=True)
+        if self.stage == 2:  # ZeRO-3 copies masters into its parameter shards itself; ZeRO-2 does not
+            with torch.no_grad():
+                for p in self.params:
+                    p.copy_(safe_get_full_fp32_param(p))
+
+
 def make_strategy(transformer: nn.Module, params: list[nn.Parameter], optimizer, cfg: JobConfig, world: int):
+    """DDPStrategy for train.strategy ddp, DeepSpeedStrategy for zero2 / zero3."""
+    if cfg.train.strategy in ("zero2", "zero3"):
+        return DeepSpeedStrategy(transformer, params, optimizer, cfg, world)
     return DDPStrategy(transformer, params, optimizer, cfg, world)

@@ -43,7 +43,7 @@ def eval_loss(transformer, batch: dict[str, torch.Tensor], flow: FlowConfig, dev
 
 @torch.no_grad()
 def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict, cfg: ValidationConfig,
-                  out_dir: Path, device) -> list[Path]:
+                  out_dir: Path, device, save: bool = True) -> list[Path]:
     """Sample each validation prompt at each resolution with diffusers' SD3 pipeline (SLG when configured).
 
     `embeds` are cached prompt embeddings ({"prompt", "prompt_embeds", "pooled"}), so no text encoder is loaded here.
@@ -60,7 +60,8 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
     if cfg.skip_layers:
         slg = {"skip_guidance_layers": cfg.skip_layers, "skip_layer_guidance_scale": cfg.skip_layer_scale,
                "skip_layer_guidance_start": cfg.skip_layer_start, "skip_layer_guidance_stop": cfg.skip_layer_stop}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if save:
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     was_training = transformer.training
     transformer.eval()
@@ -75,9 +76,10 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
                 generator=torch.Generator().manual_seed(cfg.seed), **slg,
             ).images[0]
             path = out_dir / f"{i:02d}_{w}x{h}.png"
-            tmp = path.with_suffix(".tmp.png")
-            image.save(tmp)
-            tmp.replace(path)
+            if save:  # under ZeRO-3 every rank samples (each holds a shard); one writes
+                tmp = path.with_suffix(".tmp.png")
+                image.save(tmp)
+                tmp.replace(path)
             written.append(path)
     transformer.train(was_training)
     return written
