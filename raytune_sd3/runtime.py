@@ -48,4 +48,11 @@ def init_ray(cfg: JobConfig) -> None:
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # The dashboard process also serves the state API that Train and Tune use to release finished workers.
     # address="local": always a new instance, never a `ray start` cluster that happens to run on this machine.
-    ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
+            return
+        except Exception as e:  # Ray gives its raylet a fixed 30 s to register: a busy laptop can miss that
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
