@@ -1,0 +1,360 @@
+"""python -m raytune_sd3.check JOB.yaml [--cluster cluster/aws-h100.yaml] [--set key=value ...]
+
+A preflight that runs in seconds with no GPU, before GPU hours are spent: validates the job, checks that its data
+and model are reachable from where it runs (run it on the cluster's head for /mnt/shared paths), counts images and
+buckets, and estimates per-GPU memory (model size, dtype, quantisation, DDP or ZeRO-2/3, batch, resolution, T5
+length) against the GPU of the cluster's worker node type: it says "fits", or what to change.
+
+Exit status: 0 all good, 1 something to fix (listed), 2 the job file itself is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, check_paths, load_job
+from raytune_sd3.memory import GIB, GPU_GIB, QUANT_BYTES, STRATEGIES, TransformerShape, estimate, gpu_of_node_type
+
+TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
+
+
+@dataclass
+class Report:
+    """What the preflight found: lines to print and whether anything must be fixed."""
+
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def ok(self, topic: str, text: str) -> None:
+        self.lines.append(f"[ok]   {topic:<8} {text}")
+
+    def warn(self, topic: str, text: str) -> None:
+        self.lines.append(f"[warn] {topic:<8} {text}")
+
+    def fail(self, topic: str, text: str) -> None:
+        self.lines.append(f"[FAIL] {topic:<8} {text}")
+        self.problems.append(f"{topic}: {text}")
+
+    def block(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@dataclass
+class ClusterGPUs:
+    """The GPU workers a cluster file describes."""
+
+    source: str
+    node_type: str
+    gpu: str
+    gpus_per_node: int
+    max_nodes: int
+
+    @property
+    def gpu_bytes(self) -> float:
+        return GPU_GIB[self.gpu] * GIB
+
+
+# --- the cluster file ---------------------------------------------------------------------------------------------
+
+
+def cluster_gpus(path: str | Path) -> ClusterGPUs:
+    """The GPU worker type of a Ray cluster-launcher YAML or a KubeRay RayCluster/RayJob manifest."""
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if isinstance(d, dict)]
+    for doc in docs:
+        if "available_node_types" in doc:
+            return _launcher_gpus(doc, str(path))
+        if doc.get("kind") in ("RayCluster", "RayJob"):
+            return _kuberay_gpus(doc, str(path))
+    raise ValueError(f"{path}: neither a Ray cluster-launcher YAML (available_node_types) nor a KubeRay "
+                     "RayCluster/RayJob manifest")
+
+
+def _launcher_gpus(doc: dict, source: str) -> ClusterGPUs:
+    best = None
+    for name, spec in doc["available_node_types"].items():
+        node_cfg = spec.get("node_config", {})
+        node_type = node_cfg.get("InstanceType") or node_cfg.get("machineType") or ""
+        try:
+            gpu, per_node = gpu_of_node_type(node_type)
+        except ValueError:
+            continue
+        per_node = int(spec.get("resources", {}).get("GPU", per_node))
+        max_nodes = int(spec.get("max_workers", doc.get("max_workers", 0)))
+        if name == doc.get("head_node_type"):
+            max_nodes += 1
+        if per_node and (best is None or per_node * max_nodes > best.gpus_per_node * best.max_nodes):
+            best = ClusterGPUs(source, node_type, gpu, per_node, max_nodes)
+    if best is None:
+        raise ValueError(f"{source}: no node type with a known GPU instance/machine type")
+    return best
+
+
+def _kuberay_gpus(doc: dict, source: str) -> ClusterGPUs:
+    if doc["kind"] == "RayJob" and "rayClusterSpec" not in doc["spec"]:
+        # A job for an existing RayCluster: find that cluster's manifest beside the job's.
+        name = doc["spec"].get("clusterSelector", {}).get("ray.io/cluster")
+        for f in sorted(Path(source).parent.glob("*.y*ml")):
+            for other in yaml.safe_load_all(f.read_text()):
+                if isinstance(other, dict) and other.get("kind") == "RayCluster" and (
+                        other["metadata"]["name"] == name):
+                    return _kuberay_gpus(other, str(f))
+        raise ValueError(f"{source}: its RayCluster {name!r} is in no manifest beside it")
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    for group in spec.get("workerGroupSpecs", []):
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0].get("resources", {}).get("limits", {})
+        per_node = int(limits.get("nvidia.com/gpu", 0))
+        if not per_node:
+            continue
+        selector = pod.get("nodeSelector", {})
+        node_type = (selector.get("node.kubernetes.io/instance-type")
+                     or selector.get("cloud.google.com/gke-accelerator") or "")
+        gpu, _ = gpu_of_node_type(node_type)
+        return ClusterGPUs(source, node_type, gpu, per_node, int(group.get("maxReplicas", group.get("replicas", 1))))
+    raise ValueError(f"{source}: no worker group requests nvidia.com/gpu")
+
+
+# --- the checks ---------------------------------------------------------------------------------------------------
+
+
+def check_model(cfg: JobConfig, report: Report) -> str | None:
+    """Whether the model can be loaded from here; returns a local folder (or hub id) for its config, or None."""
+    pretrained = cfg.model.pretrained
+    if pretrained in TINY_MODELS:
+        from raytune_sd3.models.loading import resolve_pretrained
+
+        folder = resolve_pretrained(pretrained)
+        report.ok("model", f"{pretrained}: built offline ({folder})")
+        return folder
+    local = Path(pretrained).expanduser()
+    if local.is_dir():
+        missing = [f for f in ("model_index.json", "transformer/config.json", "vae/config.json")
+                   if not (local / f).is_file()]
+        if missing:
+            report.fail("model", f"{local}: not a diffusers SD3 folder (missing {', '.join(missing)})")
+            return None
+        report.ok("model", f"{local}: a diffusers folder")
+        return str(local)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(pretrained, "model_index.json", revision=cfg.model.revision)
+    except Exception:  # not a valid repo id
+        cached = None
+    if isinstance(cached, str):
+        report.ok("model", f"{pretrained}: in the local HF cache ({Path(cached).parents[2]})")
+        return pretrained
+    hint = ("download it on a machine that sees the cache: `hf download " + pretrained + "` with HF_TOKEN set in "
+            "the environment (the SD3 models are gated: accept the licence on the hub first)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        report.fail("model", f"{pretrained}: not in the local HF cache and HF_HUB_OFFLINE=1; {hint}")
+    else:
+        report.warn("model", f"{pretrained}: not in the local HF cache here; every node would download it; {hint}")
+    return pretrained
+
+
+def check_data(cfg: JobConfig, report: Report) -> int:
+    """Counts the images of each data set (one square bucket per data set for now); returns the total."""
+    from raytune_sd3.data.discovery import discover
+
+    total = 0
+    for i, ds in enumerate(cfg.data.datasets):
+        bucket = f"1 bucket {ds.resolution}x{ds.resolution}"
+        if ds.type == "demo":
+            if ds.instance_data_dir.is_dir() and any(ds.instance_data_dir.iterdir()):
+                n = len(discover(ds))
+                report.ok("data", f"{ds.id}: {n} images in {ds.instance_data_dir}, {bucket}")
+            else:
+                n = ds.demo_images
+                report.ok("data", f"{ds.id}: demo, {n} images generated on first use, {bucket}")
+            total += n
+            continue
+        if not ds.instance_data_dir.is_dir():
+            report.fail("data", f"data.datasets[{i}] ({ds.id}): {ds.instance_data_dir} is not reachable from here")
+            continue
+        try:
+            items = discover(ds)
+        except ValueError as e:
+            report.fail("data", str(e))
+            continue
+        captions = sum(1 for it in items if Path(it.path).with_suffix(".txt").is_file())
+        cap = f", {captions} with a .txt caption" if ds.caption_strategy == "textfile" else ""
+        report.ok("data", f"{ds.id}: {len(items)} images{cap}, {bucket}")
+        total += len(items)
+    t = cfg.train
+    train_items = total - cfg.data.eval_samples
+    if total and train_items < t.batch_size * t.num_workers:
+        report.fail("data", f"{train_items} training images (after {cfg.data.eval_samples} held out) cannot fill one "
+                            f"step of {t.num_workers} workers x batch {t.batch_size}")
+    return total
+
+
+def check_storage(cfg: JobConfig, report: Report) -> None:
+    """output_dir and the cache must be writable from here (on a cluster: shared storage every node mounts)."""
+    for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)):
+        p = Path(path)
+        existing = next((a for a in [p, *p.parents] if a.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK):
+            report.fail("storage", f"{key}: {p} is not writable from here (nearest existing folder: {existing})")
+        else:
+            report.ok("storage", f"{key}: {p}")
+
+
+def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_name: str, strategy: str,
+                 quantization: str | None, config_dir: str | None) -> None:
+    from raytune_sd3.memory import transformer_config, vae_channels, vae_params
+
+    try:
+        config, source = transformer_config(config_dir or cfg.model.pretrained, cfg.model.revision)
+    except ValueError as e:
+        report.fail("memory", str(e))
+        return
+    shape = TransformerShape.from_config(config)
+    t, ds0 = cfg.train, max(cfg.data.datasets, key=lambda d: d.resolution)
+    val_res = max((max(w, h) for w, h in cfg.validation.sizes), default=0) if cfg.validation.prompts else 0
+
+    model = config_dir or cfg.model.pretrained
+
+    def at(batch: int = t.batch_size, strat: str = strategy, quant: str | None = quantization,
+           ckpt: bool = t.gradient_checkpointing):
+        return estimate(shape, dtype=cfg.model.dtype, targets=cfg.lora.targets, rank=cfg.lora.rank, batch=batch,
+                        resolution=ds0.resolution, t5_tokens=cfg.text.t5_max_length, num_workers=t.num_workers,
+                        strategy=strat, mixed_precision=t.mixed_precision, quantization=quant,
+                        blocks=cfg.lora.blocks, vae_params=vae_params(model) if cfg.validation.prompts else None,
+                        validation_resolution=val_res, vae_channels=vae_channels(model), gradient_checkpointing=ckpt,
+                        lora_dtype=cfg.lora.dtype, optimizer=t.optimizer)
+
+    est = at()
+    report.block(f"         estimate from {source}: {shape.num_layers} blocks x width {shape.width}, "
+                 f"{strategy}, {t.num_workers} worker(s), {ds0.resolution}px, T5 {cfg.text.t5_max_length}"
+                 + (f", {quantization}" if quantization else "")
+                 + (", gradient checkpointing" if t.gradient_checkpointing else ""))
+    report.block(est.table(gpu_bytes))
+    for note in est.notes:
+        report.warn("memory", note)
+    if not gpu_bytes:
+        report.ok("memory", f"{est.total / GIB:.1f} GiB per GPU (no --cluster or --gpu given to compare with)")
+        return
+    if est.total <= TIGHT * gpu_bytes:
+        report.ok("memory", f"fits: {est.total / GIB:.1f} of {gpu_bytes / GIB:.1f} GiB on {gpu_name}")
+        return
+    if est.total <= gpu_bytes:
+        report.warn("memory", f"fits, but tight: {est.total / GIB:.1f} of {gpu_bytes / GIB:.1f} GiB on {gpu_name} "
+                              f"(above {TIGHT:.0%}; the estimate's error could tip it)")
+        return
+    over = (est.total - gpu_bytes) / GIB
+    fixes = []
+    for b in range(t.batch_size - 1, 0, -1):
+        if at(batch=b).total <= TIGHT * gpu_bytes:
+            accum = -(-t.batch_size * t.grad_accum // b)
+            fixes.append(f"--set train.batch_size={b} --set train.grad_accum={accum} (same images per step)")
+            break
+    if not t.gradient_checkpointing and at(ckpt=True).total <= TIGHT * gpu_bytes:
+        fixes.append("--set train.gradient_checkpointing=true")
+    for strat in ("zero2", "zero3"):
+        if STRATEGIES.index(strat) > STRATEGIES.index(strategy) and at(strat=strat).total <= TIGHT * gpu_bytes:
+            fixes.append(f"--set train.strategy={strat}")
+            break
+    for quant in ("int8", "int4"):
+        if not quantization and at(quant=quant).total <= TIGHT * gpu_bytes:
+            fixes.append(f"--set model.quantize={quant}")
+            break
+    bigger = sorted((g for g, gib in GPU_GIB.items() if est.total <= TIGHT * gib * GIB), key=GPU_GIB.get)
+    if bigger:
+        fixes.append(f"a GPU with more memory: {bigger[0]}")
+    report.fail("memory", f"does not fit: {est.total / GIB:.1f} GiB per GPU, {over:.1f} GiB over {gpu_name}'s "
+                          f"{gpu_bytes / GIB:.1f} GiB. Change one of: " + "; ".join(fixes or ["the model size"]))
+
+
+def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = None, strategy: str | None = None,
+               quantization: str | None = None, skip_paths: bool = False) -> Report:
+    report = Report()
+    t = cfg.train
+    report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.num_workers} workers x batch "
+                        f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "
+                        f"T5 {cfg.text.t5_max_length} tokens, mixed precision {t.mixed_precision}")
+    strategy = strategy or t.strategy
+    if not quantization and cfg.model.quantize != "none":
+        quantization = cfg.model.quantize
+    config_dir = None
+    if not skip_paths:
+        try:
+            check_paths(cfg)
+        except ConfigError as e:
+            for line in str(e).splitlines()[1:]:
+                report.fail("paths", line.strip())
+        config_dir = check_model(cfg, report)
+        check_storage(cfg, report)
+        check_data(cfg, report)
+    elif cfg.model.pretrained in TINY_MODELS:
+        from raytune_sd3.models.loading import resolve_pretrained
+
+        config_dir = resolve_pretrained(cfg.model.pretrained)
+    gpu_bytes, gpu_name = None, ""
+    if cluster:
+        try:
+            c = cluster_gpus(cluster)
+        except (OSError, ValueError, KeyError) as e:
+            report.fail("cluster", str(e))
+        else:
+            gpu_bytes, gpu_name = c.gpu_bytes, f"{c.node_type} ({c.gpus_per_node}x {c.gpu})"
+            capacity = c.gpus_per_node * c.max_nodes
+            if t.num_workers > capacity:
+                report.fail("cluster", f"{t.num_workers} workers need {t.num_workers} GPUs; {c.source} has at most "
+                                       f"{capacity} ({c.max_nodes} x {c.node_type})")
+            else:
+                nodes = -(-t.num_workers // c.gpus_per_node)
+                report.ok("cluster", f"{c.source}: {t.num_workers} workers on {nodes} x {gpu_name} "
+                                     f"(up to {c.max_nodes} nodes)")
+    elif gpu:
+        gpu_bytes, gpu_name = GPU_GIB[gpu] * GIB, gpu
+    check_memory(cfg, report, gpu_bytes, gpu_name, strategy, quantization, config_dir)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raytune_sd3.check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", help="job YAML, e.g. jobs/sd35.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as in python -m raytune_sd3.train")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", help="cluster file whose GPU worker type to check against "
+                                         "(cluster/*.yaml: launcher YAML or KubeRay manifest)")
+    where.add_argument("--gpu", choices=sorted(GPU_GIB), help="check against this GPU instead of a cluster file")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="what-if: DDP or DeepSpeed ZeRO-2/3 (default: the job's train.strategy)")
+    p.add_argument("--quantization", choices=sorted(QUANT_BYTES), default=None,
+                   help="what-if: a quantised base (default: the job's model.quantize)")
+    p.add_argument("--skip-paths", action="store_true",
+                   help="only the config and memory checks (e.g. on a laptop that does not mount /mnt/shared)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_job(args.job, args.overrides)
+    except ConfigError as e:
+        print(f"[FAIL] config   {e}", file=sys.stderr)
+        return 2
+    print(f"raytune_sd3 preflight: {args.job}")
+    report = run_checks(cfg, cluster=args.cluster, gpu=args.gpu, strategy=args.strategy,
+                        quantization=args.quantization, skip_paths=args.skip_paths)
+    print("\n".join(report.lines))
+    if report.problems:
+        print(f"\n{len(report.problems)} problem(s) to fix before spending GPU hours:")
+        print("\n".join(f"  - {p}" for p in report.problems))
+        return 1
+    print("\nall checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""Per-GPU memory of one LoRA training step, estimated in milliseconds before any GPU is rented.
+
+    total = base weights (+ VAE on rank 0) + LoRA params, grads and optimizer state + activations + runtime
+
+Everything comes from the transformer's diffusers config.json (read from the model folder or the local HF cache;
+a built-in table covers the SD3 / SD3.5 models on the hub) and the job: dtype and model.quantize, LoRA targets,
+rank and dtype, optimizer, batch, resolution, T5 length, gradient checkpointing, workers and train.strategy.
+Assumptions, each stated where it is used:
+
+- Activations are what autograd keeps for the backward of a frozen base with LoRA adapters, counted per block and
+  per token in units of the hidden width (`block_activation_bytes`); checked against the exact allocation trace of
+  diffusers' SD3Transformer2DModel (`trace_peak` on the meta device, flash attention) for SD3 Medium, SD3.5 Medium
+  and SD3.5 Large: within -0.2..+3.3% of the whole step's peak (benchmarks/RESULTS.md).
+- Attention is flash / memory-efficient SDPA (PyTorch picks it on Ampere and newer for these shapes): it keeps
+  q, k, v, the output and the log-sum-exp, never the S x S matrix.
+- bf16 autocast over an fp32 base is counted at bf16 activation width (not traced: autocast does not run on meta).
+- `runtime` is the CUDA context, cuBLAS workspace and NCCL buffers (1.5 GiB) plus 10% of the activations for the
+  caching allocator's fragmentation: a margin taken from common practice, not measured here (no GPU).
+- DDP keeps a second copy of the gradients in its reducer buckets; ZeRO-2 shards gradients and optimizer state
+  over the workers, ZeRO-3 the base weights too (plus two gathered blocks in flight); DeepSpeed's own buckets are
+  not modelled. Quantised linears (model.quantize) cost QUANT_BYTES per weight.
+
+`trace_peak` runs one real training step (forward, flow loss, backward, clip, AdamW) and returns its peak tensor
+memory: on "meta" it computes nothing (seconds, any model size), on "cpu" or "cuda" it is a real run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# model.quantize (optimum-quanto): bytes per weight of the transformer blocks' linears incl. scales (int8/fp8: a
+# scale per row, ~0; int4/int2: a bf16 scale and shift per group of 128). Everything else stays in `dtype`.
+QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128, "int2": 0.25 + 4 / 128}
+# train.optimizer: bytes of optimizer state per LoRA parameter.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "stableadamw": 8, "adamw_bf16": 4, "lion": 4, "adamw8bit": 2, "lion8bit": 1}
+STRATEGIES = ("ddp", "zero2", "zero3")
+RUNTIME_BYTES = 1.5 * GIB  # CUDA context + cuBLAS workspace + NCCL buffers (assumed; see module docstring)
+FRAGMENTATION = 0.10  # caching-allocator slack on the activations (assumed)
+TEXT_CLIP_TOKENS = 77  # CLIP-L/G tokens on the sequence before T5's
+
+# diffusers config.json of the hub's SD3-family transformers (transformer/config.json), for hub ids not cached here.
+KNOWN_TRANSFORMERS: dict[str, dict] = {
+    "stabilityai/stable-diffusion-3.5-large": {
+        "num_layers": 38, "num_attention_heads": 38, "attention_head_dim": 64, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 2048, "caption_projection_dim": 2432, "patch_size": 2, "in_channels": 16,
+        "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "dual_attention_layers": [],
+        "sample_size": 128,
+    },
+    "stabilityai/stable-diffusion-3.5-medium": {
+        "num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 2048, "caption_projection_dim": 1536, "patch_size": 2, "in_channels": 16,
+        "out_channels": 16, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+        "dual_attention_layers": list(range(13)), "sample_size": 128,
+    },
+    "stabilityai/stable-diffusion-3-medium-diffusers": {
+        "num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 2048, "caption_projection_dim": 1536, "patch_size": 2, "in_channels": 16,
+        "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": None, "dual_attention_layers": [],
+        "sample_size": 128,
+    },
+}
+KNOWN_TRANSFORMERS["stabilityai/stable-diffusion-3.5-large-turbo"] = KNOWN_TRANSFORMERS[
+    "stabilityai/stable-diffusion-3.5-large"]
+# The 16-channel SD3 VAE (AutoencoderKL, block_out_channels 128/256/512/512, 2 layers per block, no quant convs),
+# shared by SD3 and SD3.5: its parameter count, for hub ids not cached here.
+SD3_VAE_PARAMS = 83_819_683
+
+# GPU memory in GiB as the driver reports it (nvidia-smi "total" ~ the marketing GB less ECC/reserved).
+GPU_GIB = {"H100-80GB": 79.6, "H200-141GB": 139.8, "A100-40GB": 39.4, "A100-80GB": 79.2, "A10G-24GB": 22.0,
+           "L4-24GB": 22.0, "L40S-48GB": 44.4, "V100-16GB": 15.8, "V100-32GB": 31.7}
+# Node type -> (GPU, GPUs per node): AWS instance types, GCP machine types, GKE accelerator labels.
+NODE_TYPES: dict[str, tuple[str, int]] = {
+    "p5.48xlarge": ("H100-80GB", 8), "p5e.48xlarge": ("H200-141GB", 8), "p5en.48xlarge": ("H200-141GB", 8),
+    "p4d.24xlarge": ("A100-40GB", 8), "p4de.24xlarge": ("A100-80GB", 8),
+    "p3.2xlarge": ("V100-16GB", 1), "p3.8xlarge": ("V100-16GB", 4), "p3.16xlarge": ("V100-16GB", 8),
+    "p3dn.24xlarge": ("V100-32GB", 8),
+    **{f"g5.{s}": ("A10G-24GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
+                                               ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
+    **{f"g6.{s}": ("L4-24GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
+                                             ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
+    **{f"g6e.{s}": ("L40S-48GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
+                                                ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
+    **{f"a3-highgpu-{n}g": ("H100-80GB", n) for n in (1, 2, 4, 8)},
+    "a3-megagpu-8g": ("H100-80GB", 8), "a3-edgegpu-8g": ("H100-80GB", 8), "a3-ultragpu-8g": ("H200-141GB", 8),
+    **{f"a2-highgpu-{n}g": ("A100-40GB", n) for n in (1, 2, 4, 8)},
+    "a2-megagpu-16g": ("A100-40GB", 16),
+    **{f"a2-ultragpu-{n}g": ("A100-80GB", n) for n in (1, 2, 4, 8)},
+    **{f"g2-standard-{c}": ("L4-24GB", n) for c, n in [(4, 1), (8, 1), (12, 1), (16, 1), (32, 1), (24, 2), (48, 4),
+                                                        (96, 8)]},
+    # GKE node labels (cloud.google.com/gke-accelerator); the count comes from the pod's nvidia.com/gpu limit.
+    "nvidia-h100-80gb": ("H100-80GB", 1), "nvidia-h100-mega-80gb": ("H100-80GB", 1),
+    "nvidia-h200-141gb": ("H200-141GB", 1), "nvidia-a100-80gb": ("A100-80GB", 1),
+    "nvidia-tesla-a100": ("A100-40GB", 1), "nvidia-l4": ("L4-24GB", 1), "nvidia-a10g": ("A10G-24GB", 1),
+}
+
+
+# --- the transformer's shape ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """The numbers of an SD3Transformer2DModel config that decide its memory."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    caption_projection_dim: int
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    pos_embed_max_size: int = 96
+    qk_norm: bool = False
+    dual_attention_layers: tuple[int, ...] = ()
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> TransformerShape:
+        if cfg.get("qk_norm") not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm {cfg['qk_norm']!r} is not one SD3 uses (None or rms_norm)")
+        return cls(
+            num_layers=cfg.get("num_layers", 18), num_heads=cfg.get("num_attention_heads", 18),
+            head_dim=cfg.get("attention_head_dim", 64), joint_attention_dim=cfg.get("joint_attention_dim", 4096),
+            pooled_projection_dim=cfg.get("pooled_projection_dim", 2048),
+            caption_projection_dim=cfg.get("caption_projection_dim", 1152), patch_size=cfg.get("patch_size", 2),
+            in_channels=cfg.get("in_channels", 16), out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
+            pos_embed_max_size=cfg.get("pos_embed_max_size") or 96, qk_norm=cfg.get("qk_norm") == "rms_norm",
+            dual_attention_layers=tuple(cfg.get("dual_attention_layers") or ()),
+        )
+
+
+def linear_layers(shape: TransformerShape) -> list[tuple[str, int, int]]:
+    """(module name, in_features, out_features) of every nn.Linear of the transformer, named as diffusers names them.
+
+    Each has a bias. Mirrors diffusers' SD3Transformer2DModel / JointTransformerBlock: the last block only projects
+    the text stream (context_pre_only) and has no text feed-forward; SD3.5 Medium's dual-attention blocks add a
+    second image-only attention (attn2) and a 9-way AdaLN.
+    """
+    d, cap = shape.width, shape.caption_projection_dim
+    layers = [
+        ("time_text_embed.timestep_embedder.linear_1", 256, d), ("time_text_embed.timestep_embedder.linear_2", d, d),
+        ("time_text_embed.text_embedder.linear_1", shape.pooled_projection_dim, d),
+        ("time_text_embed.text_embedder.linear_2", d, d),
+        ("context_embedder", shape.joint_attention_dim, cap),
+    ]
+    for i in range(shape.num_layers):
+        b = f"transformer_blocks.{i}."
+        last, dual = i == shape.num_layers - 1, i in shape.dual_attention_layers
+        layers.append((b + "norm1.linear", d, (9 if dual else 6) * d))
+        layers.append((b + "norm1_context.linear", d, (2 if last else 6) * d))
+        for n in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"):
+            layers.append((b + "attn." + n, d, d))
+        if not last:
+            layers.append((b + "attn.to_add_out", d, d))
+        if dual:
+            layers += [(b + "attn2." + n, d, d) for n in ("to_q", "to_k", "to_v", "to_out.0")]
+        ffs = ("ff",) if last else ("ff", "ff_context")
+        for ff in ffs:
+            layers += [(b + ff + ".net.0.proj", d, 4 * d), (b + ff + ".net.2", 4 * d, d)]
+    layers += [("norm_out.linear", d, 2 * d), ("proj_out", d, shape.patch_size**2 * shape.out_channels)]
+    return layers
+
+
+def transformer_params(shape: TransformerShape) -> int:
+    """Parameters of the transformer (the pos-embed table is a buffer, counted by `transformer_buffers`)."""
+    linears = sum(i * o + o for _, i, o in linear_layers(shape))
+    p = shape.patch_size
+    patch_embed = shape.in_channels * p * p * shape.width + shape.width
+    norms = 0
+    if shape.qk_norm:  # RMSNorm(head_dim) on q and k of both streams, and of attn2 in dual blocks
+        norms = shape.head_dim * (4 * shape.num_layers + 2 * len(shape.dual_attention_layers))
+    return linears + patch_embed + norms
+
+
+def transformer_buffers(shape: TransformerShape) -> int:
+    """Elements of the sin-cos position table (pos_embed_max_size^2 x width); diffusers builds it in fp32."""
+    return shape.pos_embed_max_size**2 * shape.width
+
+
+def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, blocks: list[int] | None = None) -> int:
+    """LoRA parameters: rank x (in + out) per targeted linear, matched exactly as models/lora.py matches them."""
+    from raytune_sd3.models.lora import PRESETS  # one source of truth for the presets
+
+    suffixes = PRESETS[targets] if isinstance(targets, str) else targets
+    n = 0
+    for name, i, o in linear_layers(shape):
+        if not any(name == s or name.endswith("." + s) for s in suffixes):
+            continue
+        if blocks is not None:
+            parts = name.split(".")
+            if parts[0] != "transformer_blocks" or int(parts[1]) not in blocks:
+                continue
+        n += rank * (i + o)
+    return n
+
+
+# --- activations ------------------------------------------------------------------------------------------------
+
+
+def _lora_inputs(n_modules: int, shared_input: bool, act_bytes: int) -> float:
+    """Bytes per token per width unit that the LoRA branches of `n_modules` linears on one input keep.
+
+    peft casts the input to the adapter's dtype (fp32) in every LoRA module: on a bf16/fp16 base each module keeps
+    its own fp32 copy; on an fp32 base the cast is a no-op and modules reading one tensor share it.
+    """
+    if n_modules == 0:
+        return 0.0
+    if act_bytes == 4:
+        return 4.0 if shared_input else 4.0 * n_modules
+    return 4.0 * n_modules
+
+
+def block_activation_bytes(shape: TransformerShape, targets: str | list[str], act_bytes: int,
+                           blocks: list[int] | None = None) -> tuple[float, float]:
+    """(image, text) bytes per token per unit of width that one training step keeps for backward, summed over blocks.
+
+    What autograd keeps with a frozen base (frozen linears keep nothing; their LoRA branches keep their input):
+    per stream and block, LayerNorm inputs (2 x act), flash-attention q, k, v and output (4 x act, over the joint
+    sequence), the tanh-GELU input (4 x act, 4x width), qk RMSNorm inputs (fp32), and the LoRA inputs.
+    The last block only projects the text stream (no text feed-forward); dual-attention blocks (SD3.5 Medium) add
+    an image-only attention. Checked against saved-tensor traces to within 1% (tests/test_check.py).
+    """
+    from raytune_sd3.models.lora import PRESETS
+
+    suffixes = set(PRESETS[targets] if isinstance(targets, str) else targets)
+
+    def n(*names: str) -> int:
+        return sum(1 for s in names if s in suffixes)
+
+    a = act_bytes
+    # qk RMSNorm (SD3.5) computes in fp32: it keeps the fp32 input of q and k, and below fp32 also a cast copy.
+    qk = (8.0 + (2 * a if a != 4 else 0)) if shape.qk_norm else 0.0
+    img = txt = 0.0
+    for i in range(shape.num_layers):
+        last, dual = i == shape.num_layers - 1, i in shape.dual_attention_layers
+        on = blocks is None or i in blocks
+
+        def lora(*names: str, shared: bool = True, width: float = 1.0, _on: bool = on) -> float:
+            return _lora_inputs(n(*names), shared, a) * width if _on else 0.0
+
+        # image stream
+        img += 2 * a + 4 * a + 4 * a + qk  # LN1, LN2 inputs; q k v out; GELU input
+        img += lora("attn.to_q", "attn.to_k", "attn.to_v") + lora("attn.to_out.0")
+        img += lora("ff.net.0.proj") + lora("ff.net.2", width=4.0)
+        if dual:
+            img += 4 * a + qk + lora("attn2.to_q", "attn2.to_k", "attn2.to_v") + lora("attn2.to_out.0")
+        # text stream
+        txt += a + 4 * a + qk  # LN1 input; q k v out
+        txt += lora("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+        if not last:
+            txt += a + 4 * a + lora("attn.to_add_out")  # LN2, GELU
+            txt += lora("ff_context.net.0.proj") + lora("ff_context.net.2", width=4.0)
+    img += a  # final AdaLN's LayerNorm input
+    return img, txt
+
+
+def activation_bytes(shape: TransformerShape, targets: str | list[str], act_bytes: int, batch: int,
+                     resolution: int, t5_tokens: int, blocks: list[int] | None = None) -> int:
+    """Bytes kept for backward by one micro-batch: batch x width x (image tokens x img + text tokens x txt).
+
+    Image tokens = (resolution / 8 / patch)^2; text tokens = 77 CLIP + t5_tokens T5.
+    """
+    img, txt = block_activation_bytes(shape, targets, act_bytes, blocks)
+    s_img = (resolution // (8 * shape.patch_size)) ** 2
+    s_txt = TEXT_CLIP_TOKENS + t5_tokens
+    return int(batch * shape.width * (s_img * img + s_txt * txt))
+
+
+def backward_transient_bytes(shape: TransformerShape, act_bytes: int, batch: int, resolution: int,
+                             t5_tokens: int) -> int:
+    """Peak extra memory inside one block's backward (gradients of its activations, 4x-wide for the feed-forward):
+    about 8 activations of the joint sequence at full width."""
+    s = (resolution // (8 * shape.patch_size)) ** 2 + TEXT_CLIP_TOKENS + t5_tokens
+    return int(batch * s * shape.width * 8 * act_bytes)
+
+
+# --- the estimate -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU bytes of one training step, line by line; `total` is the peak of the busiest rank (rank 0)."""
+
+    lines: list[tuple[str, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, what: str, nbytes: float) -> None:
+        self.lines.append((what, int(nbytes)))
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b in self.lines)
+
+    def table(self, gpu_bytes: float | None = None) -> str:
+        def size(b: float) -> str:
+            return f"{b / GIB:9.2f} GiB" if b >= GIB / 10 else f"{b / (1 << 20):9.2f} MiB"
+
+        rows = [f"  {what:<74} {size(b)}" for what, b in self.lines]
+        rows.append(f"  {'total per GPU (rank 0)':<74} {size(self.total)}")
+        if gpu_bytes:
+            rows[-1] += f"  of {gpu_bytes / GIB:.1f} GiB ({100 * self.total / gpu_bytes:.0f}%)"
+        return "\n".join(rows)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], rank: int, batch: int,
+             resolution: int, t5_tokens: int, num_workers: int = 1, strategy: str = "ddp",
+             mixed_precision: str = "no", quantization: str | None = None, blocks: list[int] | None = None,
+             vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
+             gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
+             runtime: bool = True) -> MemoryEstimate:
+    """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
+
+    `vae_params`: rank 0 keeps the VAE loaded once it has made validation images (None: no validation).
+    `runtime`: add the CUDA context / NCCL / fragmentation margin (off for CPU comparisons).
+    `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
+    `quantization`: model.quantize (None or "none": unquantised).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    n = max(1, num_workers)
+    wb = BYTES[dtype]
+    # bf16 autocast over an fp32 base: matmuls run in bf16, but the LoRA inputs stay fp32 casts; count the
+    # activations at bf16 width (upper bound for the bf16 parts; the fp32 parts are counted as such).
+    act_b = 2 if (mixed_precision == "bf16" or dtype in ("bf16", "fp16")) else 4
+    est = MemoryEstimate()
+
+    p_base = transformer_params(shape)
+    linear_w = sum(i * o for name, i, o in linear_layers(shape) if name.startswith("transformer_blocks."))
+    quantization = None if quantization in (None, "none") else quantization
+    if quantization:
+        if quantization not in QUANT_BYTES:
+            raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANT_BYTES)}")
+        base_bytes = linear_w * QUANT_BYTES[quantization] + (p_base - linear_w) * wb
+        what = f"base transformer {_count(p_base)} params ({quantization} block linears, rest {dtype})"
+    else:
+        base_bytes = p_base * wb
+        what = f"base transformer {_count(p_base)} params ({dtype})"
+    base_bytes += transformer_buffers(shape) * 4
+    if strategy == "zero3":
+        # ZeRO-3 shards the weights; a block is gathered before use, the next one prefetched.
+        per_block = base_bytes / max(1, shape.num_layers)
+        est.add(what + f", ZeRO-3 shard 1/{n} + 2 gathered blocks", base_bytes / n + 2 * per_block)
+    else:
+        est.add(what, base_bytes)
+    if vae_params:
+        est.add(f"VAE {_count(vae_params)} params ({dtype}, rank 0, for validation images)", vae_params * wb)
+
+    p_lora = lora_params(shape, targets, rank, blocks)
+    lb = BYTES[lora_dtype]
+    shard = {"ddp": 1, "zero2": n, "zero3": n}[strategy]
+    part = f", 1/{n}" if shard > 1 else ""
+    est.add(f"LoRA {_count(p_lora)} params ({lora_dtype}){part if strategy == 'zero3' else ''}",
+            p_lora * lb / (n if strategy == "zero3" else 1))
+    est.add(f"LoRA gradients ({lora_dtype}){part}", p_lora * lb / shard)
+    if strategy == "ddp" and num_workers > 1:
+        est.add(f"DDP gradient buckets ({lora_dtype})", p_lora * lb)
+    est.add(f"{optimizer} state{part}", p_lora * OPTIMIZER_STATE_BYTES[optimizer] / shard)
+
+    act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks)
+    s_img = (resolution // (8 * shape.patch_size)) ** 2
+    s_all = s_img + TEXT_CLIP_TOKENS + t5_tokens
+    if gradient_checkpointing:
+        one_block = act / shape.num_layers
+        act = batch * s_all * shape.width * act_b * shape.num_layers + one_block
+        est.add(f"activations, checkpointed: block inputs x {shape.num_layers} + one block recomputed", act)
+    else:
+        est.add(f"activations: batch {batch} x ({s_img} image + {s_all - s_img} text tokens) x {shape.num_layers} "
+                "blocks", act)
+    est.add("backward transient (one block's activation gradients)",
+            backward_transient_bytes(shape, act_b, batch, resolution, t5_tokens))
+    if runtime:
+        est.add(f"runtime: CUDA context, NCCL, cuBLAS ({RUNTIME_BYTES / GIB:.1f} GiB) + {FRAGMENTATION:.0%} "
+                "fragmentation", RUNTIME_BYTES + FRAGMENTATION * act)
+    if vae_params and validation_resolution:
+        # Validation runs between steps (activations freed); the VAE decode keeps ~6 full-resolution maps of the
+        # decoder's widest level (block_out_channels[0] channels). Assumed, not traced.
+        decode = 6 * vae_channels * validation_resolution**2 * wb
+        if decode > act and decode - act > 0.01 * est.total:
+            est.notes.append(f"the validation decode at {validation_resolution}px (~{decode / GIB:.1f} GiB) sets "
+                             "the peak on rank 0")
+            est.add("validation VAE decode beyond the training activations", decode - act)
+    return est
+
+
+# --- where the numbers come from ----------------------------------------------------------------------------------
+
+
+def transformer_config(pretrained: str, revision: str | None = None) -> tuple[dict, str]:
+    """The transformer's config.json and where it came from: a local folder, the local HF cache, or the table."""
+    local = Path(pretrained).expanduser() / "transformer" / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()), str(local)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(pretrained, "transformer/config.json", revision=revision)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text()), cached
+    except Exception:  # not a valid repo id, or no cache: fall through to the table
+        pass
+    if pretrained in KNOWN_TRANSFORMERS:
+        return KNOWN_TRANSFORMERS[pretrained], "built-in table (the hub's config.json)"
+    raise ValueError(f"{pretrained}: no transformer/config.json in it or in the local HF cache, and not one of the "
+                     f"known models ({', '.join(sorted(KNOWN_TRANSFORMERS))})")
+
+
+def safetensors_params(folder: Path) -> int | None:
+    """Parameter count from the safetensors headers of a folder (reads only the headers), or None."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def vae_params(pretrained: str) -> int:
+    local = Path(pretrained).expanduser() / "vae"
+    return (safetensors_params(local) if local.is_dir() else None) or SD3_VAE_PARAMS
+
+
+def vae_channels(pretrained: str) -> int:
+    """Channels of the VAE decoder's full-resolution level (128 for the SD3 VAE)."""
+    cfg = Path(pretrained).expanduser() / "vae" / "config.json"
+    return json.loads(cfg.read_text())["block_out_channels"][0] if cfg.is_file() else 128
+
+
+def gpu_of_node_type(node_type: str) -> tuple[str, int]:
+    """(GPU name, GPUs per node) of an AWS instance type, GCP machine type or GKE accelerator label."""
+    if node_type in NODE_TYPES:
+        return NODE_TYPES[node_type]
+    if node_type in GPU_GIB:
+        return node_type, 1
+    raise ValueError(f"unknown node type {node_type!r}; known: {', '.join(sorted(NODE_TYPES))} "
+                     f"(or a GPU: {', '.join(GPU_GIB)})")
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+
+
+def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int, batch: int, resolution: int,
+               t5_tokens: int, device: str = "meta", blocks: list[int] | None = None) -> dict[str, int]:
+    """Run one LoRA training step as train/loop.py does (random weights) and return its tensor memory in bytes.
+
+    Keys: `static` (weights + LoRA), `forward` (after the loss), `peak` (whole step, incl. AdamW state).
+    "meta" computes nothing (any model size, seconds) and routes attention to the flash kernel PyTorch uses on
+    CPU and GPU; "cpu" runs the real step; "cuda" also reports `cuda_max_allocated`. No autocast (see estimate).
+    """
+    import contextlib
+
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from raytune_sd3.config import FlowConfig, LoraConfig
+    from raytune_sd3.flow import flow_loss, noisy_input
+    from raytune_sd3.models.loading import DTYPES
+    from raytune_sd3.models.lora import add_lora
+
+    torch_dtype = DTYPES[dtype]
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)  # build in dtype: meta tensors cannot be cast with .to() afterwards
+        try:
+            model = SD3Transformer2DModel.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.requires_grad_(False)
+        params = add_lora(model, LoraConfig(rank=rank, targets=targets, blocks=blocks))
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        h = w = resolution // 8
+        latents = torch.randn(batch, config.get("in_channels", 16), h, w, dtype=torch_dtype)
+        embeds = torch.randn(batch, TEXT_CLIP_TOKENS + t5_tokens, config["joint_attention_dim"], dtype=torch_dtype)
+        pooled = torch.randn(batch, config["pooled_projection_dim"], dtype=torch_dtype)
+        noise, sigmas = torch.randn_like(latents), torch.rand(batch)
+    tracker = _PeakTensorMemory()
+    for t in [*model.parameters(), *model.buffers()]:
+        tracker.track(t)
+    static = tracker.live
+    for t in (latents, embeds, pooled, noise, sigmas):
+        tracker.track(t)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    flash = _FlashAttentionOnMeta() if device == "meta" else contextlib.nullcontext()
+    with tracker, flash:
+        pred = model(hidden_states=noisy_input(latents, noise, sigmas), timestep=sigmas * 1000,
+                     encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        loss = flow_loss(FlowConfig(), pred, latents, noise, sigmas).mean()
+        forward = tracker.live
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out = {"static": static, "forward": forward, "peak": tracker.peak}
+    if device.startswith("cuda"):
+        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def _PeakTensorMemory():  # noqa: N802 - a class built on first use, so importing this module needs no torch
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map_only
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    class PeakTensorMemory(TorchDispatchMode):
+        """Live bytes of every tensor storage made inside it (or handed to `track`), and their peak: what
+        torch.cuda.max_memory_allocated reports, less the caching allocator's rounding."""
+
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self._seen = WeakIdKeyDictionary()
+
+        def _freed(self, nbytes: int) -> None:
+            self.live -= nbytes
+
+        def track(self, t) -> None:
+            st = t.untyped_storage()
+            if st in self._seen:
+                return
+            nbytes = st.nbytes()
+            self._seen[st] = weakref.ref(st, lambda _, n=nbytes: self._freed(n))
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tree_map_only(torch.Tensor, self.track, out)
+            return out
+
+    return PeakTensorMemory()
+
+
+def _FlashAttentionOnMeta():  # noqa: N802
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class FlashAttentionOnMeta(TorchFunctionMode):
+        """On meta tensors SDPA falls back to the math kernel (which keeps the S x S matrix); real runs use flash."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention and args[0].device.type == "meta" and (
+                    kwargs.get("attn_mask") is None):
+                q, k, v = args[:3]
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+            return func(*args, **kwargs)
+
+    return FlashAttentionOnMeta()

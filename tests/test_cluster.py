@@ -1,0 +1,302 @@
+"""The cluster files: Ray's own schema validation for the launcher YAMLs, the KubeRay manifests checked structurally
+against the job they run, and a simulated two-node cluster on this machine running the tiny job via `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import tomllib
+import yaml
+
+from raytune_sd3.check import cluster_gpus
+from raytune_sd3.config import load_job
+from raytune_sd3.memory import NODE_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER = {"aws-h100.yaml": ("aws", "p5.48xlarge", "H100-80GB"), "aws-a100.yaml": ("aws", "p4d.24xlarge", "A100-40GB"),
+            "gcp-h100.yaml": ("gcp", "a3-highgpu-8g", "H100-80GB"), "gcp-a100.yaml": ("gcp", "a2-highgpu-8g", "A100-40GB")}
+SHARED = "/mnt/shared"
+# What a leaked credential looks like: HF / AWS / GCP keys, private keys, a literal Ray token.
+SECRET_PATTERNS = [r"hf_[A-Za-z0-9]{30,}", r"AKIA[0-9A-Z]{16}", r"-----BEGIN [A-Z ]*PRIVATE KEY", r"AIza[0-9A-Za-z_-]{35}",
+                   r"\b[0-9a-f]{64}\b", r"aws_secret_access_key\s*[:=]"]
+
+
+def ray_pin() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(re.search(r"==([\d.]+)", d).group(1) for d in deps if d.startswith("ray["))
+
+
+def load(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
+
+
+def kube(kind: str) -> dict:
+    for f in sorted(CLUSTER.glob("kuberay-*.yaml")):
+        for doc in load(f.name):
+            if doc.get("kind") == kind:
+                return doc
+    raise AssertionError(f"no {kind} manifest in cluster/")
+
+
+def validate(config: dict) -> dict:
+    """As Ray's test_autoscaler_yaml: fill the provider's defaults, then the JSON schema and Ray's own checks."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+# --- the launcher YAMLs -------------------------------------------------------------------------------------------
+
+
+def test_every_cluster_file_is_known():
+    assert set(LAUNCHER) | {"kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-shared-pvc.yaml"} == {
+        f.name for f in CLUSTER.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_passes_rays_validation(name):
+    prepared = validate(load(name)[0])
+    provider, node_type, gpu = LAUNCHER[name]
+    assert prepared["provider"]["type"] == provider
+    workers = {k: v for k, v in prepared["available_node_types"].items() if k != prepared["head_node_type"]}
+    key = "InstanceType" if provider == "aws" else "machineType"
+    assert [w["node_config"][key] for w in workers.values()] == [node_type]
+    assert NODE_TYPES[node_type][0] == gpu and cluster_gpus(CLUSTER / name).gpu == gpu
+
+
+def test_validation_can_fail():
+    broken = load("aws-h100.yaml")[0]
+    broken["idle_timeout_minute"] = broken.pop("idle_timeout_minutes")  # a typo'd key
+    with pytest.raises(Exception, match="idle_timeout_minute"):
+        validate(broken)
+    no_head = load("gcp-h100.yaml")[0]
+    no_head["head_node_type"] = "missing"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate(no_head)
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_runs_this_project(name):
+    c = load(name)[0]
+    pin = ray_pin()
+    assert pin == ray.__version__
+    assert c["docker"]["image"] == f"rayproject/ray:{pin}-py311-gpu"  # not ray-ml (discontinued)
+    # the repo goes to every node and is installed there
+    assert c["file_mounts"]["~/raytune_sd3"] == "."
+    assert any(cmd.startswith("pip install") and "~/raytune_sd3" in cmd for cmd in c["setup_commands"])
+    assert ".gitignore" in c["rsync_filter"]
+    # the token comes from the user's machine, the env in the container turns token auth on
+    assert c["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "-e RAY_AUTH_MODE=token" in c["docker"]["run_options"]
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_spot_workers_on_demand_head(name):
+    c = load(name)[0]
+    head = c["available_node_types"][c["head_node_type"]]["node_config"]
+    workers = [v["node_config"] for k, v in c["available_node_types"].items() if k != c["head_node_type"]]
+
+    def spot(node: dict) -> bool:
+        return (node.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+                or node.get("scheduling", {}).get("provisioningModel") == "SPOT")
+
+    assert not spot(head) and all(spot(w) for w in workers)
+    if c["provider"]["type"] == "gcp":  # GPUs need TERMINATE on host maintenance
+        assert all(w["scheduling"]["onHostMaintenance"] == "TERMINATE" for w in workers)
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_shared_storage_in_one_place(name):
+    c = load(name)[0]
+    mounts = [cmd for cmd in c["initialization_commands"] if f" {SHARED}" in cmd and "mount " in cmd]
+    assert len(mounts) == 1, "shared storage must be configured by exactly one command"
+    assert mounts[0].count("SHARED=") == 1 and "CHANGE-ME" in mounts[0]  # a placeholder that fails loudly
+    assert f"-v {SHARED}:{SHARED}" in c["docker"]["run_options"]
+    assert f"-e HF_HOME={SHARED}/huggingface" in c["docker"]["run_options"]
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_keeps_the_dashboard_inside(name):
+    c = load(name)[0]
+    rules = c["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert rules == [], "no extra inbound rules: Ray's defaults admit SSH only from outside"
+    assert all("--dashboard-host=0.0.0.0" not in cmd or "--head" in cmd for cmd in c["head_start_ray_commands"])
+    assert not any("8265" in opt for opt in c["docker"]["run_options"])  # no -p publishing
+
+
+def test_jobs_use_the_shared_mount():
+    cfg = load_job(ROOT / "jobs" / "sd35.yaml")
+    for path in (cfg.output_dir, cfg.cache_dir, cfg.data.datasets[0].instance_data_dir):
+        assert str(path).startswith(SHARED + "/"), path
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*")), ids=lambda p: p.name)
+def test_no_secret_in_cluster_files(path):
+    text = path.read_text()
+    for pattern in SECRET_PATTERNS:
+        assert not re.search(pattern, text), f"{path.name} looks like it holds a secret ({pattern})"
+
+
+# --- KubeRay ------------------------------------------------------------------------------------------------------
+
+
+def _pods(cluster: dict) -> list[dict]:
+    spec = cluster["spec"]
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def test_raycluster_structure():
+    rc = kube("RayCluster")
+    assert rc["apiVersion"] == "ray.io/v1" and rc["spec"]["rayVersion"] == ray_pin()
+    head, groups = rc["spec"]["headGroupSpec"], rc["spec"]["workerGroupSpecs"]
+    assert head["template"]["spec"]["containers"] and groups
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+    for pod in _pods(rc):
+        c = pod["containers"][0]
+        assert c["image"] == f"rayproject/ray:{ray_pin()}-py311-gpu"
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        for secret in ("RAY_AUTH_TOKEN", "HF_TOKEN"):  # from a Kubernetes secret, never a literal
+            assert "value" not in env[secret] and "secretKeyRef" in env[secret]["valueFrom"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+        assert claims[mounts[SHARED]] == kube("PersistentVolumeClaim")["metadata"]["name"]
+
+
+def test_shared_volume_is_read_write_many():
+    pvc = kube("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_rayjob_runs_an_existing_job_on_enough_gpus():
+    job, rc = kube("RayJob"), kube("RayCluster")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    entry = job["spec"]["entrypoint"]
+    assert "python -m raytune_sd3.train" in entry
+    job_file = re.search(r"python -m raytune_sd3\.train (\S+\.yaml)", entry).group(1)
+    assert (ROOT / job_file).is_file(), job_file
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert any("raytune_sd3 @ file:///mnt/shared/src/raytune_sd3" in p for p in runtime_env["pip"])
+    assert entry.startswith("cd /mnt/shared/src/raytune_sd3 ")
+
+    cfg = load_job(ROOT / job_file)
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in rc["spec"]["workerGroupSpecs"])
+    assert gpus == cfg.train.num_workers * 1  # one GPU per Ray Train worker
+    for g in rc["spec"]["workerGroupSpecs"]:
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+
+# --- a simulated two-node cluster ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_node_job_submit(tmp_path):
+    """Two `ray start` nodes on this machine; `ray job submit` of the tiny job with its cache and checkpoints on a
+    path both use; the two training workers on different nodes (train.placement_strategy SPREAD); the LoRA."""
+    from tests.test_job_submit import BIN, MARKER, RAY, _free_ports, _our_pids, _stop_head, _wait_for_dashboard
+
+    gcs, dash, client, agent_a, agent_b = _free_ports(5)
+    temp_dir = tempfile.mkdtemp(prefix="rt2-", dir="/tmp")
+    token, marker = secrets.token_hex(32), secrets.token_hex(8)
+    shared = tmp_path / "shared"  # what /mnt/shared is on a real cluster: both nodes see it
+    out, demo = shared / "out", shared / "demo"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "RAYTUNE_SD3_HOME": str(shared / "home"),
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+    node_env = {**env, MARKER: marker}
+    procs = []
+
+    def start(args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "wb") as f:
+            p = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=node_env, stdout=f,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        head = start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                      f"--dashboard-agent-listen-port={agent_a}", "--dashboard-host=127.0.0.1",
+                      "--include-dashboard=true", "--num-cpus=3", f"--temp-dir={temp_dir}"], tmp_path / "head.log")
+        _wait_for_dashboard(head, dash, token, tmp_path / "head.log")
+
+        def ray_list(what: str, *filters: str) -> list[dict]:
+            cmd = [RAY, "list", what, "--address", f"http://127.0.0.1:{dash}", "--format", "json", "--detail",
+                   "--limit", "1000", "--timeout", "120", *[a for f in filters for a in ("--filter", f)]]
+            for _ in range(10):  # on a loaded machine the state API fails or answers empty now and then
+                r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+                if r.returncode == 0:
+                    try:
+                        return json.loads(r.stdout)
+                    except json.JSONDecodeError:
+                        pass
+                time.sleep(3)
+            logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+                           for p in Path(temp_dir).glob("session_latest/logs/dashboard*.log"))
+            raise AssertionError(f"ray list {what} failed 10 times: {r.stdout[-1500:]} {r.stderr[-1500:]}{logs}")
+
+        # `ray start` gives a joining raylet a fixed 30 s to register; on a loaded 2-core machine it may miss that.
+        for attempt in range(3):
+            node2 = start([f"--address=127.0.0.1:{gcs}", "--num-cpus=3", f"--dashboard-agent-listen-port={agent_b}"],
+                          tmp_path / f"node2-{attempt}.log")
+            deadline = time.monotonic() + 120
+            while (len(nodes := ray_list("nodes", "state=ALIVE")) < 2 and node2.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(2)
+            if len(nodes) == 2:
+                break
+        assert len(nodes) == 2, (tmp_path / f"node2-{attempt}.log").read_text()[-3000:]
+
+        dataset = f"[{{id: shapes, type: demo, instance_data_dir: '{demo}', resolution: 64, demo_images: 12}}]"
+        runtime_env = {"excludes": ["outputs", ".git", "*.safetensors", ".pytest_cache", ".ruff_cache"],
+                       "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+               "--runtime-env-json", json.dumps(runtime_env), "--log-color", "false", "--",
+               "python", "-m", "raytune_sd3.train", "jobs/tiny.yaml",
+               "--set", f"output_dir={out}", "--set", f"data.cache_dir={shared / 'cache'}",
+               "--set", f"data.datasets={dataset}", "--set", "data.eval_samples=4", "--set", "data.encode_actors=1",
+               # SPREAD: Ray puts the two workers on different nodes when it can (as on a GPU cluster)
+               "--set", "train.num_workers=2", "--set", "train.placement_strategy=SPREAD",
+               "--set", "train.max_steps=4", "--set", "train.lr_warmup_steps=1", "--set", "train.checkpoint_every=2",
+               "--set", "train.eval_every=2", "--set", "validation.steps=2"]
+        t0 = time.monotonic()
+        try:
+            job = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+        except subprocess.TimeoutExpired as e:
+            tail = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            pytest.fail(f"ray job submit did not finish in 420s:\n{tail[-6000:]}")
+        output = job.stdout + job.stderr
+        print(f"\ntwo nodes up; job finished in {time.monotonic() - t0:.0f}s with {job.returncode}")
+        assert job.returncode == 0 and "succeeded" in output.lower(), output[-6000:]
+
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
+        steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
+        assert any((out / "ray").rglob("checkpoint_*")), "checkpoints on the shared path"
+        workers = ray_list("actors", "class_name=RayTrainWorker")
+        assert len({a["node_id"] for a in workers}) == 2, [(a["node_id"], a["state"]) for a in workers]
+    finally:
+        swept = [_stop_head(p, marker) for p in reversed(procs)]
+        print(f"nodes stopped; swept after killpg: {swept}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not any(_our_pids(marker, p.pid) for p in procs), "processes of the test's Ray nodes survived"
