@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
-    if (result.metrics or {}).get("diverged"):
-        print(f"error: training diverged at step {result.metrics['step']}: {result.metrics['diverged_reason']}. "
+    # Train V2's result.metrics are those of the last checkpoint, and a diverged step writes none: read the log.
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    if last.get("diverged"):
+        print(f"error: training diverged at step {last['step']}: {last['diverged_reason']}. "
               "Lower train.learning_rate or train.max_grad_norm (see metrics.jsonl).", file=sys.stderr)
         return 3
     lora = export_lora(result, out)

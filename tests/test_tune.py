@@ -1,0 +1,393 @@
+"""The stability study: the `tune:` section, search space -> Tune, trial status, the report, and whole studies
+through the real CLI (local Ray, tiny SD3, Tune trials that each fit a Train V2 TorchTrainer)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytune_sd3.config import ConfigError, load_job
+from raytune_sd3.tune.config import check_study, job_for_params, study_base
+from raytune_sd3.tune.report import TrialRecord, best_trial, trial_record, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_study_raw(**tune) -> dict:
+    raw = yaml.safe_load((ROOT / "jobs" / "tune-tiny.yaml").read_text())
+    raw["tune"].update(tune)
+    return raw
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tune-tiny.yaml", "tune-sd35.yaml"])
+def test_shipped_studies_validate(name):
+    cfg = load_job(ROOT / "jobs" / name)
+    tc = check_study(cfg)
+    if name == "tune-tiny.yaml":
+        lrs = [p["train.learning_rate"] for p in tc.trials]
+        assert len(lrs) == 4 and sum(lr >= 1.0 for lr in lrs) == 1  # exactly one absurd learning rate
+        assert cfg.train.divergence_factor and cfg.train.grad_norm_limit
+    else:
+        assert tc.search == "random" and tc.space["train.learning_rate"].loguniform == (5e-6, 1e-4)
+        assert tc.space["train.max_grad_norm"].choice == [0.1, 0.5, 1.0]
+        assert tc.space["flow.shift"].choice == [1.0, 3.0, "auto"]
+        assert tc.scheduler.type == "asha"
+
+
+def test_bad_studies_are_refused_with_the_key_named():
+    raw = tiny_study_raw(space={"train.learning_rat": {"loguniform": [1e-5, 1e-3]}}, num_trials=2)
+    with pytest.raises(ConfigError, match=r"train\.learning_rat: no such job key \(did you mean 'learning_rate'"):
+        load_job(raw=raw)
+    raw = tiny_study_raw(space={"text.t5_max_length": {"choice": [77, 154]}}, num_trials=2)
+    with pytest.raises(ConfigError, match="trials share one cache"):
+        load_job(raw=raw)
+    raw = tiny_study_raw(space={"train.learning_rate": {"loguniform": [1e-5, 1e-3]}})
+    with pytest.raises(ConfigError, match="num_trials"):
+        load_job(raw=raw)
+    raw = tiny_study_raw(search="grid", trials=[], space={"train.learning_rate": {"loguniform": [1e-5, 1e-3]}})
+    with pytest.raises(ConfigError, match="grid crosses choice lists"):
+        load_job(raw=raw)
+    # a value the job refuses is caught before Ray starts, naming where it came from
+    cfg = load_job(raw=tiny_study_raw(space={"flow.shift": {"choice": [1.0, -2.0]}}, num_trials=2))
+    with pytest.raises(ConfigError, match=r"tune\.space\.flow\.shift.*shift must be > 0"):
+        check_study(cfg)
+    raw = tiny_study_raw()
+    raw["train"]["eval_every"] = None
+    with pytest.raises(ConfigError, match="train.eval_every: ASHA compares eval losses"):
+        check_study(load_job(raw=raw))
+
+
+def test_tune_section_round_trips_through_the_dump():
+    cfg = load_job(ROOT / "jobs" / "tune-sd35.yaml")
+    assert cfg.tune["space"]["train.max_grad_norm"] == {"choice": [0.1, 0.5, 1.0]}  # no null siblings
+
+
+def test_trial_job_sets_the_keys_and_shares_the_cache(tmp_path):
+    cfg = load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path / 'study'}"])
+    job = job_for_params(study_base(cfg), {"train.learning_rate": 3e-3, "flow.shift": "auto"},
+                         tmp_path / "study" / "trials" / "t1")
+    assert job.train.learning_rate == 3e-3 and job.flow.shift == "auto"
+    assert job.tune is None and job.run_name == "t1"
+    assert job.cache_dir == tmp_path / "study" / "cache"
+
+
+# --- search space, concurrency, the objective ----------------------------------------------------------------------
+
+def test_search_space_and_searchers():
+    from ray import tune
+
+    from raytune_sd3.tune.study import make_scheduler, make_search_alg, search_space
+
+    cfg = load_job(ROOT / "jobs" / "tune-sd35.yaml")
+    tc = check_study(cfg)
+    space = search_space(tc, study_base(cfg))
+    assert isinstance(space["train.learning_rate"], tune.search.sample.Float)
+    assert space["train.learning_rate"].lower == 5e-6 and space["train.learning_rate"].upper == 1e-4
+    assert space["flow.shift"].categories == [1.0, 3.0, "auto"]
+    searcher = make_search_alg(tc, study_base(cfg), max_concurrent=3)
+    assert type(searcher).__name__ == "BasicVariantGenerator" and searcher.max_concurrent == 3
+    asha = make_scheduler(tc, cfg.train.max_steps)
+    assert asha._time_attr == "step" and asha._max_t == 600 and asha._stop_last_trials is False
+
+    tiny = load_job(ROOT / "jobs" / "tune-tiny.yaml")
+    tiny_space = search_space(check_study(tiny), study_base(tiny))
+    assert tiny_space == {"train.learning_rate": 1e-2, "train.max_grad_norm": 1.0, "flow.shift": 1.0}  # constants
+
+    grid = load_job(raw=tiny_study_raw(search="grid", trials=[], space={"flow.shift": {"choice": [1.0, "auto"]}}))
+    assert search_space(check_study(grid), study_base(grid))["flow.shift"] == {"grid_search": [1.0, "auto"]}
+
+
+def test_default_concurrency():
+    from raytune_sd3.tune.study import default_concurrency
+
+    assert default_concurrency({"CPU": 4}, workers=1, cpus_per_worker=1, use_gpu=None) == 3  # + each trial's actor
+    assert default_concurrency({"CPU": 4}, workers=2, cpus_per_worker=1, use_gpu=None) == 1
+    assert default_concurrency({"CPU": 64, "GPU": 8}, workers=2, cpus_per_worker=1, use_gpu=None) == 4
+    assert default_concurrency({"CPU": 64, "GPU": 8}, workers=3, cpus_per_worker=1, use_gpu=None) == 2
+    assert default_concurrency({"CPU": 1}, workers=2, cpus_per_worker=1, use_gpu=None) == 1
+
+
+def test_objective_carries_the_eval_loss_and_marks_divergence(monkeypatch):
+    from raytune_sd3.tune import study
+
+    sent = []
+    monkeypatch.setattr(study.TuneReportCallback, "after_report", lambda self, ctx, m, c: sent.append(m[0]))
+    cb = study.StudyReportCallback.__new__(study.StudyReportCallback)  # __init__ needs a live Tune session
+    cb.metric, cb.latest = "eval_loss", math.nan
+    for m in ({"step": 1}, {"step": 2, "eval_loss": 0.5}, {"step": 3}, {"step": 4, "diverged": 1}):
+        cb.after_report(None, [m], None)
+    objective = [s[study.OBJECTIVE] for s in sent]
+    assert math.isnan(objective[0]) and objective[1:] == [0.5, 0.5, study.DIVERGED_OBJECTIVE]
+
+
+@pytest.mark.parametrize("search", ["optuna", "hyperopt"])
+def test_optional_searchers_take_the_space_and_explicit_trials(search, ray_local, tmp_path):
+    """Optuna / HyperOpt (when installed) on the SD3.5 space, with an explicit first trial and ASHA."""
+    pytest.importorskip(search)
+    from ray import tune
+
+    from raytune_sd3.tune.study import OBJECTIVE, make_scheduler, make_search_alg, search_space
+
+    raw = yaml.safe_load((ROOT / "jobs" / "tune-sd35.yaml").read_text())
+    raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
+    cfg = load_job(raw=raw)
+    tc = check_study(cfg)
+
+    def fake_trial(config):  # eval loss falls faster with a larger learning rate, as the objective the study uses
+        for step in range(50, 301, 50):
+            tune.report({"step": step, "eval_loss": 1.0 / (1 + step * config["train.learning_rate"] * 100),
+                         OBJECTIVE: 1.0 / (1 + step * config["train.learning_rate"] * 100)})
+
+    results = tune.Tuner(
+        tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
+                                    scheduler=make_scheduler(tc, 300), num_samples=tc.total_trials),
+        run_config=tune.RunConfig(name=search, storage_path=str(tmp_path), verbose=0)).fit()
+    configs = sorted((r.config for r in results), key=lambda c: c["train.learning_rate"] != 1e-4)
+    assert len(results) == 4 and not results.errors
+    assert configs[0]["train.learning_rate"] == 1e-4 and configs[0]["flow.shift"] == "auto"
+    assert all(5e-6 <= c["train.learning_rate"] <= 1e-4 and c["flow.shift"] in (1.0, 3.0, "auto") for c in configs)
+
+
+# --- status and report -------------------------------------------------------------------------------------------
+
+def steps(n: int, eval_at=(), **last) -> list[dict]:
+    rows = [{"step": s, "loss": 1.0, "eval_loss": 1.0 - s / 100 if s in eval_at else float("nan")}
+            for s in range(1, n + 1)]
+    rows[-1].update(last)
+    return rows
+
+
+def test_trial_status():
+    p = {"train.learning_rate": 1e-3}
+    stable = trial_record("a", p, "TERMINATED", steps(10, (5, 10)), "", 10, initial_eval=1.2)
+    assert stable.status == "stable" and stable.evals == [(0, 1.2), (5, 0.95), (10, 0.9)]
+    assert stable.best_eval == (10, 0.9) and stable.final_eval == (10, 0.9)
+    div = trial_record("b", p, "TERMINATED", steps(4, diverged=1, diverged_reason="gradient norm 1e9"), "", 10)
+    assert div.status == "diverged" and div.note == "step 4: gradient norm 1e9"
+    assert trial_record("c", p, "TERMINATED", steps(5, (5,)), "", 10).status == "stopped"
+    failed = trial_record("d", p, "ERROR", steps(2), "ValueError: boom", 10)
+    assert failed.status == "failed" and failed.note == "ValueError: boom"
+    assert trial_record("e", p, "RUNNING", steps(3), "", 10).status == "unfinished"
+    # a trial resumed from its step-4 checkpoint reports steps 5.. again: the later report wins
+    resumed = trial_record("f", p, "TERMINATED", steps(6, (5,)) + steps(10, (5, 10))[4:], "", 10)
+    assert resumed.status == "stable" and [s for s, _ in resumed.evals] == [5, 10]
+
+
+def test_report_files_from_records(tmp_path):
+    cfg = load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path}"])
+    base, keys = study_base(cfg), ["train.learning_rate", "train.max_grad_norm", "flow.shift"]
+    recs = [
+        TrialRecord("t0", {"train.learning_rate": 1e-2, "train.max_grad_norm": 1.0, "flow.shift": 1.0}, "stable",
+                    last_step=20, evals=[(0, 4.2), (10, 4.0), (20, 3.9)]),
+        TrialRecord("t1", {"train.learning_rate": 3e-2, "train.max_grad_norm": 0.1, "flow.shift": "auto"}, "stable",
+                    last_step=20, evals=[(0, 4.2), (10, 3.95), (20, 3.8)]),
+        TrialRecord("t2", {"train.learning_rate": 1e3, "train.max_grad_norm": 1.0, "flow.shift": 1.0}, "diverged",
+                    "step 3: loss not finite", last_step=3, evals=[(0, 4.2)]),
+        TrialRecord("t3", {"train.learning_rate": 1e-4, "train.max_grad_norm": None, "flow.shift": 3.0}, "stopped",
+                    "stopped by ASHA at step 10", last_step=10, evals=[(10, 4.1)]),
+        TrialRecord("t4", {"train.learning_rate": 1e-3, "train.max_grad_norm": 0.5, "flow.shift": 3.0}, "failed",
+                    "RuntimeError: out of memory"),
+    ]
+    paths = write_report(base, recs, keys, tmp_path, "demo")
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert [r["trial"] for r in rows] == ["t1", "t0", "t3", "t2", "t4"]  # stable by final eval loss first
+    assert rows[0]["best_eval_loss"] == "3.8" and rows[0]["best_step"] == "20"
+    assert rows[3]["status"] == "diverged" and rows[3]["note"] == "step 3: loss not finite"
+    md = paths["md"].read_text()
+    assert "5 trials: 2 stable, 1 stopped, 1 diverged, 1 failed" in md and "| t4 | failed |" in md
+    for png in (paths["curves"], paths["map"]):
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+    best = load_job(paths["best"])
+    assert best_trial(recs).trial_id == "t1"
+    assert best.tune is None and best.train.learning_rate == 3e-2 and best.flow.shift == "auto"
+    assert best.output_dir == tmp_path / "best" and best.cache_dir == tmp_path / "cache"
+    assert paths["best"].read_text().startswith("# Best stable trial t1")
+
+    all_diverged = [TrialRecord("x", {}, "diverged", "step 2: nan", last_step=2)]
+    assert write_report(base, all_diverged, keys, tmp_path, "demo")["best"] is None
+    assert not (tmp_path / "best.yaml").exists()  # a stale best.yaml would point at an older answer
+
+
+# --- whole studies through the CLI ---------------------------------------------------------------------------------
+# Small on purpose (2 cores): 16 images, 8 steps, 1 worker per trial. The 4 trials of jobs/tune-tiny.yaml keep
+# their settings, absurd learning rate included.
+
+SMALL = ["data.datasets.0.demo_images=16", "data.eval_samples=4", "train.max_steps=8", "train.eval_every=4",
+         "train.checkpoint_every=4", "tune.scheduler.grace_period=4"]
+
+
+def tune_cmd(study: Path, tmp: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "raytune_sd3.tune", "jobs/tune-tiny.yaml"]
+    for o in [f"output_dir={study}", f"data.datasets.0.instance_data_dir={tmp / 'demo'}", *SMALL]:
+        cmd += ["--set", o]
+    return cmd + list(extra)
+
+
+def read_rows(study: Path) -> list[dict]:
+    return list(csv.DictReader(open(study / "trials.csv")))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    t0 = time.perf_counter()
+    # No early stopping here: ASHA may stop the slowest stable trial, depending on which trial reaches a rung
+    # first (the resume test below runs trials one by one, where ASHA's decision is deterministic).
+    r = subprocess.run(tune_cmd(tmp / "study", tmp, "--set", "tune.scheduler.type=none"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    print(f"tiny study: {time.perf_counter() - t0:.0f}s")
+    return tmp
+
+
+@pytest.mark.slow
+def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
+    out = study / "study"
+    rows = read_rows(out)
+    assert len(rows) == 4
+    by_lr = {float(r["train.learning_rate"]): r for r in rows}
+    absurd = by_lr.pop(1000.0)
+    assert absurd["status"] == "diverged", absurd  # a result, not a failure
+    assert absurd["note"].startswith(f"step {absurd['steps']}:") and int(absurd["steps"]) < 8
+    assert all(r["status"] == "stable" and r["steps"] == "8" and float(r["final_eval_loss"]) > 0
+               for r in by_lr.values()), rows
+    for r in rows:  # stable trials leave their LoRA; the diverged one does not
+        has_lora = (out / r["output_dir"] / "pytorch_lora_weights.safetensors").exists()
+        assert has_lora == (r["status"] == "stable")
+    md = (out / "trials.md").read_text()
+    assert "4 trials: 3 stable, 1 diverged" in md and all(r["trial"] in md for r in rows)
+    for png in ("eval_loss.png", "stability.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+    best = load_job(out / "best.yaml")
+    winner = rows[0]  # the table lists stable trials by final eval loss first
+    assert best.tune is None and best.output_dir == out / "best"
+    assert best.train.learning_rate == float(winner["train.learning_rate"])
+    assert best.flow.shift == yaml.safe_load(winner["flow.shift"])
+    assert best.cache_dir == out / "cache"
+
+
+@pytest.mark.slow
+def test_study_encodes_the_data_set_once(study):
+    out = study / "study"
+    report = json.loads((out / "cache_report.json").read_text())
+    assert report["items"] == 16 and report["latents_encoded"] == 16 and report["latents_reused"] == 0
+    trials = sorted((out / "trials").iterdir())
+    assert len(trials) == 4
+    # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
+    assert not any((t / "cache_report.json").exists() or (t / "manifest.json").exists() for t in trials)
+    assert all(load_job(t / "job.yaml").cache_dir == out / "cache" for t in trials)
+    # and wrote nothing into the cache: every entry predates the first trial (its job.yaml is its first file)
+    first_trial = min((t / "job.yaml").stat().st_mtime for t in trials)
+    entries = [p for p in (out / "cache").rglob("*") if p.is_file()]
+    assert entries and max(p.stat().st_mtime for p in entries) <= first_trial
+
+
+@pytest.mark.slow
+def test_best_yaml_trains(study, tmp_path):
+    best = study / "study" / "best.yaml"
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(best), "--set", "train.max_steps=2",
+                        "--set", f"output_dir={tmp_path / 'best'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").exists()
+    report = json.loads((tmp_path / "best" / "cache_report.json").read_text())
+    assert report["latents_encoded"] == 0 and report["latents_reused"] == 16  # the study's cache, reused
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                if fields[0] != "Z" and int(fields[3]) == sid:
+                    pids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return pids
+
+
+def _end_session(sid: int, timeout: float = 20) -> None:
+    """Wait for what the killed driver started (its local Ray, in its session) to exit; kill stragglers."""
+    deadline = time.time() + timeout
+    while _session_pids(sid) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in _session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _trial_statuses(experiment: Path) -> dict[str, str]:
+    """Trial id -> status in the study state Tune saved on disk (what --resume will see)."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # "no results yet"
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(experiment)).trials}
+    except Exception:  # not written yet, or being replaced
+        return {}
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_without_rerunning_finished_trials(study):
+    """One trial at a time with ASHA (grace 4 of 8 steps): lr 1e-2 trains to the end, lr 3e-3 is behind it at step
+    4 and ASHA stops it, then the driver is killed; --resume runs lr 3e-2 only."""
+    tmp, out = study, study / "resume"
+    stable3 = ("tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}, "
+               "{train.learning_rate: 3.0e-2}]")
+    # the first study's cache: this one encodes nothing
+    cmd = tune_cmd(out, tmp, "--set", stable3, "--set", "tune.max_concurrent_trials=1",
+                   "--set", f"data.cache_dir={tmp / 'study' / 'cache'}")
+    log = open(tmp / "resume-first.log", "w")
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, statuses = time.time() + 900, {}
+        while time.time() < deadline and driver.poll() is None:
+            statuses = _trial_statuses(out / "ray" / "resume")
+            if list(statuses.values()).count("TERMINATED") >= 2:
+                break
+            time.sleep(1)
+        assert driver.poll() is None and list(statuses.values()).count("TERMINATED") == 2, (
+            statuses, (tmp / "resume-first.log").read_text()[-3000:])
+    finally:
+        driver.kill()  # SIGKILL: the driver saves nothing more
+        driver.wait()
+        _end_session(driver.pid)
+        log.close()
+    assert not (out / "trials.csv").exists()
+    finished = sorted(t for t, s in statuses.items() if s == "TERMINATED")
+    before = {t: (out / "trials" / t / "metrics.jsonl").stat().st_mtime for t in finished}
+
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    print(f"resume: {time.perf_counter() - t0:.0f}s")
+    rows = {float(row["train.learning_rate"]): row for row in read_rows(out)}
+    assert len(rows) == 3 and {row["trial"] for row in rows.values()} == {p.name for p in (out / "trials").iterdir()}
+    assert finished == [rows[1e-2]["trial"], rows[3e-3]["trial"]]  # the two that ended before the kill
+    assert rows[1e-2]["status"] == rows[3e-2]["status"] == "stable" and rows[3e-2]["steps"] == "8"
+    assert rows[3e-3]["status"] == "stopped" and rows[3e-3]["note"] == "stopped by ASHA at step 4", rows
+    for t in finished:  # the finished trials did not train again
+        assert (out / "trials" / t / "metrics.jsonl").stat().st_mtime == before[t]
+    loras = {p.parent.name for p in (out / "trials").glob("*/pytorch_lora_weights.safetensors")}
+    assert loras == {rows[1e-2]["trial"], rows[3e-2]["trial"]}
