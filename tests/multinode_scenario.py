@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
+from ray.util.placement_group import placement_group_table
 
 from raytune_sd3.config import load_job
 from raytune_sd3.data.prepare import prepare_data
@@ -43,8 +43,10 @@ def main(tmp: Path) -> None:
         while time.time() < deadline and fit.is_alive():
             steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
             if steps and max(steps) >= 7:
-                nodes_before = {a.node_id for a in list_actors(
-                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+                # The train workers' placement group, read from the GCS (the state API needs the dashboard, which
+                # a busy machine may not have up yet).
+                nodes_before = {node for pg in placement_group_table().values() if pg["state"] == "CREATED"
+                                for node in pg["bundles_to_node_id"].values()}
                 cluster.remove_node(doomed)
                 removed_at = max(steps)
                 break

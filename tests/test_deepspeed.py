@@ -62,8 +62,10 @@ def test_user_json_keeps_its_keys_but_not_our_batch_and_clipping(tmp_path):
 def test_config_errors_say_what_to_do(tmp_path, overrides, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    cfg = _job(tmp_path, "train.strategy=zero3", *(o.format(json=path) for o in overrides))
+    # Caught when the job is read (a typed-config rule) or, at the latest, when the DeepSpeed config is built:
+    # either way before any worker starts.
     with pytest.raises(ConfigError, match=message):
+        cfg = _job(tmp_path, "train.strategy=zero3", *(o.format(json=path) for o in overrides))
         deepspeed_config(cfg, world=2)
 
 
