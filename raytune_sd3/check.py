@@ -168,7 +168,7 @@ def check_data(cfg: JobConfig, report: Report) -> int:
         bucket = f"1 bucket {ds.resolution}x{ds.resolution}"
         if ds.type == "demo":
             if ds.instance_data_dir.is_dir() and any(ds.instance_data_dir.iterdir()):
-                n = len(discover(ds))
+                n = len(discover(ds)[0])
                 report.ok("data", f"{ds.id}: {n} images in {ds.instance_data_dir}, {bucket}")
             else:
                 n = ds.demo_images
@@ -179,7 +179,7 @@ def check_data(cfg: JobConfig, report: Report) -> int:
             report.fail("data", f"data.datasets[{i}] ({ds.id}): {ds.instance_data_dir} is not reachable from here")
             continue
         try:
-            items = discover(ds)
+            items = discover(ds)[0]
         except ValueError as e:
             report.fail("data", str(e))
             continue
@@ -189,9 +189,9 @@ def check_data(cfg: JobConfig, report: Report) -> int:
         total += len(items)
     t = cfg.train
     train_items = total - cfg.data.eval_samples
-    if total and train_items < t.batch_size * t.num_workers:
+    if total and train_items < t.batch_size * t.max_workers:
         report.fail("data", f"{train_items} training images (after {cfg.data.eval_samples} held out) cannot fill one "
-                            f"step of {t.num_workers} workers x batch {t.batch_size}")
+                            f"step of {t.max_workers} workers x batch {t.batch_size}")
     return total
 
 
@@ -224,7 +224,7 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     def at(batch: int = t.batch_size, strat: str = strategy, quant: str | None = quantization,
            ckpt: bool = t.gradient_checkpointing):
         return estimate(shape, dtype=cfg.model.dtype, targets=cfg.lora.targets, rank=cfg.lora.rank, batch=batch,
-                        resolution=ds0.resolution, t5_tokens=cfg.text.t5_max_length, num_workers=t.num_workers,
+                        resolution=ds0.resolution, t5_tokens=cfg.text.t5_max_length, num_workers=t.max_workers,
                         strategy=strat, mixed_precision=t.mixed_precision, quantization=quant,
                         blocks=cfg.lora.blocks, vae_params=vae_params(model) if cfg.validation.prompts else None,
                         validation_resolution=val_res, vae_channels=vae_channels(model), gradient_checkpointing=ckpt,
@@ -232,7 +232,7 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
 
     est = at()
     report.block(f"         estimate from {source}: {shape.num_layers} blocks x width {shape.width}, "
-                 f"{strategy}, {t.num_workers} worker(s), {ds0.resolution}px, T5 {cfg.text.t5_max_length}"
+                 f"{strategy}, {t.max_workers} worker(s), {ds0.resolution}px, T5 {cfg.text.t5_max_length}"
                  + (f", {quantization}" if quantization else "")
                  + (", gradient checkpointing" if t.gradient_checkpointing else ""))
     report.block(est.table(gpu_bytes))
@@ -276,7 +276,7 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
                quantization: str | None = None, skip_paths: bool = False) -> Report:
     report = Report()
     t = cfg.train
-    report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.num_workers} workers x batch "
+    report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.max_workers} workers x batch "
                         f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "
                         f"T5 {cfg.text.t5_max_length} tokens, mixed precision {t.mixed_precision}")
     strategy = strategy or t.strategy
@@ -305,12 +305,12 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
         else:
             gpu_bytes, gpu_name = c.gpu_bytes, f"{c.node_type} ({c.gpus_per_node}x {c.gpu})"
             capacity = c.gpus_per_node * c.max_nodes
-            if t.num_workers > capacity:
-                report.fail("cluster", f"{t.num_workers} workers need {t.num_workers} GPUs; {c.source} has at most "
+            if t.max_workers > capacity:
+                report.fail("cluster", f"{t.max_workers} workers need {t.max_workers} GPUs; {c.source} has at most "
                                        f"{capacity} ({c.max_nodes} x {c.node_type})")
             else:
-                nodes = -(-t.num_workers // c.gpus_per_node)
-                report.ok("cluster", f"{c.source}: {t.num_workers} workers on {nodes} x {gpu_name} "
+                nodes = -(-t.max_workers // c.gpus_per_node)
+                report.ok("cluster", f"{c.source}: {t.max_workers} workers on {nodes} x {gpu_name} "
                                      f"(up to {c.max_nodes} nodes)")
     elif gpu:
         gpu_bytes, gpu_name = GPU_GIB[gpu] * GIB, gpu

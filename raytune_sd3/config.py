@@ -34,6 +34,9 @@ class ModelConfig(Section):
     """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """dtype of the frozen base transformer and VAE; LoRA weights train in fp32 unless lora.dtype says so."""
+    text_encoder_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype the three text encoders run in while caching (T5-XXL is 19 GB in fp32, 9.5 GB in bf16); auto: bf16
+    when the cluster has GPUs, else fp32. Part of the text cache key."""
     quantize: Literal["none", "int8", "int4", "int2", "fp8"] = "none"
     """Quantise the frozen base transformer's weights with optimum-quanto (SimpleTuner's int8-quanto etc.); norms,
     proj_out, pos_embed, context_embedder and time_text_embed stay in full precision."""
@@ -62,6 +65,8 @@ class DatasetConfig(Section):
     """The caption of every image when caption_strategy is instanceprompt."""
     resolution: int = Field(1024, ge=16)
     """Square training size in pixels (shorter side resized to it, then centre-cropped); a multiple of 16."""
+    minimum_image_size: int | None = Field(None, ge=1)
+    """Skip (and report) images whose shorter side is below this many pixels; default: use every size."""
     demo_images: int = Field(48, ge=1)
     """How many images a demo data set generates."""
 
@@ -89,6 +94,8 @@ class DataConfig(Section):
     """Probability that a training sample uses the unconditional embedding instead of its caption."""
     eval_samples: int = Field(4, ge=0)
     """Items held out of training for the eval loss (fixed sigmas, fixed noise)."""
+    max_image_pixels: int = Field(250_000_000, ge=1)
+    """Images with more pixels are skipped and reported before decoding (a guard against decompression bombs)."""
     encode_batch_size: int = Field(8, ge=1)
     """Images (or captions) per batch in the encoding actors."""
     encode_actors: int | None = Field(None, ge=1)
@@ -147,8 +154,10 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(2, ge=1)
-    """Ray Train workers (one per GPU on a GPU cluster)."""
+    num_workers: int | list[int] = 2
+    """Ray Train workers (one per GPU on a GPU cluster); `[min, max]` trains elastically (DDP): Ray Train starts
+    with as many as the cluster fits, grows or shrinks between min and max, and grad_accum is recomputed so the
+    global batch stays batch_size x grad_accum x max."""
     strategy: Literal["ddp", "zero2", "zero3"] = "ddp"
     """ddp (LoRA gradients all-reduced, base replicated); zero2 / zero3: DeepSpeed ZeRO stage 2 / 3 (zero3 also
     shards the frozen base across workers)."""
@@ -193,6 +202,11 @@ class TrainConfig(Section):
     """Autocast the forward pass to bf16 (GPU)."""
     seed: int = 0
     """Seed of LoRA init, data order, sigmas and noise."""
+    report_every: int = Field(25, ge=1)
+    """Also send metrics to Ray Train (and Tune) every N steps; steps with an eval loss or a checkpoint always are.
+    Each ray.train.report is a barrier across workers and waits for Ray Train's controller, which takes one
+    report per health check (2 s): reporting every step would cap training at half a step per second.
+    metrics.jsonl and W&B get every step regardless."""
     checkpoint_every: int = Field(50, ge=1)
     """Report a Ray Train checkpoint every N optimizer steps (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -207,6 +221,50 @@ class TrainConfig(Section):
     """Stop as diverged when the eval loss rises above this factor times its value before training."""
     grad_norm_limit: float | None = Field(None, gt=0)
     """Stop as diverged when the (unclipped) gradient norm exceeds this."""
+
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("must be at least 1")
+            return v
+        if len(v) != 2 or not 1 <= v[0] <= v[1]:
+            raise ValueError(f"an elastic range is [min, max] with 1 <= min <= max, got {v}")
+        return v[0] if v[0] == v[1] else v
+
+    @model_validator(mode="after")
+    def _elastic(self) -> TrainConfig:
+        if not self.elastic:
+            return self
+        if self.strategy != "ddp":
+            raise ValueError(f"train.num_workers {self.num_workers} (elastic) works with train.strategy ddp only: "
+                             "ZeRO's optimizer state is sharded per worker and cannot be resumed on another count")
+        per_step = self.grad_accum * self.max_workers
+        bad = [w for w in range(self.min_workers, self.max_workers + 1) if per_step % w]
+        if bad:
+            raise ValueError(
+                f"train.num_workers {self.num_workers}: the global batch holds {per_step} micro-batches "
+                f"(grad_accum {self.grad_accum} x {self.max_workers} workers), which {bad} worker(s) cannot share "
+                "evenly; raise grad_accum or narrow the range so every count in it divides that number")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def accum_for(self, world: int) -> int:
+        """Micro-steps per optimizer step with `world` workers: the global batch is fixed by the largest size."""
+        return self.grad_accum * self.max_workers // world if self.elastic else self.grad_accum
 
 
 class ValidationConfig(Section):
@@ -242,6 +300,23 @@ class ValidationConfig(Section):
         return parse_resolutions(self.resolution)
 
 
+class WandbConfig(Section):
+    project: str | None = None
+    """Weights & Biases project; null (default): no W&B. metrics.jsonl and validation PNGs are written either way."""
+    entity: str | None = None
+    """W&B team or user; default: the key's default entity."""
+    mode: Literal["online", "offline"] = "online"
+    """online needs WANDB_API_KEY on every node; offline writes under output_dir/wandb, for `wandb sync` later."""
+    group: str | None = None
+    """Groups runs in the W&B UI; a Tune study sets it to the study's name."""
+    name: str | None = None
+    """Run name; default: the job's run name (a Tune trial: its trial id)."""
+    tags: list[str] = Field(default_factory=list)
+    """W&B tags."""
+    log_images: bool = True
+    """Also send the validation images."""
+
+
 class RayConfig(Section):
     address: str | None = None
     """Cluster to join; default: RAY_ADDRESS, else a local Ray started by the job."""
@@ -262,6 +337,7 @@ class JobConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
     tune: dict[str, Any] | None = None
     """Ray Tune study settings (search space, scheduler); validated by raytune_sd3.tune.config.TuneConfig."""
 
@@ -436,8 +512,12 @@ def check_paths(cfg: JobConfig) -> None:
     looks_like_path = pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").split("/", 1)[-1]
     if pretrained not in TINY_MODELS and looks_like_path and not Path(pretrained).expanduser().is_dir():
         problems.append(f"model.pretrained: {pretrained} is not a folder (a diffusers SD3 directory or a hub id)")
+    from raytune_sd3.train.tracking import credentials_problem
+
+    if (wandb_problem := credentials_problem(cfg)) is not None:
+        problems.append(wandb_problem)
     if problems:
-        raise ConfigError("job config refers to missing paths:\n  " + "\n  ".join(problems))
+        raise ConfigError("job config refers to missing paths or credentials:\n  " + "\n  ".join(problems))
 
 
 # --- writing (secrets never leave) --------------------------------------------------------------------------------

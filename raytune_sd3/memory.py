@@ -460,7 +460,7 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
                t5_tokens: int, device: str = "meta", blocks: list[int] | None = None) -> dict[str, int]:
     """Run one LoRA training step as train/loop.py does (random weights) and return its tensor memory in bytes.
 
-    Keys: `static` (weights + LoRA), `forward` (after the loss), `peak` (whole step, incl. AdamW state).
+    Keys: `static` (weights + LoRA + AdamW state), `forward` (after the loss), `peak` (a whole step after the first).
     "meta" computes nothing (any model size, seconds) and routes attention to the flash kernel PyTorch uses on
     CPU and GPU; "cpu" runs the real step; "cuda" also reports `cuda_max_allocated`. No autocast (see estimate).
     """
@@ -490,8 +490,15 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
         embeds = torch.randn(batch, TEXT_CLIP_TOKENS + t5_tokens, config["joint_attention_dim"], dtype=torch_dtype)
         pooled = torch.randn(batch, config["pooled_projection_dim"], dtype=torch_dtype)
         noise, sigmas = torch.randn_like(latents), torch.rand(batch)
+        # AdamW makes its state in the first step, after that step's backward: make it now, so that the peak
+        # measured is that of every later step (the state held through the backward).
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     tracker = _PeakTensorMemory()
-    for t in [*model.parameters(), *model.buffers()]:
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    for t in [*model.parameters(), *model.buffers(), *state]:
         tracker.track(t)
     static = tracker.live
     for t in (latents, embeds, pooled, noise, sigmas):

@@ -42,12 +42,28 @@ def _our_train_workers(tag: str) -> list[int]:
     return pids
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_with_identical_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """A 2-worker run with nothing going wrong: the trajectory the others must reproduce. Returns its tmp folder."""
+    tmp = tmp_path_factory.mktemp("fault")
     env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": uuid.uuid4().hex}
-    ref = subprocess.run(_cmd(tmp_path, "uninterrupted"), cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    ref = subprocess.run(_cmd(tmp, "uninterrupted"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
+    return tmp
+
+
+def _assert_same_trajectory(run: dict[int, dict], reference: dict[int, dict], rel: float) -> None:
+    assert sorted(run) == list(range(STEPS + 1))  # every step once, step 0 being the initial eval
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "grad_norm", "lr"):
+            assert run[step][key] == pytest.approx(reference[step][key], rel=rel, abs=1e-9), (step, key)
+        if "eval_loss" in reference[step]:
+            assert run[step]["eval_loss"] == pytest.approx(reference[step]["eval_loss"], rel=rel), step
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_with_identical_metrics(uninterrupted):
+    tmp_path = uninterrupted
 
     tag = uuid.uuid4().hex
     env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
@@ -69,10 +85,17 @@ def test_killed_worker_resumes_with_identical_metrics(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert killed_at is not None and killed_at < STEPS, "the run ended before a worker could be killed"
 
-    resumed, uninterrupted = _metrics(metrics), _metrics(tmp_path / "uninterrupted" / "metrics.jsonl")
-    assert sorted(resumed) == list(range(STEPS + 1))  # every step once, step 0 being the initial eval
-    for step in range(1, STEPS + 1):
-        for key in ("loss", "grad_norm", "lr"):
-            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-6, abs=1e-9), (step, key)
-        if "eval_loss" in uninterrupted[step]:
-            assert resumed[step]["eval_loss"] == pytest.approx(uninterrupted[step]["eval_loss"], rel=1e-6)
+    _assert_same_trajectory(_metrics(metrics), _metrics(tmp_path / "uninterrupted" / "metrics.jsonl"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_elastic_run_on_one_worker_matches_two(uninterrupted):
+    """num_workers [1, 2] on a Ray that fits one worker: Ray Train starts one, the loop doubles grad_accum, and
+    the same images with the same noise give the 2-worker run's trajectory (up to float summation order)."""
+    cmd = _cmd(uninterrupted, "elastic") + ["--set", "train.num_workers=[1,2]", "--set", "ray.num_cpus=4",
+                                             "--set", "train.cpus_per_worker=3"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    elastic = _metrics(uninterrupted / "elastic" / "metrics.jsonl")
+    assert {m.get("workers") for s, m in elastic.items() if s} == {1}
+    _assert_same_trajectory(elastic, _metrics(uninterrupted / "uninterrupted" / "metrics.jsonl"), rel=1e-4)

@@ -1,6 +1,8 @@
 """The demo job end to end through the real CLI: local Ray, tiny SD3, Ray Data cache, 2-worker DDP, outputs."""
 
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"step", "loss", "lr", "grad_norm", "step_time_s", "images_per_s"}
 
 
-def run_job(tmp: Path, out: str, *overrides: str) -> subprocess.CompletedProcess:
+SECRET = "wandb-key-that-must-not-leak-0123456789"
+
+
+def run_job(tmp: Path, out: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml", "--set", f"output_dir={tmp / out}",
            "--set", f"data.cache_dir={tmp / 'cache'}", "--set", f"data.datasets.0.instance_data_dir={tmp / 'demo'}"]
     for o in overrides:
         cmd += ["--set", o]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
 
@@ -66,9 +71,68 @@ def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
     assert report["latents_encoded"] == 48 and report["latents_reused"] == 0 and report["skipped"] == []
 
 
+@pytest.fixture(scope="module")
+def second_run(first_run):
+    """The same job again on the same cache, short, with W&B in offline mode and a W&B key in the environment."""
+    r = run_job(first_run, "run2", "train.max_steps=2", "train.lr_warmup_steps=0", "train.eval_every=1",
+                "wandb.project=raytune-sd3-tests", "wandb.mode=offline", env={"WANDB_API_KEY": SECRET})
+    return first_run / "run2", r.stdout + r.stderr
+
+
 @pytest.mark.slow
-def test_second_run_encodes_nothing(first_run):
-    run_job(first_run, "run2", "train.max_steps=2", "train.lr_warmup_steps=0", "train.eval_every=1")
-    report = json.loads((first_run / "run2" / "cache_report.json").read_text())
+def test_second_run_encodes_nothing(second_run):
+    out, _ = second_run
+    report = json.loads((out / "cache_report.json").read_text())
     assert report["latents_encoded"] == 0 and report["texts_encoded"] == 0
     assert report["latents_reused"] == 48 and report["items"] == 48
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a W&B transaction log (.wandb): a 7-byte header, then leveldb-style chunks
+    (crc32, length, type FULL/FIRST/MIDDLE/LAST) in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(second_run):
+    out, console = second_run
+    logs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, logs
+    history, run = {}, None
+    for r in wandb_records(logs[0]):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run = r.run
+        elif kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+    assert run.project == "raytune-sd3-tests" and run.display_name == "run2"
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(history) == sorted(metrics) == [0, 1, 2]
+    for step, m in metrics.items():
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in m:
+                assert history[step][key] == pytest.approx(m[key]), (step, key)
+    # the two validation prompts' images, at the last step, captioned with their prompts
+    assert history[2]["validation/count"] == 2
+    prompts = load_job(out / "job.yaml").validation.prompts
+    assert history[2]["validation/captions"] == [f"{p} (64x64)" for p in prompts]
+
+    leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked and SECRET not in console

@@ -391,3 +391,15 @@ def test_killed_study_resumes_without_rerunning_finished_trials(study):
         assert (out / "trials" / t / "metrics.jsonl").stat().st_mtime == before[t]
     loras = {p.parent.name for p in (out / "trials").glob("*/pytorch_lora_weights.safetensors")}
     assert loras == {rows[1e-2]["trial"], rows[3e-2]["trial"]}
+
+
+def test_trials_of_a_study_are_one_wandb_group(tmp_path):
+    """With wandb.project set, every trial's W&B run is in a group named after the study, named by its trial id."""
+    cfg = load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path / 'lr-study'}", "wandb.project=p",
+                                                       "wandb.mode=offline"])
+    trial = job_for_params(study_base(cfg), {"train.learning_rate": 1e-3}, tmp_path / "lr-study" / "trials" / "t1")
+    assert (trial.wandb.project, trial.wandb.group, trial.wandb.name, trial.run_name) == ("p", "lr-study", None, "t1")
+    assert trial.train.learning_rate == 1e-3
+    plain = job_for_params(study_base(load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path}"])), {},
+                           tmp_path / "trials" / "t2")
+    assert plain.wandb.project is None and plain.wandb.group is None  # no W&B unless configured

@@ -54,7 +54,7 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),
         run_config=RunConfig(

@@ -25,6 +25,7 @@ from raytune_sd3.models.quantize import quantize_transformer
 from raytune_sd3.train.optim import make_optimizer
 from raytune_sd3.train.state import load_checkpoint, load_optimizer, save_checkpoint, save_optimizer
 from raytune_sd3.train.strategy import make_strategy
+from raytune_sd3.train.tracking import Tracker
 from raytune_sd3.train.validation import eval_loss, sample_images
 
 METRICS = "metrics.jsonl"
@@ -81,8 +82,10 @@ def _from_rank0(value: float, world: int) -> float:
     return t.item()
 
 
-def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+def _step_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of the sigmas and noise of one micro-batch; `slot` = micro * world + rank is its place in the global
+    batch, so a run on fewer workers with more accumulation (elastic) draws the same noise for the same images."""
+    return int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0])
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -122,6 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     runs_eval = rank == 0 or strategy.sharded_params
     eval_batch = reader.load(eval_rows) if eval_rows and runs_eval else None
     log = MetricsLog(out_dir / METRICS, start_step) if rank == 0 else None
+    tracker = Tracker(cfg, active=rank == 0)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
                 else contextlib.nullcontext())
     vae = None
@@ -135,8 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
         uncond = reader.store.read("text", manifest["uncond_key"])
         if cfg.text.uncond == "zero":
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
+        folder = out_dir / "validation" / f"step_{step:06d}"
         sample_images(strategy.module, vae, load_scheduler(pretrained, cfg.model.revision), embeds,
-                      uncond, cfg.validation, out_dir / "validation" / f"step_{step:06d}", device, save=rank == 0)
+                      uncond, cfg.validation, folder, device, save=rank == 0)
+        tracker.log_images(folder, step, cfg.validation.prompts)
 
     def measure_eval() -> float:
         value = (eval_loss(strategy.module, eval_batch, cfg.flow, device, dtype)
@@ -163,23 +169,25 @@ def train_loop_per_worker(config: dict) -> None:
         initial_eval = measure_eval()
         if log is not None:
             log.write({"step": 0, "eval_loss": initial_eval})
+            tracker.log({"step": 0, "eval_loss": initial_eval})
 
     # --- train
     strategy.model.train()
-    global_batch = t.batch_size * t.grad_accum * world
+    accum = t.accum_for(world)  # elastic: more micro-steps on fewer workers, same global batch
+    global_batch = t.batch_size * accum * world
     nonfinite = resumed.get("nonfinite", 0)
     for step in range(start_step + 1, t.max_steps + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for micro in range(t.grad_accum):
-            batch = reader.micro_batch(step - 1, micro, t.grad_accum, rank, world, t.batch_size)
+        for micro in range(accum):
+            batch = reader.micro_batch(step - 1, micro, accum, rank, world, t.batch_size)
             latents = batch["latents"].to(device, dtype)
-            fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(_step_seed(t.seed, step, micro, rank)))
-            with strategy.accumulating(sync=micro == t.grad_accum - 1), autocast:
+            fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(_step_seed(t.seed, step, micro * world + rank)))
+            with strategy.accumulating(sync=micro == accum - 1), autocast:
                 pred = strategy.model(hidden_states=fb.noisy, timestep=fb.timesteps,
                                       encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
                                       pooled_projections=batch["pooled"].to(device, dtype), return_dict=False)[0]
-                loss = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas).mean() / t.grad_accum
+                loss = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas).mean() / accum
                 strategy.backward(loss)
             loss_sum += loss.detach()
         if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
@@ -193,7 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
         step_time = time.perf_counter() - t0
         metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
                    "images_per_s": global_batch / step_time, "epoch": step * global_batch / len(train_rows),
-                   "nonfinite_steps": nonfinite}
+                   "nonfinite_steps": nonfinite, "workers": world}
 
         last = step == t.max_steps
         if eval_rows and (last or (t.eval_every and step % t.eval_every == 0)):
@@ -205,6 +213,11 @@ def train_loop_per_worker(config: dict) -> None:
             validate(step)
         if log is not None:
             log.write(metrics)
-        report(metrics, with_checkpoint=not reason and (last or step % t.checkpoint_every == 0))
+            tracker.log(metrics)
+        checkpoint = not reason and (last or step % t.checkpoint_every == 0)
+        # Decided from values equal on every rank: each report is a barrier that all ranks must reach.
+        if checkpoint or reason or "eval_loss" in metrics or step % t.report_every == 0:
+            report(metrics, with_checkpoint=checkpoint)
         if reason:
             break
+    tracker.finish()

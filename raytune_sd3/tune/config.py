@@ -207,7 +207,12 @@ def job_for_params(base: dict, params: dict[str, Any], output_dir: Path | str) -
     """
     raw = copy.deepcopy(base)
     raw.pop("tune", None)
+    study_name = raw.get("name") or Path(raw["output_dir"]).name
     raw["name"] = None
+    wandb = raw.get("wandb") or {}
+    if wandb.get("project"):  # one W&B group per study; each trial's run is named by its trial id
+        wandb["group"] = wandb.get("group") or study_name
+        wandb["name"] = f"{wandb['name']}-{Path(output_dir).name}" if wandb.get("name") else None
     raw["output_dir"] = str(output_dir)
     for key, value in params.items():
         set_key(raw, key, value)

@@ -96,7 +96,8 @@ def _largest(tc: TuneConfig, base: dict, key: str) -> float:
     if key in tc.space:
         values += tc.space[key].values_to_check()
     values += [p[key] for p in tc.trials if key in p]
-    return max(float(v) for v in values if v is not None)
+    flat = [x for v in values if v is not None for x in (v if isinstance(v, list) else [v])]  # elastic [min, max]
+    return max(float(v) for v in flat)
 
 
 def default_concurrency(resources: dict, workers: float, cpus_per_worker: float, use_gpu: bool | None) -> int:
