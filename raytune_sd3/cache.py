@@ -1,8 +1,12 @@
-"""python -m raytune_sd3.cache JOB.yaml [--data DIR] [--set key=value ...]
+"""python -m raytune_sd3.cache JOB.yaml [--data DIR] [--set key=value ...] [--verify]
 
 The caching stage alone: discover the job's images, encode what the cache lacks (Ray Data), write
 `<output_dir>/manifest.json` and `cache_report.json`, and print the summary. Training runs it too; run it alone to
 fill a cache before booting GPUs for training, or to see which images were skipped and why.
+
+--verify encodes nothing: it reads every entry of the job's cache, recomputes its checksum, and removes the bad
+ones (truncated, unreadable, checksum mismatch) so that the next run encodes them again. Exit status 1 when it
+found any.
 """
 
 from __future__ import annotations
@@ -10,21 +14,57 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 from raytune_sd3.config import ConfigError, check_paths, load_job
+
+
+def verify_cache(root: Path, workers: int = 8) -> dict:
+    """Check every entry under `root` (threads: reading and hashing release the GIL); remove the bad ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from raytune_sd3.data.store import CacheStore
+
+    store = CacheStore(root)
+    entries = store.entries()
+    with ThreadPoolExecutor(workers) as pool:
+        problems = list(tqdm(pool.map(lambda e: store.verify(*e), entries), total=len(entries),
+                             desc="verifying cache", unit="entry", disable=not sys.stderr.isatty()))
+    bad = [{"kind": kind, "key": key, "problem": p} for (kind, key), p in zip(entries, problems, strict=True) if p]
+    for b in bad:
+        store.path(b["kind"], b["key"]).unlink(missing_ok=True)
+    return {"cache_dir": str(root), "entries": len(entries), "good": len(entries) - len(bad), "removed": bad,
+            "stale_temporaries_removed": store.remove_stale_temporaries()}
 
 
 def main(argv: list[str] | None = None) -> int:
     from raytune_sd3.train.__main__ import job_parser
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = job_parser("python -m raytune_sd3.cache", __doc__).parse_args(argv)
+    parser = job_parser("python -m raytune_sd3.cache", __doc__)
+    parser.add_argument("--verify", action="store_true",
+                        help="check every cache entry's checksum and remove bad ones; encode nothing")
+    args = parser.parse_args(argv)
     try:
         cfg = load_job(args.job, args.overrides, data_dir=args.data)
-        check_paths(cfg)
+        if not args.verify:
+            check_paths(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.verify:
+        if not cfg.cache_dir.is_dir():
+            print(f"error: {cfg.cache_dir} is not a cache folder (data.cache_dir, default <output_dir>/cache)",
+                  file=sys.stderr)
+            return 2
+        result = verify_cache(cfg.cache_dir)
+        print(json.dumps({k: v for k, v in result.items() if k != "removed"} | {"removed": len(result["removed"])},
+                         indent=2))
+        for b in result["removed"]:
+            print(f"removed {b['kind']}/{b['key']}: {b['problem']} (the next run encodes it again)", file=sys.stderr)
+        return 1 if result["removed"] else 0
 
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.models.loading import resolve_pretrained

@@ -50,7 +50,7 @@ def test_every_key_field_changes_the_key(tiny_sd3, tmp_path):
     base_t, base_l = spec.text_key("a red circle"), spec.latent_key("f" * 64, 64)
     assert spec.text_key("a red circle") == base_t and spec.latent_key("f" * 64, 64) == base_l  # stable
     for change in [{"t5_max_length": 77}, {"t5_padding": "zero"}, {"text_ids": ("x",) + spec.text_ids[1:]},
-                   {"dtype": "bf16"}]:
+                   {"dtype": "bf16"}, {"text_encoder_dtype": "bf16"}]:
         assert _spec(tiny_sd3, tmp_path, **change).text_key("a red circle") != base_t, change
     assert spec.text_key("a red square") != base_t
     for change in [{"vae_id": "other"}, {"vae_scale": 1.0}, {"vae_shift": 0.0}, {"dtype": "bf16"}]:
@@ -64,7 +64,7 @@ def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray
     (data / "empty.jpg").write_bytes(b"")
     Image.new("RGBA", (40, 32), (0, 0, 255, 0)).save(data / "transparent.png")  # composited on white
     (data / "transparent.txt").write_text("a blue square on a white background")
-    items = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32))
+    items, _ = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32))
     spec = _spec(tiny_sd3, tmp_path / "cache", t5_max_length=77)
 
     first = build_cache(spec, items, ["", "a validation prompt"], batch_size=4, n_actors=2)

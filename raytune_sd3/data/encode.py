@@ -37,12 +37,14 @@ class CacheSpec:
     t5_max_length: int
     t5_padding: str
     dtype: str
+    text_encoder_dtype: str = "fp32"
 
     def latent_key(self, image_sha256: str, resolution: int) -> str:
         return latent_key(image_sha256, resolution, CROP, self.vae_id, self.vae_shift, self.vae_scale, self.dtype)
 
     def text_key(self, caption: str) -> str:
-        return text_key(caption, list(self.text_ids), self.t5_max_length, self.t5_padding, self.dtype)
+        return text_key(caption, list(self.text_ids), self.t5_max_length, self.t5_padding, self.dtype,
+                        self.text_encoder_dtype)
 
 
 @dataclass
@@ -66,11 +68,41 @@ class CacheReport:
         return d
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale (16-bit PNGs, TIFFs) scaled to 8 bits; PIL's convert would clip them to white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a
+    else:
+        return im
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def image_problem(path: str, min_side: int, max_pixels: int) -> str:
+    """Why the image at `path` cannot be used, from its header alone (no decoding), or "" when it can."""
+    Image.MAX_IMAGE_PIXELS = None  # the size limit is ours (data.max_image_pixels), checked before decoding
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:  # noqa: BLE001 - not an image PIL can read: skip and report
+        return f"not a readable image: {type(e).__name__}: {e}"
+    if w * h > max_pixels:
+        return (f"too large: {w}x{h} = {w * h} pixels > data.max_image_pixels {max_pixels} (a guard against "
+                "decompression bombs; raise it to use this image)")
+    if min(w, h) < min_side:
+        return f"too small: {w}x{h}, shorter side below minimum_image_size {min_side}"
+    return ""
+
+
 def load_image(path: str, resolution: int) -> np.ndarray:
-    """RGB uint8 (resolution, resolution, 3): EXIF orientation applied, alpha on white, shorter side resized, centre crop."""
+    """RGB uint8 (resolution, resolution, 3): EXIF orientation applied, alpha on white, 16-bit scaled, CMYK and
+    palettes converted, shorter side resized, centre crop."""
+    Image.MAX_IMAGE_PIXELS = None  # checked against data.max_image_pixels by image_problem before this
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
+        im = _to_8bit(ImageOps.exif_transpose(im))
+        if im.mode in ("RGBA", "LA", "P", "PA"):
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im)
@@ -103,11 +135,18 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _hash_and_key(batch: dict, spec: CacheSpec) -> dict:
-    """CPU task: hash each image's bytes, derive its cache key and whether the cache already has it."""
+def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
+    """CPU task: check each image's header, hash its bytes, derive its cache key and whether the cache already
+    has a whole entry for it."""
     store = CacheStore(spec.cache_dir)
     keys, hits, errors = [], [], []
-    for path, res in zip(batch["path"], batch["resolution"], strict=True):
+    for path, res, min_side in zip(batch["path"], batch["resolution"], batch["min_side"], strict=True):
+        problem = image_problem(path, int(min_side), max_pixels)
+        if problem:
+            keys.append("")
+            hits.append(False)
+            errors.append(problem)
+            continue
         try:
             k = spec.latent_key(hashlib.sha256(Path(path).read_bytes()).hexdigest(), int(res))
             keys.append(k)
@@ -165,7 +204,7 @@ class TextEncoder:
 
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         self.spec, self.store = spec, CacheStore(spec.cache_dir)
-        self.enc = load_text_encoders(spec.pretrained, _device(), torch.float32, spec.revision)
+        self.enc = load_text_encoders(spec.pretrained, _device(), DTYPES[spec.text_encoder_dtype], spec.revision)
 
     def __call__(self, batch: dict) -> dict:
         from raytune_sd3.models.text import encode_prompts
@@ -189,18 +228,19 @@ def _actor_options(n_actors: int | None) -> tuple[int, dict]:
 
 
 def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], batch_size: int = 8,
-                n_actors: int | None = None) -> CacheReport:
+                n_actors: int | None = None, max_pixels: int = 250_000_000) -> CacheReport:
     """Encode what the cache lacks for `items` and `extra_captions` (validation prompts, the empty caption)."""
     import ray
 
     t0 = time.perf_counter()
     report = CacheReport()
+    CacheStore(spec.cache_dir).remove_stale_temporaries()  # left by a run killed mid-write
     size, opts = _actor_options(n_actors)
     compute = ray.data.ActorPoolStrategy(size=size)
     task_opts = {"num_cpus": 0.25}
 
     keyed = ray.data.from_items([it.to_row() for it in items]).map_batches(
-        _hash_and_key, fn_kwargs={"spec": spec}, batch_size=64, **task_opts
+        _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels}, batch_size=64, **task_opts
     ).take_all()
     todo = [r for r in keyed if not r["hit"] and not r["error"]]
     done = {r["path"]: r for r in keyed if r["hit"]}

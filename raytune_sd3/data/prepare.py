@@ -20,6 +20,15 @@ from raytune_sd3.models.loading import component_identity, vae_scaling
 log = logging.getLogger(__name__)
 
 
+def text_encoder_dtype(cfg: JobConfig) -> str:
+    """The text encoders' dtype while caching: `auto` is bf16 when the Ray cluster has GPUs, else fp32."""
+    if cfg.model.text_encoder_dtype != "auto":
+        return cfg.model.text_encoder_dtype
+    import ray
+
+    return "bf16" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "fp32"
+
+
 def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
     rev = cfg.model.revision
     shift, scale = vae_scaling(pretrained, rev)
@@ -29,26 +38,33 @@ def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
         pretrained=pretrained, revision=rev, cache_dir=str(Path(cfg.cache_dir).resolve()),
         vae_id=component_identity(pretrained, "vae", rev), text_ids=text_ids, vae_shift=shift, vae_scale=scale,
         t5_max_length=cfg.text.t5_max_length, t5_padding=cfg.text.t5_padding, dtype=cfg.model.dtype,
+        text_encoder_dtype=text_encoder_dtype(cfg),
     )
 
 
 def prepare_data(cfg: JobConfig, pretrained: str) -> tuple[Path, CacheReport]:
     """Fill the cache for this job and write `<output_dir>/manifest.json` and `cache_report.json`."""
-    items = []
+    items, skipped = [], []
     for ds in cfg.data.datasets:
         if ds.type == "demo":
             make_demo_dataset(ds.instance_data_dir, ds.demo_images, size=ds.resolution, seed=cfg.train.seed)
-        items += discover(ds)
+        found, unusable = discover(ds)
+        items += found
+        skipped += unusable
     spec = cache_spec(cfg, pretrained)
     report = build_cache(spec, items, ["", *cfg.validation.prompts], cfg.data.encode_batch_size,
-                         cfg.data.encode_actors)
-    if not report.rows:
-        raise RuntimeError(f"no usable images: all {len(items)} were skipped, see cache_report.json")
+                         cfg.data.encode_actors, cfg.data.max_image_pixels)
+    report.skipped = skipped + report.skipped
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "cache_report.json").write_text(json.dumps(report.summary(), indent=2))
+    used = {r["dataset_id"] for r in report.rows}
+    empty = [ds.id for ds in cfg.data.datasets if ds.id not in used]
+    if empty:  # after cache_report.json is written: it says why each image was skipped
+        raise RuntimeError(f"data set(s) {', '.join(empty)}: no usable image; {out / 'cache_report.json'} lists "
+                           "each skipped file and why")
     validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]
     manifest = out / MANIFEST
     write_manifest(manifest, report.rows, report.text_keys[""], validation, spec.cache_dir)
-    (out / "cache_report.json").write_text(json.dumps(report.summary(), indent=2))
     log.info("cache: %s", json.dumps(report.summary()))
     return manifest, report
