@@ -58,9 +58,12 @@ class DatasetConfig(Section):
     """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
     instance_data_dir: Path
     """Folder of images (searched recursively)."""
-    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = "textfile"
-    """Where captions come from: a .txt beside each image (falls back to the file name), the file name, or
-    instance_prompt for every image."""
+    caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
+    """Where captions come from: a .txt beside each image (one caption per line, one drawn per epoch; no .txt: the
+    file name), the file name, instance_prompt for every image, or metadata_file."""
+    metadata_file: Path | None = None
+    """caption_strategy metadata: a .jsonl, .csv or .parquet file with a file_name column (relative to
+    instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet)."""
     instance_prompt: str | None = None
     """The caption of every image when caption_strategy is instanceprompt."""
     resolution: int = Field(1024, ge=16)
@@ -82,6 +85,8 @@ class DatasetConfig(Section):
     def _prompt_when_needed(self) -> DatasetConfig:
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt set")
+        if self.caption_strategy == "metadata" and self.metadata_file is None:
+            raise ValueError("caption_strategy 'metadata' needs metadata_file set (a .jsonl, .csv or .parquet file)")
         return self
 
 
@@ -492,6 +497,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
         cfg.data.cache_dir = cfg.data.cache_dir.expanduser().resolve()
     for ds in cfg.data.datasets:
         ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
+        if ds.metadata_file is not None:
+            ds.metadata_file = ds.metadata_file.expanduser().resolve()
     if cfg.train.deepspeed_config is not None:
         cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
     return cfg
@@ -506,6 +513,15 @@ def check_paths(cfg: JobConfig) -> None:
                 f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
                 "(point it at your images, or use type: demo)"
             )
+        if ds.metadata_file is not None and not ds.metadata_file.is_file():
+            problems.append(f"data.datasets[{i}].metadata_file: {ds.metadata_file} is not a file")
+        elif ds.caption_strategy == "metadata" and ds.instance_data_dir.is_dir():
+            from raytune_sd3.data.discovery import read_metadata  # its columns, before any expensive work
+
+            try:
+                read_metadata(ds.metadata_file, ds.instance_data_dir)
+            except (ValueError, KeyError, OSError) as e:
+                problems.append(f"data.datasets[{i}].metadata_file: {e}")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a file")
     pretrained = cfg.model.pretrained

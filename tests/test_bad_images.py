@@ -62,6 +62,8 @@ def make_zoo(folder: Path) -> dict[str, str]:
     (folder / "latin1_caption.txt").write_bytes("un caf\xe9 bleu".encode("latin-1"))
     Image.new("RGB", (48, 40), BLUE).save(folder / "bom_caption.png")
     (folder / "bom_caption.txt").write_bytes("\ufeffa blue square\n".encode())
+    Image.new("RGB", (48, 40), RED).save(folder / "two_captions.png")
+    (folder / "two_captions.txt").write_text("a red rectangle\na scarlet block\n")
     return {"truncated.jpg": "cannot decode", "zero_bytes.png": "not a readable image",
             "not_an_image.png": "not a readable image", "bomb.png": "too large", "too_small.png": "too small",
             "empty_caption.png": "is empty", "latin1_caption.png": "not UTF-8"}
@@ -104,8 +106,8 @@ def test_each_kind_is_decoded_right_or_has_a_reason(tmp_path):
 
 @pytest.mark.slow
 def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path):
-    """`python -m raytune_sd3.cache --data DIR` on the zoo: Ray Data (2 actors) encodes every usable image; the
-    report lists each bad one with its reason; a second run encodes nothing."""
+    """`python -m raytune_sd3.cache --data DIR` on the zoo: Ray Data (2 actors) encodes every usable image with
+    its .txt caption (else its file name); the report lists each bad one with its reason."""
     bad = make_zoo(tmp_path / "zoo")
     cmd = [sys.executable, "-m", "raytune_sd3.cache", "jobs/tiny.yaml", "--data", str(tmp_path / "zoo"),
            "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.datasets.0.minimum_image_size=24",
@@ -116,16 +118,14 @@ def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path):
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert set(reasons) == set(bad), reasons
     assert all(bad[name] in reasons[name] for name in bad), reasons
-    assert report["items"] == report["latents_encoded"] == 8
+    assert report["items"] == report["latents_encoded"] == 9
     for name in bad:
         assert name in r.stderr  # printed too, not only in the file
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert sorted(row["caption"] for row in manifest["rows"])[:2] == ["a blue square", "cmyk red"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())  # (a rerun's reuse: test_train_e2e)
+    assert sorted(row["caption"] for row in manifest["rows"])[:2] == ["a blue square", "a red rectangle"]
+    two = next(row for row in manifest["rows"] if row["path"].endswith("two_captions.png"))
+    assert len(set(two["text_keys"])) == 2 and two["text_keys"][0] == two["text_key"]  # both encoded, first first
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    second = json.loads((tmp_path / "out" / "cache_report.json").read_text())
-    assert (second["latents_encoded"], second["texts_encoded"], second["latents_reused"]) == (0, 0, 8)
 
 
 def test_a_data_set_with_nothing_usable_is_a_clear_error(tmp_path, tiny_sd3, ray_local):

@@ -1,67 +1,133 @@
-"""Finding the images of a data set and their captions; what cannot be used is listed with the reason, not fatal."""
+"""Finding the images of a data set and their captions; what cannot be used is listed with the reason, not fatal.
+
+Caption sources (caption_strategy): a .txt beside each image (several lines = several captions, one drawn per
+epoch), the file name, one instance prompt, or a metadata file (JSONL, CSV or parquet: file name -> caption or
+list of captions).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import csv
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from raytune_sd3.config import DatasetConfig
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+PATH_COLUMNS = ("file_name", "path", "image", "filename")
+CAPTION_COLUMNS = ("caption", "captions", "text", "prompt")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One training image: where it is, its caption and how it is to be sized."""
+    """One training image: where it is, its caption(s) and how it is to be sized."""
 
     path: str
     caption: str
     dataset_id: str
     resolution: int
     min_side: int = 0
+    more_captions: tuple[str, ...] = ()
+    """Alternatives to `caption`: the reader draws one of all of them per epoch."""
+
+    @property
+    def captions(self) -> list[str]:
+        return [self.caption, *self.more_captions]
 
     def to_row(self) -> dict:
-        return asdict(self)
+        """What the Ray Data stages carry (the alternatives stay on the driver)."""
+        return {"path": self.path, "caption": self.caption, "dataset_id": self.dataset_id,
+                "resolution": self.resolution, "min_side": self.min_side}
 
 
 class CaptionError(ValueError):
     """A caption that cannot be used; the message says why and what to do."""
 
 
-def read_caption_file(txt: Path) -> str:
-    """A caption file's text: UTF-8 (a BOM is allowed), stripped; empty or undecodable files raise CaptionError."""
+def read_caption_file(txt: Path) -> list[str]:
+    """A caption file's captions, one per non-empty line (UTF-8, a BOM allowed); CaptionError when there is none
+    or the file is not UTF-8."""
     try:
-        text = txt.read_bytes().decode("utf-8-sig").strip()
+        text = txt.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise CaptionError(f"caption file {txt.name} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
-    if not text:
+    captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
         raise CaptionError(f"caption file {txt.name} is empty; write a caption or delete it to use the file name")
-    return text
+    return captions
 
 
-def caption_for(image: Path, ds: DatasetConfig) -> str:
-    if ds.caption_strategy == "instanceprompt":
-        return ds.instance_prompt or ""
-    if ds.caption_strategy == "textfile":
-        txt = image.with_suffix(".txt")
-        if txt.is_file():
-            return read_caption_file(txt)
-    return image.stem.replace("_", " ").replace("-", " ").strip()
+def _column(names: list[str], wanted: tuple[str, ...], source: Path) -> str:
+    found = next((n for n in wanted if n in names), None)
+    if found is None:
+        raise ValueError(f"{source}: needs a column named one of {', '.join(wanted)}; it has {', '.join(names)}")
+    return found
+
+
+def read_metadata(path: Path, root: Path) -> dict[str, list[str]]:
+    """{absolute image path: captions} from a JSONL, CSV or parquet file; paths relative to the data folder."""
+    if not path.is_file():
+        raise ValueError(f"metadata_file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            records = list(csv.DictReader(f))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"metadata_file {path}: use a .jsonl, .csv or .parquet file")
+    if not records:
+        return {}
+    key = _column(list(records[0]), PATH_COLUMNS, path)
+    text = _column(list(records[0]), CAPTION_COLUMNS, path)
+    out = {}
+    for r in records:
+        value = r.get(text)
+        captions = [value] if isinstance(value, str) else list(value or [])
+        out[str((root / str(r[key])).resolve())] = [c.strip() for c in captions if c and c.strip()]
+    return out
 
 
 def discover(ds: DatasetConfig) -> tuple[list[Item], list[dict]]:
-    """Every image under ds.instance_data_dir (recursive, sorted) with its caption, and the files skipped (with
-    the reason) because their caption cannot be used."""
+    """Every image under ds.instance_data_dir (recursive, sorted) with its captions, and the files skipped (with
+    the reason) because they have no usable caption."""
     root = Path(ds.instance_data_dir)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise ValueError(f"data set '{ds.id}': no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
+    metadata = read_metadata(ds.metadata_file, root) if ds.caption_strategy == "metadata" else {}
     items, skipped = [], []
     for p in files:
+        path = str(p.resolve())
         try:
-            caption = caption_for(p, ds)
+            captions = _captions(p, path, ds, metadata)
         except CaptionError as e:
-            skipped.append({"path": str(p.resolve()), "reason": str(e)})
+            skipped.append({"path": path, "reason": str(e)})
             continue
-        items.append(Item(str(p.resolve()), caption, ds.id, ds.resolution, ds.minimum_image_size or 0))
+        items.append(Item(path, captions[0], ds.id, ds.resolution, ds.minimum_image_size or 0, tuple(captions[1:])))
+    if metadata:
+        found = {it.path for it in items} | {s["path"] for s in skipped}
+        skipped += [{"path": m, "reason": f"listed in {ds.metadata_file.name} but not an image under {root}"}
+                    for m in sorted(set(metadata) - found)]
     return items, skipped
+
+
+def _captions(image: Path, path: str, ds: DatasetConfig, metadata: dict[str, list[str]]) -> list[str]:
+    if ds.caption_strategy == "instanceprompt":
+        return [ds.instance_prompt or ""]
+    if ds.caption_strategy == "metadata":
+        if path not in metadata:
+            raise CaptionError(f"no row for {image.name} in {ds.metadata_file.name}")
+        if not metadata[path]:
+            raise CaptionError(f"empty caption for {image.name} in {ds.metadata_file.name}")
+        return metadata[path]
+    if ds.caption_strategy == "textfile":
+        txt = image.with_suffix(".txt")
+        if txt.is_file():
+            return read_caption_file(txt)
+    return [image.stem.replace("_", " ").replace("-", " ").strip()]

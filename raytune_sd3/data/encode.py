@@ -262,7 +262,7 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
                 report.skipped.append({"path": r["path"], "reason": r["error"]})
 
     by_path = {it.path: it for it in items}
-    captions = sorted({by_path[p].caption for p in done} | set(extra_captions))
+    captions = sorted({c for p in done for c in by_path[p].captions} | set(extra_captions))
     report.text_keys = {c: spec.text_key(c) for c in captions}
     store = CacheStore(spec.cache_dir)
     missing = [{"caption": c, "text_key": k} for c, k in report.text_keys.items() if not store.has("text", k)]
@@ -276,6 +276,7 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     for it in items:  # manifest rows in discovery order
         if it.path in done:
             report.rows.append({**it.to_row(), "latent_key": done[it.path]["latent_key"],
-                                "text_key": report.text_keys[it.caption]})
+                                "text_key": report.text_keys[it.caption],
+                                "text_keys": [report.text_keys[c] for c in it.captions]})
     report.seconds = time.perf_counter() - t0
     return report

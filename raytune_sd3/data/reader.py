@@ -55,13 +55,15 @@ class CachedBatches:
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
         return int(self._perms[epoch][position % n])
 
-    def load(self, rows: list[dict], dropped: list[bool] | None = None) -> dict[str, torch.Tensor]:
-        """Stack the cache entries of `rows`; a dropped caption becomes the unconditional embedding."""
+    def load(self, rows: list[dict], dropped: list[bool] | None = None,
+             text_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Stack the cache entries of `rows` (with `text_keys`' captions, default each row's first); a dropped
+        caption becomes the unconditional embedding."""
         lat, emb, pooled = [], [], []
         for i, r in enumerate(rows):
             lat.append(self.store.read("latents", r["latent_key"])["latents"])
             drop = bool(dropped and dropped[i])
-            t = self.store.read("text", self.uncond_key if drop else r["text_key"])
+            t = self.store.read("text", self.uncond_key if drop else (text_keys[i] if text_keys else r["text_key"]))
             if drop and self.uncond == "zero":
                 t = {k: torch.zeros_like(v) for k, v in t.items()}
             emb.append(t["prompt_embeds"])
@@ -75,4 +77,10 @@ class CachedBatches:
         rows = [self.rows[self._item(p)] for p in positions]
         dropped = [self.caption_dropout > 0 and np.random.default_rng([self.seed, 7, p]).random() < self.caption_dropout
                    for p in positions]
-        return self.load(rows, dropped)
+        return self.load(rows, dropped, [self.text_key_at(r, p) for r, p in zip(rows, positions, strict=True)])
+
+    def text_key_at(self, row: dict, position: int) -> str:
+        """The caption used at `position`: one of the row's captions, drawn from (seed, position), so each epoch
+        may see another one and a resumed run sees the same."""
+        keys = row.get("text_keys") or [row["text_key"]]
+        return keys[int(np.random.default_rng([self.seed, 11, position]).integers(len(keys)))] if len(keys) > 1 else keys[0]
