@@ -1,0 +1,390 @@
+"""SD3.5 Large (8.1B) and Medium (2.5B) transformers, random weights, with our LoRA: training images/s per GPU,
+peak memory and MFU, at 1024px and 512px with 154 T5 tokens, bf16.
+
+    python benchmarks/gpu.py                      # on a GPU: Large and Medium, 1024px and 512px
+    python benchmarks/gpu.py --models large --resolutions 1024 --batch 2
+    python benchmarks/gpu.py --cpu-smoke          # anywhere: 2 layers, 4 heads, fp32, 256px (checks the script)
+
+A step is what the job's loop does (train/loop.py) with the project's pieces: add_lora (rank 16, `attention`
+targets as jobs/sd35.yaml; LoRA weights fp32), make_flow_batch and flow_loss, bf16 autocast, backward, global-norm
+clipping, torch AdamW; timed with a device sync per step, median over --steps after --warmup.
+
+FLOPs per step. F_fwd is what torch's FlopCounterMode counts over one forward pass of the LoRA'd model on the step's
+batch (matmuls, convolutions, attention; elementwise ops are not counted). It splits into F_l for each layer with a
+weight (nn.Linear, nn.Conv2d: the frozen base layers and LoRA's A and B) and F_attn = F_fwd - sum F_l (the attention
+matmuls QK^T and PV). The backward pass of a layer of forward cost F costs F for the gradient of its input, needed
+only if that input requires a gradient, plus F for the gradient of its weight, needed only if the weight is trained;
+attention's backward costs 2 F_attn (gradients of Q, K and V). So
+
+    F_train = sum_l F_l * (1 + [input of l needs a gradient] + [weight of l is trained]) + 3 F_attn
+
+i.e. 2F for a frozen base layer that a LoRA sits before (its input gradient, no weight gradient), F for a frozen
+layer that only sees data (patch embedding, text/time embedders, the adaLN projections of the time embedding),
+3F for LoRA's A (on a layer inside the model) and B, 3F for attention. Flash attention recomputes QK^T in its
+backward; that work is not counted (MFU counts the model's FLOPs, not an implementation's; gradient checkpointing's
+recomputation is not counted either). The script also counts a whole step (forward + backward) with
+FlopCounterMode as a check of the formula.
+
+MFU = F_train / step time / the card's dense bf16 peak (PEAK_TFLOPS, matched on torch.cuda.get_device_name(); or
+--peak-tflops). Baseline in the same process: a dense matmul's FLOP/s (bf16 8192^3 on a GPU, fp32 1024^3 on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import RESULTS, command, machine, machine_line, median, table, time_calls, write_section
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# diffusers SD3Transformer2DModel configs of stabilityai/stable-diffusion-3.5-{large,medium} (transformer/config.json)
+SD35 = {
+    "large": dict(num_layers=38, num_attention_heads=38, attention_head_dim=64, joint_attention_dim=4096,
+                  caption_projection_dim=2432, pooled_projection_dim=2048, qk_norm="rms_norm", pos_embed_max_size=192,
+                  patch_size=2, in_channels=16, out_channels=16, sample_size=128),
+    "medium": dict(num_layers=24, num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,
+                   caption_projection_dim=1536, pooled_projection_dim=2048, qk_norm="rms_norm", pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), patch_size=2, in_channels=16, out_channels=16,
+                   sample_size=128),
+}
+CLIP_TOKENS = 77
+# Dense (not sparse) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; first match on the device name wins.
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("GH200", 989), ("H200", 989), ("B200", 2250),
+               ("A100", 312), ("L40S", 362), ("L4", 121)]
+DEFAULT_BATCH = {1024: 2, 512: 8}  # halved on out-of-memory until it fits (or batch 1 does not)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=sorted(SD35), default=["large", "medium"])
+    p.add_argument("--resolutions", type=int, nargs="+", help="square, in pixels (default 1024 512)")
+    p.add_argument("--batch", type=int, help="images per step (default: 2 at 1024px, 8 at 512px, halved on OOM)")
+    p.add_argument("--t5-tokens", type=int, default=154, help="T5 tokens after the 77 CLIP ones (default 154)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--targets", default="attention", help="LoRA target preset (default attention, as jobs/sd35.yaml)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if it is not in PEAK_TFLOPS")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
+    p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--heads", type=int, help="override the number of heads (width = heads x 64)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where to write the section (default RESULTS.md)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.layers, args.heads = args.layers or 2, args.heads or 4
+        args.resolutions, args.batch = args.resolutions or [256], args.batch or 1
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    args.resolutions = args.resolutions or [1024, 512]
+    return args
+
+
+def model_config(name: str, layers: int | None = None, heads: int | None = None) -> dict:
+    """The diffusers config of SD3.5 `name`, optionally with fewer layers or heads (the width follows the heads)."""
+    spec = dict(SD35[name])
+    if layers:
+        spec["num_layers"] = layers
+        if "dual_attention_layers" in spec:
+            spec["dual_attention_layers"] = tuple(i for i in spec["dual_attention_layers"] if i < layers)
+    if heads:
+        spec.update(num_attention_heads=heads, caption_projection_dim=heads * spec["attention_head_dim"])
+    return spec
+
+
+def build_transformer(spec: dict, device: torch.device, dtype: torch.dtype, rank: int, targets: str):
+    """SD3Transformer2DModel(**spec) with random weights, made on `device` in `dtype`, frozen, with our LoRA.
+    Returns (model, LoRA parameters)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.utils import logging
+
+    from raytune_sd3.config import LoraConfig
+    from raytune_sd3.models.lora import add_lora
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in dtype on the device: Large in fp32 would need 32 GB more
+    try:
+        with torch.device(device):
+            model = SD3Transformer2DModel(**spec)
+        logging.set_verbosity_error()  # else a warning that .to(dtype) is not from_pretrained(torch_dtype=...)
+        model.to(dtype)  # the fp32 buffers (positional embedding)
+    finally:
+        torch.set_default_dtype(default)
+    params = add_lora(model, LoraConfig(rank=rank, targets=targets))
+    return model, params
+
+
+def make_batch(spec: dict, resolution: int, batch: int, t5_tokens: int, device: torch.device,
+               dtype: torch.dtype) -> dict:
+    """Random cached-batch tensors: latents (B, 16, res/8, res/8), prompt embeds (B, 77 + t5, 4096), pooled."""
+    g = torch.Generator().manual_seed(0)
+    lat = resolution // 8
+    return {"latents": torch.randn(batch, spec["in_channels"], lat, lat, generator=g).to(device, dtype),
+            "prompt_embeds": torch.randn(batch, CLIP_TOKENS + t5_tokens, spec["joint_attention_dim"],
+                                         generator=g).to(device, dtype),
+            "pooled": torch.randn(batch, spec["pooled_projection_dim"], generator=g).to(device, dtype)}
+
+
+@dataclass
+class Trainer:
+    """One training step of the job's loop on a prepared model and batch."""
+
+    model: nn.Module
+    params: list
+    batch: dict
+    autocast: bool
+
+    def __post_init__(self):
+        from raytune_sd3.config import FlowConfig
+
+        self.flow = FlowConfig(shift=1.0)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=self.params[0].is_cuda or None)
+        self.device = self.batch["latents"].device
+        self.model.train()
+
+    def _autocast(self):
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
+                else contextlib.nullcontext())
+
+    def forward_loss(self) -> torch.Tensor:
+        from raytune_sd3.flow import flow_loss, make_flow_batch
+
+        latents = self.batch["latents"]
+        fb = make_flow_batch(self.flow, latents, torch.Generator().manual_seed(0))
+        with self._autocast():
+            pred = self.model(hidden_states=fb.noisy, timestep=fb.timesteps,
+                              encoder_hidden_states=self.batch["prompt_embeds"],
+                              pooled_projections=self.batch["pooled"], return_dict=False)[0]
+            return flow_loss(self.flow, pred, latents, fb.noise, fb.sigmas).mean()
+
+    def step(self) -> None:
+        self.forward_loss().backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlopCount:
+    """A forward pass's FLOPs (FlopCounterMode): per weight layer (flops, input needs grad, weight trained) + rest."""
+
+    forward: int
+    layers: dict[str, tuple[int, bool, bool]]
+
+    @property
+    def attention(self) -> int:
+        return self.forward - sum(f for f, _, _ in self.layers.values())
+
+    def training(self) -> int:
+        """F_train = sum_l F_l (1 + [input needs grad] + [weight trained]) + 3 F_attn (see the module docstring)."""
+        return sum(f * (1 + in_grad + w_grad) for f, in_grad, w_grad in self.layers.values()) + 3 * self.attention
+
+    def breakdown(self) -> dict[str, int]:
+        """Forward FLOPs by kind: LoRA layers, frozen layers behind a LoRA, frozen layers on data, attention."""
+        out = {"lora": 0, "frozen, input needs grad": 0, "frozen, on data": 0}
+        for f, in_grad, w_grad in self.layers.values():
+            out["lora" if w_grad else "frozen, input needs grad" if in_grad else "frozen, on data"] += f
+        return {**out, "attention": self.attention}
+
+
+def _countable_attention(device: torch.device):
+    """FlopCounterMode has no formula for the CPU's fused attention kernel: count the math path's matmuls there."""
+    if device.type == "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def count_flops(model: nn.Module, run, device: torch.device | str = "cpu") -> FlopCount:
+    """FlopCounterMode over `run()` (a forward pass of `model`, with autograd on), split per weight layer."""
+    device = torch.device(device)
+    flags: dict[str, list[bool]] = {}
+
+    def note(name):
+        def hook(module, inputs):
+            x = inputs[0] if inputs else None
+            f = flags.setdefault(name, [False, False])
+            f[0] |= torch.is_tensor(x) and x.requires_grad
+            f[1] |= module.weight.requires_grad
+        return hook
+
+    hooks = [m.register_forward_pre_hook(note(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
+    try:
+        with _countable_attention(device), FlopCounterMode(display=False) as counter:
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    layers = {name: (sum(counts.get(f"{root}.{name}" if name else root, {}).values()), *f)
+              for name, f in flags.items()}
+    return FlopCount(counter.get_total_flops(), layers)
+
+
+def count_step_flops(trainer: Trainer) -> int:
+    """FlopCounterMode over a whole forward + backward (the check of FlopCount.training)."""
+    with _countable_attention(trainer.device), FlopCounterMode(display=False) as counter:
+        trainer.forward_loss().backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
+    """The baseline: FLOP/s of a dense square matmul (8192 on a GPU, 1024 on a CPU), median of 10."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def mm():
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / median(time_calls(mm, 10, warmup=3))
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# --- the benchmark -------------------------------------------------------------------------------------------------
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"  # ru_maxrss is KiB
+
+
+def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype) -> dict:
+    trainer = Trainer(model, params, make_batch(spec, resolution, batch, args.t5_tokens, device, dtype),
+                      autocast=dtype == torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_calls(trainer.step, args.steps, warmup=args.warmup)
+    memory, memory_kind = peak_memory_gib(device)
+    flops = count_flops(model, trainer.forward_loss, device)
+    counted_step = count_step_flops(trainer)
+    step_s = median(times)
+    return {"resolution": resolution, "batch": batch, "step_s": step_s, "images_per_s": batch / step_s,
+            "peak_memory_gib": memory, "memory_kind": memory_kind, "forward_flops": flops.forward,
+            "train_flops": flops.training(), "counted_step_flops": counted_step, "breakdown": flops.breakdown(),
+            "tflops_per_s": flops.training() / step_s / 1e12}
+
+
+def run_model(name: str, args, device, dtype) -> list[dict]:
+    spec = model_config(name, args.layers, args.heads)
+    model, params = build_transformer(spec, device, dtype, args.rank, args.targets)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    info = {"model": name, "layers": spec["num_layers"], "heads": spec["num_attention_heads"],
+            "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "lora_params": sum(p.numel() for p in params)}
+    out = []
+    for res in args.resolutions:
+        batch = args.batch or DEFAULT_BATCH.get(res, 1)
+        while True:
+            try:
+                out.append({**info, **measure(model, params, spec, res, batch, args, device, dtype)})
+                break
+            except torch.OutOfMemoryError:
+                gc.collect()
+                torch.cuda.empty_cache()
+                if batch == 1:
+                    out.append({**info, "resolution": res, "batch": 1, "oom": True})
+                    break
+                batch //= 2
+        r = out[-1]
+        print(f"{name} {res}px batch {r['batch']}: " + ("out of memory" if r.get("oom") else
+              f"{r['images_per_s']:.3g} images/s, peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory_kind']}), "
+              f"forward {r['forward_flops']:.4g} FLOPs, training {r['train_flops']:.4g} FLOPs/step "
+              f"(counted fwd+bwd {r['counted_step_flops']:.4g}), {r['tflops_per_s']:.3g} TFLOP/s"), flush=True)
+    del model, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("no GPU visible: run on a GPU machine, or with --cpu-smoke to check the script on a CPU")
+    device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda")
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    base = matmul_flops_per_s(device, dtype)
+    peak = peak_tflops(device, args.peak_tflops)
+    print(f"baseline: dense {dtype} matmul {base / 1e12:.3g} TFLOP/s; card peak "
+          f"{f'{peak:g} TFLOP/s' if peak else 'unknown (--peak-tflops)'}", flush=True)
+    rows = [r for name in args.models for r in run_model(name, args, device, dtype)]
+    for r in rows:
+        if not r.get("oom"):
+            r["mfu"] = r["tflops_per_s"] / peak if peak else None
+            r["x_matmul"] = r["tflops_per_s"] * 1e12 / base
+    info = machine()
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "matmul_flops_per_s": base, "peak_tflops": peak,
+                                         "rows": rows}, indent=1))
+    body = report(rows, args, argv, info, device, dtype, base, peak)
+    print(body)
+    if not args.no_write:
+        if args.cpu_smoke:
+            write_section("gpu: smoke run on the CPU (reduced size)", body, args.results)
+            text = args.results.read_text()
+            if "## gpu: SD3.5 Large and Medium" not in text:
+                write_section("gpu: SD3.5 Large and Medium", "Pending a GPU machine: run `python benchmarks/gpu.py` "
+                              "there (about 3 minutes on one H100).", args.results)
+        else:
+            write_section("gpu: SD3.5 Large and Medium", body, args.results)
+    return rows
+
+
+def report(rows, args, argv, info, device, dtype, base, peak) -> str:
+    lines = []
+    for r in rows:
+        if r.get("oom"):
+            lines.append([r["model"], f"{r['params_b']:.2f}", f"{r['resolution']}px", 1, "OOM", "", "", "", ""])
+            continue
+        lines.append([r["model"], f"{r['params_b']:.2f}", f"{r['resolution']}px", r["batch"],
+                      f"{r['images_per_s']:.3g}", f"{r['peak_memory_gib']:.2f}", f"{r['forward_flops']:.4g}",
+                      f"{r['train_flops']:.4g} ({r['counted_step_flops'] / r['train_flops']:.3f})",
+                      f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['x_matmul']:.2f}"])
+    size = ("" if not (args.layers or args.heads) else
+            f", reduced to {rows[0]['layers']} layers x {rows[0]['heads']} heads x 64")
+    kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+    return "\n\n".join([
+        command("gpu.py", argv), f"{machine_line(info)}.",
+        f"Setup: SD3.5 transformer architectures with random weights{size}, {str(dtype).removeprefix('torch.')}"
+        f"{' autocast' if dtype == torch.bfloat16 else ''}, LoRA rank {args.rank} ({args.targets}), "
+        f"{CLIP_TOKENS}+{args.t5_tokens} text tokens, AdamW"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; median of {args.steps} steps. "
+        f"Peak memory: {kind}. Training FLOPs by the formula in gpu.py (in brackets: FlopCounterMode's count of a "
+        f"whole forward+backward over it). Baseline: dense matmul {base / 1e12:.3g} TFLOP/s in the same process; "
+        f"card peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}.",
+        table(["model", "params (B)", "res", "batch", "images/s", "peak mem (GiB)", "forward FLOPs",
+               "training FLOPs/step (counted/formula)", "MFU", "x matmul"], lines)])
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

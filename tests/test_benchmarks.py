@@ -1,0 +1,121 @@
+"""The benchmark scripts (benchmarks/) work: the gpu benchmark at --cpu-smoke size, its training-FLOP formula, the
+RESULTS.md writer, and (slow) the CPU benchmarks end to end. Speed is measured by the benchmarks, never asserted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.conftest import ROOT
+
+BENCH = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/gpu.py and common.py as modules (the scripts import each other by file name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import common
+    import gpu
+
+    return gpu, common
+
+
+def run_script(name: str, *args: str, timeout: int) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_gpu_cpu_smoke_prints_figures_and_counts_the_forward_like_flopcountermode(bench, tmp_path):
+    gpu, _ = bench
+    out, results = tmp_path / "gpu.json", tmp_path / "RESULTS.md"
+    stdout = run_script("gpu.py", "--cpu-smoke", "--steps", "2", "--json", str(out), "--results", str(results),
+                        timeout=300)
+    assert "images/s" in stdout and "peak memory" in stdout and "forward" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["resolution"], r["layers"], r["heads"]) for r in rows] == [
+        ("large", 256, 2, 4), ("medium", 256, 2, 4)]
+    cpu = torch.device("cpu")
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["peak_memory_gib"] > 0 and r["memory_kind"] == "process peak RSS"
+        # The same model and batch, counted here by FlopCounterMode directly (the CPU's fused attention has no
+        # FLOP formula: the math kernel's matmuls are what gets counted, as in the script).
+        spec = gpu.model_config(r["model"], layers=2, heads=4)
+        model, params = gpu.build_transformer(spec, cpu, torch.float32, rank=16, targets="attention")
+        trainer = gpu.Trainer(model, params, gpu.make_batch(spec, 256, 1, 154, cpu, torch.float32), autocast=False)
+        with (torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]),
+              FlopCounterMode(display=False) as counter):
+            trainer.forward_loss()
+        assert r["forward_flops"] == counter.get_total_flops() > 0
+        assert r["breakdown"]["attention"] > 0 and r["breakdown"]["lora"] > 0
+        # the formula = FlopCounterMode over a whole forward + backward (math attention: backward = 2x forward)
+        assert r["counted_step_flops"] == r["train_flops"]
+    text = results.read_text()
+    assert "## gpu: smoke run on the CPU (reduced size)" in text and "Pending a GPU machine" in text
+
+
+@pytest.mark.parametrize("input_needs_grad, expected", [(False, 528), (True, 816)])
+def test_training_flop_formula_on_a_tiny_lora_linear(bench, input_needs_grad, expected):
+    """x (3, 8) through a frozen Linear(8, 4) with a rank-2 LoRA, by hand (a matmul of (n,k)x(k,m) is 2nkm):
+    forward: base 2*3*8*4 = 192, A 2*3*8*2 = 96, B 2*3*2*4 = 48 -> 336
+    backward: B weight 48 + B input 48; A weight 96; and, only if x needs a gradient, base input 192 + A input 96
+    -> 336 + 192 = 528 with x as data, 528 + 288 = 816 with x inside a network."""
+    gpu, _ = bench
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).requires_grad_(False)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], init_lora_weights="gaussian"), model)
+    x = torch.randn(3, 8, requires_grad=input_needs_grad)
+
+    count = gpu.count_flops(model, lambda: model(x))
+    assert count.forward == 336 and count.attention == 0
+    assert count.breakdown() == {"lora": 144, "frozen, input needs grad": 192 if input_needs_grad else 0,
+                                 "frozen, on data": 0 if input_needs_grad else 192, "attention": 0}
+    assert count.training() == expected
+    with FlopCounterMode(display=False) as counter:  # and torch agrees
+        model(x).sum().backward()
+    assert counter.get_total_flops() == expected
+
+
+def test_results_sections_are_replaced_in_place_and_others_kept(bench, tmp_path):
+    _, common = bench
+    path = tmp_path / "RESULTS.md"
+    common.write_section("step: ours vs reference", "first figures", path)
+    common.write_section("Memory estimate vs measured", "another developer's table", path)
+    common.write_section("step: ours vs reference", "second figures\n\n| a | b |", path)
+    text = path.read_text()
+    assert text.startswith("# Benchmark results")
+    assert text.count("## step: ours vs reference") == 1 and "second figures" in text and "first" not in text
+    assert text.index("## step") < text.index("## Memory estimate vs measured")
+    assert "another developer's table" in text
+    info = common.machine()
+    assert {"date", "cpu", "cores", "gpu", "torch", "ray", "diffusers", "peft"} <= set(info)
+    assert "torch " in common.machine_line(info)
+
+
+@pytest.mark.bench
+def test_step_and_scaling_benchmarks_run(tmp_path):
+    """The CPU benchmarks end to end at their smallest (a real TorchTrainer each); figures are not checked."""
+    results = str(tmp_path / "RESULTS.md")
+    out = run_script("step.py", "--steps", "6", "--warmup", "2", "--repeats", "1", "--reference-steps", "6",
+                     "--results", results, timeout=600)
+    assert "ours/reference, wall step to step" in out and "ray.train.report" in out
+    out = run_script("scaling.py", "--steps", "5", "--warmup", "1", "--repeats", "1", "--results", results,
+                     timeout=600)
+    assert "all-reduce" in out and "| 2 |" in out
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## step: ours vs reference" in text and "## scaling: 1 and 2 workers" in text
+
+
+@pytest.mark.bench
+def test_overhead_benchmark_runs(tmp_path):
+    out = run_script("overhead.py", "--repeats", "1", "--results", str(tmp_path / "RESULTS.md"), timeout=600)
+    assert "Ray start" in out and "model load" in out and "first step" in out and "bare loop" in out

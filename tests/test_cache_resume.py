@@ -1,0 +1,72 @@
+"""A cache you can trust: a caching run killed mid-way resumes without re-encoding what it finished and leaves no
+corrupt entry; a truncated entry is encoded again; --verify finds an entry whose bytes changed and removes it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytune_sd3.data.store import CacheStore
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = 64
+
+
+def _cmd(tmp: Path, *extra: str) -> list[str]:
+    sets = [f"output_dir={tmp / 'out'}", f"data.datasets.0.instance_data_dir={tmp / 'demo'}",
+            f"data.datasets.0.demo_images={IMAGES}", "data.encode_batch_size=2", "data.encode_actors=1",
+            "validation.prompts=[]"]
+    return [sys.executable, "-m", "raytune_sd3.cache", "jobs/tiny.yaml", *extra] + [
+        a for s in sets for a in ("--set", s)]
+
+
+def _run(tmp: Path, *extra: str, expect: int = 0) -> tuple[dict, str]:
+    r = subprocess.run(_cmd(tmp, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == expect, r.stdout[-2000:] + r.stderr[-3000:]
+    report = tmp / "out" / "cache_report.json"
+    return (json.loads(report.read_text()) if not extra else json.loads(r.stdout[r.stdout.index("{"):])), r.stderr
+
+
+@pytest.mark.slow
+def test_killed_caching_resumes_and_bad_entries_are_found(tmp_path):
+    latents = tmp_path / "out" / "cache" / "latents"
+    # Its own session: killing the group takes the local Ray it started down with it, as a lost machine would.
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(latents.glob("*/*.safetensors"))) >= 6:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    time.sleep(2)  # let the killed encoder actor's last write land, if it was mid-way
+    store = CacheStore(tmp_path / "out" / "cache")
+    done = [key for kind, key in store.entries() if kind == "latents"]
+    assert 6 <= len(done) < IMAGES, "the run ended before it could be killed mid-way"
+    assert all(store.verify("latents", key) is None for key in done)  # atomic writes: no half entry
+
+    report, _ = _run(tmp_path)
+    assert report["latents_reused"] == len(done) and report["latents_encoded"] == IMAGES - len(done)
+
+    truncated, flipped = (store.path("latents", key) for key in done[:2])
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 0xFF  # same length, one bit pattern changed: only the checksum can tell
+    flipped.write_bytes(bytes(data))
+    assert not store.has("latents", truncated.stem)  # every run's cheap check: counted as missing, encoded again
+    assert store.has("latents", flipped.stem)  # ...which only --verify's checksum can catch
+
+    verified, stderr = _run(tmp_path, "--verify", expect=1)
+    assert verified["removed"] == 2 and verified["good"] == verified["entries"] - 2
+    assert f"latents/{flipped.stem}: checksum mismatch" in stderr
+    assert f"latents/{truncated.stem}: truncated or unreadable" in stderr
+    report, _ = _run(tmp_path)
+    assert (report["latents_encoded"], report["latents_reused"]) == (2, IMAGES - 2)
+    verified, _ = _run(tmp_path, "--verify")
+    assert verified["removed"] == 0
