@@ -319,11 +319,9 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raytune_sd3.check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("job", help="job YAML, e.g. jobs/sd35.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, as in python -m raytune_sd3.train")
+    from raytune_sd3.train.__main__ import job_parser
+
+    p = job_parser("python -m raytune_sd3.check", __doc__)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cluster", help="cluster file whose GPU worker type to check against "
                                          "(cluster/*.yaml: launcher YAML or KubeRay manifest)")
@@ -340,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_job(args.job, args.overrides)
+        cfg = load_job(args.job, args.overrides, data_dir=args.data)
     except ConfigError as e:
         print(f"[FAIL] config   {e}", file=sys.stderr)
         return 2

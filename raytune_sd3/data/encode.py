@@ -234,7 +234,6 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
 
     t0 = time.perf_counter()
     report = CacheReport()
-    CacheStore(spec.cache_dir).remove_stale_temporaries()  # left by a run killed mid-write
     size, opts = _actor_options(n_actors)
     compute = ray.data.ActorPoolStrategy(size=size)
     task_opts = {"num_cpus": 0.25}

@@ -26,11 +26,9 @@ REPORT_FILES = ("trials.csv", "trials.md", "eval_loss.png", "stability.png", "be
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raytune_sd3.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("job", help="job YAML with a tune: section, e.g. jobs/tune-tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set tune.num_trials=16 (repeatable)")
+    from raytune_sd3.train.__main__ import job_parser
+
+    p = job_parser("python -m raytune_sd3.tune", __doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the study in output_dir: finished trials are kept, the others run")
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        cfg = load_job(args.job, args.overrides)
+        cfg = load_job(args.job, args.overrides, data_dir=args.data)
         check_paths(cfg)
         check_study(cfg)  # no Ray yet: a bad study fails in about a second
         guard_study(cfg, args.resume, args.restart, args.report_only)
