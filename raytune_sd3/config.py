@@ -66,20 +66,68 @@ class DatasetConfig(Section):
     instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet)."""
     instance_prompt: str | None = None
     """The caption of every image when caption_strategy is instanceprompt."""
-    resolution: int = Field(1024, ge=16)
-    """Square training size in pixels (shorter side resized to it, then centre-cropped); a multiple of 16."""
+    resolution: int | list[int] = 1024
+    """Training size in pixels, in the unit of resolution_type (1024: about 1024x1024 pixels of area); a list
+    (e.g. [512, 1024]) trains on every image at each of them (multi-resolution)."""
+    resolution_type: Literal["pixel_area", "pixel"] = "pixel_area"
+    """pixel_area: resolution R means about R*R pixels of area, each side a multiple of data.bucket_alignment
+    (SimpleTuner's SD3 default); pixel: the shorter side is R."""
+    crop: bool = False
+    """false: each image keeps its aspect ratio (aspect buckets), resized to cover its bucket; true: a window of
+    crop_aspect is cut at crop_style from the image at its own scale (downsampled first when maximum_image_size
+    and target_downsample_size are set; enlarged only when smaller than the window), as SimpleTuner."""
+    crop_style: Literal["center", "centre", "corner", "random"] = "center"
+    """Where the window (or the rounding trim) sits: center, corner (top-left) or random (seeded by the image's
+    bytes: the same on every run)."""
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "square"
+    """With crop: the window's aspect ratio: square, the image's own (preserve), the closest of
+    crop_aspect_buckets, or a random one of them (seeded by the image)."""
+    crop_aspect_buckets: list[float] | None = None
+    """Aspect ratios (width/height) for crop_aspect closest or random, e.g. [0.75, 1.0, 1.33]."""
     minimum_image_size: int | None = Field(None, ge=1)
-    """Skip (and report) images whose shorter side is below this many pixels; default: use every size."""
+    """Skip (and report) images smaller than this, in the unit of resolution_type (pixel: the shorter side;
+    pixel_area: the square root of the area); default: use every size."""
+    maximum_image_size: int | None = Field(None, ge=1)
+    """Images larger than this (same unit) are first downsampled to target_downsample_size; set both or neither."""
+    target_downsample_size: int | None = Field(None, ge=1)
+    """The size (same unit) that images above maximum_image_size are downsampled to before the crop."""
+    repeats: int = Field(0, ge=0)
+    """Extra times each image is seen per epoch (SimpleTuner's meaning: 0 = once, 1 = twice); weights a small
+    data set against a large one."""
+    is_regularisation_data: bool = False
+    """A regularisation (prior-preservation) set: its samples' loss is multiplied by train.prior_loss_weight."""
+    mask_suffix: str | None = None
+    """Masked loss: each image NAME.ext has a mask NAME<mask_suffix>.(png|jpg|...) beside it (white = learn, black
+    = ignore, grey = partial); the loss is weighted by it in latent space. Mask files are not training images;
+    an image without its mask is skipped and reported."""
     demo_images: int = Field(48, ge=1)
     """How many images a demo data set generates."""
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        # VAE /8 then the transformer's 2x2 patches: sides must divide by 16.
-        if v % 16:
-            raise ValueError(f"must be a multiple of 16 (VAE /8 x patch 2), got {v}; try {round(v / 16) * 16}")
+    def _resolutions(cls, v: int | list[int]) -> int | list[int]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(r < 16 for r in values) or len(set(values)) != len(values):
+            raise ValueError(f"resolution is a size of at least 16, or a list of different sizes, got {v}")
         return v
+
+    @property
+    def resolutions(self) -> list[int]:
+        return self.resolution if isinstance(self.resolution, list) else [self.resolution]
+
+    @property
+    def max_resolution(self) -> int:
+        return max(self.resolutions)
+
+    def sizings(self, alignment: int) -> list:
+        """One `Sizing` per resolution: what the cache key and the resize/crop of each image depend on."""
+        from raytune_sd3.data.buckets import Sizing
+
+        style = "center" if self.crop_style == "centre" else self.crop_style
+        return [Sizing(r, self.resolution_type, self.crop, style, self.crop_aspect if self.crop else "square",
+                       tuple(self.crop_aspect_buckets or ()) if self.crop else (), self.minimum_image_size or 0,
+                       self.maximum_image_size, self.target_downsample_size, alignment)
+                for r in self.resolutions]
 
     @model_validator(mode="after")
     def _prompt_when_needed(self) -> DatasetConfig:
@@ -87,6 +135,14 @@ class DatasetConfig(Section):
             raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt set")
         if self.caption_strategy == "metadata" and self.metadata_file is None:
             raise ValueError("caption_strategy 'metadata' needs metadata_file set (a .jsonl, .csv or .parquet file)")
+        if (self.maximum_image_size is None) != (self.target_downsample_size is None):
+            raise ValueError("maximum_image_size and target_downsample_size work together: set both or neither")
+        if self.crop and self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
+            raise ValueError(f"crop_aspect '{self.crop_aspect}' needs crop_aspect_buckets, e.g. [0.75, 1.0, 1.33]")
+        if any(b <= 0 for b in self.crop_aspect_buckets or ()):
+            raise ValueError(f"crop_aspect_buckets are width/height ratios above 0, got {self.crop_aspect_buckets}")
+        if self.mask_suffix is not None and not self.mask_suffix.strip():
+            raise ValueError("mask_suffix must not be empty (e.g. _mask)")
         return self
 
 
@@ -105,6 +161,19 @@ class DataConfig(Section):
     """Images (or captions) per batch in the encoding actors."""
     encode_actors: int | None = Field(None, ge=1)
     """Encoding actors per encoder; default 1 per GPU, or 2 on a CPU-only cluster."""
+    bucket_alignment: int = Field(64, ge=16)
+    """Every bucket side is a multiple of this (SimpleTuner's aspect_bucket_alignment; 64 for SD3)."""
+    small_buckets: Literal["error", "oversubscribe", "drop"] = "error"
+    """A bucket with fewer images than one global batch (batch_size x grad_accum x workers; every optimizer step
+    uses one bucket): error (default, names each such bucket), oversubscribe (repeat its images to fill a batch)
+    or drop (train without them; they are listed in the log)."""
+
+    @field_validator("bucket_alignment")
+    @classmethod
+    def _alignment(cls, v: int) -> int:
+        if v % 16:  # VAE /8 then the transformer's 2x2 patches
+            raise ValueError(f"must be a multiple of 16 (VAE /8 x patch 2), got {v}; try {round(v / 16) * 16 or 16}")
+        return v
 
 
 class FlowConfig(Section):
@@ -226,6 +295,8 @@ class TrainConfig(Section):
     """Stop as diverged when the eval loss rises above this factor times its value before training."""
     grad_norm_limit: float | None = Field(None, gt=0)
     """Stop as diverged when the (unclipped) gradient norm exceeds this."""
+    prior_loss_weight: float = Field(1.0, ge=0)
+    """Loss weight of samples from data sets with is_regularisation_data (diffusers' prior_loss_weight)."""
 
 
     @field_validator("num_workers")
@@ -266,6 +337,11 @@ class TrainConfig(Section):
     @property
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step (fixed, also when elastic): batch_size x grad_accum x the largest worker count."""
+        return self.batch_size * self.grad_accum * self.max_workers
 
     def accum_for(self, world: int) -> int:
         """Micro-steps per optimizer step with `world` workers: the global batch is fixed by the largest size."""
@@ -462,7 +538,9 @@ def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     data = raw.setdefault("data", {})
     first = (data.get("datasets") or [{}])[0]
     data["datasets"] = [{"id": Path(folder).name or "data", "type": "local", "instance_data_dir": str(folder),
-                         "caption_strategy": "textfile", "resolution": first.get("resolution", 1024)}]
+                         "caption_strategy": "textfile", "resolution": first.get("resolution", 1024),
+                         **{k: first[k] for k in ("resolution_type", "crop", "crop_style", "crop_aspect",
+                                                  "crop_aspect_buckets") if k in first}}]
     return raw
 
 

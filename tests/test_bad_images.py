@@ -14,7 +14,8 @@ from PIL import Image
 
 from raytune_sd3.config import DatasetConfig
 from raytune_sd3.data.discovery import discover
-from raytune_sd3.data.encode import image_problem, load_image
+from raytune_sd3.data.buckets import Sizing
+from raytune_sd3.data.encode import decode, image_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -69,6 +70,9 @@ def make_zoo(folder: Path) -> dict[str, str]:
             "empty_caption.png": "is empty", "latin1_caption.png": "not UTF-8"}
 
 
+MIN24 = Sizing(32, "pixel", minimum_image_size=24)
+
+
 def test_each_kind_is_decoded_right_or_has_a_reason(tmp_path):
     bad = make_zoo(tmp_path / "zoo")
     ds = DatasetConfig(id="zoo", instance_data_dir=tmp_path / "zoo", resolution=32, minimum_image_size=24)
@@ -82,15 +86,15 @@ def test_each_kind_is_decoded_right_or_has_a_reason(tmp_path):
 
     folder = tmp_path / "zoo"
     for name in ["zero_bytes.png", "not_an_image.png", "bomb.png", "too_small.png"]:
-        assert bad[name] in image_problem(str(folder / name), 24, 250_000_000), name
-    assert "too large" in image_problem(str(folder / "good_red.jpg"), 0, 48 * 40 - 1)
-    assert image_problem(str(folder / "truncated.jpg"), 24, 250_000_000) == ""  # its header is fine...
+        assert bad[name] in image_problem(str(folder / name), MIN24, 250_000_000), name
+    assert "too large" in image_problem(str(folder / "good_red.jpg"), Sizing(32), 48 * 40 - 1)
+    assert image_problem(str(folder / "truncated.jpg"), MIN24, 250_000_000) == ""  # its header is fine...
     with pytest.raises(OSError):
-        load_image(str(folder / "truncated.jpg"), 32)  # ...its pixels are not: skipped at decoding
+        decode(str(folder / "truncated.jpg"), Sizing.square(32))  # ...its pixels are not: skipped at decoding
 
     def px(name: str) -> np.ndarray:
-        assert image_problem(str(folder / name), 24, 250_000_000) == "", name
-        out = load_image(str(folder / name), 32)
+        assert image_problem(str(folder / name), MIN24, 250_000_000) == "", name
+        out = decode(str(folder / name), Sizing.square(32))
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
         return out.astype(int)
 

@@ -11,7 +11,8 @@ from PIL import Image
 from raytune_sd3.config import DatasetConfig
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
-from raytune_sd3.data.encode import CacheSpec, build_cache, encode_latents, load_image, pixels_to_tensor
+from raytune_sd3.data.buckets import Sizing
+from raytune_sd3.data.encode import CacheSpec, build_cache, decode, encode_latents, pixels_to_tensor
 from raytune_sd3.data.store import CacheStore, seed_from_key
 from raytune_sd3.models.loading import load_text_encoders, load_vae
 from raytune_sd3.models.text import encode_prompts
@@ -28,7 +29,7 @@ def _spec(tiny_sd3: str, cache_dir, **changes) -> CacheSpec:
 
 def test_latents_equal_the_vae_posterior_sample_shifted_and_scaled(tiny_sd3, tmp_path):
     make_demo_dataset(tmp_path / "d", n_images=3, size=64)
-    pixels = np.stack([load_image(str(p), 64) for p in sorted((tmp_path / "d").glob("*.png"))])
+    pixels = np.stack([decode(str(p), Sizing.square(64)) for p in sorted((tmp_path / "d").glob("*.png"))])
     keys = ["a" * 32, "b" * 32, "c" * 32]
     vae = load_vae(tiny_sd3)
     ours = encode_latents(vae, pixels_to_tensor(pixels), keys, shift=0.0609, scale=1.5305)
@@ -46,16 +47,21 @@ def test_latents_equal_the_vae_posterior_sample_shifted_and_scaled(tiny_sd3, tmp
 
 
 def test_every_key_field_changes_the_key(tiny_sd3, tmp_path):
-    spec = _spec(tiny_sd3, tmp_path)
-    base_t, base_l = spec.text_key("a red circle"), spec.latent_key("f" * 64, 64)
-    assert spec.text_key("a red circle") == base_t and spec.latent_key("f" * 64, 64) == base_l  # stable
+    spec, sizing = _spec(tiny_sd3, tmp_path), Sizing(64)
+    base_t, base_l = spec.text_key("a red circle"), spec.latent_key("f" * 64, sizing.to_json())
+    assert spec.text_key("a red circle") == base_t and spec.latent_key("f" * 64, Sizing(64).to_json()) == base_l
     for change in [{"t5_max_length": 77}, {"t5_padding": "zero"}, {"text_ids": ("x",) + spec.text_ids[1:]},
                    {"dtype": "bf16"}, {"text_encoder_dtype": "bf16"}]:
         assert _spec(tiny_sd3, tmp_path, **change).text_key("a red circle") != base_t, change
     assert spec.text_key("a red square") != base_t
     for change in [{"vae_id": "other"}, {"vae_scale": 1.0}, {"vae_shift": 0.0}, {"dtype": "bf16"}]:
-        assert _spec(tiny_sd3, tmp_path, **change).latent_key("f" * 64, 64) != base_l, change
-    assert spec.latent_key("f" * 64, 128) != base_l and spec.latent_key("e" * 64, 64) != base_l
+        assert _spec(tiny_sd3, tmp_path, **change).latent_key("f" * 64, sizing.to_json()) != base_l, change
+    for change in [{"resolution": 128}, {"resolution_type": "pixel"}, {"crop": True}, {"crop_style": "random"},
+                   {"crop_aspect": "preserve"}, {"crop_aspect_buckets": (1.0, 1.5)}, {"minimum_image_size": 8},
+                   {"maximum_image_size": 96, "target_downsample_size": 64}, {"alignment": 16}]:
+        assert spec.latent_key("f" * 64, dataclasses.replace(sizing, **change).to_json()) != base_l, change
+    assert spec.latent_key("e" * 64, sizing.to_json()) != base_l  # other image bytes
+    assert spec.latent_key("f" * 64, sizing.to_json(), mask_sha256="d" * 64) != base_l  # a mask
 
 
 def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray_local):
@@ -64,7 +70,7 @@ def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray
     (data / "empty.jpg").write_bytes(b"")
     Image.new("RGBA", (40, 32), (0, 0, 255, 0)).save(data / "transparent.png")  # composited on white
     (data / "transparent.txt").write_text("a blue square on a white background")
-    items, _ = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32))
+    items, _ = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32), alignment=16)
     spec = _spec(tiny_sd3, tmp_path / "cache", t5_max_length=77)
 
     first = build_cache(spec, items, ["", "a validation prompt"], batch_size=4, n_actors=2)
@@ -78,7 +84,7 @@ def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray
     row = next(r for r in first.rows if r["path"].endswith("transparent.png"))
     lat = store.read("latents", row["latent_key"])["latents"]
     assert lat.shape == (16, 4, 4)
-    pixels = load_image(row["path"], 32)
+    pixels = decode(row["path"], Sizing.square(32))
     assert pixels.min() == 255  # transparent blue on white is white
     text = store.read("text", row["text_key"])
     ref, ref_pooled = encode_prompts(load_text_encoders(tiny_sd3), [row["caption"]], 77)

@@ -46,11 +46,11 @@ def test_typo_in_a_list_item_gets_a_suggestion():
 def test_wrong_type_and_impossible_values_name_the_key():
     raw = tiny_raw()
     raw["train"]["batch_size"] = "four"
-    raw["data"]["datasets"][0]["resolution"] = 100
+    raw["data"]["bucket_alignment"] = 100
     with pytest.raises(ConfigError) as e:
         load_job(raw=raw)
     assert "train.batch_size" in str(e.value)
-    assert "data.datasets.0.resolution: must be a multiple of 16" in str(e.value)
+    assert "data.bucket_alignment: must be a multiple of 16 (VAE /8 x patch 2), got 100; try 96" in str(e.value)
 
 
 def test_impossible_combination():

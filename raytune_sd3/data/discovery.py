@@ -26,10 +26,14 @@ class Item:
     path: str
     caption: str
     dataset_id: str
-    resolution: int
-    min_side: int = 0
+    sizing: str
+    """The JSON of its data set's `Sizing` at one resolution (a multi-resolution image is one Item per size)."""
     more_captions: tuple[str, ...] = ()
     """Alternatives to `caption`: the reader draws one of all of them per epoch."""
+    mask_path: str = ""
+    """The loss mask beside the image (masked loss), or ""."""
+    regularisation: bool = False
+    repeats: int = 0
 
     @property
     def captions(self) -> list[str]:
@@ -37,8 +41,8 @@ class Item:
 
     def to_row(self) -> dict:
         """What the Ray Data stages carry (the alternatives stay on the driver)."""
-        return {"path": self.path, "caption": self.caption, "dataset_id": self.dataset_id,
-                "resolution": self.resolution, "min_side": self.min_side}
+        return {"path": self.path, "caption": self.caption, "dataset_id": self.dataset_id, "sizing": self.sizing,
+                "mask_path": self.mask_path}
 
 
 class CaptionError(ValueError):
@@ -93,14 +97,23 @@ def read_metadata(path: Path, root: Path) -> dict[str, list[str]]:
     return out
 
 
-def discover(ds: DatasetConfig) -> tuple[list[Item], list[dict]]:
-    """Every image under ds.instance_data_dir (recursive, sorted) with its captions, and the files skipped (with
-    the reason) because they have no usable caption."""
+def find_mask(image: Path, suffix: str) -> Path | None:
+    """The mask file beside `image` (NAME<suffix> with any image extension), or None."""
+    found = [image.with_name(image.stem + suffix + ext) for ext in sorted(IMAGE_EXTS)]
+    return next((m for m in found if m.is_file()), None)
+
+
+def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[dict]]:
+    """Every image under ds.instance_data_dir (recursive, sorted) with its captions, one Item per resolution, and
+    the files skipped (with the reason) because they have no usable caption or no mask."""
     root = Path(ds.instance_data_dir)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if ds.mask_suffix:
+        files = [p for p in files if not p.stem.endswith(ds.mask_suffix)]
     if not files:
         raise ValueError(f"data set '{ds.id}': no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
     metadata = read_metadata(ds.metadata_file, root) if ds.caption_strategy == "metadata" else {}
+    sizings = [s.to_json() for s in ds.sizings(alignment)]
     items, skipped = [], []
     for p in files:
         path = str(p.resolve())
@@ -109,7 +122,13 @@ def discover(ds: DatasetConfig) -> tuple[list[Item], list[dict]]:
         except CaptionError as e:
             skipped.append({"path": path, "reason": str(e)})
             continue
-        items.append(Item(path, captions[0], ds.id, ds.resolution, ds.minimum_image_size or 0, tuple(captions[1:])))
+        mask = find_mask(p, ds.mask_suffix) if ds.mask_suffix else None
+        if ds.mask_suffix and mask is None:
+            skipped.append({"path": path, "reason": f"no mask {p.stem}{ds.mask_suffix}.png (or another image "
+                                                    f"extension) beside it; data set '{ds.id}' has mask_suffix set"})
+            continue
+        items += [Item(path, captions[0], ds.id, sizing, tuple(captions[1:]), str(mask.resolve()) if mask else "",
+                       ds.is_regularisation_data, ds.repeats) for sizing in sizings]
     if metadata:
         found = {it.path for it in items} | {s["path"] for s in skipped}
         skipped += [{"path": m, "reason": f"listed in {ds.metadata_file.name} but not an image under {root}"}

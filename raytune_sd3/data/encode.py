@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from raytune_sd3.data.buckets import Plan, Sizing, plan, too_small
 from raytune_sd3.data.discovery import Item
 from raytune_sd3.data.store import CacheStore, latent_key, seed_from_key, text_key
 from raytune_sd3.models.loading import DTYPES
 
-CROP = "center"
+VAE_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class CacheSpec:
     dtype: str
     text_encoder_dtype: str = "fp32"
 
-    def latent_key(self, image_sha256: str, resolution: int) -> str:
-        return latent_key(image_sha256, resolution, CROP, self.vae_id, self.vae_shift, self.vae_scale, self.dtype)
+    def latent_key(self, image_sha256: str, sizing: str, mask_sha256: str = "") -> str:
+        return latent_key(image_sha256, sizing, self.vae_id, self.vae_shift, self.vae_scale, self.dtype,
+                          mask_sha256)
 
     def text_key(self, caption: str) -> str:
         return text_key(caption, list(self.text_ids), self.t5_max_length, self.t5_padding, self.dtype,
@@ -80,25 +82,41 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def image_problem(path: str, min_side: int, max_pixels: int) -> str:
-    """Why the image at `path` cannot be used, from its header alone (no decoding), or "" when it can."""
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed, from the header alone: EXIF orientations 5-8 swap the sides."""
     Image.MAX_IMAGE_PIXELS = None  # the size limit is ours (data.max_image_pixels), checked before decoding
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: PIL's exif_transpose ignores it too
+            rotated = False
+    return (h, w) if rotated else (w, h)
+
+
+def image_problem(path: str, sizing: Sizing, max_pixels: int) -> str:
+    """Why the image at `path` cannot be used, from its header alone (no decoding), or "" when it can."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
+        w, h = image_size(path)
     except Exception as e:  # noqa: BLE001 - not an image PIL can read: skip and report
         return f"not a readable image: {type(e).__name__}: {e}"
     if w * h > max_pixels:
         return (f"too large: {w}x{h} = {w * h} pixels > data.max_image_pixels {max_pixels} (a guard against "
                 "decompression bombs; raise it to use this image)")
-    if min(w, h) < min_side:
-        return f"too small: {w}x{h}, shorter side below minimum_image_size {min_side}"
-    return ""
+    return too_small(w, h, sizing)
 
 
-def load_image(path: str, resolution: int) -> np.ndarray:
-    """RGB uint8 (resolution, resolution, 3): EXIF orientation applied, alpha on white, 16-bit scaled, CMYK and
-    palettes converted, shorter side resized, centre crop."""
+def _apply(im: Image.Image, p: Plan, resample: Image.Resampling) -> Image.Image:
+    if p.downsample:
+        im = im.resize(p.downsample, Image.Resampling.LANCZOS)
+    if im.size != p.resize:
+        im = im.resize(p.resize, resample)
+    return im.crop(p.box)
+
+
+def load_image(path: str, p: Plan) -> np.ndarray:
+    """RGB uint8 (height, width, 3) of the plan's size: EXIF orientation applied, alpha on white, 16-bit scaled,
+    CMYK and palettes converted, then downsampled, resized and cropped as `p` says."""
     Image.MAX_IMAGE_PIXELS = None  # checked against data.max_image_pixels by image_problem before this
     with Image.open(path) as im:
         im = _to_8bit(ImageOps.exif_transpose(im))
@@ -106,13 +124,28 @@ def load_image(path: str, resolution: int) -> np.ndarray:
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-        w, h = im.size
-        s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
-        w, h = im.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        return np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+        return np.asarray(_apply(im.convert("RGB"), p, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def load_mask(path: str, p: Plan) -> np.ndarray:
+    """A mask image as float32 (height, width) in [0, 1] (white = 1), cut exactly like its image."""
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as im:
+        im = _to_8bit(ImageOps.exif_transpose(im))
+        if im.mode in ("RGBA", "LA", "PA"):  # a transparent mask is black where transparent
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+        return np.asarray(_apply(im.convert("L"), p, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+
+
+def decode(path: str, sizing: Sizing, seed: int = 0) -> np.ndarray:
+    """The training pixels of the image at `path` under `sizing` (its plan from the header, then load_image)."""
+    return load_image(path, plan(*image_size(path), sizing, seed))
+
+
+def latent_mask(mask: np.ndarray) -> torch.Tensor:
+    """(H, W) pixel mask -> (1, H/8, W/8): the mean over each 8x8 block, the pixels one latent position covers."""
+    t = torch.from_numpy(np.ascontiguousarray(mask))[None, None]
+    return torch.nn.functional.avg_pool2d(t, VAE_FACTOR)[0]
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -135,42 +168,65 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _plan_of(row: dict) -> Plan:
+    w, h = int(row["orig_width"]), int(row["orig_height"])
+    return plan(w, h, Sizing.from_json(str(row["sizing"])), seed_from_key(str(row["latent_key"])))
+
+
 def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
-    """CPU task: check each image's header, hash its bytes, derive its cache key and whether the cache already
-    has a whole entry for it."""
+    """CPU task: check each image's header (and its mask's), hash their bytes, derive the cache key, the bucket
+    size and whether the cache already has a whole entry."""
     store = CacheStore(spec.cache_dir)
-    keys, hits, errors = [], [], []
-    for path, res, min_side in zip(batch["path"], batch["resolution"], batch["min_side"], strict=True):
-        problem = image_problem(path, int(min_side), max_pixels)
-        if problem:
-            keys.append("")
-            hits.append(False)
-            errors.append(problem)
-            continue
+    out = {k: [] for k in ("latent_key", "hit", "error", "orig_width", "orig_height", "width", "height")}
+    for path, sizing, mask in zip(batch["path"], batch["sizing"], batch["mask_path"], strict=True):
+        sizing, key, size, orig, problem = str(sizing), "", (0, 0), (0, 0), ""
         try:
-            k = spec.latent_key(hashlib.sha256(Path(path).read_bytes()).hexdigest(), int(res))
-            keys.append(k)
-            hits.append(store.has("latents", k))
-            errors.append("")
-        except OSError as e:
-            keys.append("")
-            hits.append(False)
-            errors.append(f"unreadable: {e}")
-    return {**batch, "latent_key": np.array(keys), "hit": np.array(hits), "error": np.array(errors)}
+            problem = image_problem(path, Sizing.from_json(sizing), max_pixels)
+            if not problem:
+                orig = image_size(path)
+                mask_sha = ""
+                if mask:
+                    if image_size(mask) != orig:
+                        problem = f"mask {Path(mask).name} is {image_size(mask)}, its image {orig}: they must match"
+                    mask_sha = hashlib.sha256(Path(mask).read_bytes()).hexdigest()
+                key = spec.latent_key(hashlib.sha256(Path(path).read_bytes()).hexdigest(), sizing, mask_sha)
+                size = _plan_of({"orig_width": orig[0], "orig_height": orig[1], "sizing": sizing,
+                                 "latent_key": key}).size
+        except Exception as e:  # noqa: BLE001 - an unreadable file or mask: skip and report
+            problem = problem or f"unreadable: {type(e).__name__}: {e}"
+        for name, value in zip(out, (key if not problem else "", not problem and store.has("latents", key),
+                                     problem, *orig, *size), strict=True):
+            out[name].append(value)
+    return {**batch, **{k: np.array(v) for k, v in out.items()}}
 
 
 def _decode(batch: dict) -> dict:
-    """CPU task: decode, resize and crop; a bad file becomes an error row instead of stopping the job."""
-    res = int(batch["resolution"][0])
-    pixels, errors = [], []
-    for path in batch["path"]:
+    """CPU task: decode, resize and crop (and the mask alike); a bad file becomes an error row instead of stopping
+    the job. A batch may hold several buckets (a ragged column); the VAE actor encodes each size apart."""
+    pixels, masks, errors = [], [], []
+    for i, path in enumerate(batch["path"]):
+        w, h = int(batch["width"][i]), int(batch["height"][i])
+        row = {k: batch[k][i] for k in ("orig_width", "orig_height", "sizing", "latent_key")}
         try:
-            pixels.append(load_image(path, res))
+            p = _plan_of(row)
+            pixels.append(load_image(path, p))
+            masks.append(load_mask(str(batch["mask_path"][i]), p) if batch["mask_path"][i] else np.ones((h, w),
+                                                                                                           np.float32))
             errors.append("")
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
-            pixels.append(np.zeros((res, res, 3), np.uint8))
+            pixels.append(np.zeros((h, w, 3), np.uint8))
+            masks.append(np.ones((h, w), np.float32))
             errors.append(f"cannot decode: {type(e).__name__}: {e}")
-    return {**batch, "pixels": np.stack(pixels), "error": np.array(errors)}
+    return {**batch, "pixels": _column(pixels), "mask": _column(masks), "error": np.array(errors)}
+
+
+def _column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array when every shape is the same, else an object array (Ray Data's ragged tensor column)."""
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
 
 
 class VaeEncoder:
@@ -184,16 +240,22 @@ class VaeEncoder:
         self.vae = load_vae(spec.pretrained, _device(), torch.float32, spec.revision)
 
     def __call__(self, batch: dict) -> dict:
-        ok = np.array([e == "" for e in batch["error"]])
-        encoded = np.zeros(len(ok), dtype=bool)
-        if ok.any():
-            keys = [k for k, good in zip(batch["latent_key"], ok, strict=True) if good]
-            lat = encode_latents(self.vae, pixels_to_tensor(batch["pixels"][ok]), keys, self.spec.vae_shift,
+        ok = [i for i, e in enumerate(batch["error"]) if e == ""]
+        encoded = np.zeros(len(batch["error"]), dtype=bool)
+        sizes = {i: batch["pixels"][i].shape for i in ok}
+        for size in sorted(set(sizes.values())):  # one VAE call per image size
+            group = [i for i in ok if sizes[i] == size]
+            keys = [str(batch["latent_key"][i]) for i in group]
+            pixels = np.stack([batch["pixels"][i] for i in group])
+            lat = encode_latents(self.vae, pixels_to_tensor(pixels), keys, self.spec.vae_shift,
                                  self.spec.vae_scale).to(DTYPES[self.spec.dtype])
-            for k, t in zip(keys, lat, strict=True):
-                self.store.write("latents", k, {"latents": t})
-            encoded[ok] = True
-        return {"path": batch["path"], "latent_key": batch["latent_key"], "error": batch["error"], "encoded": encoded}
+            for i, k, t in zip(group, keys, lat, strict=True):
+                has_mask = bool(batch["mask_path"][i])
+                entry = {"latents": t, **({"mask": latent_mask(batch["mask"][i]).to(t.dtype)} if has_mask else {})}
+                self.store.write("latents", k, entry)
+            encoded[group] = True
+        return {"uid": batch["uid"], "path": batch["path"], "latent_key": batch["latent_key"], "error": batch["error"],
+                "encoded": encoded}
 
 
 class TextEncoder:
@@ -238,30 +300,32 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     compute = ray.data.ActorPoolStrategy(size=size)
     task_opts = {"num_cpus": 0.25}
 
-    keyed = ray.data.from_items([it.to_row() for it in items]).map_batches(
+    rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
+    keyed = ray.data.from_items(rows).map_batches(
         _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels}, batch_size=64, **task_opts
     ).take_all()
     todo = [r for r in keyed if not r["hit"] and not r["error"]]
-    done = {r["path"]: r for r in keyed if r["hit"]}
+    done = {int(r["uid"]): r for r in keyed if r["hit"]}
     report.latents_reused = len(done)
     report.skipped += [{"path": r["path"], "reason": r["error"]} for r in keyed if r["error"]]
+    size_of = {int(r["uid"]): (int(r["width"]), int(r["height"])) for r in keyed}
 
-    for res in sorted({r["resolution"] for r in todo}):  # a batch holds one image size
-        group = [{k: r[k] for k in ("path", "caption", "dataset_id", "resolution", "latent_key")} for r in todo
-                 if r["resolution"] == res]
+    if todo:  # one pipeline for every bucket, sorted by size so that most batches hold one size
+        todo.sort(key=lambda r: (size_of[int(r["uid"])], int(r["uid"])))
+        group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width", "orig_height",
+                                    "width", "height")} for r in todo]
         out = (ray.data.from_items(group)
                .map_batches(_decode, batch_size=batch_size, **task_opts)
                .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts)
                .take_all())
         for r in out:
             if r["encoded"]:
-                done[r["path"]] = r
+                done[int(r["uid"])] = r
                 report.latents_encoded += 1
             else:
                 report.skipped.append({"path": r["path"], "reason": r["error"]})
 
-    by_path = {it.path: it for it in items}
-    captions = sorted({c for p in done for c in by_path[p].captions} | set(extra_captions))
+    captions = sorted({c for uid in done for c in items[uid].captions} | set(extra_captions))
     report.text_keys = {c: spec.text_key(c) for c in captions}
     store = CacheStore(spec.cache_dir)
     missing = [{"caption": c, "text_key": k} for c, k in report.text_keys.items() if not store.has("text", k)]
@@ -272,9 +336,11 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
         ).take_all()
         report.texts_encoded = len(missing)
 
-    for it in items:  # manifest rows in discovery order
-        if it.path in done:
-            report.rows.append({**it.to_row(), "latent_key": done[it.path]["latent_key"],
+    for uid, it in enumerate(items):  # manifest rows in discovery order
+        if uid in done:
+            width, height = size_of[uid]
+            report.rows.append({**it.to_row(), "latent_key": str(done[uid]["latent_key"]), "width": width,
+                                "height": height, "regularisation": it.regularisation, "repeats": it.repeats,
                                 "text_key": report.text_keys[it.caption],
                                 "text_keys": [report.text_keys[c] for c in it.captions]})
     report.seconds = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from raytune_sd3.config import JobConfig
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
-from raytune_sd3.data.reader import MANIFEST, write_manifest
+from raytune_sd3.data.reader import MANIFEST, bucket_of, plan_buckets, split_eval, write_manifest
 from raytune_sd3.models.loading import component_identity, vae_scaling
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def prepare_data(cfg: JobConfig, pretrained: str) -> tuple[Path, CacheReport]:
     items, skipped = [], []
     for ds in cfg.data.datasets:
         if ds.type == "demo":
-            make_demo_dataset(ds.instance_data_dir, ds.demo_images, size=ds.resolution, seed=cfg.train.seed)
-        found, unusable = discover(ds)
+            make_demo_dataset(ds.instance_data_dir, ds.demo_images, size=ds.max_resolution, seed=cfg.train.seed)
+        found, unusable = discover(ds, cfg.data.bucket_alignment)
         items += found
         skipped += unusable
     spec = cache_spec(cfg, pretrained)
@@ -57,14 +57,29 @@ def prepare_data(cfg: JobConfig, pretrained: str) -> tuple[Path, CacheReport]:
     report.skipped = skipped + report.skipped
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cache_report.json").write_text(json.dumps(report.summary(), indent=2))
+    summary = {**report.summary(), "buckets": bucket_counts(report.rows)}
+    (out / "cache_report.json").write_text(json.dumps(summary, indent=2))
     used = {r["dataset_id"] for r in report.rows}
     empty = [ds.id for ds in cfg.data.datasets if ds.id not in used]
     if empty:  # after cache_report.json is written: it says why each image was skipped
         raise RuntimeError(f"data set(s) {', '.join(empty)}: no usable image; {out / 'cache_report.json'} lists "
                            "each skipped file and why")
+    # Before any worker starts: a bucket that cannot fill a global batch is an error naming it (or the policy).
+    _, notes = plan_buckets(split_eval(report.rows, cfg.data.eval_samples)[0], cfg.train.global_batch,
+                            cfg.data.small_buckets)
+    for line in notes:
+        log.warning("data.small_buckets=%s: %s", cfg.data.small_buckets, line)
     validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]
     manifest = out / MANIFEST
     write_manifest(manifest, report.rows, report.text_keys[""], validation, spec.cache_dir)
-    log.info("cache: %s", json.dumps(report.summary()))
+    log.info("cache: %s", json.dumps(summary))
     return manifest, report
+
+
+def bucket_counts(rows: list[dict]) -> dict[str, int]:
+    """Images per bucket ("WxH": n), largest first."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        w, h = bucket_of(r)
+        counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -1,13 +1,17 @@
-"""The training-time reader: cached latents and embeddings in a deterministic order.
+"""The training-time reader: cached latents and embeddings in a deterministic order, one bucket per step.
 
-The sample stream is a function of (seed, position) only: position p is item perm_e[p mod N] of epoch e = p // N.
-Optimizer step s, micro-step m, rank r reads positions ((s*A + m)*W + r)*B ... +B, so a run resumed at step s (or
-restarted on other workers) sees exactly the batches an uninterrupted run would have seen.
+Every optimizer step trains on one global batch of G = batch_size x grad_accum x workers samples from a single
+bucket (one image size). Epoch e is a list of such batches, a function of (seed, e) only: each bucket's items
+(repeated 1 + repeats times) are shuffled and cut into batches of G (the remainder waits for another epoch), and
+the batches of all buckets are shuffled together. Step s is batch s mod S of epoch s // S; micro-step m of rank r
+reads its slice (m*W + r)*B ... +B. So a run resumed at step s (or restarted on another number of workers with the
+same G) sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -37,44 +41,104 @@ def split_eval(rows: list[dict], eval_samples: int) -> tuple[list[dict], list[di
     return [r for r in rows if r["latent_key"] not in held], eval_rows
 
 
+class BucketError(ValueError):
+    """A bucket that cannot fill one global batch; the message names it and what to change."""
+
+
+def bucket_of(row: dict) -> tuple[int, int]:
+    return int(row.get("width", 0)), int(row.get("height", 0))
+
+
+def plan_buckets(rows: list[dict], global_batch: int, small_buckets: str = "error") -> tuple[list[np.ndarray], list[str]]:
+    """Row indices per bucket (each repeated 1 + repeats times; sorted by size), after applying the small-bucket
+    policy; and a line per bucket that was too small (dropped or oversubscribed). Raises BucketError."""
+    members: dict[tuple[int, int], list[int]] = defaultdict(list)
+    datasets: dict[tuple[int, int], set[str]] = defaultdict(set)
+    for i, r in enumerate(rows):
+        members[bucket_of(r)] += [i] * (1 + int(r.get("repeats", 0)))
+        datasets[bucket_of(r)].add(str(r.get("dataset_id", "?")))
+    small = {b: len(m) for b, m in members.items() if len(m) < global_batch}
+    notes = [f"bucket {w}x{h} (data set {', '.join(sorted(datasets[(w, h)]))}): {n} samples per epoch"
+             for (w, h), n in sorted(small.items())]
+    if small and (small_buckets == "error" or len(small) == len(members) and small_buckets == "drop"):
+        raise BucketError(
+            f"{len(small)} of {len(members)} aspect bucket(s) cannot fill one global batch of {global_batch} "
+            "samples (batch_size x grad_accum x workers; every optimizer step uses one bucket):\n  "
+            + "\n  ".join(notes) + "\nAdd images of that shape or raise the data set's repeats, lower "
+            "train.batch_size / grad_accum / num_workers, use fewer buckets (crop: true with crop_aspect square or "
+            "closest, or a larger data.bucket_alignment), or set data.small_buckets to oversubscribe (repeat those "
+            "images to fill a batch) or drop (train without them)")
+    if small_buckets == "drop":
+        members = {b: m for b, m in members.items() if b not in small}
+    return [np.array(members[b]) for b in sorted(members)], notes
+
+
 class CachedBatches:
     def __init__(self, manifest: dict, rows: list[dict], seed: int, caption_dropout: float = 0.0,
-                 uncond: str = "empty_string"):
+                 uncond: str = "empty_string", global_batch: int = 1, small_buckets: str = "error",
+                 prior_loss_weight: float = 1.0):
         if not rows:
             raise ValueError("no training items left (all held out for eval?): lower data.eval_samples")
         self.store = CacheStore(manifest["cache_dir"])
-        self.rows, self.seed = rows, seed
-        self.caption_dropout, self.uncond = caption_dropout, uncond
+        self.rows, self.seed, self.global_batch = rows, seed, global_batch
+        self.caption_dropout, self.uncond, self.prior_loss_weight = caption_dropout, uncond, prior_loss_weight
         self.uncond_key = manifest["uncond_key"]
-        self._perms: dict[int, np.ndarray] = {}
+        self.buckets, self.small_bucket_notes = plan_buckets(rows, global_batch, small_buckets)
+        self.steps_per_epoch = sum(max(len(m) // global_batch, 1 if len(m) else 0) for m in self.buckets)
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
 
-    def _item(self, position: int) -> int:
-        n = len(self.rows)
-        epoch = position // n
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
-        return int(self._perms[epoch][position % n])
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The global batches (row indices, one bucket each) of `epoch`, in training order."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            g, batches = self.global_batch, []
+            for b, members in enumerate(self.buckets):
+                pool = members[np.random.default_rng([self.seed, epoch, b]).permutation(len(members))]
+                if len(pool) < g:  # oversubscribed: its images repeated to fill one batch
+                    pool = np.resize(pool, g)
+                batches += [pool[i:i + g] for i in range(0, len(pool) - g + 1, g)]
+            order = np.random.default_rng([self.seed, epoch, 1 << 20]).permutation(len(batches))
+            self._epoch = (epoch, [batches[i] for i in order])
+        return self._epoch[1]
 
     def load(self, rows: list[dict], dropped: list[bool] | None = None,
              text_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Stack the cache entries of `rows` (with `text_keys`' captions, default each row's first); a dropped
-        caption becomes the unconditional embedding."""
-        lat, emb, pooled = [], [], []
+        """Stack the cache entries of `rows` (one bucket; with `text_keys`' captions, default each row's first); a
+        dropped caption becomes the unconditional embedding. `loss_weight` is train.prior_loss_weight for
+        regularisation samples, else 1; `mask` (masked loss) is there when any row has one (ones for the others)."""
+        lat, masks, emb, pooled = [], [], [], []
         for i, r in enumerate(rows):
-            lat.append(self.store.read("latents", r["latent_key"])["latents"])
+            entry = self.store.read("latents", r["latent_key"])
+            lat.append(entry["latents"])
+            masks.append(entry.get("mask"))
             drop = bool(dropped and dropped[i])
             t = self.store.read("text", self.uncond_key if drop else (text_keys[i] if text_keys else r["text_key"]))
             if drop and self.uncond == "zero":
                 t = {k: torch.zeros_like(v) for k, v in t.items()}
             emb.append(t["prompt_embeds"])
             pooled.append(t["pooled"])
-        return {"latents": torch.stack(lat), "prompt_embeds": torch.stack(emb), "pooled": torch.stack(pooled)}
+        batch = {"latents": torch.stack(lat), "prompt_embeds": torch.stack(emb), "pooled": torch.stack(pooled),
+                 "loss_weight": torch.tensor([self.prior_loss_weight if r.get("regularisation") else 1.0
+                                              for r in rows])}
+        if any(m is not None for m in masks):
+            ones = torch.ones_like(lat[0][:1])
+            batch["mask"] = torch.stack([m.to(ones.dtype) if m is not None else ones for m in masks])
+        return batch
+
+    def load_buckets(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """`rows` (e.g. the eval set) as one stacked batch per bucket, in a fixed order."""
+        by_bucket: dict[tuple[int, int], list[dict]] = defaultdict(list)
+        for r in sorted(rows, key=lambda r: r["latent_key"]):
+            by_bucket[bucket_of(r)].append(r)
+        return [self.load(by_bucket[b]) for b in sorted(by_bucket)]
 
     def micro_batch(self, step: int, micro: int, grad_accum: int, rank: int, world: int, batch_size: int):
         """The batch of rank `rank` at 0-based optimizer step `step`, micro-step `micro`."""
-        start = ((step * grad_accum + micro) * world + rank) * batch_size
-        positions = range(start, start + batch_size)
-        rows = [self.rows[self._item(p)] for p in positions]
+        if batch_size * grad_accum * world != self.global_batch:
+            raise ValueError(f"{batch_size} x {grad_accum} x {world} is not the reader's global batch {self.global_batch}")
+        batch = self.epoch_batches(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+        offset = (micro * world + rank) * batch_size
+        positions = range(step * self.global_batch + offset, step * self.global_batch + offset + batch_size)
+        rows = [self.rows[int(i)] for i in batch[offset:offset + batch_size]]
         dropped = [self.caption_dropout > 0 and np.random.default_rng([self.seed, 7, p]).random() < self.caption_dropout
                    for p in positions]
         return self.load(rows, dropped, [self.text_key_at(r, p) for r, p in zip(rows, positions, strict=True)])

@@ -2,7 +2,7 @@
 
 An entry's key hashes everything that changes its content, so a changed image, resolution, crop, VAE, caption,
 encoder, T5 length or padding mode is a different key (recomputed), never a stale hit:
-    latents/<k[:2]>/<k>.safetensors  {"latents": (16, H/8, W/8)}
+    latents/<k[:2]>/<k>.safetensors  {"latents": (16, H/8, W/8), "mask": (1, H/8, W/8) with masked loss}
     text/<k[:2]>/<k>.safetensors     {"prompt_embeds": (77 + L, D), "pooled": (P,)}
 Each entry carries the sha256 of its tensor bytes in its safetensors metadata. `has` (every run, for every item)
 checks cheaply that an entry is whole (header readable, file as long as the header says); `verify` (the cache
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-CACHE_FORMAT = 2  # bump when the meaning of an entry changes (2: checksummed entries)
+CACHE_FORMAT = 3  # bump when the meaning of an entry changes (2: checksummed entries; 3: buckets, masks)
 CHECKSUM = "sha256"
 
 
@@ -29,10 +29,11 @@ def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **fields}, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def latent_key(image_sha256: str, resolution: int, crop: str, vae_id: str, shift: float, scale: float,
-               dtype: str) -> str:
-    return _hash({"kind": "latents", "image": image_sha256, "resolution": resolution, "crop": crop, "vae": vae_id,
-                  "shift": shift, "scale": scale, "dtype": dtype})
+def latent_key(image_sha256: str, sizing: str, vae_id: str, shift: float, scale: float, dtype: str,
+               mask_sha256: str = "") -> str:
+    """`sizing` is the JSON of the data set's resolution, resolution type, crop and bucket settings."""
+    return _hash({"kind": "latents", "image": image_sha256, "sizing": sizing, "vae": vae_id, "shift": shift,
+                  "scale": scale, "dtype": dtype, "mask": mask_sha256})
 
 
 def text_key(caption: str, encoder_ids: list[str], t5_max_length: int, t5_padding: str, dtype: str,

@@ -120,10 +120,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     manifest = read_manifest(config["manifest"])
     train_rows, eval_rows = split_eval(manifest["rows"], cfg.data.eval_samples)
-    reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond)
+    reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
+                           t.global_batch, cfg.data.small_buckets, t.prior_loss_weight)
     # Under ZeRO-3 a forward pass needs every rank, so every rank runs eval and sampling; otherwise rank 0 alone.
     runs_eval = rank == 0 or strategy.sharded_params
-    eval_batch = reader.load(eval_rows) if eval_rows and runs_eval else None
+    eval_batch = reader.load_buckets(eval_rows) if eval_rows and runs_eval else None
     log = MetricsLog(out_dir / METRICS, start_step) if rank == 0 else None
     tracker = Tracker(cfg, active=rank == 0)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
@@ -187,7 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
                 pred = strategy.model(hidden_states=fb.noisy, timestep=fb.timesteps,
                                       encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
                                       pooled_projections=batch["pooled"].to(device, dtype), return_dict=False)[0]
-                loss = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas).mean() / accum
+                mask = batch["mask"].to(device) if "mask" in batch else None
+                per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
+                loss = (per_sample * batch["loss_weight"].to(device)).mean() / accum
                 strategy.backward(loss)
             loss_sum += loss.detach()
         if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
@@ -200,7 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
         step_time = time.perf_counter() - t0
         metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
-                   "images_per_s": global_batch / step_time, "epoch": step * global_batch / len(train_rows),
+                   "images_per_s": global_batch / step_time, "epoch": step / reader.steps_per_epoch,
                    "nonfinite_steps": nonfinite, "workers": world}
 
         last = step == t.max_steps

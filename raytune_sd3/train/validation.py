@@ -17,26 +17,31 @@ EVAL_SEED = 20240611
 
 
 @torch.no_grad()
-def eval_loss(transformer, batch: dict[str, torch.Tensor], flow: FlowConfig, device, dtype=torch.float32) -> float:
-    """Mean velocity MSE over every (item, sigma) pair; noise seeded by item index, so it is identical every call."""
+def eval_loss(transformer, batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], flow: FlowConfig,
+              device, dtype=torch.float32) -> float:
+    """Mean velocity MSE over every (item, sigma) pair of `batches` (one stacked batch per bucket); noise seeded
+    by the item's index, so it is identical every call. A `mask` (masked loss) weights the error as in training."""
     was_training = transformer.training
     transformer.eval()
-    latents = batch["latents"].to(device, torch.float32)
-    total, count = 0.0, 0
-    for i in range(latents.shape[0]):
-        x0 = latents[i : i + 1]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(EVAL_SEED + i)).to(device)
-        for s in flow.eval_sigmas:
-            sigma = torch.tensor([s], device=device)
-            pred = transformer(
-                hidden_states=noisy_input(x0, noise, sigma).to(dtype),
-                timestep=(sigma * NUM_TRAIN_TIMESTEPS).to(dtype),
-                encoder_hidden_states=batch["prompt_embeds"][i : i + 1].to(device, dtype),
-                pooled_projections=batch["pooled"][i : i + 1].to(device, dtype),
-                return_dict=False,
-            )[0]
-            total += torch.mean((pred.float() - (noise - x0)) ** 2).item()
-            count += 1
+    total, count, index = 0.0, 0, 0
+    for batch in [batches] if isinstance(batches, dict) else batches:
+        latents = batch["latents"].to(device, torch.float32)
+        for i in range(latents.shape[0]):
+            x0 = latents[i : i + 1]
+            mask = batch["mask"][i : i + 1].to(device, torch.float32) if "mask" in batch else 1.0
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(EVAL_SEED + index)).to(device)
+            index += 1
+            for s in flow.eval_sigmas:
+                sigma = torch.tensor([s], device=device)
+                pred = transformer(
+                    hidden_states=noisy_input(x0, noise, sigma).to(dtype),
+                    timestep=(sigma * NUM_TRAIN_TIMESTEPS).to(dtype),
+                    encoder_hidden_states=batch["prompt_embeds"][i : i + 1].to(device, dtype),
+                    pooled_projections=batch["pooled"][i : i + 1].to(device, dtype),
+                    return_dict=False,
+                )[0]
+                total += torch.mean((pred.float() - (noise - x0)) ** 2 * mask).item()
+                count += 1
     transformer.train(was_training)
     return total / count
 
