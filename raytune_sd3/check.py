@@ -160,39 +160,74 @@ def check_model(cfg: JobConfig, report: Report) -> str | None:
 
 
 def check_data(cfg: JobConfig, report: Report) -> int:
-    """Counts the images of each data set (one square bucket per data set for now); returns the total."""
+    """Counts the images of each data set and their aspect buckets (from the image headers), and checks that every
+    bucket fills a global batch; returns the total."""
     from raytune_sd3.data.discovery import discover
 
-    total = 0
+    total, rows = 0, []
     for i, ds in enumerate(cfg.data.datasets):
-        bucket = f"1 bucket {ds.resolution}x{ds.resolution}"
         if ds.type == "demo":
             if ds.instance_data_dir.is_dir() and any(ds.instance_data_dir.iterdir()):
-                n = len(discover(ds)[0])
-                report.ok("data", f"{ds.id}: {n} images in {ds.instance_data_dir}, {bucket}")
+                items = discover(ds, cfg.data.bucket_alignment)[0]
+                rows += _bucket_rows(items)
+                report.ok("data", f"{ds.id}: {len(items)} images in {ds.instance_data_dir}, {_buckets(rows, ds.id)}")
+                total += len(items)
             else:
-                n = ds.demo_images
-                report.ok("data", f"{ds.id}: demo, {n} images generated on first use, {bucket}")
-            total += n
+                from raytune_sd3.data.buckets import size_for_aspect
+
+                w, h = size_for_aspect(1.0, ds.sizings(cfg.data.bucket_alignment)[-1])
+                report.ok("data", f"{ds.id}: demo, {ds.demo_images} square images generated on first use, "
+                                  f"1 bucket {w}x{h}")
+                total += ds.demo_images
             continue
         if not ds.instance_data_dir.is_dir():
             report.fail("data", f"data.datasets[{i}] ({ds.id}): {ds.instance_data_dir} is not reachable from here")
             continue
         try:
-            items = discover(ds)[0]
+            items = discover(ds, cfg.data.bucket_alignment)[0]
         except ValueError as e:
             report.fail("data", str(e))
             continue
-        captions = sum(1 for it in items if Path(it.path).with_suffix(".txt").is_file())
+        rows += _bucket_rows(items)
+        captions = sum(1 for it in {it.path for it in items} if Path(it).with_suffix(".txt").is_file())
         cap = f", {captions} with a .txt caption" if ds.caption_strategy == "textfile" else ""
-        report.ok("data", f"{ds.id}: {len(items)} images{cap}, {bucket}")
+        report.ok("data", f"{ds.id}: {len(items)} images{cap}, {_buckets(rows, ds.id)}")
         total += len(items)
-    t = cfg.train
-    train_items = total - cfg.data.eval_samples
-    if total and train_items < t.batch_size * t.max_workers:
-        report.fail("data", f"{train_items} training images (after {cfg.data.eval_samples} held out) cannot fill one "
-                            f"step of {t.max_workers} workers x batch {t.batch_size}")
+    if rows:
+        from raytune_sd3.data.reader import BucketError, plan_buckets
+
+        try:  # the eval samples are not held out here: a bucket that fails now fails in training too
+            _, notes = plan_buckets(rows, cfg.train.global_batch, cfg.data.small_buckets)
+            for line in notes:
+                report.warn("data", f"data.small_buckets {cfg.data.small_buckets}: {line}")
+        except BucketError as e:
+            report.fail("data", str(e))
     return total
+
+
+def _bucket_rows(items: list) -> list[dict]:
+    """Each item's bucket from its header (unreadable images are left out, as caching would skip them)."""
+    from raytune_sd3.data.buckets import Sizing, plan
+    from raytune_sd3.data.encode import image_size
+
+    rows = []
+    for it in items:
+        try:
+            w, h = plan(*image_size(it.path), Sizing.from_json(it.sizing), 0).size
+        except Exception:  # noqa: BLE001 - the cache stage reports why
+            continue
+        rows.append({"width": w, "height": h, "dataset_id": it.dataset_id, "repeats": it.repeats})
+    return rows
+
+
+def _buckets(rows: list[dict], dataset_id: str) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["dataset_id"] == dataset_id:
+            counts[f"{r['width']}x{r['height']}"] = counts.get(f"{r['width']}x{r['height']}", 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{name} ({n})" for name, n in top[:6]) + (f", ... {len(top) - 6} more" if len(top) > 6 else "")
+    return f"{len(counts)} bucket(s): {shown}"
 
 
 def check_storage(cfg: JobConfig, report: Report) -> None:
@@ -216,7 +251,7 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
         report.fail("memory", str(e))
         return
     shape = TransformerShape.from_config(config)
-    t, ds0 = cfg.train, max(cfg.data.datasets, key=lambda d: d.resolution)
+    t, ds0 = cfg.train, max(cfg.data.datasets, key=lambda d: d.max_resolution)
     val_res = max((max(w, h) for w, h in cfg.validation.sizes), default=0) if cfg.validation.prompts else 0
 
     model = config_dir or cfg.model.pretrained
@@ -224,7 +259,7 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     def at(batch: int = t.batch_size, strat: str = strategy, quant: str | None = quantization,
            ckpt: bool = t.gradient_checkpointing):
         return estimate(shape, dtype=cfg.model.dtype, targets=cfg.lora.targets, rank=cfg.lora.rank, batch=batch,
-                        resolution=ds0.resolution, t5_tokens=cfg.text.t5_max_length, num_workers=t.max_workers,
+                        resolution=ds0.max_resolution, t5_tokens=cfg.text.t5_max_length, num_workers=t.max_workers,
                         strategy=strat, mixed_precision=t.mixed_precision, quantization=quant,
                         blocks=cfg.lora.blocks, vae_params=vae_params(model) if cfg.validation.prompts else None,
                         validation_resolution=val_res, vae_channels=vae_channels(model), gradient_checkpointing=ckpt,
@@ -232,7 +267,7 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
 
     est = at()
     report.block(f"         estimate from {source}: {shape.num_layers} blocks x width {shape.width}, "
-                 f"{strategy}, {t.max_workers} worker(s), {ds0.resolution}px, T5 {cfg.text.t5_max_length}"
+                 f"{strategy}, {t.max_workers} worker(s), {ds0.max_resolution}px, T5 {cfg.text.t5_max_length}"
                  + (f", {quantization}" if quantization else "")
                  + (", gradient checkpointing" if t.gradient_checkpointing else ""))
     report.block(est.table(gpu_bytes))

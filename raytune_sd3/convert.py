@@ -327,21 +327,25 @@ def _wandb(key: str) -> Rule:
     return rule
 
 
+def _in_pixels(v: Any, s: Scope) -> int:
+    """A size in SimpleTuner's resolution unit -> ours: megapixels (resolution_type area) become the side of a
+    square of that area, as our pixel_area."""
+    if str(s.settings.get("resolution_type", "pixel_area")) == "area":
+        return round(math.sqrt(float(v) * 1e6))
+    return _int(v)
+
+
 def _resolution(v: Any, s: Scope) -> dict[str, Any]:
-    kind = str(s.settings.get("resolution_type", "pixel"))
-    side = math.sqrt(float(v) * 1e6) if kind == "area" else float(v)  # area: megapixels
-    ours = max(16, round(side / 16) * 16)  # VAE /8 x patch 2
-    if ours != float(v):
-        s.note(f"resolution {v} ({kind}) becomes {ours}: a square side, a multiple of 16")
+    ours = _in_pixels(v, s)
+    if str(s.settings.get("resolution_type")) == "area":
+        s.note(f"resolution {v} megapixels (resolution_type area) becomes {ours} with resolution_type pixel_area")
     return {"resolution": ours}
 
 
-def _minimum_size(v: Any, s: Scope) -> dict[str, Any]:
-    if float(v) == 0:
-        return {}
-    if str(s.settings.get("resolution_type", "pixel")) == "area":
-        raise NotConverted("megapixels with resolution_type area; ours is the shorter side in pixels")
-    return {"minimum_image_size": _int(v)}
+def _size_key(key: str) -> Rule:
+    def rule(v: Any, s: Scope) -> dict[str, Any]:
+        return {} if float(v) == 0 else {key: _in_pixels(v, s)}
+    return rule
 
 
 def _sizes(v: Any) -> str:
@@ -376,6 +380,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "model_type": only(lambda v: v == "lora", "raytune_sd3 trains LoRA only: this job trains a LoRA"),
     "pretrained_model_name_or_path": to("model.pretrained", str),
     "model_flavour": _flavour,
+    "aspect_bucket_alignment": to("data.bucket_alignment", _int),
+    "aspect_bucket_rounding": ignore("buckets here are exact sizes (width x height), not rounded aspect ratios"),
     "revision": to("model.revision", str),
     "mixed_precision": _mixed_precision,
     "base_model_precision": choice("model.quantize", QUANTO, "we quantise with optimum-quanto only: int8-, int4-, "
@@ -457,7 +463,6 @@ CONFIG_RULES: dict[str, Rule] = {
 
 DATASET_DEFAULTS = {"resolution": 1024, "resolution_type": "pixel_area", "caption_strategy": "filename",
                     "crop": False, "crop_aspect": "square", "crop_style": "random"}  # SimpleTuner's, per data set
-SQUARE = "we resize the shorter side to resolution and centre-crop a square"
 DATASET_RULES: dict[str, Rule] = {
     "id": to("id", str),
     "type": to("type", str),  # only local data sets get here
@@ -467,16 +472,21 @@ DATASET_RULES: dict[str, Rule] = {
     "caption_strategy": _caption_strategy,
     "instance_prompt": to("instance_prompt", str),
     "resolution": _resolution,
-    "resolution_type": only(lambda v: v == "pixel", f"resolution is the side of a square here, not an area: {SQUARE}"),
-    "crop": only(_bool, f"{SQUARE}; SimpleTuner without crop keeps each image's aspect ratio (buckets)"),
-    "crop_style": only(lambda v: v in ("center", "centre"), "we crop the centre"),
-    "crop_aspect": only(lambda v: v == "square", "we crop squares only, no aspect buckets"),
-    "crop_aspect_buckets": unsupported("no aspect buckets here"),
-    "minimum_image_size": _minimum_size,
-    **{k: unsupported(f"no downsample step before the crop: {SQUARE}")
-       for k in ("maximum_image_size", "target_downsample_size")},
-    "repeats": only(lambda v: _int(v) == 0, "every image is seen once per pass here: no repeats"),
-    "probability": only(lambda v: float(v) == 1, "data sets are not weighted here: every image is equally likely"),
+    "resolution_type": choice("resolution_type", {"pixel_area": "pixel_area", "pixel": "pixel", "area": "pixel_area"},
+                              "resolution_type is pixel_area, pixel or area"),
+    "crop": to("crop", _bool),
+    "crop_style": choice("crop_style", {"center": "center", "centre": "center", "corner": "corner",
+                                        "random": "random"}, "no face detection here: center, corner or random"),
+    "crop_aspect": choice("crop_aspect", {a: a for a in ("square", "preserve", "closest", "random")},
+                          "crop_aspect is square, preserve, closest or random"),
+    "crop_aspect_buckets": to("crop_aspect_buckets", lambda v: [float(x) for x in _list(v)]),
+    "minimum_image_size": _size_key("minimum_image_size"),
+    "maximum_image_size": _size_key("maximum_image_size"),
+    "target_downsample_size": _size_key("target_downsample_size"),
+    "repeats": lambda v, s: {"repeats": _int(v)} if _int(v) else {},
+    "is_regularisation_data": lambda v, s: {"is_regularisation_data": True} if _bool(v) else {},
+    "probability": only(lambda v: float(v) == 1, "every data set's batches are shuffled together here: weight a "
+                                                 "data set by its number of images and repeats instead"),
     **{k: ignore(CACHE_WHY) for k in ("cache_dir_vae", "cache_dir", "text_embeds", "image_embeds", "hash_filenames",
                                       "preserve_data_backend_cache", "vae_cache_clear_each_epoch")},
     **{k: ignore(LOADER_WHY) for k in ("metadata_backend", "skip_file_discovery", "write_batch_size")},

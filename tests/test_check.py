@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -131,7 +133,9 @@ def test_tiny_job_fits(tiny_sd3, tmp_path, capsys):
     rc = check_main(["jobs/tiny.yaml", "--gpu", "L4-24GB", "--set", f"output_dir={tmp_path / 'out'}"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "fits:" in out and "demo" in out and "1 bucket 64x64" in out and "all checks passed" in out
+    assert "fits:" in out and "all checks passed" in out
+    assert re.search(r"shapes: (demo, 48 square images generated on first use, 1 bucket 64x64|48 images in .*, "
+                     r"1 bucket\(s\): 64x64 \(48\))", out), out
 
 
 def test_sd35_does_not_fit_a_40gb_a100(capsys):
@@ -173,14 +177,22 @@ train: {{num_workers: 1, batch_size: 2}}
 """)
     assert check_main([str(job), "--gpu", "A10G-24GB"]) == 0
     out = capsys.readouterr().out
-    assert "photos: 3 images, 1 with a .txt caption, 1 bucket 512x512" in out
+    assert "photos: 3 images, 1 with a .txt caption, 1 bucket(s): 512x512 (3)" in out
+
+    Image.new("RGB", (64, 32)).save(data / "wide.png")  # 2:1 at 512 px of area: a bucket of one image
+    assert check_main([str(job), "--gpu", "A10G-24GB"]) == 1
+    out = capsys.readouterr().out
+    assert "2 bucket(s): 512x512 (3), 704x384 (1)" in out
+    assert "bucket 704x384 (data set photos): 1 samples per epoch" in out and "data.small_buckets" in out
+    assert check_main([str(job), "--gpu", "A10G-24GB", "--set", "data.small_buckets=drop"]) == 0
 
     assert check_main([str(job), "--set", f"data.datasets=[{{id: gone, instance_data_dir: {tmp_path / 'nope'}}}]"]) == 1
     out = capsys.readouterr().out
     assert "not reachable from here" in out and "problem(s) to fix" in out
 
-    assert check_main([str(job), "--set", "train.batch_size=4", "--set", "train.num_workers=2"]) == 1
-    assert "cannot fill one step" in capsys.readouterr().out
+    assert check_main([str(job), "--set", "train.batch_size=4", "--set", "train.num_workers=2",
+                       "--set", "data.small_buckets=drop"]) == 1
+    assert "2 of 2 aspect bucket(s) cannot fill one global batch of 8" in capsys.readouterr().out
 
 
 def test_bad_config_exits_2(tmp_path, capsys):

@@ -125,6 +125,11 @@ def test_cli_converts_the_quickstart(tmp_path):
     assert [(d.id, d.resolution, d.caption_strategy) for d in job.data.datasets] == [
         ("pseudo-camera-10k-sd3", 1024, "filename"), ("subject", 512, "instanceprompt")]
     assert job.data.datasets[1].instance_prompt == "a photo of sks dog"
+    camera, subject = job.data.datasets
+    assert (camera.resolution_type, camera.crop, camera.crop_aspect, camera.crop_style) == (
+        "pixel_area", True, "square", "center")
+    assert (camera.maximum_image_size, camera.target_downsample_size, camera.minimum_image_size) == (1024, 1024, None)
+    assert (subject.resolution_type, subject.repeats, subject.crop_aspect) == ("pixel", 5, "square")
     assert str(job.data.datasets[0].instance_data_dir) == "/home/user/simpletuner/datasets/pseudo-camera-10k"
 
     # what was not converted is listed, the same lines on stdout and as comments atop the job file
@@ -133,8 +138,6 @@ def test_cli_converts_the_quickstart(tmp_path):
     comments = {line[2:] for line in text.splitlines() if line.startswith("# ")}
     assert report and set(report) <= comments
     for expected in ['not converted: lr_scheduler = "sine"', "not converted: snr_gamma = 5.0",
-                     'multidatabackend.json[pseudo-camera-10k-sd3].resolution_type = "pixel_area"',
-                     "not converted: multidatabackend.json[subject].repeats = 5",
                      "not converted: multidatabackend.json[s3-photos] (dataset_type image, type aws",
                      'ignored: multidatabackend.json[text-embeds].cache_dir = "cache/text/sd3/pseudo-camera-10k"',
                      'ignored: multidatabackend.json[pseudo-camera-10k-sd3].cache_dir_vae',
@@ -175,7 +178,9 @@ def test_a_plain_square_setup_lists_nothing(tmp_path):
     conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
     assert conv.report() == []
     assert conv.job["data"]["datasets"] == [{"id": "photos", "type": "local", "instance_data_dir": "/data/photos",
-                                             "caption_strategy": "textfile", "resolution": 1024}]
+                                             "caption_strategy": "textfile", "resolution": 1024,
+                                             "resolution_type": "pixel", "crop": True, "crop_style": "center",
+                                             "crop_aspect": "square"}]
 
 
 @pytest.mark.parametrize(("theirs", "ours", "beta2", "decay"), [
@@ -202,15 +207,24 @@ def test_optimizer_config_overrides_and_unknown_values_are_listed(tmp_path):
         assert f"not converted: {key}" in report
 
 
-def test_defaults_of_simpletuner_data_sets_are_listed(tmp_path):
-    # no crop, crop_style or resolution_type: SimpleTuner keeps aspect ratios (buckets), which we cannot
-    backends = [{"id": "photos", "instance_data_dir": "/data/photos"}]
-    conv = convert_simpletuner(*write_setup(tmp_path, minimal(), backends))
-    assert conv.job["data"]["datasets"][0]["caption_strategy"] == "filename"  # SimpleTuner's default, converted
+def test_buckets_and_data_set_weights_convert(tmp_path):
+    backends = [{"id": "photos", "instance_data_dir": "/data/photos"},  # SimpleTuner's defaults: aspect buckets
+                {"id": "mp", "instance_data_dir": "/data/mp", "resolution": 1.0, "resolution_type": "area",
+                 "minimum_image_size": 0.25, "crop": True, "crop_style": "face", "crop_aspect": "closest",
+                 "crop_aspect_buckets": [0.75, 1.0, 1.5]},
+                {"id": "reg", "instance_data_dir": "/data/reg", "is_regularisation_data": True, "repeats": 2,
+                 "probability": 0.5}]
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(aspect_bucket_alignment=32), backends))
+    job = load_job(raw=conv.job)
+    photos, mp, reg = job.data.datasets
+    assert (photos.caption_strategy, photos.resolution_type, photos.crop) == ("filename", "pixel_area", False)
+    assert (mp.resolution, mp.resolution_type, mp.minimum_image_size) == (1000, "pixel_area", 500)  # megapixels
+    assert (mp.crop, mp.crop_aspect, mp.crop_aspect_buckets) == (True, "closest", [0.75, 1.0, 1.5])
+    assert (reg.is_regularisation_data, reg.repeats, job.data.bucket_alignment) == (True, 2, 32)
     report = "\n".join(conv.report())
-    assert "multidatabackend.json[photos].crop = false, SimpleTuner's default (" in report
-    assert 'multidatabackend.json[photos].resolution_type = "pixel_area", SimpleTuner\'s default (' in report
-    assert "crop_style" not in report  # it only matters when SimpleTuner crops
+    assert 'not converted: multidatabackend.json[mp].crop_style = "face" (no face detection here' in report
+    assert "not converted: multidatabackend.json[reg].probability = 0.5" in report
+    assert "crop_style = \"random\", SimpleTuner's default" not in report  # it only matters when SimpleTuner crops
 
 
 def test_secrets_in_any_key_never_reach_the_output(tmp_path):
