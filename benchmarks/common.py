@@ -166,16 +166,16 @@ def timed_train_loop(config: dict) -> None:
         record["lora_numel"] = sum(p.numel() for p in params)
         return make_optimizer(params, t)
 
-    originals = (loop.load_transformer, loop.CachedBatches.micro_batch, ray.train.report, loop.make_optimizer)
+    originals = (loop.load_transformer, loop.Prefetcher.get, ray.train.report, loop.make_optimizer)
     make_optimizer = loop.make_optimizer
     loop.load_transformer = timed("load", loop.load_transformer)
-    loop.CachedBatches.micro_batch = timed("data", loop.CachedBatches.micro_batch)
+    loop.Prefetcher.get = timed("data", loop.Prefetcher.get)  # the step's wait for its batch (read ahead)
     ray.train.report = timed("report", ray.train.report)  # loop.py calls ray.train.report(...) at step time
     loop.make_optimizer = timed("optimizer", count_lora)
     try:
         loop.train_loop_per_worker(config)
     finally:
-        loop.load_transformer, loop.CachedBatches.micro_batch, ray.train.report, loop.make_optimizer = originals
+        loop.load_transformer, loop.Prefetcher.get, ray.train.report, loop.make_optimizer = originals
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world > 1:

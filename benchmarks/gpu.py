@@ -45,6 +45,8 @@ from common import RESULTS, command, machine, machine_line, median, table, time_
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from raytune_sd3.train.flops import PEAK_TFLOPS, FlopCount, count_flops, countable_attention, peak_tflops  # noqa: F401
+
 # diffusers SD3Transformer2DModel configs of stabilityai/stable-diffusion-3.5-{large,medium} (transformer/config.json)
 SD35 = {
     "large": dict(num_layers=38, num_attention_heads=38, attention_head_dim=64, joint_attention_dim=4096,
@@ -56,9 +58,6 @@ SD35 = {
                    sample_size=128),
 }
 CLIP_TOKENS = 77
-# Dense (not sparse) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; first match on the device name wins.
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("GH200", 989), ("H200", 989), ("B200", 2250),
-               ("A100", 312), ("L40S", 362), ("L4", 121)]
 DEFAULT_BATCH = {1024: 2, 512: 8}  # halved on out-of-memory until it fits (or batch 1 does not)
 
 
@@ -179,69 +178,9 @@ class Trainer:
 # --- FLOPs ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FlopCount:
-    """A forward pass's FLOPs (FlopCounterMode): per weight layer (flops, input needs grad, weight trained) + rest."""
-
-    forward: int
-    layers: dict[str, tuple[int, bool, bool]]
-
-    @property
-    def attention(self) -> int:
-        return self.forward - sum(f for f, _, _ in self.layers.values())
-
-    def training(self) -> int:
-        """F_train = sum_l F_l (1 + [input needs grad] + [weight trained]) + 3 F_attn (see the module docstring)."""
-        return sum(f * (1 + in_grad + w_grad) for f, in_grad, w_grad in self.layers.values()) + 3 * self.attention
-
-    def breakdown(self) -> dict[str, int]:
-        """Forward FLOPs by kind: LoRA layers, frozen layers behind a LoRA, frozen layers on data, attention."""
-        out = {"lora": 0, "frozen, input needs grad": 0, "frozen, on data": 0}
-        for f, in_grad, w_grad in self.layers.values():
-            out["lora" if w_grad else "frozen, input needs grad" if in_grad else "frozen, on data"] += f
-        return {**out, "attention": self.attention}
-
-
-def _countable_attention(device: torch.device):
-    """FlopCounterMode has no formula for the CPU's fused attention kernel: count the math path's matmuls there."""
-    if device.type == "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-def count_flops(model: nn.Module, run, device: torch.device | str = "cpu") -> FlopCount:
-    """FlopCounterMode over `run()` (a forward pass of `model`, with autograd on), split per weight layer."""
-    device = torch.device(device)
-    flags: dict[str, list[bool]] = {}
-
-    def note(name):
-        def hook(module, inputs):
-            x = inputs[0] if inputs else None
-            f = flags.setdefault(name, [False, False])
-            f[0] |= torch.is_tensor(x) and x.requires_grad
-            f[1] |= module.weight.requires_grad
-        return hook
-
-    hooks = [m.register_forward_pre_hook(note(name)) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
-    try:
-        with _countable_attention(device), FlopCounterMode(display=False) as counter:
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    layers = {name: (sum(counts.get(f"{root}.{name}" if name else root, {}).values()), *f)
-              for name, f in flags.items()}
-    return FlopCount(counter.get_total_flops(), layers)
-
-
 def count_step_flops(trainer: Trainer) -> int:
     """FlopCounterMode over a whole forward + backward (the check of FlopCount.training)."""
-    with _countable_attention(trainer.device), FlopCounterMode(display=False) as counter:
+    with countable_attention(trainer.device), FlopCounterMode(display=False) as counter:
         trainer.forward_loss().backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -258,15 +197,6 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
             torch.cuda.synchronize()
 
     return 2 * n**3 / median(time_calls(mm, 10, warmup=3))
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
 # --- the benchmark -------------------------------------------------------------------------------------------------

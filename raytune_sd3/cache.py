@@ -19,7 +19,7 @@ from pathlib import Path
 from raytune_sd3.config import ConfigError, check_paths, load_job
 
 
-def verify_cache(root: Path, workers: int = 8) -> dict:
+def verify_cache(root: Path | str, workers: int = 8) -> dict:
     """Check every entry under `root` (threads: reading and hashing release the GIL); remove the bad ones."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -34,8 +34,8 @@ def verify_cache(root: Path, workers: int = 8) -> dict:
                              desc="verifying cache", unit="entry", disable=not sys.stderr.isatty()))
     bad = [{"kind": kind, "key": key, "problem": p} for (kind, key), p in zip(entries, problems, strict=True) if p]
     for b in bad:
-        store.path(b["kind"], b["key"]).unlink(missing_ok=True)
-    return {"cache_dir": str(root), "entries": len(entries), "good": len(entries) - len(bad), "removed": bad,
+        store.remove(b["kind"], b["key"])
+    return {"cache_dir": store.name, "entries": len(entries), "good": len(entries) - len(bad), "removed": bad,
             "stale_temporaries_removed": store.remove_stale_temporaries()}
 
 
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.verify:
-        if not cfg.cache_dir.is_dir():
+        from raytune_sd3.data.remote import is_uri
+
+        if not is_uri(cfg.cache_dir) and not Path(cfg.cache_dir).is_dir():
             print(f"error: {cfg.cache_dir} is not a cache folder (data.cache_dir, default <output_dir>/cache)",
                   file=sys.stderr)
             return 2
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pretrained = resolve_pretrained(cfg.model.pretrained)
     init_ray(cfg)
-    _, report = prepare_data(cfg, pretrained)
+    _, report = prepare_data(cfg, pretrained, check_buckets=False)
     summary = report.summary()
     summary["images_per_s"] = round(report.latents_encoded / report.seconds, 2) if report.seconds else 0.0
     print(json.dumps(summary, indent=2))

@@ -149,8 +149,10 @@ class DatasetConfig(Section):
 class DataConfig(Section):
     datasets: list[DatasetConfig] = Field(min_length=1)
     """The data sets of this job."""
-    cache_dir: Path | None = None
-    """Where encoded latents and text embeddings live; default `<output_dir>/cache`. Reused by later runs."""
+    cache_dir: str | None = None
+    """Where encoded latents and text embeddings live; default `<output_dir>/cache`. Reused by later runs. On a
+    cluster: a folder every node mounts, or a URI (`s3://bucket/cache`, `gs://...`; options in its query, e.g.
+    `?endpoint_override=host:9000&scheme=http` for MinIO; credentials from the environment)."""
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     """Probability that a training sample uses the unconditional embedding instead of its caption."""
     eval_samples: int = Field(4, ge=0)
@@ -268,6 +270,11 @@ class TrainConfig(Section):
     """AdamW epsilon."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile the transformer (in place; the first steps of each bucket shape pay the compilation)."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """The card's dense bf16 peak in TFLOP/s, for the MFU in metrics; default: known NVIDIA cards by name (H100,
+    H200, A100, L4, ...); elsewhere no MFU is logged."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip threshold; null disables clipping."""
     grad_clip: Literal["norm", "value"] = "norm"
@@ -452,8 +459,9 @@ class JobConfig(Section):
         return self.name or Path(self.output_dir).name
 
     @property
-    def cache_dir(self) -> Path:
-        return Path(self.data.cache_dir or Path(self.output_dir) / "cache")
+    def cache_dir(self) -> str:
+        """A local folder (absolute) or a URI."""
+        return self.data.cache_dir or str(Path(self.output_dir) / "cache")
 
 
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
@@ -571,8 +579,10 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Relative paths are relative to where the command runs; Ray workers run elsewhere, so fix them now."""
     cfg.output_dir = cfg.output_dir.expanduser().resolve()
-    if cfg.data.cache_dir is not None:
-        cfg.data.cache_dir = cfg.data.cache_dir.expanduser().resolve()
+    from raytune_sd3.data.remote import is_uri
+
+    if cfg.data.cache_dir is not None and not is_uri(cfg.data.cache_dir):
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     for ds in cfg.data.datasets:
         ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
         if ds.metadata_file is not None:

@@ -9,6 +9,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYTUNE_SD3_HOME", tempfile.mkdtemp(prefix="raytune_sd3_home-"))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Fake credentials for the local S3 server of test_remote_cache (moto accepts any); set before any Ray starts so
+# its workers see them, and never a real cloud's metadata endpoint.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "moto-test-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "moto-test-secret-key-0123456789")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import pytest  # noqa: E402
 

@@ -115,6 +115,7 @@ def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path):
     bad = make_zoo(tmp_path / "zoo")
     cmd = [sys.executable, "-m", "raytune_sd3.cache", "jobs/tiny.yaml", "--data", str(tmp_path / "zoo"),
            "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.datasets.0.minimum_image_size=24",
+           "--set", "data.datasets.0.resolution_type=pixel",
            "--set", "data.encode_actors=2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,7 +14,7 @@ from raytune_sd3.config import JobConfig
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
-from raytune_sd3.data.reader import MANIFEST, bucket_of, plan_buckets, split_eval, write_manifest
+from raytune_sd3.data.reader import MANIFEST, BucketError, bucket_of, plan_buckets, split_eval, write_manifest
 from raytune_sd3.models.loading import component_identity, vae_scaling
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,17 @@ def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
     text_ids = tuple(component_identity(pretrained, sub, rev) for sub in
                      ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"))
     return CacheSpec(
-        pretrained=pretrained, revision=rev, cache_dir=str(Path(cfg.cache_dir).resolve()),
+        pretrained=pretrained, revision=rev, cache_dir=str(cfg.cache_dir),
         vae_id=component_identity(pretrained, "vae", rev), text_ids=text_ids, vae_shift=shift, vae_scale=scale,
         t5_max_length=cfg.text.t5_max_length, t5_padding=cfg.text.t5_padding, dtype=cfg.model.dtype,
         text_encoder_dtype=text_encoder_dtype(cfg),
     )
 
 
-def prepare_data(cfg: JobConfig, pretrained: str) -> tuple[Path, CacheReport]:
-    """Fill the cache for this job and write `<output_dir>/manifest.json` and `cache_report.json`."""
+def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) -> tuple[Path, CacheReport]:
+    """Fill the cache for this job and write `<output_dir>/manifest.json` and `cache_report.json`; then, before
+    any worker starts, a bucket too small for a global batch raises BucketError (`check_buckets`; the cache-only
+    command logs it instead)."""
     items, skipped = [], []
     for ds in cfg.data.datasets:
         if ds.type == "demo":
@@ -65,8 +67,13 @@ def prepare_data(cfg: JobConfig, pretrained: str) -> tuple[Path, CacheReport]:
         raise RuntimeError(f"data set(s) {', '.join(empty)}: no usable image; {out / 'cache_report.json'} lists "
                            "each skipped file and why")
     # Before any worker starts: a bucket that cannot fill a global batch is an error naming it (or the policy).
-    _, notes = plan_buckets(split_eval(report.rows, cfg.data.eval_samples)[0], cfg.train.global_batch,
-                            cfg.data.small_buckets)
+    try:
+        _, notes = plan_buckets(split_eval(report.rows, cfg.data.eval_samples)[0], cfg.train.global_batch,
+                                cfg.data.small_buckets)
+    except BucketError as e:
+        if check_buckets:
+            raise
+        notes = [f"training this job would stop: {e}"]
     for line in notes:
         log.warning("data.small_buckets=%s: %s", cfg.data.small_buckets, line)
     validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]

@@ -11,7 +11,10 @@ same G) sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +151,51 @@ class CachedBatches:
         may see another one and a resumed run sees the same."""
         keys = row.get("text_keys") or [row["text_key"]]
         return keys[int(np.random.default_rng([self.seed, 11, position]).integers(len(keys)))] if len(keys) > 1 else keys[0]
+
+
+class Prefetcher:
+    """Reads the next micro-batches in a background thread while the current one trains, so the step never waits
+    on the cache (file reads and copies release the GIL); on a GPU the batches come in pinned memory so that the
+    copy to the device can overlap compute. `calls` are micro_batch's arguments, in training order."""
+
+    _END = object()
+
+    def __init__(self, reader: CachedBatches, calls: Iterable[tuple], depth: int = 2, pin: bool = False):
+        self.reader, self.pin = reader, pin
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(calls),), name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, calls) -> None:
+        try:
+            for args in calls:
+                batch = self.reader.micro_batch(*args)
+                if self.pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
+            self._put(e)
+
+    def get(self) -> dict[str, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is self._END:
+            raise StopIteration("no more micro-batches were scheduled")
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
+
+from raytune_sd3.data.remote import UriFiles, is_uri, redacted
 
 CACHE_FORMAT = 3  # bump when the meaning of an entry changes (2: checksummed entries; 3: buckets, masks)
 CHECKSUM = "sha256"
@@ -57,84 +59,120 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _header(path: Path) -> tuple[dict, int] | None:
-    """A safetensors file's header and the file length it implies; None when the header is unreadable."""
+def _parse_header(read) -> tuple[dict, int] | None:
+    """A safetensors header and the file length it implies, via `read(start, length)`; None when unreadable."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                return None
-            header = json.loads(f.read(n))
+        (n,) = struct.unpack("<Q", read(0, 8))
+        if n > 100_000_000:
+            return None
+        header = json.loads(read(8, n))
     except (OSError, ValueError, struct.error):
         return None
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     return header, 8 + n + max(ends, default=0)
 
 
+def _header(path: Path) -> tuple[dict, int] | None:
+    try:
+        with open(path, "rb") as f:
+            return _parse_header(lambda start, length: (f.seek(start), f.read(length))[1])
+    except OSError:
+        return None
+
+
 class CacheStore:
-    """Reads and atomically writes entries under one cache directory (a path every node can see on a cluster)."""
+    """Reads and atomically writes entries under one cache location: a folder (every node must see it on a
+    cluster) or a URI such as s3://bucket/cache (data/remote.py)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.remote = UriFiles(str(root)) if is_uri(str(root)) else None
+        self.root = None if self.remote else Path(root)
+        self.name = redacted(str(root)) if self.remote else str(root)
 
-    def path(self, kind: str, key: str) -> Path:
-        return self.root / kind / key[:2] / f"{key}.safetensors"
+    def path(self, kind: str, key: str) -> Path | str:
+        rel = f"{kind}/{key[:2]}/{key}.safetensors"
+        return self.remote.join(rel) if self.remote else self.root / rel
 
     def has(self, kind: str, key: str) -> bool:
         """True for a whole entry: a truncated or unreadable one counts as missing (and is encoded again)."""
         path = self.path(kind, key)
-        parsed = _header(path)
+        try:
+            if self.remote:
+                size = self.remote.size(path)
+                parsed = None if size is None else _parse_header(lambda s, n: self.remote.read_range(path, s, n))
+            else:
+                parsed = _header(path)
+                size = path.stat().st_size if parsed else None
+        except OSError:
+            return False
         if parsed is None:
             return False
         header, length = parsed
-        try:
-            return CHECKSUM in (header.get("__metadata__") or {}) and path.stat().st_size == length
-        except OSError:
-            return False
+        return CHECKSUM in (header.get("__metadata__") or {}) and size == length
 
     def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        metadata = {CHECKSUM: tensors_digest(tensors)}
+        if self.remote:  # one upload: the object appears whole or not at all
+            self.remote.write(self.path(kind, key), save(tensors, metadata=metadata))
+            return
         dest = self.path(kind, key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{key}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={CHECKSUM: tensors_digest(tensors)})
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, dest)  # atomic: readers see the old state or the whole entry
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     def read(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        if self.remote:
+            return load(self.remote.read(self.path(kind, key)))
         return load_file(self.path(kind, key))
+
+    def remove(self, kind: str, key: str) -> None:
+        path = self.path(kind, key)
+        if self.remote:
+            if self.remote.size(path) is not None:
+                self.remote.fs.delete_file(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def verify(self, kind: str, key: str) -> str | None:
         """What is wrong with an entry ("missing", "truncated", "checksum mismatch", ...), or None when it is good."""
         path = self.path(kind, key)
-        if not path.exists():
+        exists = self.remote.size(path) is not None if self.remote else path.exists()
+        if not exists:
             return "missing"
         if not self.has(kind, key):
             return "truncated or unreadable"
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                expected = (f.metadata() or {}).get(CHECKSUM)
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iter
+            data = self.remote.read(path) if self.remote else Path(path).read_bytes()
+            header, _ = _parse_header(lambda s, n: data[s:s + n])
+            expected = (header.get("__metadata__") or {}).get(CHECKSUM)
+            tensors = load(data)
         except Exception as e:  # noqa: BLE001 - any reader failure means the entry is bad
             return f"unreadable: {type(e).__name__}"
         return None if tensors_digest(tensors) == expected else "checksum mismatch"
 
     def entries(self) -> list[tuple[str, str]]:
-        """(kind, key) of every entry on disk."""
+        """(kind, key) of every entry stored."""
+        if self.remote:
+            return [(kind, p.rsplit("/", 1)[-1].removesuffix(".safetensors")) for kind in ("latents", "text")
+                    for p in self.remote.files(kind, ".safetensors")]
         return [(p.parent.parent.name, p.stem) for kind in ("latents", "text")
                 for p in sorted((self.root / kind).glob("*/*.safetensors"))]
 
     def remove_stale_temporaries(self, older_than_s: float = 3600) -> int:
         """Delete half-written files that a process killed mid-write left behind (older than `older_than_s`, so a
-        job writing into the same cache right now keeps its own); returns how many."""
+        job writing into the same cache right now keeps its own); returns how many. A URI cache has none: an
+        upload that did not finish leaves no object."""
         import time
 
+        if self.remote:
+            return 0
         removed = 0
         for tmp in self.root.glob("*/*/.*.tmp"):
             try:

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from raytune_sd3.config import JobConfig
-from raytune_sd3.data.reader import CachedBatches, read_manifest, split_eval
+from raytune_sd3.data.reader import CachedBatches, Prefetcher, read_manifest, split_eval
 from raytune_sd3.flow import flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, load_scheduler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import quantize_transformer
+from raytune_sd3.train.flops import count_flops, peak_tflops
 from raytune_sd3.train.optim import make_optimizer
 from raytune_sd3.train.state import load_checkpoint, load_optimizer, save_checkpoint, save_optimizer
 from raytune_sd3.train.strategy import make_strategy
@@ -106,6 +107,8 @@ def train_loop_per_worker(config: dict) -> None:
         transformer.enable_gradient_checkpointing()
     params = add_lora(transformer, cfg.lora, seed=t.seed)
     transformer.to(device)
+    if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
+        transformer.compile()
     optimizer = make_optimizer(params, t)
     scheduler = make_scheduler(optimizer, cfg)
     start_step, resumed = 0, {}
@@ -177,17 +180,40 @@ def train_loop_per_worker(config: dict) -> None:
     accum = t.accum_for(world)  # elastic: more micro-steps on fewer workers, same global batch
     global_batch = t.batch_size * accum * world
     nonfinite = resumed.get("nonfinite", 0)
+    batches = Prefetcher(reader, [(s - 1, m, accum, rank, world, t.batch_size) for s in range(start_step + 1,
+                                  t.max_steps + 1) for m in range(accum)], pin=device.type == "cuda")
+    peak = peak_tflops(device, t.peak_tflops)  # MFU is logged where the card's peak is known
+    flops_of_shape: dict[tuple, int] = {}
+
+    def forward(model, batch, latents, fb):
+        return model(hidden_states=fb.noisy, timestep=fb.timesteps,
+                     encoder_hidden_states=batch["prompt_embeds"].to(device, dtype, non_blocking=True),
+                     pooled_projections=batch["pooled"].to(device, dtype, non_blocking=True), return_dict=False)[0]
+
+    def train_flops(batch, latents, fb) -> int:
+        """F_train of one micro-batch (train/flops.py), counted once per bucket shape by an extra forward pass:
+        every rank reaches a new shape at the same step (one bucket per step), as ZeRO-3's gathers need."""
+        shape = tuple(latents.shape)
+        if shape not in flops_of_shape:
+            with autocast:
+                flops_of_shape[shape] = count_flops(strategy.module, lambda: forward(strategy.module, batch, latents,
+                                                                                     fb), device).training()
+        return flops_of_shape[shape]
+
     for step in range(start_step + 1, t.max_steps + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
+        step_flops = 0
         for micro in range(accum):
-            batch = reader.micro_batch(step - 1, micro, accum, rank, world, t.batch_size)
-            latents = batch["latents"].to(device, dtype)
+            batch = batches.get()
+            latents = batch["latents"].to(device, dtype, non_blocking=True)
             fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(_step_seed(t.seed, step, micro * world + rank)))
+            if peak:
+                c0 = time.perf_counter()
+                step_flops += train_flops(batch, latents, fb)
+                t0 += time.perf_counter() - c0  # the counting pass is not training time
             with strategy.accumulating(sync=micro == accum - 1), autocast:
-                pred = strategy.model(hidden_states=fb.noisy, timestep=fb.timesteps,
-                                      encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
-                                      pooled_projections=batch["pooled"].to(device, dtype), return_dict=False)[0]
+                pred = forward(strategy.model, batch, latents, fb)
                 mask = batch["mask"].to(device) if "mask" in batch else None
                 per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
                 loss = (per_sample * batch["loss_weight"].to(device)).mean() / accum
@@ -205,6 +231,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
                    "images_per_s": global_batch / step_time, "epoch": step / reader.steps_per_epoch,
                    "nonfinite_steps": nonfinite, "workers": world}
+        if peak:  # this rank's model FLOPs over its step time, against one card's peak
+            metrics.update(tflops_per_s=step_flops / step_time / 1e12, mfu=step_flops / step_time / (peak * 1e12))
 
         last = step == t.max_steps
         if eval_rows and (last or (t.eval_every and step % t.eval_every == 0)):
@@ -223,4 +251,5 @@ def train_loop_per_worker(config: dict) -> None:
             report(metrics, with_checkpoint=checkpoint)
         if reason:
             break
+    batches.close()
     tracker.finish()

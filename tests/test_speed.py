@@ -1,0 +1,51 @@
+"""The speed options of the loop keep its results: read-ahead batches are the reader's batches in order, and a
+compiled transformer computes what the eager one does with the same parameter names."""
+
+import shutil
+
+import pytest
+import torch
+
+from raytune_sd3.config import LoraConfig
+from raytune_sd3.data.reader import CachedBatches, Prefetcher
+from raytune_sd3.models.loading import load_transformer
+from raytune_sd3.models.lora import add_lora
+from tests.test_buckets import _fake_cache
+
+
+def test_prefetched_batches_are_the_readers_in_order(tmp_path):
+    manifest, rows = _fake_cache(tmp_path, {"wide": (96, 48, 8), "square": (64, 64, 8)})
+    reader = CachedBatches(manifest, rows, seed=2, global_batch=4)
+    calls = [(s, m, 2, r, 2, 1) for s in range(7) for m in range(2) for r in (0, 1)][::2]  # rank 0's share
+    ahead = Prefetcher(reader, calls, depth=2)
+    for args in calls:
+        got, want = ahead.get(), reader.micro_batch(*args)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(StopIteration):
+        ahead.get()
+    ahead.close()
+
+    broken = Prefetcher(reader, [(0, 0, 1, 0, 1, 4)])  # 1 x 1 x 4 is the global batch; a missing entry is not
+    (tmp_path / "latents").rename(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError):
+        for _ in range(2):
+            broken.get()
+    broken.close()
+    stopped = Prefetcher(reader, [(s, 0, 1, 0, 1, 4) for s in range(1000)], depth=1)
+    stopped.close()  # a run that stops early (divergence) leaves no thread behind
+    assert not stopped._thread.is_alive()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compiled_transformer_matches_eager_and_keeps_names(tiny_sd3):
+    eager = load_transformer(tiny_sd3)
+    add_lora(eager, LoraConfig(rank=4), seed=0)
+    compiled = load_transformer(tiny_sd3)
+    add_lora(compiled, LoraConfig(rank=4), seed=0)
+    compiled.compile()
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints and saved LoRAs unchanged
+    g = torch.Generator().manual_seed(0)
+    x = dict(hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([500.0, 20.0]),
+             encoder_hidden_states=torch.randn(2, 154, eager.config.joint_attention_dim, generator=g),
+             pooled_projections=torch.randn(2, eager.config.pooled_projection_dim, generator=g), return_dict=False)
+    torch.testing.assert_close(compiled(**x)[0], eager(**x)[0], rtol=1e-4, atol=1e-4)
