@@ -81,7 +81,7 @@ def single_process_side(spec, items, batch_size: int) -> float:
     import torch
 
     from raytune_sd3.data.buckets import Sizing, plan
-    from raytune_sd3.data.encode import encode_latents, image_size, image_problem, load_image, pixels_to_tensor
+    from raytune_sd3.data.encode import encode_latents, image_problem, image_size, load_image, pixels_to_tensor
     from raytune_sd3.data.store import CacheStore, seed_from_key
     from raytune_sd3.models.loading import DTYPES, load_text_encoders, load_vae
     from raytune_sd3.models.text import encode_prompts

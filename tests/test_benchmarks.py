@@ -119,3 +119,11 @@ def test_step_and_scaling_benchmarks_run(tmp_path):
 def test_overhead_benchmark_runs(tmp_path):
     out = run_script("overhead.py", "--repeats", "1", "--results", str(tmp_path / "RESULTS.md"), timeout=600)
     assert "Ray start" in out and "model load" in out and "first step" in out and "bare loop" in out
+
+
+@pytest.mark.bench
+def test_caching_benchmark_runs(tmp_path):
+    out = run_script("caching.py", "--images", "14", "--captions", "5", "--repeats", "1", "--results",
+                     str(tmp_path / "RESULTS.md"), timeout=600)
+    assert "Ray Data pipeline" in out and "single-process loop" in out and "KiB of latents per image" in out
+    assert "## caching" in (tmp_path / "RESULTS.md").read_text()

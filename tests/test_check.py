@@ -8,11 +8,10 @@ attention) at real widths; the whole estimate with the measured peak of a real C
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
-
-import re
 
 import pytest
 import torch

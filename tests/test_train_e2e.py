@@ -73,8 +73,10 @@ def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
 
 @pytest.fixture(scope="module")
 def second_run(first_run):
-    """The same job again on the same cache, short, with W&B in offline mode and a W&B key in the environment."""
+    """The same job again on the same cache, short, with W&B in offline mode and a W&B key in the environment, and
+    a card peak given so that the CPU run logs an MFU."""
     r = run_job(first_run, "run2", "train.max_steps=2", "train.lr_warmup_steps=0", "train.eval_every=1",
+                "train.peak_tflops=0.05",
                 "wandb.project=raytune-sd3-tests", "wandb.mode=offline", env={"WANDB_API_KEY": SECRET})
     return first_run / "run2", r.stdout + r.stderr
 
@@ -85,6 +87,27 @@ def test_second_run_encodes_nothing(second_run):
     report = json.loads((out / "cache_report.json").read_text())
     assert report["latents_encoded"] == 0 and report["texts_encoded"] == 0
     assert report["latents_reused"] == 48 and report["items"] == 48
+
+
+@pytest.mark.slow
+def test_mfu_from_the_counted_flops(second_run, tiny_sd3):
+    """metrics' MFU is F_train (train/flops.py, counted on the step's batch shape) over the step time and the peak."""
+    from raytune_sd3.models.loading import load_transformer
+    from raytune_sd3.models.lora import add_lora
+    from raytune_sd3.train.flops import count_flops
+
+    out, _ = second_run
+    steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    cfg = load_job(out / "job.yaml")
+    model = load_transformer(tiny_sd3)
+    add_lora(model, cfg.lora, seed=0)
+    x = dict(hidden_states=torch.randn(cfg.train.batch_size, 16, 8, 8), timestep=torch.full((4,), 500.0),
+             encoder_hidden_states=torch.randn(4, 77 + 77, model.config.joint_attention_dim),
+             pooled_projections=torch.randn(4, model.config.pooled_projection_dim), return_dict=False)
+    flops = count_flops(model, lambda: model(**x)).training()
+    for m in steps:
+        assert m["tflops_per_s"] == pytest.approx(flops / m["step_time_s"] / 1e12, rel=1e-6)
+        assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.05, rel=1e-6) and 0 < m["mfu"]
 
 
 def wandb_records(path: Path):
