@@ -28,6 +28,7 @@ from pathlib import Path
 
 from common import RESULTS, command, machine, machine_line, median, table, write_section
 
+CPU_NOTE = ("On a CPU the Ray Data side is dominated by fixed costs the loop does not pay: Ray Data's executor and the encoder actors' start (each imports torch, diffusers and transformers and loads its models in a fresh process), 25-50 s on this 2-core machine, against seconds of encoding with the tiny model; the first run also starts the worker processes. A warm cache skips Ray Data altogether (headers and hashes of up to 4096 images are checked in threads on the driver). The figure that matters, the scaling of the actor pools over GPUs, needs a GPU machine.")
 SHAPES = [(4, 3), (3, 4), (1, 1), (16, 9), (9, 16), (3, 2), (2, 3)]
 
 
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"distinct caption ({(lat_b + text_b) / n / 1024:.1f} KiB per image in all here; {cfg.model.dtype} "
         "entries: bf16 halves them). A real SD3 latent at 1024x1024 is 16x128x128 values (512 KiB in bf16), a "
         "caption with 154 T5 tokens 231x4096 + 2048 values (1.8 MiB in bf16).",
+        *([CPU_NOTE] if info["gpu"] == "none" else []),
     ])
     print(body)
     if not args.no_write:

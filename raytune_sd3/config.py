@@ -162,7 +162,7 @@ class DataConfig(Section):
     encode_batch_size: int = Field(8, ge=1)
     """Images (or captions) per batch in the encoding actors."""
     encode_actors: int | None = Field(None, ge=1)
-    """Encoding actors per encoder; default 1 per GPU, or 2 on a CPU-only cluster."""
+    """Encoding actors per encoder; default 1 per GPU, or 1 per 8 logical CPUs on a CPU-only cluster."""
     bucket_alignment: int = Field(64, ge=16)
     """Every bucket side is a multiple of this (SimpleTuner's aspect_bucket_alignment; 64 for SD3)."""
     small_buckets: Literal["error", "oversubscribe", "drop"] = "error"

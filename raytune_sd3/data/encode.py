@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -285,8 +286,27 @@ def _actor_options(n_actors: int | None) -> tuple[int, dict]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         return n_actors or gpus, {"num_gpus": 1}
-    # Fractional CPUs: two 1-CPU actors on a 2-CPU node would starve the read tasks (a silent deadlock).
-    return n_actors or 2, {"num_cpus": 0.5}
+    # Fractional CPUs: two 1-CPU actors on a 2-CPU node would starve the read tasks (a silent deadlock). Without
+    # GPUs one actor per 8 logical CPUs: each one's start (imports, model load) costs more than it adds on a laptop.
+    return n_actors or max(1, int(ray.cluster_resources().get("CPU", 0)) // 8), {"num_cpus": 0.5}
+
+
+LOCAL_HASHING = 4096  # up to this many images, the header checks and hashes run in threads here, not Ray tasks
+
+
+def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict) -> list[dict]:
+    """`_hash_and_key` over every row: Ray tasks across the cluster for a large data set; threads in this process
+    for a small one, where starting Ray Data costs more than the hashing (hashlib and PIL release the GIL)."""
+    if len(rows) > LOCAL_HASHING:
+        import ray
+
+        return ray.data.from_items(rows).map_batches(
+            _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels}, batch_size=64, **task_opts
+        ).take_all()
+    chunks = [rows[i:i + 16] for i in range(0, len(rows), 16)]
+    with ThreadPoolExecutor(8) as pool:
+        batches = pool.map(lambda c: _hash_and_key({k: [r[k] for r in c] for k in c[0]}, spec, max_pixels), chunks)
+        return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["path"]))]
 
 
 def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], batch_size: int = 8,
@@ -301,14 +321,27 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     task_opts = {"num_cpus": 0.25}
 
     rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
-    keyed = ray.data.from_items(rows).map_batches(
-        _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels}, batch_size=64, **task_opts
-    ).take_all()
+    keyed = _keyed(rows, spec, max_pixels, task_opts)
     todo = [r for r in keyed if not r["hit"] and not r["error"]]
     done = {int(r["uid"]): r for r in keyed if r["hit"]}
     report.latents_reused = len(done)
     report.skipped += [{"path": r["path"], "reason": r["error"]} for r in keyed if r["error"]]
     size_of = {int(r["uid"]): (int(r["width"]), int(r["height"])) for r in keyed}
+
+    # The captions of every image whose header passed, encoded while the VAE runs: both pools start at once.
+    captions = sorted({c for r in keyed if not r["error"] for c in items[int(r["uid"])].captions}
+                      | set(extra_captions))
+    report.text_keys = {c: spec.text_key(c) for c in captions}
+    store = CacheStore(spec.cache_dir)
+    with ThreadPoolExecutor(8) as pool:  # header reads; many at once on an object store
+        present = list(pool.map(lambda k: store.has("text", k), report.text_keys.values()))
+    missing = [{"caption": c, "text_key": k} for (c, k), hit in zip(report.text_keys.items(), present, strict=True)
+               if not hit]
+    report.texts_reused = len(captions) - len(missing)
+    texts = None
+    if missing:
+        texts = ThreadPoolExecutor(1).submit(lambda: ray.data.from_items(missing).map_batches(
+            TextEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts).take_all())
 
     if todo:  # one pipeline for every bucket, sorted by size so that most batches hold one size
         todo.sort(key=lambda r: (size_of[int(r["uid"])], int(r["uid"])))
@@ -324,16 +357,8 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
                 report.latents_encoded += 1
             else:
                 report.skipped.append({"path": r["path"], "reason": r["error"]})
-
-    captions = sorted({c for uid in done for c in items[uid].captions} | set(extra_captions))
-    report.text_keys = {c: spec.text_key(c) for c in captions}
-    store = CacheStore(spec.cache_dir)
-    missing = [{"caption": c, "text_key": k} for c, k in report.text_keys.items() if not store.has("text", k)]
-    report.texts_reused = len(captions) - len(missing)
-    if missing:
-        ray.data.from_items(missing).map_batches(
-            TextEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts
-        ).take_all()
+    if texts is not None:
+        texts.result()
         report.texts_encoded = len(missing)
 
     for uid, it in enumerate(items):  # manifest rows in discovery order
