@@ -81,7 +81,7 @@ def test_trial_job_sets_the_keys_and_shares_the_cache(tmp_path):
                          tmp_path / "study" / "trials" / "t1")
     assert job.train.learning_rate == 3e-3 and job.flow.shift == "auto"
     assert job.tune is None and job.run_name == "t1"
-    assert job.cache_dir == tmp_path / "study" / "cache"
+    assert Path(job.cache_dir) == tmp_path / "study" / "cache"
 
 
 # --- search space, concurrency, the objective ----------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_report_files_from_records(tmp_path):
     best = load_job(paths["best"])
     assert best_trial(recs).trial_id == "t1"
     assert best.tune is None and best.train.learning_rate == 3e-2 and best.flow.shift == "auto"
-    assert best.output_dir == tmp_path / "best" and best.cache_dir == tmp_path / "cache"
+    assert best.output_dir == tmp_path / "best" and Path(best.cache_dir) == tmp_path / "cache"
     assert paths["best"].read_text().startswith("# Best stable trial t1")
 
     all_diverged = [TrialRecord("x", {}, "diverged", "step 2: nan", last_step=2)]
@@ -278,7 +278,7 @@ def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
     assert best.tune is None and best.output_dir == out / "best"
     assert best.train.learning_rate == float(winner["train.learning_rate"])
     assert best.flow.shift == yaml.safe_load(winner["flow.shift"])
-    assert best.cache_dir == out / "cache"
+    assert Path(best.cache_dir) == out / "cache"
 
 
 @pytest.mark.slow
@@ -290,7 +290,7 @@ def test_study_encodes_the_data_set_once(study):
     assert len(trials) == 4
     # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
     assert not any((t / "cache_report.json").exists() or (t / "manifest.json").exists() for t in trials)
-    assert all(load_job(t / "job.yaml").cache_dir == out / "cache" for t in trials)
+    assert all(Path(load_job(t / "job.yaml").cache_dir) == out / "cache" for t in trials)
     # and wrote nothing into the cache: every entry predates the first trial (its job.yaml is its first file)
     first_trial = min((t / "job.yaml").stat().st_mtime for t in trials)
     entries = [p for p in (out / "cache").rglob("*") if p.is_file()]
