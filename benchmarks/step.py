@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             row("ours, in-step (the loop's step_time_s)", m["in_step"], m["cpu_in_step"]),
             row("**ours, step to step**", m["period"], m["cpu_period"]),
             row("  of which in ray.train.report", m["report"], m["cpu_report"]),
-            row("  of which in the cache read (micro_batch)", m["data"], m["cpu_data"])]
+            row("  of which waiting for the batch (read ahead)", m["data"], m["cpu_data"])]
     t = cfg.train
     setup = (f"{cfg.model.pretrained}, batch {t.batch_size}, {cfg.data.datasets[0].resolution}px, "
              f"T5 {cfg.text.t5_max_length} tokens, LoRA rank {cfg.lora.rank} ({cfg.lora.targets}), AdamW, "

@@ -338,28 +338,29 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     missing = [{"caption": c, "text_key": k} for (c, k), hit in zip(report.text_keys.items(), present, strict=True)
                if not hit]
     report.texts_reused = len(captions) - len(missing)
-    texts = None
-    if missing:
-        texts = ThreadPoolExecutor(1).submit(lambda: ray.data.from_items(missing).map_batches(
-            TextEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts).take_all())
+    with ThreadPoolExecutor(1) as background:  # waits for the caption pool on the way out, error or not
+        texts = background.submit(lambda: ray.data.from_items(missing).map_batches(
+            TextEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts).take_all()
+        ) if missing else None
 
-    if todo:  # one pipeline for every bucket, sorted by size so that most batches hold one size
-        todo.sort(key=lambda r: (size_of[int(r["uid"])], int(r["uid"])))
-        group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width", "orig_height",
-                                    "width", "height")} for r in todo]
-        out = (ray.data.from_items(group)
-               .map_batches(_decode, batch_size=batch_size, **task_opts)
-               .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts)
-               .take_all())
-        for r in out:
-            if r["encoded"]:
-                done[int(r["uid"])] = r
-                report.latents_encoded += 1
-            else:
-                report.skipped.append({"path": r["path"], "reason": r["error"]})
-    if texts is not None:
-        texts.result()
-        report.texts_encoded = len(missing)
+        if todo:  # one pipeline for every bucket, sorted by size so that most batches hold one size
+            todo.sort(key=lambda r: (size_of[int(r["uid"])], int(r["uid"])))
+            group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width",
+                                        "orig_height", "width", "height")} for r in todo]
+            out = (ray.data.from_items(group)
+                   .map_batches(_decode, batch_size=batch_size, **task_opts)
+                   .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute,
+                                **opts)
+                   .take_all())
+            for r in out:
+                if r["encoded"]:
+                    done[int(r["uid"])] = r
+                    report.latents_encoded += 1
+                else:
+                    report.skipped.append({"path": r["path"], "reason": r["error"]})
+        if texts is not None:
+            texts.result()
+            report.texts_encoded = len(missing)
 
     for uid, it in enumerate(items):  # manifest rows in discovery order
         if uid in done:
