@@ -18,8 +18,10 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import count, pairwise
 from pathlib import Path
+
+from reference import ReferenceLoop
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are local; a hub lookup without network hangs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -138,11 +140,16 @@ def bench_job(workdir: Path, overrides: list[str], job: Path = TINY_JOB):
     return load_job(job, bench_overrides(workdir, overrides, job))
 
 
-def timed_train_loop(config: dict) -> None:
+def timed_train_loop(config: dict, with_reference: bool = False) -> None:
     """The project's train_loop_per_worker, with its data reads, reports, model load and optimizer creation timed:
-    each call's (start, end) in time.time() and in time.thread_time() (the training thread's CPU seconds, which
-    other work on the machine does not inflate), written to output_dir/bench_rank{R}.json. With several workers it
-    then times a gloo all_reduce of the LoRA gradient's size (what DDP reduces every step)."""
+    each call's (start, end) in time.time() and in time.thread_time() (the training thread's CPU seconds), written
+    to output_dir/bench_rank{R}.json. With several workers it then times a gloo all_reduce of the LoRA gradient's
+    size (what DDP reduces every step).
+
+    with_reference: also build reference.py's bare loop in this worker and run one of its steps at the start of
+    each of ours (before our batch read), timed apart. Both then run on the same thread and core, moments apart:
+    on a shared machine whose speed drifts by phases (see step.py) that pairs each of our steps with a reference
+    step measured under the same conditions. Our figures have the reference's time taken out (JobRun)."""
     import ray.train
     import torch
 
@@ -150,7 +157,7 @@ def timed_train_loop(config: dict) -> None:
 
     record = {"entry": time.time(), "pid": os.getpid(), "threads": torch.get_num_threads(),
               "omp": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0), "load": [], "data": [], "report": [],
-              "optimizer": [], "lora_numel": 0}
+              "optimizer": [], "reference": [], "lora_numel": 0}
 
     def timed(name, fn):
         def call(*args, **kwargs):
@@ -166,10 +173,19 @@ def timed_train_loop(config: dict) -> None:
         record["lora_numel"] = sum(p.numel() for p in params)
         return make_optimizer(params, t)
 
+    reference = ReferenceLoop(config["job"], Path(config["manifest"]), config["pretrained"]) if with_reference else None
+    grad_accum, reads = config["job"]["train"]["grad_accum"], count()
+    timed_get, timed_reference = timed("data", loop.Prefetcher.get), timed("reference", lambda: reference.step())
+
+    def get(self):
+        if reference is not None and next(reads) % grad_accum == 0:  # once per optimizer step, at its start
+            timed_reference()
+        return timed_get(self)
+
     originals = (loop.load_transformer, loop.Prefetcher.get, ray.train.report, loop.make_optimizer)
     make_optimizer = loop.make_optimizer
     loop.load_transformer = timed("load", loop.load_transformer)
-    loop.Prefetcher.get = timed("data", loop.Prefetcher.get)  # the step's wait for its batch (read ahead)
+    loop.Prefetcher.get = get  # the step's wait for its batch (read ahead)
     ray.train.report = timed("report", ray.train.report)  # loop.py calls ray.train.report(...) at step time
     loop.make_optimizer = timed("optimizer", count_lora)
     try:
@@ -182,6 +198,10 @@ def timed_train_loop(config: dict) -> None:
         record["allreduce_s"] = _time_allreduce(record["lora_numel"])
     path = Path(config["job"]["output_dir"]) / BENCH_RECORD.format(rank=rank)
     path.write_text(json.dumps(record))
+
+
+def timed_train_loop_with_reference(config: dict) -> None:
+    timed_train_loop(config, with_reference=True)
 
 
 def _time_allreduce(numel: int, repeats: int = 30) -> list[float]:
@@ -212,19 +232,30 @@ class JobRun:
         """Each optimizer step's first data read, start time by `clock` (0: wall, 2: thread CPU), step 1 first."""
         return [call[clock] for call in self.ranks[0]["data"][:: self.grad_accum]]
 
+    def _reference_within(self, a: float, b: float, clock: int) -> float:
+        """Seconds (by `clock`) of the interleaved reference steps that started in [a, b)."""
+        return sum(c[clock + 1] - c[clock] for c in self.ranks[0].get("reference", []) if a <= c[clock] < b)
+
     def periods(self, skip: int) -> list[float]:
         """Wall seconds from the start of step k to the start of step k+1 (everything: data, compute, logging,
-        report), for k after the first `skip` steps."""
-        return [b - a for a, b in pairwise(self._step_marks(0))][skip:]
+        report; an interleaved reference step taken out), for k after the first `skip` steps."""
+        return [b - a - self._reference_within(a, b, 0) for a, b in pairwise(self._step_marks(0))][skip:]
 
     def cpu_periods(self, skip: int) -> list[float]:
         """The training thread's CPU seconds from the start of step k to the start of step k+1, as periods()."""
-        return [b - a for a, b in pairwise(self._step_marks(2))][skip:]
+        return [b - a - self._reference_within(a, b, 2) for a, b in pairwise(self._step_marks(2))][skip:]
+
+    def reference(self, skip: int, cpu: bool = False) -> list[float]:
+        """Seconds (wall, or the thread's CPU) of the interleaved reference step run at the start of step k, for
+        the steps periods() covers: reference(skip)[i] ran next to periods(skip)[i]."""
+        return self.durations("reference", skip, cpu)[1:]
 
     def in_step(self, skip: int) -> list[float]:
-        """The loop's own step_time_s (metrics.jsonl), for the steps after the first `skip`, the last one excluded."""
+        """The loop's own step_time_s (metrics.jsonl), for the steps after the first `skip`, the last one excluded
+        (less the interleaved reference step, which runs inside it)."""
         rows = [m for m in self.metrics if "step_time_s" in m]
-        return [m["step_time_s"] for m in rows[skip:-1]]
+        ref = self.durations("reference", 0) or [0.0] * len(rows)
+        return [m["step_time_s"] - r for m, r in zip(rows, ref, strict=True)][skip:-1]
 
     def per_step(self, name: str, skip: int, cpu: bool = False) -> float:
         """Seconds per step spent in calls `name` on rank 0 over the steps periods() covers (a call that only some
@@ -237,20 +268,21 @@ class JobRun:
 
     def durations(self, name: str, skip: int, cpu: bool = False) -> list[float]:
         """Seconds (wall, or the thread's CPU) of each timed call `name` on rank 0, after the first `skip`."""
-        return [c[3] - c[2] if cpu else c[1] - c[0] for c in self.ranks[0][name]][skip:]
+        return [c[3] - c[2] if cpu else c[1] - c[0] for c in self.ranks[0].get(name, [])][skip:]
 
 
 @contextlib.contextmanager
-def _timed_loop_in_build_trainer():
+def _timed_loop_in_build_trainer(with_reference: bool):
     """Make build_trainer hand timed_train_loop to the TorchTrainer (it imports loop.train_loop_per_worker when
-    called). Workers cannot import this folder, so Ray pickles this module by value."""
+    called). Workers cannot import this folder, so Ray pickles this module and reference.py by value."""
     import ray.cloudpickle
 
     from raytune_sd3.train import loop
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    for module in (sys.modules[__name__], sys.modules[ReferenceLoop.__module__]):
+        ray.cloudpickle.register_pickle_by_value(module)
     original = loop.train_loop_per_worker
-    loop.train_loop_per_worker = timed_train_loop
+    loop.train_loop_per_worker = timed_train_loop_with_reference if with_reference else timed_train_loop
     try:
         yield
     finally:
@@ -269,14 +301,15 @@ def prepare(cfg) -> tuple[Path, str]:
     return manifest, pretrained
 
 
-def run_job(cfg, manifest: Path, pretrained: str) -> JobRun:
-    """Fit the job's TorchTrainer (built by the CLI's build_trainer) with timed workers; output in cfg.output_dir."""
+def run_job(cfg, manifest: Path, pretrained: str, with_reference: bool = False) -> JobRun:
+    """Fit the job's TorchTrainer (built by the CLI's build_trainer) with timed workers; output in cfg.output_dir.
+    with_reference: interleave reference.py's steps with ours (timed_train_loop)."""
     from raytune_sd3.train.__main__ import build_trainer
     from raytune_sd3.train.loop import METRICS
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _timed_loop_in_build_trainer():
+    with _timed_loop_in_build_trainer(with_reference):
         trainer = build_trainer(cfg, manifest, pretrained)
     t0 = time.time()
     result = trainer.fit()

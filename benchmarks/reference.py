@@ -34,85 +34,106 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported, as Ray does for its workers
-    os.nice(max(0, args.nice - os.nice(0)))
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-    from peft import LoraConfig
-    from safetensors.torch import load_file
+class ReferenceLoop:
+    """The bare loop's state (model, LoRA, AdamW, schedulers, the cached samples in memory) and its step. step.py
+    builds one inside our Ray Train worker and runs one reference step before each of ours, so that both are timed
+    on the same thread, core and moment; main() below runs it alone."""
 
-    from raytune_sd3.models.lora import PRESETS  # the target names only: the same modules get LoRA
+    def __init__(self, job: dict, manifest_path: Path, pretrained: str):
+        import torch
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+        from safetensors.torch import load_file
 
-    torch.set_num_threads(args.threads)
-    job = json.loads(args.job.read_text())
-    lora, train = job["lora"], job["train"]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["model"]["dtype"]]
+        from raytune_sd3.models.lora import PRESETS  # the target names only: the same modules get LoRA
 
-    transformer = SD3Transformer2DModel.from_pretrained(args.pretrained, subfolder="transformer", torch_dtype=dtype)
-    transformer.requires_grad_(False)
-    targets = PRESETS[lora["targets"]] if isinstance(lora["targets"], str) else lora["targets"]
-    transformer.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"] or lora["rank"],
-                                       init_lora_weights="gaussian", target_modules=targets))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:  # the script's cast_training_params: LoRA weights in fp32
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], betas=(train["adam_beta1"], train["adam_beta2"]),
-                                  weight_decay=train["weight_decay"], eps=train["adam_epsilon"])
-    lr_scheduler = get_scheduler(train["lr_scheduler"], optimizer, num_warmup_steps=train["lr_warmup_steps"],
-                                 num_training_steps=train["max_steps"])
-    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained, subfolder="scheduler")
+        lora, train = job["lora"], job["train"]
+        self.dtype = dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["model"]["dtype"]]
+        self.max_grad_norm = train["max_grad_norm"]
+        transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", torch_dtype=dtype)
+        transformer.requires_grad_(False)
+        targets = PRESETS[lora["targets"]] if isinstance(lora["targets"], str) else lora["targets"]
+        transformer.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"] or lora["rank"],
+                                           init_lora_weights="gaussian", target_modules=targets))
+        self.params = [p for p in transformer.parameters() if p.requires_grad]
+        for p in self.params:  # the script's cast_training_params: LoRA weights in fp32
+            p.data = p.data.float()
+        self.optimizer = torch.optim.AdamW(self.params, lr=train["learning_rate"],
+                                           betas=(train["adam_beta1"], train["adam_beta2"]),
+                                           weight_decay=train["weight_decay"], eps=train["adam_epsilon"])
+        self.lr_scheduler = get_scheduler(train["lr_scheduler"], self.optimizer,
+                                          num_warmup_steps=train["lr_warmup_steps"],
+                                          num_training_steps=train["max_steps"])
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
 
-    manifest = json.loads(args.manifest.read_text())
-    root = Path(manifest["cache_dir"])
+        manifest = json.loads(Path(manifest_path).read_text())
+        root = Path(manifest["cache_dir"])
 
-    def entry(kind: str, key: str) -> dict:
-        return load_file(root / kind / key[:2] / f"{key}.safetensors")
+        def entry(kind: str, key: str) -> dict:
+            return load_file(root / kind / key[:2] / f"{key}.safetensors")
 
-    samples = [(entry("latents", r["latent_key"])["latents"], entry("text", r["text_key"])) for r in manifest["rows"]]
-    bsz = train["batch_size"]
+        self.samples = [(entry("latents", r["latent_key"])["latents"], entry("text", r["text_key"]))
+                        for r in manifest["rows"]]
+        self.batch_size = train["batch_size"]
+        self.transformer = transformer.train()
+        self.steps_done = 0
 
-    def get_sigmas(timesteps: torch.Tensor, n_dim: int) -> torch.Tensor:  # as in the script
-        schedule = noise_scheduler.timesteps
+    def _sigmas(self, timesteps, n_dim: int):  # the script's get_sigmas
+        schedule = self.noise_scheduler.timesteps
         step_indices = [(schedule == t).nonzero().item() for t in timesteps]
-        sigma = noise_scheduler.sigmas[step_indices].flatten().to(dtype)
+        sigma = self.noise_scheduler.sigmas[step_indices].flatten().to(self.dtype)
         return sigma.view(-1, *([1] * (n_dim - 1)))
 
-    transformer.train()
-    times, cpu_times, first_step_done = [], [], None
-    for step in range(args.steps):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        batch = [samples[(step * bsz + i) % len(samples)] for i in range(bsz)]
+    def step(self) -> float:
+        """One training step as the script does it; returns the loss (read with .item(), as its progress bar)."""
+        import torch
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        bsz, dtype, first = self.batch_size, self.dtype, self.steps_done * self.batch_size
+        batch = [self.samples[(first + i) % len(self.samples)] for i in range(bsz)]
         model_input = torch.stack([lat for lat, _ in batch]).to(dtype)
         prompt_embeds = torch.stack([t["prompt_embeds"] for _, t in batch]).to(dtype)
         pooled = torch.stack([t["pooled"] for _, t in batch]).to(dtype)
         noise = torch.randn_like(model_input)
         u = compute_density_for_timestep_sampling("logit_normal", bsz, logit_mean=0.0, logit_std=1.0)
-        indices = (u * noise_scheduler.config.num_train_timesteps).long()
-        timesteps = noise_scheduler.timesteps[indices]
-        sigmas = get_sigmas(timesteps, model_input.ndim)
+        indices = (u * self.noise_scheduler.config.num_train_timesteps).long()
+        timesteps = self.noise_scheduler.timesteps[indices]
+        sigmas = self._sigmas(timesteps, model_input.ndim)
         noisy = (1.0 - sigmas) * model_input + sigmas * noise
-        pred = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                           pooled_projections=pooled, return_dict=False)[0]
+        pred = self.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
         weighting = compute_loss_weighting_for_sd3("none", sigmas)
         target = noise - model_input
         loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
         loss.backward()
-        if train["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        _ = loss.detach().item()  # the script logs the loss every step
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return loss.detach().item()  # the script logs the loss every step
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported, as Ray does for its workers
+    os.nice(max(0, args.nice - os.nice(0)))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ref = ReferenceLoop(json.loads(args.job.read_text()), args.manifest, args.pretrained)
+    times, cpu_times, first_step_done = [], [], None
+    for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        ref.step()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.thread_time() - c0)
         first_step_done = first_step_done or time.time()
     args.out.write_text(json.dumps({"step_s": times, "step_cpu_s": cpu_times, "first_step_done": first_step_done,
                                     "threads": torch.get_num_threads(), "nice": os.nice(0),
-                                    "lora_numel": sum(p.numel() for p in params)}))
+                                    "lora_numel": sum(p.numel() for p in ref.params)}))
 
 
 if __name__ == "__main__":

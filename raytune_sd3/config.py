@@ -165,6 +165,10 @@ class DataConfig(Section):
     """Encoding actors per encoder; default 1 per GPU, or 1 per 8 logical CPUs on a CPU-only cluster."""
     bucket_alignment: int = Field(64, ge=16)
     """Every bucket side is a multiple of this (SimpleTuner's aspect_bucket_alignment; 64 for SD3)."""
+    memory_cache_gb: float = Field(2.0, ge=0)
+    """GiB of cache entries each training worker keeps decoded in RAM after their first read (0: read every batch
+    from the cache). A data set that fits is read from the cache once per run; beyond the budget, entries are read
+    each time they are used."""
     small_buckets: Literal["error", "oversubscribe", "drop"] = "error"
     """A bucket with fewer images than one global batch (batch_size x grad_accum x workers; every optimizer step
     uses one bucket): error (default, names each such bucket), oversubscribe (repeat its images to fill a batch)

@@ -101,11 +101,29 @@ def test_results_sections_are_replaced_in_place_and_others_kept(bench, tmp_path)
     assert "torch " in common.machine_line(info)
 
 
+def test_interleaved_reference_steps_are_taken_out_of_ours(bench):
+    """step.py runs one reference step at the start of each of ours (inside our batch read); JobRun must take each
+    out of the step it ran in and pair it with that step. Timings as (start, end, cpu start, cpu end)."""
+    _, common = bench
+    ours, ref = [0.040, 0.050, 0.041, 0.060], [0.030, 0.020, 0.031, 0.032]
+    data, reference, metrics, now = [], [], [], 100.0
+    for k in range(4):  # step k: reference step, batch read (1 ms), the rest of our step
+        reference.append((now, now + ref[k], now, now + ref[k]))
+        data.append((now + ref[k], now + ref[k] + 0.001, now + ref[k], now + ref[k] + 0.001))
+        metrics.append({"step": k + 1, "step_time_s": ref[k] + ours[k]})
+        now += ref[k] + ours[k]
+    run = common.JobRun(metrics, [{"data": data, "reference": reference, "report": []}], 0.0, 1.0)
+    assert run.periods(0) == pytest.approx(ours[:3])  # step k to step k+1, less reference step k+1
+    assert run.cpu_periods(1) == pytest.approx(ours[1:3])
+    assert run.reference(0) == pytest.approx(ref[1:])  # the reference step taken out of each period
+    assert run.in_step(1) == pytest.approx(ours[1:3])  # the last step is left out
+
+
 @pytest.mark.bench
 def test_step_and_scaling_benchmarks_run(tmp_path):
     """The CPU benchmarks end to end at their smallest (a real TorchTrainer each); figures are not checked."""
     results = str(tmp_path / "RESULTS.md")
-    out = run_script("step.py", "--steps", "6", "--warmup", "2", "--repeats", "1", "--reference-steps", "6",
+    out = run_script("step.py", "--steps", "6", "--warmup", "2", "--repeats", "1",
                      "--results", results, timeout=600)
     assert "ours/reference, wall step to step" in out and "ray.train.report" in out
     out = run_script("scaling.py", "--steps", "5", "--warmup", "1", "--repeats", "1", "--results", results,

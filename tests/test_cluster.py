@@ -210,11 +210,22 @@ def test_rayjob_runs_an_existing_job_on_enough_gpus():
 
 @pytest.mark.slow
 def test_two_node_job_submit(tmp_path):
-    """Two `ray start` nodes on this machine; `ray job submit` of the tiny job with its cache and checkpoints on a
-    path both use; the two training workers on different nodes (train.placement_strategy SPREAD); the LoRA."""
-    from tests.test_job_submit import BIN, MARKER, RAY, _free_ports, _our_pids, _stop_head, _wait_for_dashboard
+    """Two `ray start` nodes on this machine, with Ray's token auth; `ray job submit` of the tiny job with its cache
+    and checkpoints on a path both use; the two training workers on different nodes (train.placement_strategy
+    SPREAD); the LoRA and the validation images. (tests/ray_head.py: what starting the nodes took.)"""
+    from tests.ray_head import (
+        BIN,
+        HEAD_START_S,
+        MARKER,
+        NO_AGENT,
+        RAY,
+        _free_ports,
+        _our_pids,
+        _stop_head,
+        _wait_for_dashboard,
+    )
 
-    gcs, dash, client, agent_a, agent_b = _free_ports(5)
+    gcs, dash, client, agent_a, agent_b, env_agent, metrics = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rt2-", dir="/tmp")
     token, marker = secrets.token_hex(32), secrets.token_hex(8)
     shared = tmp_path / "shared"  # what /mnt/shared is on a real cluster: both nodes see it
@@ -222,8 +233,8 @@ def test_two_node_job_submit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "RAYTUNE_SD3_HOME": str(shared / "home"),
-                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(HEAD_START_S),
+                "DASHBOARD_METRIC_PORT": str(metrics), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
     node_env = {**env, MARKER: marker}
     procs = []
 
@@ -236,7 +247,8 @@ def test_two_node_job_submit(tmp_path):
 
     try:
         head = start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                      f"--dashboard-agent-listen-port={agent_a}", "--dashboard-host=127.0.0.1",
+                      f"--dashboard-agent-listen-port={agent_a}", f"--runtime-env-agent-port={env_agent}",
+                      "--dashboard-host=127.0.0.1",
                       "--include-dashboard=true", "--num-cpus=3", f"--temp-dir={temp_dir}"], tmp_path / "head.log")
         _wait_for_dashboard(head, dash, token, tmp_path / "head.log")
 
@@ -280,12 +292,17 @@ def test_two_node_job_submit(tmp_path):
                "--set", "train.max_steps=4", "--set", "train.lr_warmup_steps=1", "--set", "train.checkpoint_every=2",
                "--set", "train.eval_every=2", "--set", "validation.steps=2"]
         t0 = time.monotonic()
-        try:
-            job = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
-        except subprocess.TimeoutExpired as e:
-            tail = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            pytest.fail(f"ray job submit did not finish in 420s:\n{tail[-6000:]}")
-        output = job.stdout + job.stderr
+        while True:
+            try:
+                job = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+            except subprocess.TimeoutExpired as e:
+                tail = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                pytest.fail(f"ray job submit did not finish in 420s:\n{tail[-6000:]}")
+            output = job.stdout + job.stderr
+            # Refused, with nothing submitted, while the head's dashboard agent has not registered yet.
+            if job.returncode == 0 or NO_AGENT not in output or time.monotonic() > t0 + HEAD_START_S:
+                break
+            time.sleep(2)
         print(f"\ntwo nodes up; job finished in {time.monotonic() - t0:.0f}s with {job.returncode}")
         assert job.returncode == 0 and "succeeded" in output.lower(), output[-6000:]
 
@@ -293,6 +310,7 @@ def test_two_node_job_submit(tmp_path):
         steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
         assert any((out / "ray").rglob("checkpoint_*")), "checkpoints on the shared path"
+        assert len(list((out / "validation").glob("step_*/*.png"))) == 2  # the 2 prompts of jobs/tiny.yaml
         workers = ray_list("actors", "class_name=RayTrainWorker")
         assert len({a["node_id"] for a in workers}) == 2, [(a["node_id"], a["state"]) for a in workers]
     finally:

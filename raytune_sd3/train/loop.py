@@ -124,7 +124,8 @@ def train_loop_per_worker(config: dict) -> None:
     manifest = read_manifest(config["manifest"])
     train_rows, eval_rows = split_eval(manifest["rows"], cfg.data.eval_samples)
     reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
-                           t.global_batch, cfg.data.small_buckets, t.prior_loss_weight)
+                           t.global_batch, cfg.data.small_buckets, t.prior_loss_weight,
+                           memory_budget=int(cfg.data.memory_cache_gb * 2**30))
     # Under ZeRO-3 a forward pass needs every rank, so every rank runs eval and sampling; otherwise rank 0 alone.
     runs_eval = rank == 0 or strategy.sharded_params
     eval_batch = reader.load_buckets(eval_rows) if eval_rows and runs_eval else None
@@ -181,7 +182,8 @@ def train_loop_per_worker(config: dict) -> None:
     global_batch = t.batch_size * accum * world
     nonfinite = resumed.get("nonfinite", 0)
     batches = Prefetcher(reader, [(s - 1, m, accum, rank, world, t.batch_size) for s in range(start_step + 1,
-                                  t.max_steps + 1) for m in range(accum)], pin=device.type == "cuda")
+                                  t.max_steps + 1) for m in range(accum)],
+                         pin=device.type == "cuda", background=device.type == "cuda")  # a thread pays on GPUs only
     peak = peak_tflops(device, t.peak_tflops)  # MFU is logged where the card's peak is known
     flops_of_shape: dict[tuple, int] = {}
 
