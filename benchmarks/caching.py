@@ -81,9 +81,10 @@ def single_process_side(spec, items, batch_size: int) -> float:
     import numpy as np
     import torch
 
-    from raytune_sd3.data.buckets import Sizing, plan
-    from raytune_sd3.data.encode import encode_latents, image_problem, image_size, load_image, pixels_to_tensor
-    from raytune_sd3.data.store import CacheStore, seed_from_key
+    from raytune_sd3.data.buckets import Sizing, plan, seed_from_key
+    from raytune_sd3.data.encode import encode_latents, pixels_to_tensor
+    from raytune_sd3.data.pixels import image_problem, image_size, load_image
+    from raytune_sd3.data.store import CacheStore
     from raytune_sd3.models.loading import DTYPES, load_text_encoders, load_vae
     from raytune_sd3.models.text import encode_prompts
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     from raytune_sd3.config import load_job
     from raytune_sd3.data.buckets import Sizing, plan
     from raytune_sd3.data.discovery import discover
-    from raytune_sd3.data.encode import image_size
+    from raytune_sd3.data.pixels import image_size
     from raytune_sd3.data.prepare import cache_spec
     from raytune_sd3.models.loading import resolve_pretrained
     from raytune_sd3.runtime import init_ray

@@ -208,7 +208,7 @@ def check_data(cfg: JobConfig, report: Report) -> int:
 def _bucket_rows(items: list) -> list[dict]:
     """Each item's bucket from its header (unreadable images are left out, as caching would skip them)."""
     from raytune_sd3.data.buckets import Sizing, plan
-    from raytune_sd3.data.encode import image_size
+    from raytune_sd3.data.pixels import image_size
 
     rows = []
     for it in items:

@@ -23,8 +23,8 @@ from raytune_sd3.train.__main__ import build_trainer
 def main(tmp: Path) -> None:
     cfg = load_job("jobs/tiny.yaml", [
         f"output_dir={tmp / 'out'}", f"data.datasets.0.instance_data_dir={tmp / 'demo'}",
-        "data.datasets.0.demo_images=16", "data.eval_samples=4", "train.max_steps=30", "train.lr_warmup_steps=1",
-        "train.checkpoint_every=5", "train.eval_every=10", "train.max_failures=2", "train.placement_strategy=SPREAD",
+        "data.datasets.0.demo_images=16", "data.eval_samples=4", "train.max_steps=16", "train.lr_warmup_steps=1",
+        "train.checkpoint_every=4", "train.eval_every=8", "train.max_failures=2", "train.placement_strategy=SPREAD",
         "validation.prompts=[]", "data.encode_actors=1",
     ])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})

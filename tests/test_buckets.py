@@ -18,7 +18,8 @@ from PIL import Image
 from raytune_sd3.config import DatasetConfig, load_job
 from raytune_sd3.data.buckets import Sizing, plan, size_for_aspect
 from raytune_sd3.data.discovery import discover
-from raytune_sd3.data.encode import CacheSpec, build_cache, decode, image_problem
+from raytune_sd3.data.encode import CacheSpec, build_cache
+from raytune_sd3.data.pixels import decode, image_problem
 from raytune_sd3.data.reader import BucketError, CachedBatches
 from raytune_sd3.data.store import CacheStore
 

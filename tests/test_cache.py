@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 from raytune_sd3.config import DatasetConfig
-from raytune_sd3.data.buckets import Sizing
+from raytune_sd3.data.buckets import Sizing, seed_from_key
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
-from raytune_sd3.data.encode import CacheSpec, build_cache, decode, encode_latents, pixels_to_tensor
-from raytune_sd3.data.store import CacheStore, seed_from_key
+from raytune_sd3.data.encode import CacheSpec, build_cache, encode_latents, pixels_to_tensor
+from raytune_sd3.data.pixels import decode
+from raytune_sd3.data.store import CacheStore
 from raytune_sd3.models.loading import load_text_encoders, load_vae
 from raytune_sd3.models.text import encode_prompts
 

@@ -14,12 +14,12 @@ import pytest
 from raytune_sd3.data.store import CacheStore
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = 64
+IMAGES = 32
 
 
 def _cmd(tmp: Path, *extra: str) -> list[str]:
     sets = [f"output_dir={tmp / 'out'}", f"data.datasets.0.instance_data_dir={tmp / 'demo'}",
-            f"data.datasets.0.demo_images={IMAGES}", "data.encode_batch_size=2", "data.encode_actors=1",
+            f"data.datasets.0.demo_images={IMAGES}", "data.encode_batch_size=4", "data.encode_actors=1",
             "validation.prompts=[]"]
     return [sys.executable, "-m", "raytune_sd3.cache", "jobs/tiny.yaml", *extra] + [
         a for s in sets for a in ("--set", s)]

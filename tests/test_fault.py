@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 24
+STEPS = 12
 
 
 def _cmd(tmp: Path, out: str) -> list[str]:

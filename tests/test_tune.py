@@ -223,11 +223,16 @@ def test_report_files_from_records(tmp_path):
 
 
 # --- whole studies through the CLI ---------------------------------------------------------------------------------
-# Small on purpose (2 cores): 16 images, 8 steps, 1 worker per trial. The 4 trials of jobs/tune-tiny.yaml keep
-# their settings, absurd learning rate included.
+# One study, small on purpose (2 cores): 16 images, 8 steps, 1 worker per trial, one trial at a time, ASHA with a
+# grace period of 4 steps. It is killed after its second trial and resumed, so every status a study can give is
+# seen once: lr 1e-2 trains to the end; lr 3e-3 is behind it at step 4 and ASHA stops it; the driver is killed
+# then; --resume runs the absurd lr 1e3, which diverges, and lr 3e-2, which trains to the end. One trial at a
+# time keeps ASHA's decisions deterministic (with trials side by side they depend on which reaches a rung first).
 
 SMALL = ["data.datasets.0.demo_images=16", "data.eval_samples=4", "train.max_steps=8", "train.eval_every=4",
-         "train.checkpoint_every=4", "tune.scheduler.grace_period=4"]
+         "train.checkpoint_every=4", "tune.scheduler.grace_period=4", "tune.max_concurrent_trials=1",
+         "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}, "
+         "{train.learning_rate: 1.0e+3}, {train.learning_rate: 3.0e-2}]"]
 
 
 def tune_cmd(study: Path, tmp: Path, *extra: str) -> list[str]:
@@ -239,74 +244,6 @@ def tune_cmd(study: Path, tmp: Path, *extra: str) -> list[str]:
 
 def read_rows(study: Path) -> list[dict]:
     return list(csv.DictReader(open(study / "trials.csv")))
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tune")
-    t0 = time.perf_counter()
-    # No early stopping here: ASHA may stop the slowest stable trial, depending on which trial reaches a rung
-    # first (the resume test below runs trials one by one, where ASHA's decision is deterministic).
-    r = subprocess.run(tune_cmd(tmp / "study", tmp, "--set", "tune.scheduler.type=none"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    print(f"tiny study: {time.perf_counter() - t0:.0f}s")
-    return tmp
-
-
-@pytest.mark.slow
-def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
-    out = study / "study"
-    rows = read_rows(out)
-    assert len(rows) == 4
-    by_lr = {float(r["train.learning_rate"]): r for r in rows}
-    absurd = by_lr.pop(1000.0)
-    assert absurd["status"] == "diverged", absurd  # a result, not a failure
-    assert absurd["note"].startswith(f"step {absurd['steps']}:") and int(absurd["steps"]) < 8
-    assert all(r["status"] == "stable" and r["steps"] == "8" and float(r["final_eval_loss"]) > 0
-               for r in by_lr.values()), rows
-    for r in rows:  # stable trials leave their LoRA; the diverged one does not
-        has_lora = (out / r["output_dir"] / "pytorch_lora_weights.safetensors").exists()
-        assert has_lora == (r["status"] == "stable")
-    md = (out / "trials.md").read_text()
-    assert "4 trials: 3 stable, 1 diverged" in md and all(r["trial"] in md for r in rows)
-    for png in ("eval_loss.png", "stability.png"):
-        assert (out / png).read_bytes()[:8] == PNG
-
-    best = load_job(out / "best.yaml")
-    winner = rows[0]  # the table lists stable trials by final eval loss first
-    assert best.tune is None and best.output_dir == out / "best"
-    assert best.train.learning_rate == float(winner["train.learning_rate"])
-    assert best.flow.shift == yaml.safe_load(winner["flow.shift"])
-    assert Path(best.cache_dir) == out / "cache"
-
-
-@pytest.mark.slow
-def test_study_encodes_the_data_set_once(study):
-    out = study / "study"
-    report = json.loads((out / "cache_report.json").read_text())
-    assert report["items"] == 16 and report["latents_encoded"] == 16 and report["latents_reused"] == 0
-    trials = sorted((out / "trials").iterdir())
-    assert len(trials) == 4
-    # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
-    assert not any((t / "cache_report.json").exists() or (t / "manifest.json").exists() for t in trials)
-    assert all(Path(load_job(t / "job.yaml").cache_dir) == out / "cache" for t in trials)
-    # and wrote nothing into the cache: every entry predates the first trial (its job.yaml is its first file)
-    first_trial = min((t / "job.yaml").stat().st_mtime for t in trials)
-    entries = [p for p in (out / "cache").rglob("*") if p.is_file()]
-    assert entries and max(p.stat().st_mtime for p in entries) <= first_trial
-
-
-@pytest.mark.slow
-def test_best_yaml_trains(study, tmp_path):
-    best = study / "study" / "best.yaml"
-    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(best), "--set", "train.max_steps=2",
-                        "--set", f"output_dir={tmp_path / 'best'}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").exists()
-    report = json.loads((tmp_path / "best" / "cache_report.json").read_text())
-    assert report["latents_encoded"] == 0 and report["latents_reused"] == 16  # the study's cache, reused
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -348,49 +285,107 @@ def _trial_statuses(experiment: Path) -> dict[str, str]:
         return {}
 
 
-@pytest.mark.slow
-def test_killed_study_resumes_without_rerunning_finished_trials(study):
-    """One trial at a time with ASHA (grace 4 of 8 steps): lr 1e-2 trains to the end, lr 3e-3 is behind it at step
-    4 and ASHA stops it, then the driver is killed; --resume runs lr 3e-2 only."""
-    tmp, out = study, study / "resume"
-    stable3 = ("tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}, "
-               "{train.learning_rate: 3.0e-2}]")
-    # the first study's cache: this one encodes nothing
-    cmd = tune_cmd(out, tmp, "--set", stable3, "--set", "tune.max_concurrent_trials=1",
-                   "--set", f"data.cache_dir={tmp / 'study' / 'cache'}")
-    log = open(tmp / "resume-first.log", "w")
-    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, statuses = time.time() + 900, {}
-        while time.time() < deadline and driver.poll() is None:
-            statuses = _trial_statuses(out / "ray" / "resume")
-            if list(statuses.values()).count("TERMINATED") >= 2:
-                break
-            time.sleep(1)
-        assert driver.poll() is None and list(statuses.values()).count("TERMINATED") == 2, (
-            statuses, (tmp / "resume-first.log").read_text()[-3000:])
-    finally:
-        driver.kill()  # SIGKILL: the driver saves nothing more
-        driver.wait()
-        _end_session(driver.pid)
-        log.close()
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """The study above, run, killed after two finished trials, and resumed. Returns what the tests check."""
+    tmp = tmp_path_factory.mktemp("tune")
+    out = tmp / "study"
+    cmd = tune_cmd(out, tmp)
+    first_log = tmp / "first-driver.log"
+    t0 = time.perf_counter()
+    with open(first_log, "w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline, statuses = time.time() + 900, {}
+            while time.time() < deadline and driver.poll() is None:
+                statuses = _trial_statuses(out / "ray" / "study")
+                if list(statuses.values()).count("TERMINATED") >= 2:
+                    break
+                time.sleep(1)
+            assert driver.poll() is None and list(statuses.values()).count("TERMINATED") == 2, (
+                statuses, first_log.read_text()[-3000:])
+        finally:
+            driver.kill()  # SIGKILL: the driver saves nothing more
+            driver.wait()
+            _end_session(driver.pid)
     assert not (out / "trials.csv").exists()
     finished = sorted(t for t, s in statuses.items() if s == "TERMINATED")
     before = {t: (out / "trials" / t / "metrics.jsonl").stat().st_mtime for t in finished}
+    print(f"tiny study, until killed: {time.perf_counter() - t0:.0f}s")
 
     t0 = time.perf_counter()
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    print(f"resume: {time.perf_counter() - t0:.0f}s")
+    print(f"resumed: {time.perf_counter() - t0:.0f}s")
+    return {"tmp": tmp, "out": out, "finished": finished, "before": before, "first_log": first_log.read_text(),
+            "resume_log": r.stdout + r.stderr}
+
+
+@pytest.mark.slow
+def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
+    out = study["out"]
+    rows = read_rows(out)
+    assert len(rows) == 4
+    by_lr = {float(r["train.learning_rate"]): r for r in rows}
+    absurd = by_lr[1000.0]
+    assert absurd["status"] == "diverged", absurd  # a result, not a failure
+    assert absurd["note"].startswith(f"step {absurd['steps']}:") and int(absurd["steps"]) < 8
+    assert by_lr[3e-3]["status"] == "stopped" and by_lr[3e-3]["note"] == "stopped by ASHA at step 4", rows
+    assert all(by_lr[lr]["status"] == "stable" and by_lr[lr]["steps"] == "8" and float(by_lr[lr]["final_eval_loss"]) > 0
+               for lr in (1e-2, 3e-2)), rows
+    for r in rows:  # stable trials leave their LoRA; stopped and diverged ones do not
+        has_lora = (out / r["output_dir"] / "pytorch_lora_weights.safetensors").exists()
+        assert has_lora == (r["status"] == "stable")
+    md = (out / "trials.md").read_text()
+    assert "4 trials: 2 stable, 1 stopped, 1 diverged" in md and all(r["trial"] in md for r in rows)
+    for png in ("eval_loss.png", "stability.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+    best = load_job(out / "best.yaml")
+    winner = rows[0]  # the table lists stable trials by final eval loss first
+    assert winner["status"] == "stable" and best.tune is None and best.output_dir == out / "best"
+    assert best.train.learning_rate == float(winner["train.learning_rate"])
+    assert Path(best.cache_dir) == out / "cache"
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_without_rerunning_finished_trials(study):
+    out = study["out"]
     rows = {float(row["train.learning_rate"]): row for row in read_rows(out)}
-    assert len(rows) == 3 and {row["trial"] for row in rows.values()} == {p.name for p in (out / "trials").iterdir()}
-    assert finished == [rows[1e-2]["trial"], rows[3e-3]["trial"]]  # the two that ended before the kill
-    assert rows[1e-2]["status"] == rows[3e-2]["status"] == "stable" and rows[3e-2]["steps"] == "8"
-    assert rows[3e-3]["status"] == "stopped" and rows[3e-3]["note"] == "stopped by ASHA at step 4", rows
-    for t in finished:  # the finished trials did not train again
-        assert (out / "trials" / t / "metrics.jsonl").stat().st_mtime == before[t]
-    loras = {p.parent.name for p in (out / "trials").glob("*/pytorch_lora_weights.safetensors")}
-    assert loras == {rows[1e-2]["trial"], rows[3e-2]["trial"]}
+    assert {row["trial"] for row in rows.values()} == {p.name for p in (out / "trials").iterdir()}
+    assert study["finished"] == [rows[1e-2]["trial"], rows[3e-3]["trial"]]  # the two that ended before the kill
+    for t, mtime in study["before"].items():  # the finished trials did not train again
+        assert (out / "trials" / t / "metrics.jsonl").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_study_encodes_the_data_set_once(study):
+    out = study["out"]
+    assert "cache: 16 items (16 latents encoded, 0 reused" in study["first_log"]
+    assert "(the cache is not touched)" in study["resume_log"]  # --resume keeps the cache the trials compared on
+    report = json.loads((out / "cache_report.json").read_text())
+    assert report["items"] == 16 and report["latents_encoded"] == 16 and report["latents_reused"] == 0
+    trials = sorted((out / "trials").iterdir())
+    assert len(trials) == 4
+    # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
+    assert not any((t / "cache_report.json").exists() or (t / "manifest.json").exists() for t in trials)
+    assert all(Path(load_job(t / "job.yaml").cache_dir) == out / "cache" for t in trials)
+    # and wrote nothing into the cache: every entry predates the first trial (its job.yaml is its first file)
+    first_trial = min((t / "job.yaml").stat().st_mtime for t in trials)
+    entries = [p for p in (out / "cache").rglob("*") if p.is_file()]
+    assert entries and max(p.stat().st_mtime for p in entries) <= first_trial
+
+
+@pytest.mark.slow
+def test_best_yaml_trains(study, tmp_path):
+    best = study["out"] / "best.yaml"
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(best), "--set", "train.max_steps=2",
+                        "--set", f"output_dir={tmp_path / 'best'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").exists()
+    report = json.loads((tmp_path / "best" / "cache_report.json").read_text())
+    assert report["latents_encoded"] == 0 and report["latents_reused"] == 16  # the study's cache, reused
 
 
 def test_trials_of_a_study_are_one_wandb_group(tmp_path):

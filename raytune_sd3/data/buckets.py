@@ -129,3 +129,8 @@ def plan(width: int, height: int, s: Sizing, seed: int) -> Plan:
 
 def bucket_name(width: int, height: int) -> str:
     return f"{width}x{height}"
+
+
+def seed_from_key(key: str) -> int:
+    """A per-entry seed (its random crop, the VAE's posterior sample), independent of batching and of which worker encodes it."""
+    return int(key[:15], 16)

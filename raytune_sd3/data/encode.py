@@ -1,7 +1,8 @@
 """The caching stage: Ray Data reads and crops images in CPU tasks and encodes them (VAE) and the captions (CLIP-L,
 CLIP-G, T5) in actor pools, writing entries into the CacheStore. Entries already there are not encoded again.
 
-    items -> [task] hash bytes, cache key, hit?  -> misses -> [task] decode, resize, crop -> [VAE actors] -> store
+    items -> [task] hash bytes, cache key, hit?  -> misses -> [task] decode, resize, crop (pixels.py)
+          -> [VAE actors] -> store
     unique captions -> keys -> misses -> [text actors] -> store
 """
 
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from raytune_sd3.data.buckets import Plan, Sizing, plan, too_small
+from raytune_sd3.data.buckets import Sizing, seed_from_key
 from raytune_sd3.data.discovery import Item
-from raytune_sd3.data.store import CacheStore, latent_key, seed_from_key, text_key
+from raytune_sd3.data.pixels import decode_batch, image_problem, image_size, plan_of
+from raytune_sd3.data.store import CacheStore, latent_key, text_key
 from raytune_sd3.models.loading import DTYPES
 
 VAE_FACTOR = 8
@@ -71,78 +72,6 @@ class CacheReport:
         return d
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit and 32-bit greyscale (16-bit PNGs, TIFFs) scaled to 8 bits; PIL's convert would clip them to white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
-    elif im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a
-    else:
-        return im
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) as displayed, from the header alone: EXIF orientations 5-8 swap the sides."""
-    Image.MAX_IMAGE_PIXELS = None  # the size limit is ours (data.max_image_pixels), checked before decoding
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
-        except Exception:  # noqa: BLE001 - unreadable EXIF: PIL's exif_transpose ignores it too
-            rotated = False
-    return (h, w) if rotated else (w, h)
-
-
-def image_problem(path: str, sizing: Sizing, max_pixels: int) -> str:
-    """Why the image at `path` cannot be used, from its header alone (no decoding), or "" when it can."""
-    try:
-        w, h = image_size(path)
-    except Exception as e:  # noqa: BLE001 - not an image PIL can read: skip and report
-        return f"not a readable image: {type(e).__name__}: {e}"
-    if w * h > max_pixels:
-        return (f"too large: {w}x{h} = {w * h} pixels > data.max_image_pixels {max_pixels} (a guard against "
-                "decompression bombs; raise it to use this image)")
-    return too_small(w, h, sizing)
-
-
-def _apply(im: Image.Image, p: Plan, resample: Image.Resampling) -> Image.Image:
-    if p.downsample:
-        im = im.resize(p.downsample, Image.Resampling.LANCZOS)
-    if im.size != p.resize:
-        im = im.resize(p.resize, resample)
-    return im.crop(p.box)
-
-
-def load_image(path: str, p: Plan) -> np.ndarray:
-    """RGB uint8 (height, width, 3) of the plan's size: EXIF orientation applied, alpha on white, 16-bit scaled,
-    CMYK and palettes converted, then downsampled, resized and cropped as `p` says."""
-    Image.MAX_IMAGE_PIXELS = None  # checked against data.max_image_pixels by image_problem before this
-    with Image.open(path) as im:
-        im = _to_8bit(ImageOps.exif_transpose(im))
-        if im.mode in ("RGBA", "LA", "P", "PA"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return np.asarray(_apply(im.convert("RGB"), p, Image.Resampling.BICUBIC), dtype=np.uint8)
-
-
-def load_mask(path: str, p: Plan) -> np.ndarray:
-    """A mask image as float32 (height, width) in [0, 1] (white = 1), cut exactly like its image."""
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
-        im = _to_8bit(ImageOps.exif_transpose(im))
-        if im.mode in ("RGBA", "LA", "PA"):  # a transparent mask is black where transparent
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
-        return np.asarray(_apply(im.convert("L"), p, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-
-
-def decode(path: str, sizing: Sizing, seed: int = 0) -> np.ndarray:
-    """The training pixels of the image at `path` under `sizing` (its plan from the header, then load_image)."""
-    return load_image(path, plan(*image_size(path), sizing, seed))
-
-
 def latent_mask(mask: np.ndarray) -> torch.Tensor:
     """(H, W) pixel mask -> (1, H/8, W/8): the mean over each 8x8 block, the pixels one latent position covers."""
     t = torch.from_numpy(np.ascontiguousarray(mask))[None, None]
@@ -169,11 +98,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _plan_of(row: dict) -> Plan:
-    w, h = int(row["orig_width"]), int(row["orig_height"])
-    return plan(w, h, Sizing.from_json(str(row["sizing"])), seed_from_key(str(row["latent_key"])))
-
-
 def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
     """CPU task: check each image's header (and its mask's), hash their bytes, derive the cache key, the bucket
     size and whether the cache already has a whole entry."""
@@ -191,7 +115,7 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
                         problem = f"mask {Path(mask).name} is {image_size(mask)}, its image {orig}: they must match"
                     mask_sha = hashlib.sha256(Path(mask).read_bytes()).hexdigest()
                 key = spec.latent_key(hashlib.sha256(Path(path).read_bytes()).hexdigest(), sizing, mask_sha)
-                size = _plan_of({"orig_width": orig[0], "orig_height": orig[1], "sizing": sizing,
+                size = plan_of({"orig_width": orig[0], "orig_height": orig[1], "sizing": sizing,
                                  "latent_key": key}).size
         except Exception as e:  # noqa: BLE001 - an unreadable file or mask: skip and report
             problem = problem or f"unreadable: {type(e).__name__}: {e}"
@@ -199,35 +123,6 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
                                      problem, *orig, *size), strict=True):
             out[name].append(value)
     return {**batch, **{k: np.array(v) for k, v in out.items()}}
-
-
-def _decode(batch: dict) -> dict:
-    """CPU task: decode, resize and crop (and the mask alike); a bad file becomes an error row instead of stopping
-    the job. A batch may hold several buckets (a ragged column); the VAE actor encodes each size apart."""
-    pixels, masks, errors = [], [], []
-    for i, path in enumerate(batch["path"]):
-        w, h = int(batch["width"][i]), int(batch["height"][i])
-        row = {k: batch[k][i] for k in ("orig_width", "orig_height", "sizing", "latent_key")}
-        try:
-            p = _plan_of(row)
-            pixels.append(load_image(path, p))
-            masks.append(load_mask(str(batch["mask_path"][i]), p) if batch["mask_path"][i] else np.ones((h, w),
-                                                                                                           np.float32))
-            errors.append("")
-        except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
-            pixels.append(np.zeros((h, w, 3), np.uint8))
-            masks.append(np.ones((h, w), np.float32))
-            errors.append(f"cannot decode: {type(e).__name__}: {e}")
-    return {**batch, "pixels": _column(pixels), "mask": _column(masks), "error": np.array(errors)}
-
-
-def _column(arrays: list[np.ndarray]) -> np.ndarray:
-    """One array when every shape is the same, else an object array (Ray Data's ragged tensor column)."""
-    if len({a.shape for a in arrays}) == 1:
-        return np.stack(arrays)
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
 
 
 class VaeEncoder:
@@ -348,7 +243,7 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
             group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width",
                                         "orig_height", "width", "height")} for r in todo]
             out = (ray.data.from_items(group)
-                   .map_batches(_decode, batch_size=batch_size, **task_opts)
+                   .map_batches(decode_batch, batch_size=batch_size, **task_opts)
                    .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute,
                                 **opts)
                    .take_all())

@@ -44,11 +44,6 @@ def text_key(caption: str, encoder_ids: list[str], t5_max_length: int, t5_paddin
                   "t5_padding": t5_padding, "dtype": dtype, "encoder_dtype": encoder_dtype})
 
 
-def seed_from_key(key: str) -> int:
-    """A per-entry seed (for the VAE's posterior sample), independent of batching and of which worker encodes it."""
-    return int(key[:15], 16)
-
-
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of `tensors` (in name order)."""
     h = hashlib.sha256()
