@@ -132,5 +132,6 @@ def bucket_name(width: int, height: int) -> str:
 
 
 def seed_from_key(key: str) -> int:
-    """A per-entry seed (its random crop, the VAE's posterior sample), independent of batching and of which worker encodes it."""
+    """A per-entry seed (its random crop, the VAE's posterior sample), independent of batching and of which worker
+    encodes it."""
     return int(key[:15], 16)

@@ -116,7 +116,7 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
                     mask_sha = hashlib.sha256(Path(mask).read_bytes()).hexdigest()
                 key = spec.latent_key(hashlib.sha256(Path(path).read_bytes()).hexdigest(), sizing, mask_sha)
                 size = plan_of({"orig_width": orig[0], "orig_height": orig[1], "sizing": sizing,
-                                 "latent_key": key}).size
+                                "latent_key": key}).size
         except Exception as e:  # noqa: BLE001 - an unreadable file or mask: skip and report
             problem = problem or f"unreadable: {type(e).__name__}: {e}"
         for name, value in zip(out, (key if not problem else "", not problem and store.has("latents", key),

@@ -189,12 +189,13 @@ class Prefetcher:
 
     def __init__(self, reader: CachedBatches, calls: Iterable[tuple], depth: int = 2, pin: bool = False,
                  background: bool = True):
-        self.reader, self.pin, self.background = reader, pin, background
+        self.reader, self.pin = reader, pin
         self._calls = iter(calls)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self._calls,), name="prefetch", daemon=True)
+        self._thread = None
         if background:
+            self._thread = threading.Thread(target=self._run, args=(self._calls,), name="prefetch", daemon=True)
             self._thread.start()
 
     def _put(self, item) -> bool:
@@ -219,7 +220,7 @@ class Prefetcher:
             self._put(e)
 
     def get(self) -> dict[str, torch.Tensor]:
-        if not self.background:
+        if self._thread is None:
             args = next(self._calls, None)
             if args is None:
                 raise StopIteration("no more micro-batches were scheduled")
@@ -233,5 +234,5 @@ class Prefetcher:
 
     def close(self) -> None:
         self._closed.set()
-        if self._thread.is_alive():
+        if self._thread is not None:
             self._thread.join(timeout=5)
