@@ -29,12 +29,13 @@ def test_prefetched_batches_are_the_readers_in_order(tmp_path):
         ahead.close()
         assert ahead._thread is None or not ahead._thread.is_alive()
 
-    broken = Prefetcher(reader, [(0, 0, 1, 0, 1, 4)])  # 1 x 1 x 4 is the global batch; a missing entry is not
+    # The entries go missing before the reader starts: a thread reads ahead from its construction on.
     (tmp_path / "latents").rename(tmp_path / "gone")
-    with pytest.raises(FileNotFoundError):
-        for _ in range(2):
+    for background in (True, False):
+        broken = Prefetcher(reader, [(0, 0, 1, 0, 1, 4)], background=background)  # 1 x 1 x 4 is the global batch
+        with pytest.raises(FileNotFoundError):
             broken.get()
-    broken.close()
+        broken.close()
     stopped = Prefetcher(reader, [(s, 0, 1, 0, 1, 4) for s in range(1000)], depth=1)
     stopped.close()  # a run that stops early (divergence) leaves no thread behind
     assert not stopped._thread.is_alive()
