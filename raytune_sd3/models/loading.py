@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,19 @@ from raytune_sd3.config import TINY_MODELS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def tiny_pipeline_dir(name: str) -> Path:
+    """Where the tiny pipeline `name` is built: under RAYTUNE_SD3_HOME, else ~/.cache/raytune_sd3."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny pipeline {name!r}; expected one of {TINY_MODELS}")
+    return Path(os.environ.get("RAYTUNE_SD3_HOME", "~/.cache/raytune_sd3")).expanduser() / "models" / name
+
+
 def resolve_pretrained(pretrained: str) -> str:
     """A tiny model name becomes its built directory (built on first use); anything else passes through."""
     if pretrained in TINY_MODELS:
+        built = tiny_pipeline_dir(pretrained)
+        if (built / "model_index.json").exists():
+            return str(built)  # without importing the builder, whose diffusers import costs the driver ~7 s
         from raytune_sd3.models.tiny import ensure_tiny_pipeline
 
         return str(ensure_tiny_pipeline(pretrained))

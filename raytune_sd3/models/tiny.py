@@ -39,7 +39,9 @@ from transformers import (
     T5Tokenizer,
 )
 
-TINY_NAMES = ("tiny-sd3", "tiny-sd35")
+from raytune_sd3.config import TINY_MODELS
+
+TINY_NAMES = TINY_MODELS
 
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray")
 _SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "hexagon")
@@ -259,10 +261,9 @@ def build_tiny_pipeline(out_dir: str | Path, sd35: bool = False, seed: int = 0) 
 
 def ensure_tiny_pipeline(name: str) -> Path:
     """Path of the cached tiny pipeline ``name`` ("tiny-sd3" or "tiny-sd35"), building it (seed 0) on first use."""
-    if name not in TINY_NAMES:
-        raise ValueError(f"unknown tiny pipeline {name!r}; expected one of {TINY_NAMES}")
-    home = Path(os.environ.get("RAYTUNE_SD3_HOME", "~/.cache/raytune_sd3")).expanduser()
-    return build_tiny_pipeline(home / "models" / name, sd35=name == "tiny-sd35", seed=0)
+    from raytune_sd3.models.loading import tiny_pipeline_dir
+
+    return build_tiny_pipeline(tiny_pipeline_dir(name), sd35=name == "tiny-sd35", seed=0)
 
 
 def main(argv: list[str] | None = None) -> None:
