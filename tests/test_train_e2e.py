@@ -32,14 +32,18 @@ def run_job(tmp: Path, out: str, *overrides: str, env: dict | None = None) -> su
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
+    """The demo job as a user runs it, with W&B in offline mode and a W&B key in the environment (which must not
+    leak), and a card peak given so that the CPU run logs an MFU. Returns its tmp folder and its console output.
+    (A second run on the same cache reuses it: test_tune's run of best.yaml checks that.)"""
     tmp = tmp_path_factory.mktemp("e2e")
-    run_job(tmp, "run1")
-    return tmp
+    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+                env={"WANDB_API_KEY": SECRET})
+    return tmp, r.stdout + r.stderr
 
 
 @pytest.mark.slow
 def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
-    out = first_run / "run1"
+    out = first_run[0] / "run1"
     cfg = load_job(out / "job.yaml")
     assert cfg.output_dir == out and cfg.train.max_steps == 40
 
@@ -71,32 +75,14 @@ def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
     assert report["latents_encoded"] == 48 and report["latents_reused"] == 0 and report["skipped"] == []
 
 
-@pytest.fixture(scope="module")
-def second_run(first_run):
-    """The same job again on the same cache, short, with W&B in offline mode and a W&B key in the environment, and
-    a card peak given so that the CPU run logs an MFU."""
-    r = run_job(first_run, "run2", "train.max_steps=2", "train.lr_warmup_steps=0", "train.eval_every=1",
-                "train.peak_tflops=0.05",
-                "wandb.project=raytune-sd3-tests", "wandb.mode=offline", env={"WANDB_API_KEY": SECRET})
-    return first_run / "run2", r.stdout + r.stderr
-
-
 @pytest.mark.slow
-def test_second_run_encodes_nothing(second_run):
-    out, _ = second_run
-    report = json.loads((out / "cache_report.json").read_text())
-    assert report["latents_encoded"] == 0 and report["texts_encoded"] == 0
-    assert report["latents_reused"] == 48 and report["items"] == 48
-
-
-@pytest.mark.slow
-def test_mfu_from_the_counted_flops(second_run, tiny_sd3):
+def test_mfu_from_the_counted_flops(first_run, tiny_sd3):
     """metrics' MFU is F_train (train/flops.py, counted on the step's batch shape) over the step time and the peak."""
     from raytune_sd3.models.loading import load_transformer
     from raytune_sd3.models.lora import add_lora
     from raytune_sd3.train.flops import count_flops
 
-    out, _ = second_run
+    out = first_run[0] / "run1"
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     cfg = load_job(out / "job.yaml")
     model = load_transformer(tiny_sd3)
@@ -133,8 +119,8 @@ def wandb_records(path: Path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(second_run):
-    out, console = second_run
+def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(first_run):
+    out, console = first_run[0] / "run1", first_run[1]
     logs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1, logs
     history, run = {}, None
@@ -145,17 +131,19 @@ def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(second_run):
         elif kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             history.setdefault(items["_step"], {}).update(items)
-    assert run.project == "raytune-sd3-tests" and run.display_name == "run2"
+    assert run.project == "raytune-sd3-tests" and run.display_name == "run1"
     metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-    assert sorted(history) == sorted(metrics) == [0, 1, 2]
+    assert sorted(history) == sorted(metrics) == list(range(41))
     for step, m in metrics.items():
         for key in ("loss", "eval_loss", "grad_norm"):
             if key in m:
                 assert history[step][key] == pytest.approx(m[key]), (step, key)
-    # the two validation prompts' images, at the last step, captioned with their prompts
-    assert history[2]["validation/count"] == 2
+    # the two validation prompts' images, at the last step (the only validation of this job), captioned with their
+    # prompts
     prompts = load_job(out / "job.yaml").validation.prompts
-    assert history[2]["validation/captions"] == [f"{p} (64x64)" for p in prompts]
+    assert history[40]["validation/count"] == 2
+    assert history[40]["validation/captions"] == [f"{p} (64x64)" for p in prompts]
+    assert not any("validation/count" in history[step] for step in range(40))
 
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked and SECRET not in console
