@@ -1,4 +1,4 @@
-"""Starting and stopping a private Ray head with `ray start` for the `ray job submit` test (test_cluster.py's
+"""Starting, stopping and killing private Ray nodes with `ray start` for the `ray job submit` test (test_cluster.py's
 two-node cluster), and what that took with Ray 2.60.
 
 Other Ray clusters may run on the same machine: every port of the head that has a fixed default is chosen free,
@@ -135,6 +135,12 @@ def _stop_head(proc: subprocess.Popen, marker_value: str) -> tuple[int, list[str
         while (left := _our_pids(marker_value, proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.5)
     return outlived, stragglers
+
+
+def _kill_node(proc: subprocess.Popen, marker_value: str) -> None:
+    """A node lost as a machine that loses power: SIGKILL to every process of it at once, workers included."""
+    _signal_all(_our_pids(marker_value, proc.pid), signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def _wait_for_dashboard(proc: subprocess.Popen, port: int, token: str, log: Path) -> None:
