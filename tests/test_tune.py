@@ -226,13 +226,13 @@ def test_report_files_from_records(tmp_path):
 # One study, small on purpose (2 cores): 16 images, 8 steps, 1 worker per trial, one trial at a time, ASHA with a
 # grace period of 4 steps. It is killed after its second trial and resumed, so every status a study can give is
 # seen once: lr 1e-2 trains to the end; lr 3e-3 is behind it at step 4 and ASHA stops it; the driver is killed
-# then; --resume runs the absurd lr 1e3, which diverges, and lr 3e-2, which trains to the end. One trial at a
-# time keeps ASHA's decisions deterministic (with trials side by side they depend on which reaches a rung first).
+# then; --resume runs the absurd lr 1e3, which diverges. One trial at a time keeps ASHA's decisions deterministic
+# (with trials side by side they depend on which reaches a rung first).
 
 SMALL = ["data.datasets.0.demo_images=16", "data.eval_samples=4", "train.max_steps=8", "train.eval_every=4",
          "train.checkpoint_every=4", "tune.scheduler.grace_period=4", "tune.max_concurrent_trials=1",
          "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}, "
-         "{train.learning_rate: 1.0e+3}, {train.learning_rate: 3.0e-2}]"]
+         "{train.learning_rate: 1.0e+3}]"]
 
 
 def tune_cmd(study: Path, tmp: Path, *extra: str) -> list[str]:
@@ -325,19 +325,19 @@ def study(tmp_path_factory) -> dict:
 def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
     out = study["out"]
     rows = read_rows(out)
-    assert len(rows) == 4
+    assert len(rows) == 3
     by_lr = {float(r["train.learning_rate"]): r for r in rows}
     absurd = by_lr[1000.0]
     assert absurd["status"] == "diverged", absurd  # a result, not a failure
     assert absurd["note"].startswith(f"step {absurd['steps']}:") and int(absurd["steps"]) < 8
     assert by_lr[3e-3]["status"] == "stopped" and by_lr[3e-3]["note"] == "stopped by ASHA at step 4", rows
-    assert all(by_lr[lr]["status"] == "stable" and by_lr[lr]["steps"] == "8" and float(by_lr[lr]["final_eval_loss"]) > 0
-               for lr in (1e-2, 3e-2)), rows
+    stable = by_lr[1e-2]
+    assert stable["status"] == "stable" and stable["steps"] == "8" and float(stable["final_eval_loss"]) > 0, rows
     for r in rows:  # stable trials leave their LoRA; stopped and diverged ones do not
         has_lora = (out / r["output_dir"] / "pytorch_lora_weights.safetensors").exists()
         assert has_lora == (r["status"] == "stable")
     md = (out / "trials.md").read_text()
-    assert "4 trials: 2 stable, 1 stopped, 1 diverged" in md and all(r["trial"] in md for r in rows)
+    assert "3 trials: 1 stable, 1 stopped, 1 diverged" in md and all(r["trial"] in md for r in rows)
     for png in ("eval_loss.png", "stability.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -366,7 +366,7 @@ def test_study_encodes_the_data_set_once(study):
     report = json.loads((out / "cache_report.json").read_text())
     assert report["items"] == 16 and report["latents_encoded"] == 16 and report["latents_reused"] == 0
     trials = sorted((out / "trials").iterdir())
-    assert len(trials) == 4
+    assert len(trials) == 3
     # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
     assert not any((t / "cache_report.json").exists() or (t / "manifest.json").exists() for t in trials)
     assert all(Path(load_job(t / "job.yaml").cache_dir) == out / "cache" for t in trials)
