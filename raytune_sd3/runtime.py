@@ -20,6 +20,13 @@ def _job_env_vars() -> dict[str, str] | None:
         return {}
 
 
+# Set in the workers of a local Ray that this process starts. Ray Train's preemption watcher is an extra actor
+# per fit (a process that imports ray.train) polling for the drain notices a cloud sends before it reclaims a spot
+# node; a single machine never gets one. Off, a fit on 2 cores reaches its first step ~2.5 s sooner. Clusters keep
+# Ray's default.
+LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(cfg: JobConfig) -> None:
     import ray
 
@@ -48,6 +55,7 @@ def init_ray(cfg: JobConfig) -> None:
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # The dashboard process also serves the state API that Train and Tune use to release finished workers.
     # address="local": always a new instance, never a `ray start` cluster that happens to run on this machine.
+    env["env_vars"] = {**{k: v for k, v in LOCAL_RAY_ENV_VARS.items() if k not in os.environ}, **env["env_vars"]}
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=num_cpus, runtime_env=env)

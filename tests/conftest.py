@@ -41,7 +41,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1",
-                                                        "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"]}})
+        from raytune_sd3.runtime import LOCAL_RAY_ENV_VARS
+
+        ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {
+            "HF_HUB_OFFLINE": "1", "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"], **LOCAL_RAY_ENV_VARS}})
     yield ray
     ray.shutdown()

@@ -176,7 +176,7 @@ def test_ray_data_caches_buckets_masks_and_several_resolutions(tiny_sd3, tmp_pat
     assert len(items) == 6  # 3 images x 2 resolutions; mask files are not images
     more, _ = discover(DatasetConfig(id="reg", instance_data_dir=reg, resolution=32, is_regularisation_data=True,
                                      repeats=2), alignment=16)
-    report = build_cache(spec, items + more, [""], batch_size=2, n_actors=2)
+    report = build_cache(spec, items + more, [""], batch_size=2, n_actors=1)
     sizes = sorted({(r["width"], r["height"]) for r in report.rows})
     assert sizes == [(32, 32), (48, 16), (96, 48)]  # 2:1 at 64 px of area -> 96x48, at 32 px -> 48x16 (x16)
     store = CacheStore(spec.cache_dir)
@@ -190,7 +190,7 @@ def test_ray_data_caches_buckets_masks_and_several_resolutions(tiny_sd3, tmp_pat
             assert entry["mask"][..., : w // 2].min() > 0.95 and entry["mask"][..., w // 2 + 1:].max() < 0.05
         else:
             assert "mask" not in entry and r["regularisation"] and r["repeats"] == 2
-    again = build_cache(spec, items + more, [""], batch_size=2, n_actors=2)
+    again = build_cache(spec, items + more, [""], batch_size=2, n_actors=1)
     assert again.latents_encoded == 0 and again.latents_reused == 7
 
 

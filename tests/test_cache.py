@@ -74,7 +74,7 @@ def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray
     items, _ = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32), alignment=16)
     spec = _spec(tiny_sd3, tmp_path / "cache", t5_max_length=77)
 
-    first = build_cache(spec, items, ["", "a validation prompt"], batch_size=4, n_actors=2)
+    first = build_cache(spec, items, ["", "a validation prompt"], batch_size=4, n_actors=1)
     assert first.latents_encoded == 7 and first.latents_reused == 0
     assert sorted(s["path"].rsplit("/", 1)[-1] for s in first.skipped) == ["broken.png", "empty.jpg"]
     captions = {it.caption for it in items if not it.path.endswith(("broken.png", "empty.jpg"))}
@@ -93,14 +93,14 @@ def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray
     torch.testing.assert_close(text["pooled"], ref_pooled[0])
 
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
-    second = build_cache(spec, items, ["", "a validation prompt"], batch_size=4, n_actors=2)
+    second = build_cache(spec, items, ["", "a validation prompt"], batch_size=4, n_actors=1)
     assert (second.latents_encoded, second.texts_encoded) == (0, 0)
     assert second.latents_reused == 7 and second.texts_reused == first.texts_encoded
     assert [r["latent_key"] for r in second.rows] == [r["latent_key"] for r in first.rows]
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
 
     changed = dataclasses.replace(spec, t5_max_length=154)  # a changed key field recomputes only what it covers
-    third = build_cache(changed, items, [""], batch_size=4, n_actors=2)
+    third = build_cache(changed, items, [""], batch_size=4, n_actors=1)
     assert third.latents_encoded == 0 and third.texts_encoded == len(captions) + 1
 
 

@@ -81,8 +81,10 @@ def local_ray():
     if ray.is_initialized():
         yield ray
         return
+    from raytune_sd3.runtime import LOCAL_RAY_ENV_VARS
+
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAYTUNE_SD3_HOME", "TORCH_EXTENSIONS_DIR")}
-    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**env, **LOCAL_RAY_ENV_VARS}})
     yield ray
     ray.shutdown()
 
