@@ -3,8 +3,6 @@ right or skipped and reported with the reason; one bad file never stops the job.
 
 import json
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -109,23 +107,24 @@ def test_each_kind_is_decoded_right_or_has_a_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path):
-    """`python -m raytune_sd3.cache --data DIR` on the zoo: Ray Data (2 actors) encodes every usable image with
-    its .txt caption (else its file name); the report lists each bad one with its reason."""
+def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path, ray_local, capsys):
+    """`python -m raytune_sd3.cache --data DIR` on the zoo (its main, run on the tests' Ray): Ray Data (2 actors)
+    encodes every usable image with its .txt caption (else its file name); the report lists each bad one with its
+    reason."""
+    from raytune_sd3.cache import main
+
     bad = make_zoo(tmp_path / "zoo")
-    cmd = [sys.executable, "-m", "raytune_sd3.cache", "jobs/tiny.yaml", "--data", str(tmp_path / "zoo"),
-           "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.datasets.0.minimum_image_size=24",
-           "--set", "data.datasets.0.resolution_type=pixel",
-           "--set", "data.encode_actors=2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main([str(ROOT / "jobs" / "tiny.yaml"), "--data", str(tmp_path / "zoo"),
+                 "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.datasets.0.minimum_image_size=24",
+                 "--set", "data.datasets.0.resolution_type=pixel", "--set", "data.encode_actors=2"]) == 0
+    stderr = capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "cache_report.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert set(reasons) == set(bad), reasons
     assert all(bad[name] in reasons[name] for name in bad), reasons
     assert report["items"] == report["latents_encoded"] == 9
     for name in bad:
-        assert name in r.stderr  # printed too, not only in the file
+        assert name in stderr  # printed too, not only in the file
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())  # (a rerun's reuse: test_train_e2e)
     assert sorted(row["caption"] for row in manifest["rows"])[:2] == ["a blue square", "a red rectangle"]
     two = next(row for row in manifest["rows"] if row["path"].endswith("two_captions.png"))
