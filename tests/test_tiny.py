@@ -23,8 +23,9 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from raytune_sd3.config import TINY_MODELS
 from raytune_sd3.models import tiny
-from raytune_sd3.models.tiny import TINY_NAMES, build_tiny_pipeline, ensure_tiny_pipeline
+from raytune_sd3.models.tiny import build_tiny_pipeline, ensure_tiny_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -165,9 +166,17 @@ def test_ensure_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.Monk
     assert ensure_tiny_pipeline("tiny-sd3") == path
     assert (path / "model_index.json").stat().st_mtime_ns == mtime
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-sd3"]  # no temp dirs left behind
-    assert TINY_NAMES == ("tiny-sd3", "tiny-sd35")
+    assert TINY_MODELS == ("tiny-sd3", "tiny-sd35")
     with pytest.raises(ValueError):
         ensure_tiny_pipeline("tiny-sdxl")
+
+    # A CLI driver resolves the built pipeline without importing the builder's diffusers (~7 s on 2 cores).
+    probe = ("import sys; from raytune_sd3.models.loading import resolve_pretrained; "
+             "print(resolve_pretrained('tiny-sd3')); print('diffusers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "RAYTUNE_SD3_HOME": str(tmp_path)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(path), "False"]
 
 
 def test_losing_the_rename_race_keeps_the_winner(

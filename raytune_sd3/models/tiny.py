@@ -39,10 +39,6 @@ from transformers import (
     T5Tokenizer,
 )
 
-from raytune_sd3.config import TINY_MODELS
-
-TINY_NAMES = TINY_MODELS
-
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray")
 _SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "hexagon")
 _OBJECTS = ("cat", "dog", "car", "house", "tree", "flower", "cup", "chair", "apple", "bird", "boat", "lamp")
