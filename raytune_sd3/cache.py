@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     pretrained = resolve_pretrained(cfg.model.pretrained)
     init_ray(cfg)
+    # The same `auto` choices as training on this cluster (model.dtype is in the cache keys); placement is not
+    # checked: the cache may be filled on another cluster than the one that trains.
+    from raytune_sd3.placement import read_cluster, resolve_auto
+
+    resolve_auto(cfg, read_cluster(cfg))
     _, report = prepare_data(cfg, pretrained, check_buckets=False)
     summary = report.summary()
     summary["images_per_s"] = round(report.latents_encoded / report.seconds, 2) if report.seconds else 0.0

@@ -20,6 +20,7 @@ import yaml
 
 from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, check_paths, load_job
 from raytune_sd3.memory import GIB, GPU_GIB, QUANT_BYTES, STRATEGIES, TransformerShape, estimate, gpu_of_node_type
+from raytune_sd3.placement import Cluster, resolve_auto
 
 TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
 
@@ -322,10 +323,26 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
                           f"{gpu_bytes / GIB:.1f} GiB. Change one of: " + "; ".join(fixes or ["the model size"]))
 
 
+def target_cluster(cfg: JobConfig, cluster: str | None, gpu: str | None) -> Cluster:
+    """The cluster a job's `auto` settings are resolved against here: the cluster file's GPU nodes at their
+    maximum count, one GPU (--gpu), or, with neither, one GPU for a real model and a CPU machine for a tiny one."""
+    if cluster:
+        try:
+            c = cluster_gpus(cluster)
+            return Cluster(({"GPU": c.gpus_per_node, "CPU": 8.0 * c.gpus_per_node},) * c.max_nodes, autoscaling=True)
+        except (OSError, ValueError, KeyError):
+            pass  # run_checks reports the unreadable file
+    if gpu or cfg.model.pretrained not in TINY_MODELS:
+        return Cluster(({"GPU": 1, "CPU": 8.0},))
+    return Cluster(({"CPU": 8.0},))
+
+
 def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = None, strategy: str | None = None,
                quantization: str | None = None, skip_paths: bool = False) -> Report:
     report = Report()
     t = cfg.train
+    for note in resolve_auto(cfg, target_cluster(cfg, cluster, gpu)):
+        report.ok("auto", note)
     report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.max_workers} workers x batch "
                         f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "
                         f"T5 {cfg.text.t5_max_length} tokens, mixed precision {t.mixed_precision}")

@@ -32,8 +32,10 @@ class ModelConfig(Section):
     """A diffusers SD3 directory, a hub id already in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """dtype of the frozen base transformer and VAE; LoRA weights train in fp32 unless lora.dtype says so."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype of the frozen base transformer and VAE (and of the cached latents and embeddings); auto: bf16 when the
+    job trains on GPUs, fp32 on CPUs (job.yaml records what it became). LoRA weights train in fp32 unless
+    lora.dtype says so."""
     text_encoder_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """dtype the three text encoders run in while caching (T5-XXL is 19 GB in fp32, 9.5 GB in bf16); auto: bf16
     when the cluster has GPUs, else fp32. Part of the text cache key."""
@@ -234,10 +236,12 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int | list[int] = 2
-    """Ray Train workers (one per GPU on a GPU cluster); `[min, max]` trains elastically (DDP): Ray Train starts
-    with as many as the cluster fits, grows or shrinks between min and max, and grad_accum is recomputed so the
-    global batch stays batch_size x grad_accum x max."""
+    num_workers: int | list[int] | Literal["auto"] = "auto"
+    """Ray Train workers, one per GPU on a GPU cluster. auto: one per GPU the cluster has when the job starts, or 2
+    CPU workers where it has none (an autoscaling cluster whose GPU nodes are not up yet: give a number).
+    `[min, max]` trains elastically (DDP): Ray Train starts with as many as the cluster fits, grows or shrinks
+    between min and max, and grad_accum is recomputed so the global batch stays batch_size x grad_accum x max. A
+    count the cluster can never place stops the job in seconds (unless an autoscaler may add nodes)."""
     strategy: Literal["ddp", "zero2", "zero3"] = "ddp"
     """ddp (LoRA gradients all-reduced, base replicated); zero2 / zero3: DeepSpeed ZeRO stage 2 / 3 (zero3 also
     shards the frozen base across workers)."""
@@ -283,8 +287,9 @@ class TrainConfig(Section):
     """Clip threshold; null disables clipping."""
     grad_clip: Literal["norm", "value"] = "norm"
     """Clip the global gradient norm (default) or each gradient value."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """Autocast the forward pass to bf16 (GPU)."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """Autocast the forward pass to bf16 (LoRA weights, gradients and their all-reduce stay fp32); auto: bf16 on
+    GPUs, no on CPUs."""
     seed: int = 0
     """Seed of LoRA init, data order, sigmas and noise."""
     report_every: int = Field(25, ge=1)
@@ -310,9 +315,16 @@ class TrainConfig(Section):
     """Loss weight of samples from data sets with is_regularisation_data (diffusers' prior_loss_weight)."""
 
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` (as in --set train.mixed_precision=no) as false
+
     @field_validator("num_workers")
     @classmethod
-    def _workers(cls, v: int | list[int]) -> int | list[int]:
+    def _workers(cls, v: int | list[int] | str) -> int | list[int] | str:
+        if v == "auto":
+            return v
         if isinstance(v, int):
             if v < 1:
                 raise ValueError("must be at least 1")
@@ -341,13 +353,21 @@ class TrainConfig(Section):
     def elastic(self) -> bool:
         return isinstance(self.num_workers, list)
 
+    def _counted(self) -> int | list[int]:
+        if self.num_workers == "auto":  # a bug of ours, not the user's: the driver resolves auto first
+            raise RuntimeError("train.num_workers is still 'auto': resolve it against the cluster first "
+                               "(raytune_sd3.placement.resolve_auto)")
+        return self.num_workers
+
     @property
     def min_workers(self) -> int:
-        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+        n = self._counted()
+        return n[0] if isinstance(n, list) else n
 
     @property
     def max_workers(self) -> int:
-        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+        n = self._counted()
+        return n[1] if isinstance(n, list) else n
 
     @property
     def global_batch(self) -> int:
@@ -414,6 +434,11 @@ class RayConfig(Section):
     """Cluster to join; default: RAY_ADDRESS, else a local Ray started by the job."""
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local Ray; default 2x the cores (so Data, Train and Tune do not wait on each other)."""
+    autoscaling: bool | None = None
+    """Whether the cluster may add nodes while the job waits for its workers. true: a job asking for more than the
+    cluster has waits (saying every 30 s what for); false: it stops in seconds naming what fits. Default: false
+    for a local Ray and a cluster started by hand (`ray start`), true for a cluster with an autoscaler (the
+    cluster launcher's files in cluster/, KubeRay with autoscaling)."""
 
 
 class JobConfig(Section):

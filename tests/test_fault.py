@@ -61,8 +61,17 @@ def _assert_same_trajectory(run: dict[int, dict], reference: dict[int, dict], re
             assert run[step]["eval_loss"] == pytest.approx(reference[step]["eval_loss"], rel=rel), step
 
 
+def _newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    from raytune_sd3.train.state import newest_on_storage
+
+    return newest_on_storage(run_dir) if run_dir.is_dir() else None
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_with_identical_metrics(uninterrupted):
+    """A worker killed the moment a checkpoint reaches storage, before Ray Train's controller takes the report
+    (it polls about every 2 s): the run resumes from that checkpoint, not the one before, and does not rewrite
+    the steps up to it (their lines, step times included, are the ones written before the kill)."""
     tmp_path = uninterrupted
 
     tag = uuid.uuid4().hex
@@ -70,21 +79,26 @@ def test_killed_worker_resumes_with_identical_metrics(uninterrupted):
     proc = subprocess.Popen(_cmd(tmp_path, "killed"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    killed_at = None
+    run_dir = tmp_path / "killed" / "ray" / "killed"
+    killed_at, before = None, []
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        steps = _metrics(metrics) if metrics.exists() else {}
-        if len(steps) >= 7:  # past the step-4 checkpoint, before the end
+        newest = _newest_checkpoint(run_dir)
+        if newest and newest[0] >= 8:  # past the first checkpoint, so "the one before" exists too
             workers = _our_train_workers(tag)
             assert len(workers) == 2, workers
             os.kill(max(workers), signal.SIGKILL)
-            killed_at = max(steps)
+            killed_at = newest[0]
+            before = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= killed_at]
             break
-        time.sleep(0.02)
+        time.sleep(0.005)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     assert killed_at is not None and killed_at < STEPS, "the run ended before a worker could be killed"
 
+    after = metrics.read_text().splitlines()
+    assert after[:len(before)] == before and len(before) == killed_at + 1  # steps 0..killed_at kept as written
+    assert f"resuming from step {killed_at}" in out
     _assert_same_trajectory(_metrics(metrics), _metrics(tmp_path / "uninterrupted" / "metrics.jsonl"), rel=1e-6)
 
 

@@ -9,6 +9,7 @@ CLIP-G, T5) in actor pools, writing entries into the CacheStore. Entries already
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -175,12 +176,17 @@ class TextEncoder:
         return {"text_key": batch["text_key"]}
 
 
-def _actor_options(n_actors: int | None) -> tuple[int, dict]:
+def _actor_options(n_actors: int | None, pools: int = 1) -> tuple[int, dict]:
+    """(actors per pool, each actor's resources) when `pools` encoder pools run at once."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
-        return n_actors or gpus, {"num_gpus": 1}
+        # The pools share the GPUs: each actor takes a slice, so both pools fit at once even on one GPU (SD3.5's
+        # three text encoders in bf16 and the VAE hold about 12 GB of weights together). Whole GPUs per actor let
+        # one pool take the only GPU while the other waits for it. Slices are rounded down to Ray's 1e-4 grain.
+        size = n_actors or gpus
+        return size, {"num_gpus": min(1.0, math.floor(1e4 * gpus / (size * pools)) / 1e4)}
     # Fractional CPUs: two 1-CPU actors on a 2-CPU node would starve the read tasks (a silent deadlock). Without
     # GPUs one actor per 8 logical CPUs: each one's start (imports, model load) costs more than it adds on a laptop.
     return n_actors or max(1, int(ray.cluster_resources().get("CPU", 0)) // 8), {"num_cpus": 0.5}
@@ -211,8 +217,6 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
 
     t0 = time.perf_counter()
     report = CacheReport()
-    size, opts = _actor_options(n_actors)
-    compute = ray.data.ActorPoolStrategy(size=size)
     task_opts = {"num_cpus": 0.25}
 
     rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
@@ -233,6 +237,8 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     missing = [{"caption": c, "text_key": k} for (c, k), hit in zip(report.text_keys.items(), present, strict=True)
                if not hit]
     report.texts_reused = len(captions) - len(missing)
+    size, opts = _actor_options(n_actors, pools=bool(todo) + bool(missing))
+    compute = ray.data.ActorPoolStrategy(size=size)
     with ThreadPoolExecutor(1) as background:  # waits for the caption pool on the way out, error or not
         texts = background.submit(lambda: ray.data.from_items(missing).map_batches(
             TextEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts).take_all()

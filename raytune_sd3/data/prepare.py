@@ -16,20 +16,15 @@ from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
 from raytune_sd3.data.reader import MANIFEST, BucketError, bucket_of, plan_buckets, split_eval, write_manifest
 from raytune_sd3.models.loading import component_identity, vae_scaling
+from raytune_sd3.placement import ensure_resolved
 
 log = logging.getLogger(__name__)
 
 
-def text_encoder_dtype(cfg: JobConfig) -> str:
-    """The text encoders' dtype while caching: `auto` is bf16 when the Ray cluster has GPUs, else fp32."""
-    if cfg.model.text_encoder_dtype != "auto":
-        return cfg.model.text_encoder_dtype
-    import ray
-
-    return "bf16" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "fp32"
-
-
 def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
+    """What the cache's keys and encoders depend on. A job that still holds `auto` dtypes is resolved against
+    the connected Ray (or, with none, this process's CPU) first."""
+    ensure_resolved(cfg)
     rev = cfg.model.revision
     shift, scale = vae_scaling(pretrained, rev)
     text_ids = tuple(component_identity(pretrained, sub, rev) for sub in
@@ -38,7 +33,7 @@ def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
         pretrained=pretrained, revision=rev, cache_dir=str(cfg.cache_dir),
         vae_id=component_identity(pretrained, "vae", rev), text_ids=text_ids, vae_shift=shift, vae_scale=scale,
         t5_max_length=cfg.text.t5_max_length, t5_padding=cfg.text.t5_padding, dtype=cfg.model.dtype,
-        text_encoder_dtype=text_encoder_dtype(cfg),
+        text_encoder_dtype=cfg.model.text_encoder_dtype,
     )
 
 
@@ -46,6 +41,7 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     """Fill the cache for this job and write `<output_dir>/manifest.json` and `cache_report.json`; then, before
     any worker starts, a bucket too small for a global batch raises BucketError (`check_buckets`; the cache-only
     command logs it instead)."""
+    ensure_resolved(cfg)  # model.dtype (the entries' dtype) and the encoders' dtype are in the cache keys
     items, skipped = [], []
     for ds in cfg.data.datasets:
         if ds.type == "demo":

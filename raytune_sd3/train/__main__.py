@@ -42,27 +42,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: list | None = None,
                   storage_path: str | None = None):
     """The TorchTrainer for this job (Tune trials build theirs here too, with TuneReportCallback)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from raytune_sd3.placement import ensure_resolved
+    from raytune_sd3.train.backend import WorkerTorchConfig
+    from raytune_sd3.train.faults import StopOnRepeatedError
     from raytune_sd3.train.loop import train_loop_per_worker
 
+    ensure_resolved(cfg)
     t = cfg.train
-    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    storage = storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+    # Checkpoints on a local storage path are also looked up by the workers directly (train/state.py).
+    run_dir = None if "://" in storage else str(Path(storage) / cfg.run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker},
+        train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained,
+                           "run_dir": run_dir},
+        torch_config=WorkerTorchConfig(),
+        scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
+                                     use_gpu=bool(t.use_gpu), resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=storage_path or str(Path(cfg.output_dir).resolve() / "ray"),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[StopOnRepeatedError(), *(callbacks or [])],
         ),
     )
     return trainer
@@ -114,35 +120,60 @@ def export_lora(result, output_dir: Path) -> Path:
     return dest
 
 
+def report_failure(error: BaseException, out: Path) -> int:
+    """The error's first lines on screen, the whole of it in output_dir/error.log; exit status 1."""
+    import traceback
+
+    from raytune_sd3.config import redact
+
+    text = redact("".join(traceback.format_exception(error)))
+    log_file = out / "error.log"
+    log_file.write_text(text)
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    print("error: training failed: " + "\n  ".join(lines[:6]) + ("\n  ..." if len(lines) > 6 else ""), file=sys.stderr)
+    print(f"the whole error: {log_file}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
         cfg = load_job(args.job, args.overrides, data_dir=args.data)
         check_paths(cfg)
-        guard_resume(cfg, args.restart)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.placement import WaitReporter, fit_to_cluster
     from raytune_sd3.runtime import init_ray
 
     t0 = time.perf_counter()
+    init_ray(cfg)
+    try:
+        fit_to_cluster(cfg)  # `auto` settings from the cluster; workers it can never place stop the job here
+        guard_resume(cfg, args.restart)  # after fit_to_cluster: a resumed run must resolve `auto` the same way
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(dump_job(cfg))
     pretrained = resolve_pretrained(cfg.model.pretrained)
-    init_ray(cfg)
     manifest, report = prepare_data(cfg, pretrained)
     log.info("cache: %d items (%d latents encoded, %d reused; %d captions encoded, %d reused; %d skipped) in %.1fs",
              len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
              report.texts_reused, len(report.skipped), report.seconds)
-    result = build_trainer(cfg, manifest, pretrained).fit()
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
-        return 1
+    try:
+        with WaitReporter(cfg):
+            result = build_trainer(cfg, manifest, pretrained).fit()
+        error = result.error
+    except Exception as e:  # noqa: BLE001 - Ray Train raises what stopped the run; the user gets it in short
+        error = e
+    if error:
+        return report_failure(error, out)
     # Train V2's result.metrics are those of the last checkpoint, and a diverged step writes none: read the log.
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
     last = json.loads(lines[-1]) if lines else {}

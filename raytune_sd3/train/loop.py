@@ -24,7 +24,16 @@ from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import quantize_transformer
 from raytune_sd3.train.flops import count_flops, peak_tflops
 from raytune_sd3.train.optim import make_optimizer
-from raytune_sd3.train.state import load_checkpoint, load_optimizer, save_checkpoint, save_optimizer
+from raytune_sd3.train.state import (
+    file_sizes,
+    load_checkpoint,
+    load_optimizer,
+    newest_on_storage,
+    read_record,
+    save_checkpoint,
+    save_optimizer,
+    write_record,
+)
 from raytune_sd3.train.strategy import make_strategy
 from raytune_sd3.train.tracking import Tracker
 from raytune_sd3.train.validation import eval_loss, sample_images
@@ -89,7 +98,48 @@ def _step_seed(seed: int, step: int, slot: int) -> int:
     return int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0])
 
 
+def _resume_point(run_dir: str | None, rank: int, world: int):
+    """A context giving the checkpoint folder to resume from (None: a fresh start): Ray Train's registered
+    checkpoint, or a newer complete one that reached storage before Ray Train registered it (train/state.py).
+    Rank 0 decides, so every rank loads the same one."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    choice: list = [None]
+    if rank == 0:
+        found = newest_on_storage(Path(run_dir)) if run_dir and Path(run_dir).is_dir() else None
+        record = read_record(Path(registered.path)) if registered is not None and Path(registered.path).is_dir() else None
+        if found and (registered is None or (record is not None and found[0] > record["step"])):
+            if registered is not None:
+                print(f"raytune_sd3: resuming from step {found[0]} ({found[1].name}): the newest complete checkpoint "
+                      f"on storage; Ray Train had registered step {record['step']} only", flush=True)
+            choice = [str(found[1])]
+        elif registered is not None:
+            choice = ["registered"]
+    if world > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[0] == "registered":
+        return registered.as_directory()
+    return contextlib.nullcontext(choice[0])
+
+
+class _Progress:
+    """Where the loop is, for the error it may raise (train/faults.py tells a bug from a lost worker by it)."""
+
+    step: int | None = None
+
+
 def train_loop_per_worker(config: dict) -> None:
+    progress = _Progress()
+    try:
+        _train(config, progress)
+    except Exception as e:
+        e.raytune_sd3_step = progress.step  # pickled with the exception, read on Ray Train's controller
+        raise
+
+
+def _train(config: dict, progress: _Progress) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -98,6 +148,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if ray.get_gpu_ids() and device.type != "cuda":
+        raise RuntimeError(
+            f"Ray gave this worker GPU(s) {ray.get_gpu_ids()}, but torch {torch.__version__} sees no CUDA device "
+            f"(CUDA build: {torch.version.cuda or 'no'}): install a CUDA build of torch on the GPU nodes, or set "
+            "train.use_gpu: false to train on CPUs")
     out_dir = Path(cfg.output_dir)
     dtype = DTYPES[cfg.model.dtype]
 
@@ -112,13 +167,11 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(params, t)
     scheduler = make_scheduler(optimizer, cfg)
     start_step, resumed = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
-        with checkpoint.as_directory() as folder:
+    with _resume_point(config.get("run_dir"), rank, world) as folder:
+        if folder is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
             start_step, resumed = load_checkpoint(Path(folder), transformer, scheduler)
-    strategy = make_strategy(transformer, params, optimizer, cfg, world)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        strategy = make_strategy(transformer, params, optimizer, cfg, world)
+        if folder is not None:
             strategy.load_optimizer_state(load_optimizer(Path(folder), rank if strategy.sharded_optimizer else 0))
 
     manifest = read_manifest(config["manifest"])
@@ -166,6 +219,12 @@ def train_loop_per_worker(config: dict) -> None:
                                 {"initial_eval": initial_eval, "nonfinite": nonfinite})
             if rank == 0 or strategy.sharded_optimizer:
                 save_optimizer(folder, rank, strategy.optimizer_state())
+            sizes = [file_sizes(folder)]
+            if world > 1:  # rank 0's record lists every rank's files: a partly uploaded checkpoint is not complete
+                sizes = [None] * world
+                torch.distributed.all_gather_object(sizes, file_sizes(folder))
+            if rank == 0:
+                write_record(folder, metrics["step"], {k: v for s in sizes for k, v in s.items()})
             has_files = any(folder.iterdir())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
@@ -203,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
         return flops_of_shape[shape]
 
     for step in range(start_step + 1, t.max_steps + 1):
+        progress.step = step
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         step_flops = 0

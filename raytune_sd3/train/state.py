@@ -4,10 +4,18 @@
     lora_raw.safetensors              peft's tensors as trained (unfolded), for resuming
     train_state.pt                    LR scheduler state, step, torch RNG, loop state (loaded with weights_only=True)
     optimizer_rank{R}.pt              optimizer state (rank 0's under DDP; each rank's shard under ZeRO)
+    checkpoint.json                   the step and every file of every rank with its size: a checkpoint on storage
+                                      is complete when all of them are there, whole
+
+Ray Train knows a checkpoint only once its controller has taken the report (about every 2 s): a worker lost just
+after writing one would restart from the one before. So a restart also looks on storage (`newest_on_storage`) and
+resumes from the newest complete checkpoint there, registered or not.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +26,7 @@ from raytune_sd3.models.lora import export_lora
 
 RAW_LORA = "lora_raw.safetensors"
 TRAIN_STATE = "train_state.pt"
+RECORD = "checkpoint.json"
 
 
 def optimizer_file(rank: int) -> str:
@@ -59,3 +68,32 @@ def load_optimizer(folder: Path, rank: int) -> dict:
         raise RuntimeError(f"checkpoint {folder} has no {path.name}: it was written with another number of workers "
                            "or strategy; resume with the same train.num_workers and strategy")
     return torch.load(path, weights_only=True)
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """This rank's checkpoint files and their sizes."""
+    return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+
+
+def write_record(folder: Path, step: int, sizes: dict[str, int]) -> None:
+    """Rank 0, after every rank saved its files: what a complete copy of this checkpoint holds."""
+    tmp = folder / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": sizes}))
+    os.replace(tmp, folder / RECORD)
+
+
+def read_record(folder: Path) -> dict | None:
+    """The checkpoint's record if every file it lists is present with its size, else None."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        if all((folder / name).stat().st_size == size for name, size in record["files"].items()):
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def newest_on_storage(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete checkpoint Ray Train uploaded under `run_dir`, registered or not."""
+    found = [(rec["step"], folder) for folder in run_dir.glob("checkpoint_*") if (rec := read_record(folder))]
+    return max(found, key=lambda sf: sf[0]) if found else None

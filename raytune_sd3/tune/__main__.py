@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_job(args.job, args.overrides, data_dir=args.data)
         check_paths(cfg)
         check_study(cfg)  # no Ray yet: a bad study fails in about a second
-        guard_study(cfg, args.resume, args.restart, args.report_only)
+        if args.report_only:
+            guard_study(cfg, args.resume, args.restart, args.report_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -119,15 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.data.reader import MANIFEST
     from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.placement import WaitReporter, fit_to_cluster
     from raytune_sd3.runtime import init_ray
     from raytune_sd3.tune.study import run_study
 
     t0 = time.perf_counter()
+    init_ray(cfg)
+    try:
+        fit_to_cluster(cfg)  # one trial's workers; `auto` resolved before the resume guard compares settings
+        guard_study(cfg, args.resume, args.restart, args.report_only)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(dump_job(cfg))
     pretrained = resolve_pretrained(cfg.model.pretrained)
-    init_ray(cfg)
     manifest = out / MANIFEST
     if args.resume and manifest.exists():
         # The study's trials were compared on this cache and eval set: a resumed study keeps them as they were.
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest, rep = prepare_data(cfg, pretrained)  # once for the whole study: trials only read the cache
         log.info("cache: %d items (%d latents encoded, %d reused) in %.1fs", len(rep.rows), rep.latents_encoded,
                  rep.latents_reused, rep.seconds)
-    run_study(cfg, manifest, pretrained, resume=args.resume, retry_failed=args.retry_failed)
+    with WaitReporter(cfg):
+        run_study(cfg, manifest, pretrained, resume=args.resume, retry_failed=args.retry_failed)
     paths = report(cfg)
     log.info("study done in %.0fs", time.perf_counter() - t0)
     return 0 if paths["best"] else 3

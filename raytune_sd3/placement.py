@@ -1,0 +1,229 @@
+"""Fitting a job to the Ray cluster it runs on, on the driver, before any model loads.
+
+- `auto` settings become values read off the cluster: one worker per GPU (or 2 CPU workers), bf16 weights and
+  autocast on GPUs, fp32 on CPUs (`resolve_auto`; job.yaml records the result).
+- A worker count the cluster can never place stops the job in seconds, naming what it needs, what the cluster has
+  and the `--set` that fits (`check_placement`), unless an autoscaler may add nodes: then the job waits and says
+  every 30 s what for (`WaitReporter`). Ray Train itself would wait without a word, forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from raytune_sd3.config import ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
+CPU_WORKERS = 2  # `auto` on a cluster without GPUs: enough to exercise DDP, little enough for a laptop
+
+
+class PlacementError(ConfigError):
+    """The cluster can never run the job as configured; the message says what fits."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a Ray cluster offers a job: each alive node's total resources, and whether it may grow."""
+
+    nodes: tuple[dict[str, float], ...]
+    autoscaling: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return int(sum(n.get("GPU", 0) for n in self.nodes))
+
+    @property
+    def cpus(self) -> float:
+        return sum(n.get("CPU", 0) for n in self.nodes)
+
+    def describe(self) -> str:
+        gpus = f"{self.gpus} GPU{'s' * (self.gpus != 1)}, " if self.gpus else "no GPU, "
+        return f"{gpus}{self.cpus:g} CPUs on {len(self.nodes)} node{'s' * (len(self.nodes) != 1)}"
+
+
+def read_cluster(cfg: JobConfig) -> Cluster:
+    """The cluster this process's Ray is connected to (ray.init first)."""
+    import ray
+
+    nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
+    autoscaling = cfg.ray.autoscaling if cfg.ray.autoscaling is not None else has_autoscaler()
+    return Cluster(nodes, autoscaling)
+
+
+def has_autoscaler() -> bool:
+    """Whether an autoscaler that can add nodes runs for this cluster.
+
+    Ray's monitor also runs on a local Ray and on a cluster started by hand, with a read-only view that gives every
+    node a type of its own ("node_<id>"); a real autoscaler (cluster launcher, KubeRay) reports the node types of
+    its config. Autoscaler v2 is only switched on by those. No status yet (a Ray that just started): none.
+    """
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if _internal_kv_get("__autoscaler_v2_enabled") in (b"1", b"true", b"True"):
+            return True
+        raw = _internal_kv_get("__autoscaling_status")
+        report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+    except Exception:  # noqa: BLE001 - an unreadable status is not a reason to stop the job
+        return False
+    types = (report.get("node_type_mapping") or {}).items()
+    return any(t != f"node_{node_id}" for node_id, t in types)
+
+
+def uses_gpu(cfg: JobConfig, cluster: Cluster) -> bool:
+    return cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster.gpus > 0
+
+
+def resolve_auto(cfg: JobConfig, cluster: Cluster) -> list[str]:
+    """Replace every `auto` of the job by its value on `cluster` (in place); returns one line per choice made.
+
+    Idempotent: a resolved job (a job.yaml written by an earlier run) passes through unchanged.
+    """
+    notes = []
+    t, m = cfg.train, cfg.model
+    gpu = uses_gpu(cfg, cluster)
+    if t.use_gpu is None:
+        t.use_gpu = gpu  # the trainer must not decide again on a cluster that changed in between
+    if t.num_workers == "auto":
+        if gpu and not cluster.gpus:
+            raise PlacementError(
+                f"train.num_workers auto: train.use_gpu is true but this Ray cluster has no GPU yet "
+                f"({cluster.describe()}); give a number (--set train.num_workers=8), which an autoscaling cluster "
+                "starts GPU nodes for")
+        t.num_workers = cluster.gpus if gpu else CPU_WORKERS
+        notes.append(f"train.num_workers auto -> {t.num_workers} ("
+                     + (f"one per GPU of {cluster.describe()})" if gpu else "CPU workers: the cluster has no GPU)"))
+    if m.dtype == "auto":
+        m.dtype = "bf16" if gpu else "fp32"
+        notes.append(f"model.dtype auto -> {m.dtype}")
+    if t.mixed_precision == "auto":
+        t.mixed_precision = "bf16" if gpu else "no"
+        notes.append(f"train.mixed_precision auto -> {t.mixed_precision}")
+    if m.text_encoder_dtype == "auto":  # the caching stage's encoders use the cluster's GPUs whoever trains
+        m.text_encoder_dtype = "bf16" if cluster.gpus else "fp32"
+        notes.append(f"model.text_encoder_dtype auto -> {m.text_encoder_dtype}")
+    return notes
+
+
+def worker_bundle(cfg: JobConfig) -> dict[str, float]:
+    """The resources one Ray Train worker reserves."""
+    bundle = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        bundle["GPU"] = 1.0
+    return bundle
+
+
+def placeable(bundle: dict[str, float], nodes: tuple[dict[str, float], ...], strategy: str = "PACK") -> int:
+    """How many `bundle`s the nodes' totals can hold at once (STRICT_SPREAD: at most one per node)."""
+    per_node = [min((math.floor(n.get(r, 0) / need + 1e-9) for r, need in bundle.items() if need > 0),
+                    default=0) for n in nodes]
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for k in per_node if k >= 1)
+    return sum(per_node)
+
+
+def check_placement(cfg: JobConfig, cluster: Cluster) -> None:
+    """Raise PlacementError when the workers can never be placed on `cluster` and no autoscaler may add nodes."""
+    t = cfg.train
+    bundle = worker_bundle(cfg)
+    need = t.min_workers  # elastic: Ray Train starts with whatever fits between min and max
+    fits = placeable(bundle, cluster.nodes, t.placement_strategy)
+    if fits >= need:
+        return
+    what = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    asked = f"train.num_workers {t.num_workers}" + (f" ({t.placement_strategy})" if t.placement_strategy != "PACK" else "")
+    if cluster.autoscaling:
+        log.warning("%s needs %d x {%s}; the cluster has %s now. Waiting for the autoscaler to add nodes.",
+                    asked, need, what, cluster.describe())
+        return
+    if fits:
+        fix = (f"--set train.num_workers={fits}" + (" (or auto)" if "GPU" in bundle else "")
+               if not t.elastic else f"--set train.num_workers=[1,{t.max_workers}]")
+    elif "GPU" in bundle:
+        fix = "a cluster with GPUs, or --set train.use_gpu=false to train on CPUs"
+    else:
+        fix = f"--set train.cpus_per_worker={max(n.get('CPU', 0) for n in cluster.nodes) or 1:g}"
+    raise PlacementError(
+        f"{asked} needs {need} x {{{what}}}, but this Ray cluster has {cluster.describe()}, which fits {fits} "
+        f"(and has no autoscaler to add nodes). Use {fix}. (On a cluster that does autoscale, set "
+        "ray.autoscaling: true to wait for it instead.)")
+
+
+class WaitReporter:
+    """While Ray Train (or Tune) waits for resources, say every `interval` s what for; a context manager.
+
+    Waiting shows as a placement group in PENDING state (Ray Train reserves its workers through one).
+    """
+
+    def __init__(self, cfg: JobConfig, interval: float = 30.0):
+        self.cfg, self.interval = cfg, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raytune_sd3-wait-reporter", daemon=True)
+
+    def __enter__(self) -> WaitReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        since = last = None
+        while not self._stop.wait(min(self.interval, 5.0)):
+            pending = pending_bundles()
+            now = time.monotonic()
+            if not pending:
+                since = last = None
+                continue
+            since = since or now
+            if now - since < self.interval or (last and now - last < self.interval):
+                continue
+            last = now
+            what = ", ".join(f"{k}: {v:g}" for k, v in sorted(pending[0].items()))
+            hope = ("the autoscaler may add nodes (`ray status` shows its progress)" if read_cluster(self.cfg).autoscaling
+                    else "nothing will free them: stop the job and lower train.num_workers")
+            log.warning("waiting %.0f s for resources: %d x {%s} not placed yet; free on the cluster: %s; %s",
+                        now - since, len(pending), what, free_resources(), hope)
+
+
+def pending_bundles() -> list[dict[str, float]]:
+    """The resource bundles of every placement group still waiting to be placed."""
+    import ray.util
+
+    bundles = []
+    for pg in ray.util.placement_group_table().values():
+        if pg.get("state") in ("PENDING", "RESCHEDULING"):
+            bundles += [{k: v for k, v in b.items() if k in ("CPU", "GPU")} for b in pg.get("bundles", {}).values()]
+    return bundles
+
+
+def free_resources() -> str:
+    import ray
+
+    free = ray.available_resources()
+    return ", ".join(f"{k} {free.get(k, 0):g}" for k in ("GPU", "CPU") if k in ray.cluster_resources()) or "nothing"
+
+
+def fit_to_cluster(cfg: JobConfig) -> Cluster:
+    """resolve_auto then check_placement against the cluster Ray is connected to; logs each `auto` choice."""
+    cluster = read_cluster(cfg)
+    for note in resolve_auto(cfg, cluster):
+        log.info("%s", note)
+    check_placement(cfg, cluster)
+    return cluster
+
+
+def ensure_resolved(cfg: JobConfig) -> None:
+    """resolve_auto against the connected cluster (no Ray: a CPU machine) if the job still holds an `auto`: for
+    library callers that skip fit_to_cluster, such as tests calling prepare_data directly."""
+    import ray
+
+    t, m = cfg.train, cfg.model
+    if "auto" in (t.num_workers, t.mixed_precision, m.dtype, m.text_encoder_dtype) or t.use_gpu is None:
+        resolve_auto(cfg, read_cluster(cfg) if ray.is_initialized() else Cluster(()))
