@@ -22,7 +22,7 @@ def _nccl_usable() -> bool:
 
 class _WorkerChosenBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config: TorchConfig):
-        if backend_config.backend is None:
+        if backend_config.backend == "auto":
             nccl = all(worker_group.execute(_nccl_usable))
             backend_config = dataclasses.replace(backend_config, backend="nccl" if nccl else "gloo")
         super().on_start(worker_group, backend_config)
@@ -30,7 +30,10 @@ class _WorkerChosenBackend(_TorchBackend):
 
 @dataclasses.dataclass
 class WorkerTorchConfig(TorchConfig):
-    """TorchConfig whose default backend is NCCL where every worker's torch can use it, else gloo."""
+    """TorchConfig whose backend "auto" is NCCL where every worker's torch can use it, else gloo. (Not None: Ray
+    Train's TorchTrainer turns None into NCCL whenever the workers reserve GPUs.)"""
+
+    backend: str | None = "auto"
 
     @property
     def backend_cls(self):

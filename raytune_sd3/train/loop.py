@@ -147,12 +147,12 @@ def _train(config: dict, progress: _Progress) -> None:
     pretrained, t = config["pretrained"], cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if ray.get_gpu_ids() and device.type != "cuda":
+    if ray.get_gpu_ids() and not torch.cuda.is_available():  # before get_device(), which asserts on it
         raise RuntimeError(
             f"Ray gave this worker GPU(s) {ray.get_gpu_ids()}, but torch {torch.__version__} sees no CUDA device "
             f"(CUDA build: {torch.version.cuda or 'no'}): install a CUDA build of torch on the GPU nodes, or set "
             "train.use_gpu: false to train on CPUs")
+    device = ray.train.torch.get_device()
     out_dir = Path(cfg.output_dir)
     dtype = DTYPES[cfg.model.dtype]
 
