@@ -301,10 +301,10 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
         return
     over = (est.total - gpu_bytes) / GIB
     fixes = []
+    per_worker = t.batch_size * t.grad_accum  # images per worker per step: only divisors keep it
     for b in range(t.batch_size - 1, 0, -1):
-        if at(batch=b).total <= TIGHT * gpu_bytes:
-            accum = -(-t.batch_size * t.grad_accum // b)
-            fixes.append(f"--set train.batch_size={b} --set train.grad_accum={accum} (same images per step)")
+        if per_worker % b == 0 and at(batch=b).total <= TIGHT * gpu_bytes:
+            fixes.append(f"--set train.batch_size={b} --set train.grad_accum={per_worker // b} (same images per step)")
             break
     if not t.gradient_checkpointing and at(ckpt=True).total <= TIGHT * gpu_bytes:
         fixes.append("--set train.gradient_checkpointing=true")

@@ -29,7 +29,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     pretrained: str = "tiny-sd3"
-    """A diffusers SD3 directory, a hub id already in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
+    """A diffusers SD3 directory (a relative or ~ path is made absolute where the command runs), a hub id already
+    in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -618,7 +619,19 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
             ds.metadata_file = ds.metadata_file.expanduser().resolve()
     if cfg.train.deepspeed_config is not None:
         cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
+    if model_is_path(cfg.model.pretrained):
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     return cfg
+
+
+def model_is_path(pretrained: str) -> bool:
+    """Whether model.pretrained names a local folder rather than a hub id or a tiny model: a folder that exists
+    here (`relmodel` in the working directory), or anything written as a path (./, /, ~, or more than one slash:
+    hub ids are `owner/name`)."""
+    if pretrained in TINY_MODELS:
+        return False
+    return (pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+            or Path(pretrained).expanduser().is_dir())
 
 
 def check_paths(cfg: JobConfig) -> None:
@@ -642,8 +655,7 @@ def check_paths(cfg: JobConfig) -> None:
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a file")
     pretrained = cfg.model.pretrained
-    looks_like_path = pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").split("/", 1)[-1]
-    if pretrained not in TINY_MODELS and looks_like_path and not Path(pretrained).expanduser().is_dir():
+    if model_is_path(pretrained) and not Path(pretrained).expanduser().is_dir():
         problems.append(f"model.pretrained: {pretrained} is not a folder (a diffusers SD3 directory or a hub id)")
     from raytune_sd3.train.tracking import credentials_problem
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytune_sd3.config import ConfigError, dump_job, load_job, parse_resolutions, redact
+from raytune_sd3.config import ConfigError, check_paths, dump_job, load_job, parse_resolutions, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
@@ -120,3 +120,26 @@ def test_data_dir_replaces_the_data_sets(tmp_path):
     (ds,) = cfg.data.datasets
     assert ds.instance_data_dir == tmp_path and ds.type == "local" and ds.resolution == 1024
     assert ds.caption_strategy == "textfile"
+
+
+def test_a_local_model_folder_becomes_absolute(tmp_path, monkeypatch):
+    """Ray Train workers do not run in the driver's working directory: a relative or ~ model folder must reach them
+    absolute (else each worker asks the hub for `relmodel`), while hub ids and tiny names stay as written."""
+    tiny = ROOT / "jobs" / "tiny.yaml"
+    (tmp_path / "relmodel").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def pretrained(value: str) -> str:
+        return load_job(tiny, [f"model.pretrained={value}"]).model.pretrained
+
+    here = tmp_path.resolve()
+    assert pretrained("relmodel") == str(here / "relmodel")  # no slash, but a folder here: a path
+    assert pretrained("./relmodel") == str(here / "relmodel")
+    assert pretrained("../elsewhere/model") == str(here.parent / "elsewhere" / "model")
+    with pytest.raises(ConfigError, match=f"model.pretrained: {here.parent}/elsewhere/model is not a folder"):
+        check_paths(load_job(tiny, ["model.pretrained=../elsewhere/model"]))
+    assert pretrained("models/sd35/large") == str(here / "models" / "sd35" / "large")  # 2 slashes: not a hub id
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert pretrained("~/models/sd35") == str(tmp_path / "home" / "models" / "sd35")
+    for name in ("stabilityai/stable-diffusion-3.5-large", "tiny-sd3", "tiny-sd35", "othermodel"):
+        assert pretrained(name) == name

@@ -8,6 +8,7 @@ small built-in caption corpus. Widths differ per component (CLIP-L 32, CLIP-G 48
 the prompt-embedding concatenation or padding show up as shape errors instead of passing silently.
 
     python -m raytune_sd3.models.tiny OUT_DIR [--sd35] [--seed N]
+    python -m raytune_sd3.models.tiny OUT_DIR --shape sd35-large|sd35-medium [--device cuda|cpu|meta]   (shaped.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import shutil
 import string
 from collections import Counter
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
@@ -144,12 +146,12 @@ def _tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
     return clip_l, clip_g, _t5_tokenizer(corpus)
 
 
-def _clip(tok: CLIPTokenizer, hidden: int, intermediate: int) -> CLIPTextModelWithProjection:
+def _clip(tok: CLIPTokenizer, hidden: int, intermediate: int, heads: int = 4) -> CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=3,  # the pipeline reads hidden_states[-2], so keep more than one layer
-        num_attention_heads=4,
+        num_attention_heads=heads,
         projection_dim=hidden,
         vocab_size=len(tok),
         max_position_embeddings=77,
@@ -159,6 +161,25 @@ def _clip(tok: CLIPTokenizer, hidden: int, intermediate: int) -> CLIPTextModelWi
         hidden_act="gelu",
     )
     return CLIPTextModelWithProjection(config)
+
+
+def _vae() -> AutoencoderKL:
+    """A small 16-channel VAE with SD3's /8 and its latent shift and scale."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 16, 16, 16),  # 4 blocks -> /8 like the real SD3 VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    )
 
 
 def _components(sd35: bool, seed: int) -> dict:
@@ -178,21 +199,7 @@ def _components(sd35: bool, seed: int) -> dict:
             pos_embed_max_size=64,
             **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}),
         ),
-        "vae": lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=16,
-            block_out_channels=(8, 16, 16, 16),  # 4 blocks -> /8 like the real SD3 VAE
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=64,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-        ),
+        "vae": _vae,
         "text_encoder": lambda: _clip(clip_l_tok, hidden=32, intermediate=64),
         "text_encoder_2": lambda: _clip(clip_g_tok, hidden=48, intermediate=96),
         "text_encoder_3": lambda: T5EncoderModel(
@@ -230,20 +237,31 @@ def _components(sd35: bool, seed: int) -> dict:
 def build_tiny_pipeline(out_dir: str | Path, sd35: bool = False, seed: int = 0) -> Path:
     """Write a tiny random SD3 (or SD3.5 with ``sd35``) pipeline to ``out_dir`` and return its path.
 
-    An existing pipeline at ``out_dir`` (one with a ``model_index.json``) is returned untouched. The pipeline is
-    built in a temp dir next to ``out_dir`` and renamed into place, so readers never see a half-written one and
-    concurrent builders are safe: the loser of the rename discards its copy.
+    An existing pipeline at ``out_dir`` (one with a ``model_index.json``) is returned untouched; a new one is
+    written atomically (``write_atomically``), so concurrent builders are safe.
     """
     out_dir = Path(out_dir)
     if (out_dir / "model_index.json").exists():
         return out_dir
+
+    def write(tmp: Path) -> None:
+        StableDiffusion3Pipeline(**_components(sd35, seed)).save_pretrained(tmp, safe_serialization=True)
+
+    return write_atomically(out_dir, write)
+
+
+def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temp dir next to ``out_dir``, then rename it into place; returns ``out_dir``.
+
+    Readers never see a half-written folder, and of concurrent builders the loser of the rename discards its copy.
+    """
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists, is not empty and holds no pipeline (no model_index.json)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed build by a process with our pid
     try:
-        StableDiffusion3Pipeline(**_components(sd35, seed)).save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         try:
             os.replace(tmp, out_dir)  # atomic; also succeeds over an empty directory
         except OSError:
@@ -263,12 +281,31 @@ def ensure_tiny_pipeline(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random SD3 pipeline for tests and smoke runs.")
+    from raytune_sd3.models.shaped import SHAPES, build_shaped_pipeline  # it builds on this module
+
+    parser = argparse.ArgumentParser(description="Build a tiny random SD3 pipeline for tests and smoke runs, or one "
+                                                 "with a real-size SD3.5 transformer (--shape) for GPU benchmarks.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--sd35", action="store_true", help="SD3.5 variant: qk RMSNorm and dual attention")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="the real SD3.5 transformer with random bf16 weights, narrow text encoders of the real "
+                             "widths (models/shaped.py); Large writes 16 GB")
+    parser.add_argument("--device", choices=("cuda", "cpu", "meta"),
+                        help="with --shape: where the weights are made (default cuda when there is one, else cpu); "
+                             "meta: a dry run that writes every file but the transformer's weights")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out_dir, sd35=args.sd35, seed=args.seed))
+    if args.shape is None:
+        if args.device:
+            parser.error("--device goes with --shape (the tiny pipeline is always built on the CPU)")
+        print(build_tiny_pipeline(args.out_dir, sd35=args.sd35, seed=args.seed))
+        return
+    if args.sd35:
+        parser.error("--sd35 is the tiny pipeline's variant; --shape sd35-* already is SD3.5")
+    try:
+        print(build_shaped_pipeline(args.out_dir, args.shape, device=args.device, seed=args.seed))
+    except (ValueError, FileExistsError) as e:  # no GPU, or a folder in the way: say so without a traceback
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""Real-size SD3.5 pipelines with random weights (raytune_sd3.models.shaped, CLI: models.tiny --shape).
+
+A real-size transformer is too big to make in CI (SD3.5 Large: 16 GB of bf16), so the real shape is checked with
+the CLI's dry run (--device meta: every file but the transformer's weights, its index listing them), and the
+weight writer with real weights at a small shape, loaded by the project's loaders and by diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors import safe_open
+
+from raytune_sd3.memory import KNOWN_TRANSFORMERS, TransformerShape, transformer_buffers, transformer_params
+from raytune_sd3.models import tiny
+from raytune_sd3.models.loading import (
+    load_scheduler,
+    load_text_encoders,
+    load_transformer,
+    load_vae,
+    vae_scaling,
+)
+from raytune_sd3.models.shaped import WEIGHTS_INDEX, build_shaped_pipeline, transformer_config
+from raytune_sd3.models.text import encode_prompts
+
+MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+
+
+def test_cli_dry_run_writes_the_real_sd35_medium(tmp_path):
+    out = tmp_path / "medium"
+    tiny.main([str(out), "--shape", "sd35-medium", "--device", "meta"])
+
+    written = json.loads((out / "transformer" / "config.json").read_text())
+    assert {k: written[k] for k in KNOWN_TRANSFORMERS[MEDIUM]} == KNOWN_TRANSFORMERS[MEDIUM]
+    shape = TransformerShape.from_config(written)
+    assert round(transformer_params(shape) / 1e9, 1) == 2.2  # the published size (test_check pins the formula)
+    index = json.loads((out / "transformer" / WEIGHTS_INDEX).read_text())
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(written)
+    assert set(index["weight_map"]) == set(model.state_dict())  # every tensor diffusers expects, nothing else
+    assert index["metadata"]["total_size"] == 2 * (transformer_params(shape) + transformer_buffers(shape))  # bf16
+    assert len(set(index["weight_map"].values())) == 24 + 1  # a shard per block, one for the rest
+    assert not list((out / "transformer").glob("*.safetensors"))  # a dry run makes no weights
+
+    # Narrow text encoders, real widths: through the project's loaders and its prompt encoding.
+    enc = load_text_encoders(str(out))
+    assert [(e.config.hidden_size, e.config.projection_dim) for e in enc.encoders[:2]] == [(768, 768), (1280, 1280)]
+    embeds, pooled = encode_prompts(enc, ["a photo of a red fox in the snow"], t5_max_length=154)
+    assert embeds.shape == (1, 77 + 154, written["joint_attention_dim"]) == (1, 231, 4096)
+    assert pooled.shape == (1, written["pooled_projection_dim"]) == (1, 2048)
+    assert embeds[:, :77, :2048].abs().sum() > 0 and not embeds[:, :77, 2048:].any()  # CLIP-L + CLIP-G = 2048
+    assert load_vae(str(out)).config.latent_channels == 16
+    assert vae_scaling(str(out)) == (0.0609, 1.5305)
+    assert load_scheduler(str(out)).config.shift == 3.0
+
+    with pytest.raises(FileExistsError, match="dry run"):
+        build_shaped_pipeline(out, "sd35-medium", device="cpu")
+    assert transformer_config("sd35-large") == KNOWN_TRANSFORMERS["stabilityai/stable-diffusion-3.5-large"]
+    with pytest.raises(ValueError, match="sd35-large, sd35-medium"):
+        transformer_config("sd35-huge")
+
+
+# SD3.5 Medium's kind of block (qk RMSNorm, dual attention, the last block text-free) at a small width, with the
+# real text widths.
+SMALL = dict(KNOWN_TRANSFORMERS[MEDIUM], num_layers=3, num_attention_heads=2, caption_projection_dim=128,
+             dual_attention_layers=[0, 1], pos_embed_max_size=16, sample_size=8)
+
+
+def test_weights_are_written_per_block_and_load_as_diffusers_made_them(tmp_path):
+    out = build_shaped_pipeline(tmp_path / "small", SMALL, device="cpu", seed=1)
+    folder = out / "transformer"
+    index = json.loads((folder / WEIGHTS_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3 + 1 and sorted(p.name for p in folder.glob("*.safetensors")) == shards
+    for i in range(3):  # each block alone in its shard: memory holds one block at a time
+        with safe_open(folder / shards[i + 1], "pt") as f:
+            assert {k.split(".")[1] for k in f.keys()} == {str(i)}
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+    model, info = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer", torch_dtype=torch.bfloat16,
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # What diffusers' own constructor makes: the same position table, norms at one, PyTorch's default init.
+    reference = SD3Transformer2DModel.from_config(SMALL)
+    assert torch.equal(model.pos_embed.pos_embed, reference.pos_embed.pos_embed.to(torch.bfloat16))
+    ref = dict(reference.named_parameters())
+    drawn = set()
+    for owner, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d):  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weight and bias
+            bound = m.weight[0].numel() ** -0.5
+            for name, p in m.named_parameters():
+                p = p.float()
+                assert p.abs().max() <= 1.01 * bound and (p.numel() < 1024 or abs(p.std() * 3**0.5 / bound - 1) < 0.1)
+                drawn.add(f"{owner}.{name}")
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all() and p.shape == ref[name].shape, name
+        if name not in drawn:
+            assert torch.equal(p.float(), ref[name]), name  # constants, e.g. RMSNorm weights at one
+    assert torch.equal(load_transformer(str(out), dtype=torch.bfloat16).state_dict()["proj_out.weight"],
+                       model.state_dict()["proj_out.weight"])
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+    image = pipe("a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=1.0, output_type="np",
+                 max_sequence_length=77, generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    assert build_shaped_pipeline(out, SMALL, device="cpu") == out  # complete: returned untouched
