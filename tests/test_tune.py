@@ -118,6 +118,8 @@ def test_default_concurrency():
     assert default_concurrency({"CPU": 64, "GPU": 8}, workers=2, cpus_per_worker=1, use_gpu=None) == 4
     assert default_concurrency({"CPU": 64, "GPU": 8}, workers=3, cpus_per_worker=1, use_gpu=None) == 2
     assert default_concurrency({"CPU": 1}, workers=2, cpus_per_worker=1, use_gpu=None) == 1
+    # One GPU (a workstation; num_workers auto -> 1): one trial at a time, never two trainers waiting on one GPU
+    assert default_concurrency({"CPU": 16, "GPU": 1}, workers=1, cpus_per_worker=1, use_gpu=True) == 1
 
 
 def test_objective_carries_the_eval_loss_and_marks_divergence(monkeypatch):

@@ -110,11 +110,13 @@ def _resume_point(run_dir: str | None, rank: int, world: int):
         found = newest_on_storage(Path(run_dir)) if run_dir and Path(run_dir).is_dir() else None
         record = read_record(Path(registered.path)) if registered is not None and Path(registered.path).is_dir() else None
         if found and (registered is None or (record is not None and found[0] > record["step"])):
-            if registered is not None:
-                print(f"raytune_sd3: resuming from step {found[0]} ({found[1].name}): the newest complete checkpoint "
-                      f"on storage; Ray Train had registered step {record['step']} only", flush=True)
+            known = f"step {record['step']}" if registered is not None else "none"
+            print(f"raytune_sd3: resuming from step {found[0]} ({found[1].name}), the newest complete checkpoint on "
+                  f"storage (Ray Train had registered {known})", flush=True)
             choice = [str(found[1])]
         elif registered is not None:
+            print("raytune_sd3: resuming from " + (f"step {record['step']} " if record else "")
+                  + f"(Ray Train's checkpoint {Path(registered.path).name})", flush=True)
             choice = ["registered"]
     if world > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
