@@ -292,8 +292,8 @@ def _timed_loop_in_build_trainer(with_reference: bool):
 def prepare(cfg) -> tuple[Path, str]:
     """Start (or join) Ray as the CLI does and fill the cache; returns (manifest, pretrained directory)."""
     from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.runtime import init_ray
     from raytune_sd3.models.loading import resolve_pretrained
-    from raytune_sd3.runtime import init_ray
 
     pretrained = resolve_pretrained(cfg.model.pretrained)
     init_ray(cfg)
@@ -304,7 +304,7 @@ def prepare(cfg) -> tuple[Path, str]:
 def run_job(cfg, manifest: Path, pretrained: str, with_reference: bool = False) -> JobRun:
     """Fit the job's TorchTrainer (built by the CLI's build_trainer) with timed workers; output in cfg.output_dir.
     with_reference: interleave reference.py's steps with ours (timed_train_loop)."""
-    from raytune_sd3.train.__main__ import build_trainer
+    from raytune_sd3.driver.training import build_trainer
     from raytune_sd3.train.loop import METRICS
 
     out = Path(cfg.output_dir)

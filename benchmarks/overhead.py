@@ -44,7 +44,7 @@ from common import (
     write_section,
 )
 
-CLI_IMPORTS = ("raytune_sd3.train.__main__, raytune_sd3.data.prepare, raytune_sd3.runtime, "
+CLI_IMPORTS = ("raytune_sd3.driver.training, raytune_sd3.data.prepare, raytune_sd3.driver.runtime, "
                "raytune_sd3.models.loading, raytune_sd3.train.loop, ray.train.torch")
 
 
@@ -86,8 +86,8 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
     import ray
 
     from raytune_sd3.config import check_paths, dump_job
+    from raytune_sd3.driver.resume import guard_resume
     from raytune_sd3.models.loading import resolve_pretrained
-    from raytune_sd3.train.__main__ import guard_resume
 
     t0 = time.time()
     cfg = bench_job(workdir, extra)
@@ -97,7 +97,7 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
     (Path(cfg.output_dir) / "job.yaml").write_text(dump_job(cfg))
     resolve_pretrained(cfg.model.pretrained)
     t1 = time.time()
-    from raytune_sd3.runtime import init_ray
+    from raytune_sd3.driver.runtime import init_ray
 
     init_ray(cfg)
     t2 = time.time()
@@ -132,7 +132,7 @@ def time_bare(workdir: Path, extra: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import raytune_sd3.train.__main__  # noqa: F401  the imports are timed in a subprocess, not here
+    import raytune_sd3.driver.training  # noqa: F401  the imports are timed in a subprocess, not here
     import raytune_sd3.train.loop  # noqa: F401
 
     workdir = Path(tempfile.mkdtemp(prefix="raytune_sd3-bench-overhead-"))

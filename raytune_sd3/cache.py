@@ -12,11 +12,10 @@ found any.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
-from raytune_sd3.config import ConfigError, check_paths, load_job
+from raytune_sd3.config import ConfigError
 
 
 def verify_cache(root: Path | str, workers: int = 8) -> dict:
@@ -40,45 +39,44 @@ def verify_cache(root: Path | str, workers: int = 8) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raytune_sd3.train.__main__ import job_parser
+    from raytune_sd3.driver import cli
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = job_parser("python -m raytune_sd3.cache", __doc__)
+    parser = cli.job_parser("python -m raytune_sd3.cache", __doc__)
     parser.add_argument("--verify", action="store_true",
                         help="check every cache entry's checksum and remove bad ones; encode nothing")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_job(args.job, args.overrides, data_dir=args.data)
-        if not args.verify:
-            check_paths(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.verify:
-        from raytune_sd3.data.remote import is_uri
 
-        if not is_uri(cfg.cache_dir) and not Path(cfg.cache_dir).is_dir():
-            print(f"error: {cfg.cache_dir} is not a cache folder (data.cache_dir, default <output_dir>/cache)",
-                  file=sys.stderr)
-            return 2
-        result = verify_cache(cfg.cache_dir)
-        print(json.dumps({k: v for k, v in result.items() if k != "removed"} | {"removed": len(result["removed"])},
-                         indent=2))
-        for b in result["removed"]:
-            print(f"removed {b['kind']}/{b['key']}: {b['problem']} (the next run encodes it again)", file=sys.stderr)
-        return 1 if result["removed"] else 0
+    def body() -> int:
+        cfg = cli.read_job(args, paths=not args.verify)
+        return verify(cfg) if args.verify else fill(cfg)
 
+    return cli.run(body)
+
+
+def verify(cfg) -> int:
+    """--verify: every entry's checksum; bad ones removed for the next run to encode again. 1 when any was bad."""
+    from raytune_sd3.data.remote import is_uri
+
+    if not is_uri(cfg.cache_dir) and not Path(cfg.cache_dir).is_dir():
+        raise ConfigError(f"{cfg.cache_dir} is not a cache folder (data.cache_dir, default <output_dir>/cache)")
+    result = verify_cache(cfg.cache_dir)
+    print(json.dumps({k: v for k, v in result.items() if k != "removed"} | {"removed": len(result["removed"])},
+                     indent=2))
+    for b in result["removed"]:
+        print(f"removed {b['kind']}/{b['key']}: {b['problem']} (the next run encodes it again)", file=sys.stderr)
+    return 1 if result["removed"] else 0
+
+
+def fill(cfg) -> int:
+    """Encode what the cache lacks for this job; print the summary and each skipped image."""
     from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.cli import connect
     from raytune_sd3.models.loading import resolve_pretrained
-    from raytune_sd3.runtime import init_ray
 
-    pretrained = resolve_pretrained(cfg.model.pretrained)
-    init_ray(cfg)
     # The same `auto` choices as training on this cluster (model.dtype is in the cache keys); placement is not
     # checked: the cache may be filled on another cluster than the one that trains.
-    from raytune_sd3.placement import read_cluster, resolve_auto
-
-    resolve_auto(cfg, read_cluster(cfg))
+    connect(cfg, place=False)
+    pretrained = resolve_pretrained(cfg.model.pretrained)
     _, report = prepare_data(cfg, pretrained, check_buckets=False)
     summary = report.summary()
     summary["images_per_s"] = round(report.latents_encoded / report.seconds, 2) if report.seconds else 0.0
@@ -86,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     for s in report.skipped:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

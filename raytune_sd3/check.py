@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, check_paths, load_job
+from raytune_sd3.driver.placement import Cluster, resolve_auto
 from raytune_sd3.memory import GIB, GPU_GIB, QUANT_BYTES, STRATEGIES, TransformerShape, estimate, gpu_of_node_type
-from raytune_sd3.placement import Cluster, resolve_auto
 
 TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
 
@@ -386,7 +386,7 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from raytune_sd3.train.__main__ import job_parser
+    from raytune_sd3.driver.cli import job_parser
 
     p = job_parser("python -m raytune_sd3.check", __doc__)
     where = p.add_mutually_exclusive_group()

@@ -357,7 +357,7 @@ class TrainConfig(Section):
     def _counted(self) -> int | list[int]:
         if self.num_workers == "auto":  # a bug of ours, not the user's: the driver resolves auto first
             raise RuntimeError("train.num_workers is still 'auto': resolve it against the cluster first "
-                               "(raytune_sd3.placement.resolve_auto)")
+                               "(raytune_sd3.driver.placement.resolve_auto)")
         return self.num_workers
 
     @property

@@ -41,7 +41,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from raytune_sd3.runtime import LOCAL_RAY_ENV_VARS
+        from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
 
         ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {
             "HF_HUB_OFFLINE": "1", "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"], **LOCAL_RAY_ENV_VARS}})

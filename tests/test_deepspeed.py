@@ -81,7 +81,7 @@ def local_ray():
     if ray.is_initialized():
         yield ray
         return
-    from raytune_sd3.runtime import LOCAL_RAY_ENV_VARS
+    from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAYTUNE_SD3_HOME", "TORCH_EXTENSIONS_DIR")}
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**env, **LOCAL_RAY_ENV_VARS}})
@@ -93,8 +93,8 @@ def local_ray():
 def trained(local_ray, tmp_path_factory) -> dict[str, Path]:
     """The demo job for 4 steps (2 micro-steps each, cosine LR) under each strategy: {strategy: output_dir}."""
     from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.training import build_trainer, copy_final_lora
     from raytune_sd3.models.loading import resolve_pretrained
-    from raytune_sd3.train.__main__ import build_trainer, export_lora
 
     tmp = tmp_path_factory.mktemp("deepspeed")
     (tmp / "zero3.json").write_text(json.dumps(ZERO3_JSON))
@@ -112,8 +112,8 @@ def trained(local_ray, tmp_path_factory) -> dict[str, Path]:
             manifest, _ = prepare_data(cfg, pretrained)
         result = build_trainer(cfg, manifest, pretrained).fit()
         assert result.error is None, f"{strategy}: {result.error}"
-        export_lora(result, Path(cfg.output_dir))
         with result.checkpoint.as_directory() as folder:
+            copy_final_lora(folder, cfg.output_dir)
             (Path(cfg.output_dir) / "optimizer_files.json").write_text(json.dumps(sorted(
                 p.name for p in Path(folder).glob("optimizer_rank*.pt"))))
             for p in Path(folder).glob("optimizer_rank*.pt"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raytune_sd3.config import load_job
-from raytune_sd3.placement import Cluster, PlacementError, WaitReporter, check_placement, placeable, resolve_auto
+from raytune_sd3.driver.placement import Cluster, PlacementError, WaitReporter, check_placement, placeable, resolve_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_GPU = Cluster(({"CPU": 16.0, "GPU": 1.0},))
@@ -76,7 +76,7 @@ def test_an_autoscaling_cluster_waits_instead(tmp_path, caplog):
     cfg = _job(tmp_path, "train.num_workers=16")
     grows = Cluster(ONE_GPU.nodes, autoscaling=True)
     resolve_auto(cfg, grows)
-    with caplog.at_level(logging.WARNING, logger="raytune_sd3.placement"):
+    with caplog.at_level(logging.WARNING, logger="raytune_sd3.driver.placement"):
         check_placement(cfg, grows)  # no error
     assert "Waiting for the autoscaler" in caplog.text
     check_placement(_job(tmp_path, "train.num_workers=1", "train.use_gpu=true"), ONE_GPU)  # fits: silent
@@ -89,7 +89,7 @@ def test_waiting_is_reported_while_a_placement_group_is_pending(ray_local, tmp_p
     cfg = _job(tmp_path, "ray.autoscaling=true")
     pg = placement_group([{"CPU": 1, "GPU": 1}])
     try:
-        with caplog.at_level(logging.WARNING, logger="raytune_sd3.placement"), WaitReporter(cfg, interval=0.5):
+        with caplog.at_level(logging.WARNING, logger="raytune_sd3.driver.placement"), WaitReporter(cfg, interval=0.5):
             import time
 
             deadline = time.monotonic() + 30

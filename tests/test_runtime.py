@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, os, sys, ray
 from raytune_sd3.config import load_job
-from raytune_sd3.runtime import init_ray
+from raytune_sd3.driver.runtime import init_ray
 
 init_ray(load_job("jobs/tiny.yaml", ["output_dir=" + sys.argv[1]]))
 env = ray.get(ray.remote(lambda: os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")).remote())

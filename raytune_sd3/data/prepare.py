@@ -15,8 +15,8 @@ from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
 from raytune_sd3.data.reader import MANIFEST, BucketError, bucket_of, plan_buckets, split_eval, write_manifest
+from raytune_sd3.driver.placement import ensure_resolved
 from raytune_sd3.models.loading import component_identity, vae_scaling
-from raytune_sd3.placement import ensure_resolved
 
 log = logging.getLogger(__name__)
 

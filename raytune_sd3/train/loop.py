@@ -126,7 +126,7 @@ def _resume_point(run_dir: str | None, rank: int, world: int):
 
 
 class _Progress:
-    """Where the loop is, for the error it may raise (train/faults.py tells a bug from a lost worker by it)."""
+    """Where the loop is, for the error it may raise (driver/faults.py tells a bug from a lost worker by it)."""
 
     step: int | None = None
 

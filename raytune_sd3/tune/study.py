@@ -137,7 +137,7 @@ def trial_dir(study_dir: Path | str, trial_id: str) -> Path:
 
 def run_trial(params: dict, base: dict, manifest: str, pretrained: str) -> None:
     """Tune's trial function: train the job with `params` set; divergence is a result (a metric), not an error."""
-    from raytune_sd3.train.__main__ import build_trainer
+    from raytune_sd3.driver.training import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = job_for_params(base, params, trial_dir(base["output_dir"], trial_id))
@@ -154,8 +154,10 @@ def run_trial(params: dict, base: dict, manifest: str, pretrained: str) -> None:
 # --- the study -----------------------------------------------------------------------------------------------------
 
 def experiment_path(cfg: JobConfig) -> Path:
-    """Where Tune keeps the study's state (what --resume restores)."""
-    return Path(cfg.output_dir) / "ray" / cfg.run_name
+    """Where Tune keeps the study's state (what --resume restores): the job's run folder, as for a training run."""
+    from raytune_sd3.driver.resume import run_dir
+
+    return run_dir(cfg)
 
 
 def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = False,
@@ -217,17 +219,13 @@ def collect_trials(cfg: JobConfig, path: Path | None = None) -> list[TrialRecord
 
 def keep_final_loras(records: list[TrialRecord]) -> int:
     """Copy each stable trial's final LoRA from its last Train checkpoint into its folder; returns how many."""
-    import shutil
-
+    from raytune_sd3.driver.training import copy_final_lora
     from raytune_sd3.models.lora import LORA_FILE
 
     copied = 0
     for r in records:
         src = Path(r.final_checkpoint or "") / LORA_FILE
-        dest = Path(r.output_dir) / LORA_FILE
-        if r.status == "stable" and r.final_checkpoint and src.exists() and not dest.exists():
-            tmp = dest.with_name(f".{LORA_FILE}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dest)
+        if r.status == "stable" and r.final_checkpoint and src.exists() and not (Path(r.output_dir) / LORA_FILE).exists():
+            copy_final_lora(r.final_checkpoint, r.output_dir)
             copied += 1
     return copied

@@ -1,0 +1,71 @@
+"""What every command (train, tune, cache, check) shares: its arguments, reading the job, joining Ray with the job
+fitted to the cluster, and how an error is shown. Each `python -m raytune_sd3.X` is a thin shell over these."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from raytune_sd3.config import ConfigError, JobConfig, check_paths, load_job, redact
+
+log = logging.getLogger("raytune_sd3")
+
+
+def job_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every entry point shares: the job file, --data and --set."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", help="job YAML, e.g. jobs/tiny.yaml")
+    p.add_argument("--data", metavar="DIR", help="train on this folder of images instead of the job's data sets "
+                   "(captions from a .txt beside each image, else the file name)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=1e-5 (repeatable)")
+    return p
+
+
+def read_job(args: argparse.Namespace, paths: bool = True) -> JobConfig:
+    """The job of the command line, validated, its paths checked (`paths`); raises ConfigError."""
+    cfg = load_job(args.job, args.overrides, data_dir=args.data)
+    if paths:
+        check_paths(cfg)
+    return cfg
+
+
+def connect(cfg: JobConfig, place: bool = True):
+    """Join or start Ray, then fit the job to the cluster (`auto` settings; with `place`, workers the cluster can
+    never hold raise PlacementError). Returns the Cluster."""
+    from raytune_sd3.driver.placement import fit_to_cluster, read_cluster, resolve_auto
+    from raytune_sd3.driver.runtime import init_ray
+
+    init_ray(cfg)
+    if place:
+        return fit_to_cluster(cfg)
+    cluster = read_cluster(cfg)
+    resolve_auto(cfg, cluster)
+    return cluster
+
+
+def run(main: Callable[[], int]) -> int:
+    """Run a command's body: a ConfigError (a job that cannot run) is one message and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def report_failure(error: BaseException, out: Path, what: str = "training") -> int:
+    """The error's first lines on screen, the whole of it in output_dir/error.log (secrets stripped); returns 1."""
+    text = redact("".join(traceback.format_exception(error)))
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "error.log"
+    log_file.write_text(text)
+    lines = [ln for ln in redact(str(error)).splitlines() if ln.strip()]
+    print(f"error: {what} failed: " + "\n  ".join(lines[:6]) + ("\n  ..." if len(lines) > 6 else ""),
+          file=sys.stderr)
+    print(f"the whole error: {log_file}", file=sys.stderr)
+    return 1

@@ -1,0 +1,95 @@
+"""Rerunning a job continues its run (Ray Train resumes from the last checkpoint), and only with the settings it
+had: a rerun with other settings in the same output_dir is refused with the differing keys; --restart starts over.
+A Tune study in an output_dir is resumed (same job), restarted or reported, never mixed with another.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from raytune_sd3.config import ConfigError, JobConfig, dump_job
+
+# Keys that may change between a run and its resumption; any other change means a different run.
+RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "eval_every",
+                     "max_nonfinite_steps", "divergence_factor", "grad_norm_limit"}
+SETTINGS_FILE = "raytune_sd3_settings.json"
+
+
+def run_dir(cfg: JobConfig) -> Path:
+    """Where Ray Train keeps this run's checkpoints (and a Tune study its state)."""
+    return Path(cfg.output_dir) / "ray" / cfg.run_name
+
+
+def run_settings(cfg: JobConfig) -> dict:
+    """The settings that define a run's trajectory (what a resumed run must share with the one it continues)."""
+    d = cfg.model_dump(mode="json", include={"model", "text", "data", "flow", "lora", "train"})
+    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
+    for k in ("encode_batch_size", "encode_actors"):
+        d["data"].pop(k)
+    return d
+
+
+def guard_resume(cfg: JobConfig, restart: bool) -> None:
+    """Refuse to silently continue an earlier run in output_dir that had other settings; --restart starts over."""
+    folder = run_dir(cfg)
+    if restart and folder.exists():
+        shutil.rmtree(folder)
+    settings = run_settings(cfg)
+    path = folder / SETTINGS_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, vals in settings.items()
+                 for k, v in vals.items() if old.get(sec, {}).get(k) != v]
+        if diffs:
+            raise ConfigError(
+                f"{folder} holds a run with other settings, which this job would resume:\n  " + "\n  ".join(diffs)
+                + "\nUse another output_dir or name for a new run, or pass --restart to discard the old one.")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
+STUDY_REPORT_FILES = ("trials.csv", "trials.md", "eval_loss.png", "stability.png", "best.yaml")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def guard_study(cfg: JobConfig, resume: bool, restart: bool, report_only: bool) -> None:
+    """Refuse to mix two studies in one output_dir: an existing one is resumed (same job), restarted or reported."""
+    from ray import tune
+
+    out, path = Path(cfg.output_dir), run_dir(cfg)
+    exists = tune.Tuner.can_restore(path)
+    if report_only:
+        if not exists:
+            raise ConfigError(f"{path}: no study to report on")
+        return
+    if restart:
+        for p in (path, out / "trials"):
+            shutil.rmtree(p, ignore_errors=True)
+        for name in STUDY_REPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        return
+    if exists and not resume:
+        raise ConfigError(f"{out} already holds a study ({path}). Pass --resume to continue it, --restart to "
+                          "discard it, or use another output_dir.")
+    saved = out / "job.yaml"
+    if exists and saved.exists():
+        old, new = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(dump_job(cfg)))
+        # Keys in one dump only are fields a code update added or removed, not a change of this study.
+        diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+                 if old[k] != new[k] and not k.startswith("ray.")]
+        if diffs:
+            raise ConfigError(f"--resume: the study in {out} ran with other settings:\n  " + "\n  ".join(diffs)
+                              + "\nResume with the same job, or pass --restart to start over.")

@@ -1,0 +1,111 @@
+"""Training a job: its TorchTrainer (which Tune trials build too), the whole `python -m raytune_sd3.train` run, and
+the final LoRA copied out of the last checkpoint.
+
+    job -> Ray, fitted to the cluster -> resume guard -> job.yaml -> cache (Ray Data) -> TorchTrainer.fit()
+        -> exit status: 0 with output_dir/pytorch_lora_weights.safetensors, 3 diverged, 1 failed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from raytune_sd3.config import JobConfig, dump_job
+from raytune_sd3.driver.resume import guard_resume
+from raytune_sd3.models.lora import LORA_FILE
+
+log = logging.getLogger("raytune_sd3")
+
+
+def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: list | None = None,
+                  storage_path: str | None = None):
+    """The TorchTrainer for this job (Tune trials build theirs here too, with TuneReportCallback)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytune_sd3.driver.backend import WorkerTorchConfig
+    from raytune_sd3.driver.faults import StopOnRepeatedError
+    from raytune_sd3.driver.placement import ensure_resolved
+    from raytune_sd3.train.loop import train_loop_per_worker
+
+    ensure_resolved(cfg)
+    t = cfg.train
+    storage = storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+    # Checkpoints on a local storage path are also looked up by the workers directly (train/state.py).
+    run_dir = None if "://" in storage else str(Path(storage) / cfg.run_name)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained,
+                           "run_dir": run_dir},
+        torch_config=WorkerTorchConfig(),
+        scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
+                                     use_gpu=bool(t.use_gpu), resources_per_worker={"CPU": t.cpus_per_worker},
+                                     placement_strategy=t.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=[StopOnRepeatedError(), *(callbacks or [])],
+        ),
+    )
+
+
+def copy_final_lora(checkpoint_dir: Path | str, output_dir: Path | str) -> Path:
+    """Copy a checkpoint's LoRA file into output_dir (atomically: a reader never sees half a file)."""
+    dest = Path(output_dir) / LORA_FILE
+    tmp = dest.with_name(f".{LORA_FILE}.tmp")
+    shutil.copyfile(Path(checkpoint_dir) / LORA_FILE, tmp)
+    tmp.replace(dest)
+    return dest
+
+
+def last_metrics(out: Path) -> dict:
+    """The last line of output_dir/metrics.jsonl ({} before the first)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def train_job(cfg: JobConfig, restart: bool = False) -> int:
+    """The whole training command on a validated job; returns the exit status."""
+    from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.cli import connect, report_failure
+    from raytune_sd3.driver.placement import WaitReporter
+    from raytune_sd3.models.loading import resolve_pretrained
+
+    t0 = time.perf_counter()
+    connect(cfg)  # `auto` settings from the cluster; workers it can never place stop the job here
+    guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.yaml").write_text(dump_job(cfg))
+    pretrained = resolve_pretrained(cfg.model.pretrained)
+    manifest, report = prepare_data(cfg, pretrained)
+    log.info("cache: %d items (%d latents encoded, %d reused; %d captions encoded, %d reused; %d skipped) in %.1fs",
+             len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
+             report.texts_reused, len(report.skipped), report.seconds)
+    try:
+        with WaitReporter(cfg):
+            result = build_trainer(cfg, manifest, pretrained).fit()
+        error = result.error
+    except Exception as e:  # noqa: BLE001 - Ray Train raises what stopped the run; the user gets it in short
+        error = e
+    if error:
+        return report_failure(error, out)
+    # Train V2's result.metrics are those of the last checkpoint, and a diverged step writes none: read the log.
+    last = last_metrics(out)
+    if last.get("diverged"):
+        print(f"error: training diverged at step {last['step']}: {last['diverged_reason']}. "
+              "Lower train.learning_rate or train.max_grad_norm (see metrics.jsonl).", file=sys.stderr)
+        return 3
+    if result.checkpoint is None:
+        return report_failure(RuntimeError("training finished without a checkpoint"), out)
+    with result.checkpoint.as_directory() as folder:
+        lora = copy_final_lora(folder, out)
+    log.info("done in %.0fs: %s", time.perf_counter() - t0, lora)
+    return 0
