@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = cli.read_job(args, paths=not args.verify)
-        return verify(cfg) if args.verify else fill(cfg)
+        return verify(cfg) if args.verify else fill(cfg, args.verbose)
 
-    return cli.run(body)
+    return cli.run(body, args.verbose)
 
 
 def verify(cfg) -> int:
@@ -67,7 +67,7 @@ def verify(cfg) -> int:
     return 1 if result["removed"] else 0
 
 
-def fill(cfg) -> int:
+def fill(cfg, verbose: bool = False) -> int:
     """Encode what the cache lacks for this job; print the summary and each skipped image."""
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.driver.cli import connect
@@ -75,7 +75,7 @@ def fill(cfg) -> int:
 
     # The same `auto` choices as training on this cluster (model.dtype is in the cache keys); placement is not
     # checked: the cache may be filled on another cluster than the one that trains.
-    connect(cfg, place=False)
+    connect(cfg, place=False, verbose=verbose)
     pretrained = resolve_pretrained(cfg.model.pretrained)
     _, report = prepare_data(cfg, pretrained, check_buckets=False)
     summary = report.summary()

@@ -76,6 +76,21 @@ def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
 
 
 @pytest.mark.slow
+def test_the_console_is_for_a_person(first_run):
+    """Our lines (auto choices, one progress line per stage, where the results are); Ray's own output, which
+    used to be most of it, in output_dir/ray.log."""
+    out, console = first_run[0] / "run1", first_run[1]
+    assert f"Ray's own output: {out / 'ray.log'}" in console
+    assert "caching images: 48/48 img" in console and "training: 40/40 step" in console
+    assert "train.num_workers auto -> 2" in console and f"LoRA: {out / 'pytorch_lora_weights.safetensors'}" in console
+    ray_chatter = ("Reporting training result", "streaming_executor", "RayTrainWorker pid=", "Execution plan")
+    assert not [c for c in ray_chatter if c in console], console[-3000:]
+    assert len(console.splitlines()) < 25, console
+    ray_log = (out / "ray.log").read_text()
+    assert "streaming_executor" in ray_log and "RayTrainWorker" in ray_log
+
+
+@pytest.mark.slow
 def test_mfu_from_the_counted_flops(first_run, tiny_sd3):
     """metrics' MFU is F_train (train/flops.py, counted on the step's batch shape) over the step time and the peak."""
     from raytune_sd3.models.loading import load_transformer

@@ -23,6 +23,7 @@ from raytune_sd3.data.discovery import Item
 from raytune_sd3.data.pixels import decode_batch, image_problem, image_size, plan_of
 from raytune_sd3.data.store import CacheStore, latent_key, text_key
 from raytune_sd3.models.loading import DTYPES
+from raytune_sd3.progress import Progress
 
 VAE_FACTOR = 8
 
@@ -248,11 +249,15 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
             todo.sort(key=lambda r: (size_of[int(r["uid"])], int(r["uid"])))
             group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width",
                                         "orig_height", "width", "height")} for r in todo]
-            out = (ray.data.from_items(group)
-                   .map_batches(decode_batch, batch_size=batch_size, **task_opts)
-                   .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute,
-                                **opts)
-                   .take_all())
+            encoded = (ray.data.from_items(group)
+                       .map_batches(decode_batch, batch_size=batch_size, **task_opts)
+                       .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute,
+                                    **opts))
+            out = []
+            with Progress("caching images", len(todo), "img") as bar:
+                for r in encoded.iter_rows():
+                    out.append(r)
+                    bar.update()
             for r in out:
                 if r["encoded"]:
                     done[int(r["uid"])] = r

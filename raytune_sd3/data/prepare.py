@@ -75,7 +75,7 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]
     manifest = out / MANIFEST
     write_manifest(manifest, report.rows, report.text_keys[""], validation, spec.cache_dir)
-    log.info("cache: %s", json.dumps(summary))
+    log.debug("cache: %s", json.dumps(summary))
     return manifest, report
 
 

@@ -23,6 +23,8 @@ def job_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
                    "(captions from a .txt beside each image, else the file name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.learning_rate=1e-5 (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (its workers, Ray Data, Ray Train) here instead of in output_dir/ray.log")
     return p
 
 
@@ -34,13 +36,21 @@ def read_job(args: argparse.Namespace, paths: bool = True) -> JobConfig:
     return cfg
 
 
-def connect(cfg: JobConfig, place: bool = True):
-    """Join or start Ray, then fit the job to the cluster (`auto` settings; with `place`, workers the cluster can
-    never hold raise PlacementError). Returns the Cluster."""
+def connect(cfg: JobConfig, place: bool = True, verbose: bool = False):
+    """Join or start Ray (its output to output_dir/ray.log unless `verbose`), then fit the job to the cluster
+    (`auto` settings; with `place`, workers the cluster can never hold raise PlacementError). Returns the Cluster."""
+    from raytune_sd3.driver import console
     from raytune_sd3.driver.placement import fit_to_cluster, read_cluster, resolve_auto
     from raytune_sd3.driver.runtime import init_ray
 
-    init_ray(cfg)
+    if verbose:
+        init_ray(cfg)
+    else:
+        path = console.ray_log_to_file(Path(cfg.output_dir))
+        init_ray(cfg, configure_logging=False)
+        console.route_worker_output(path)
+        log.info("Ray's own output: %s (--verbose shows it here)", path)
+    console.ray_progress_bars(verbose)
     if place:
         return fit_to_cluster(cfg)
     cluster = read_cluster(cfg)
@@ -48,9 +58,11 @@ def connect(cfg: JobConfig, place: bool = True):
     return cluster
 
 
-def run(main: Callable[[], int]) -> int:
+def run(main: Callable[[], int], verbose: bool = False) -> int:
     """Run a command's body: a ConfigError (a job that cannot run) is one message and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from raytune_sd3.driver.console import setup_logging
+
+    setup_logging(verbose)
     try:
         return main()
     except ConfigError as e:

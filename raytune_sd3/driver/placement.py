@@ -213,8 +213,9 @@ def free_resources() -> str:
 def fit_to_cluster(cfg: JobConfig) -> Cluster:
     """resolve_auto then check_placement against the cluster Ray is connected to; logs each `auto` choice."""
     cluster = read_cluster(cfg)
-    for note in resolve_auto(cfg, cluster):
-        log.info("%s", note)
+    notes = resolve_auto(cfg, cluster)
+    if notes:
+        log.info("on %s: %s", cluster.describe(), "; ".join(notes))
     check_placement(cfg, cluster)
     return cluster
 

@@ -27,7 +27,9 @@ def _job_env_vars() -> dict[str, str] | None:
 LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def init_ray(cfg: JobConfig) -> None:
+def init_ray(cfg: JobConfig, configure_logging: bool = True) -> None:
+    """Join the cluster (ray.address, RAY_ADDRESS, or the one a `ray job submit` job runs on), else start a local
+    Ray. configure_logging=False leaves Ray's loggers as the caller set them (driver/console.py)."""
     import ray
 
     if ray.is_initialized():
@@ -48,7 +50,8 @@ def init_ray(cfg: JobConfig) -> None:
         address = "auto"  # a job's entrypoint always runs on a cluster node (Ray normally sets RAY_ADDRESS for it)
     if address:
         # Inside `ray job submit` (or any existing cluster) resources are the cluster's: never pass num_cpus.
-        ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True)
+        ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True,
+                 configure_logging=configure_logging)
         return
     # A local Ray with more logical CPUs than cores: Ray Data, Train workers and Tune trials reserve CPUs they
     # mostly wait on; on a 2-core laptop exact accounting deadlocks them.
@@ -58,7 +61,7 @@ def init_ray(cfg: JobConfig) -> None:
     env["env_vars"] = {**{k: v for k, v in LOCAL_RAY_ENV_VARS.items() if k not in os.environ}, **env["env_vars"]}
     for attempt in range(3):
         try:
-            ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
+            ray.init(address="local", num_cpus=num_cpus, runtime_env=env, configure_logging=configure_logging)
             return
         except Exception as e:  # Ray gives its raylet a fixed 30 s to register: a busy laptop can miss that
             if "timed out during startup" not in str(e) or attempt == 2:

@@ -36,7 +36,8 @@ def report(cfg: JobConfig) -> dict:
 
 
 
-def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry_failed: bool = False) -> int:
+def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry_failed: bool = False,
+              verbose: bool = False) -> int:
     """The whole study command on a validated job; returns the exit status."""
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.data.reader import MANIFEST
@@ -46,7 +47,7 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
     from raytune_sd3.tune.study import run_study
 
     t0 = time.perf_counter()
-    connect(cfg)  # one trial's workers; `auto` resolved before the resume guard compares settings
+    connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
     guard_study(cfg, resume, restart, report_only=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
         log.info("cache: %d items (%d latents encoded, %d reused) in %.1fs", len(rep.rows), rep.latents_encoded,
                  rep.latents_reused, rep.seconds)
     with WaitReporter(cfg):
-        run_study(cfg, manifest, pretrained, resume=resume, retry_failed=retry_failed)
+        run_study(cfg, manifest, pretrained, resume=resume, retry_failed=retry_failed, verbose=verbose)
     paths = report(cfg)
     log.info("study done in %.0fs", time.perf_counter() - t0)
     return 0 if paths["best"] else 3

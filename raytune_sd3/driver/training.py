@@ -71,15 +71,16 @@ def last_metrics(out: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def train_job(cfg: JobConfig, restart: bool = False) -> int:
+def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> int:
     """The whole training command on a validated job; returns the exit status."""
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.driver.cli import connect, report_failure
+    from raytune_sd3.driver.console import TrainingProgress
     from raytune_sd3.driver.placement import WaitReporter
     from raytune_sd3.models.loading import resolve_pretrained
 
     t0 = time.perf_counter()
-    connect(cfg)  # `auto` settings from the cluster; workers it can never place stop the job here
+    connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ def train_job(cfg: JobConfig, restart: bool = False) -> int:
              len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
              report.texts_reused, len(report.skipped), report.seconds)
     try:
-        with WaitReporter(cfg):
+        with WaitReporter(cfg), TrainingProgress(out, cfg.train.max_steps):
             result = build_trainer(cfg, manifest, pretrained).fit()
         error = result.error
     except Exception as e:  # noqa: BLE001 - Ray Train raises what stopped the run; the user gets it in short
@@ -107,5 +108,7 @@ def train_job(cfg: JobConfig, restart: bool = False) -> int:
         return report_failure(RuntimeError("training finished without a checkpoint"), out)
     with result.checkpoint.as_directory() as folder:
         lora = copy_final_lora(folder, out)
-    log.info("done in %.0fs: %s", time.perf_counter() - t0, lora)
+    images = sorted((out / "validation").glob("step_*"))
+    log.info("done in %.0f s. LoRA: %s\n  metrics: %s%s", time.perf_counter() - t0, lora, out / "metrics.jsonl",
+             f"\n  validation images: {images[-1]}" if images else "")
     return 0

@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from raytune_sd3.driver.training import train_job
 
-        return train_job(cli.read_job(args), restart=args.restart)
+        return train_job(cli.read_job(args), restart=args.restart, verbose=args.verbose)
 
-    return cli.run(body)
+    return cli.run(body, args.verbose)
 
 
 if __name__ == "__main__":

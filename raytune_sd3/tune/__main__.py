@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             guard_study(cfg, resume=False, restart=False, report_only=True)
             return 0 if report(cfg)["best"] else 3
-        return study_job(cfg, resume=args.resume, restart=args.restart, retry_failed=args.retry_failed)
+        return study_job(cfg, resume=args.resume, restart=args.restart, retry_failed=args.retry_failed,
+                         verbose=args.verbose)
 
-    return cli.run(body)
+    return cli.run(body, args.verbose)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def experiment_path(cfg: JobConfig) -> Path:
 
 
 def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = False,
-              retry_failed: bool = False) -> Path:
+              retry_failed: bool = False, verbose: bool = False) -> Path:
     """Run the study (or, with resume, continue the one in experiment_path); returns experiment_path."""
     import ray
 
@@ -190,7 +190,7 @@ def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = Fa
                                         search_alg=make_search_alg(tc, base, concurrency),
                                         scheduler=make_scheduler(tc, cfg.train.max_steps),
                                         num_samples=tc.total_trials or 1),
-            run_config=tune.RunConfig(name=cfg.run_name, storage_path=str(path.parent),
+            run_config=tune.RunConfig(name=cfg.run_name, storage_path=str(path.parent), verbose=2 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
     tuner.fit()  # failed trials are results too: fit() returns them instead of raising

@@ -1,0 +1,121 @@
+"""The console is for a person: our own lines, one progress bar per stage, warnings and errors. Ray's chatter
+(its loggers, its workers' output, Ray Data's progress dumps, Ray Train's report lines) goes to
+output_dir/ray.log, named on screen; `--verbose` brings it back to the console.
+
+Our workers' lines that start with "raytune_sd3:" (a resumed run says from where) still reach the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from raytune_sd3.progress import Progress
+
+log = logging.getLogger("raytune_sd3")
+WORKER_PREFIX = "raytune_sd3:"
+RAY_LOG = "ray.log"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our log lines on stderr, short; before Ray starts."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for noisy in ("filelock", "urllib3", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def ray_log_to_file(out_dir: Path) -> Path:
+    """Before ray.init: Ray's driver-side loggers (ray, ray.data, ray.train, ray.tune ...) write to
+    out_dir/ray.log only; returns the path. Pair with init_ray(configure_logging=False) and route_worker_output."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RAY_LOG
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    import ray  # noqa: F401 - Ray and Ray Data set up their loggers' handlers on import: replace them after
+    import ray.data  # noqa: F401
+
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                  and not isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(h)
+        logger.propagate = name != "ray"
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(handler)
+    ray_logger.setLevel(logging.INFO)
+    return path
+
+
+def route_worker_output(path: Path) -> None:
+    """After ray.init: Ray's workers' output (actors, tasks, Ray Train's controller and workers) to `path`; our
+    workers' own lines (WORKER_PREFIX) to the console as well."""
+    import ray
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher  # the worker-output fan-out
+
+    sink = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
+
+    def worker_output(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        for line in data.get("lines", []):
+            sink.write(f"({who} pid={data.get('pid')}) {line}\n")
+            if line.startswith(WORKER_PREFIX):
+                print(line, file=sys.stderr, flush=True)
+
+    if ray.is_initialized():
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        global_worker_stdstream_dispatcher.add_handler("raytune_sd3", worker_output)
+
+
+def ray_progress_bars(on: bool) -> None:
+    """Ray Data's own progress bars (per operator); off by default: ours count images."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = on
+
+
+class TrainingProgress:
+    """A bar over the optimizer steps, fed by rank 0's metrics.jsonl as it grows (step, loss, lr, images/s)."""
+
+    def __init__(self, out_dir: Path, max_steps: int, desc: str = "training", poll_s: float = 0.5):
+        self.path, self.max_steps, self.desc, self.poll_s = Path(out_dir) / "metrics.jsonl", max_steps, desc, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raytune_sd3-progress", daemon=True)
+
+    def __enter__(self) -> TrainingProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _records(self) -> list[dict]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for ln in lines:
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                break  # a line being written
+        return out
+
+    def _run(self) -> None:
+        start = max((r["step"] for r in self._records()), default=0)
+        with Progress(self.desc, self.max_steps, "step", initial=start) as bar:
+            while True:
+                stopping = self._stop.wait(self.poll_s)
+                steps = [r for r in self._records() if "loss" in r]
+                if steps:
+                    last = steps[-1]
+                    bar.note(loss=f"{last['loss']:.4g}", lr=f"{last['lr']:.2g}",
+                             img_s=f"{last.get('images_per_s', 0):.3g}")
+                    bar.moveto(last["step"])
+                if stopping:
+                    return
