@@ -25,7 +25,7 @@ backward; that work is not counted (MFU counts the model's FLOPs, not an impleme
 recomputation is not counted either). The script also counts a whole step (forward + backward) with
 FlopCounterMode as a check of the formula.
 
-MFU = F_train / step time / the card's dense bf16 peak (PEAK_TFLOPS, matched on torch.cuda.get_device_name(); or
+MFU = F_train / step time / the card's dense bf16 peak (raytune_sd3/hardware.py, matched on torch.cuda.get_device_name(); or
 --peak-tflops). Baseline in the same process: a dense matmul's FLOP/s (bf16 8192^3 on a GPU, fp32 1024^3 on a CPU).
 """
 
@@ -45,7 +45,7 @@ from common import RESULTS, command, machine, machine_line, median, table, time_
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from raytune_sd3.train.flops import PEAK_TFLOPS, FlopCount, count_flops, countable_attention, peak_tflops  # noqa: F401
+from raytune_sd3.train.flops import FlopCount, count_flops, countable_attention, peak_tflops  # noqa: F401
 
 # diffusers SD3Transformer2DModel configs of stabilityai/stable-diffusion-3.5-{large,medium} (transformer/config.json)
 SD35 = {
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if it is not in PEAK_TFLOPS")
+    p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if raytune_sd3/hardware.py does not know the card")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
     p.add_argument("--layers", type=int, help="override the number of layers")

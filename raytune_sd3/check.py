@@ -20,7 +20,8 @@ import yaml
 
 from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, check_paths, load_job
 from raytune_sd3.driver.placement import Cluster, resolve_auto
-from raytune_sd3.memory import GIB, GPU_GIB, QUANT_BYTES, STRATEGIES, TransformerShape, estimate, gpu_of_node_type
+from raytune_sd3.hardware import GIB, GPU_GIB, gpu_of_node_type
+from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, estimate
 
 TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
 

@@ -32,7 +32,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GIB = 1 << 30
+from raytune_sd3.hardware import GIB
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # model.quantize (optimum-quanto): bytes per weight of the transformer blocks' linears incl. scales (int8/fp8: a
 # scale per row, ~0; int4/int2: a bf16 scale and shift per group of 128). Everything else stays in `dtype`.
@@ -70,35 +71,6 @@ KNOWN_TRANSFORMERS["stabilityai/stable-diffusion-3.5-large-turbo"] = KNOWN_TRANS
 # The 16-channel SD3 VAE (AutoencoderKL, block_out_channels 128/256/512/512, 2 layers per block, no quant convs),
 # shared by SD3 and SD3.5: its parameter count, for hub ids not cached here.
 SD3_VAE_PARAMS = 83_819_683
-
-# GPU memory in GiB as the driver reports it (nvidia-smi "total" ~ the marketing GB less ECC/reserved).
-GPU_GIB = {"H100-80GB": 79.6, "H200-141GB": 139.8, "A100-40GB": 39.4, "A100-80GB": 79.2, "A10G-24GB": 22.0,
-           "L4-24GB": 22.0, "L40S-48GB": 44.4, "V100-16GB": 15.8, "V100-32GB": 31.7}
-# Node type -> (GPU, GPUs per node): AWS instance types, GCP machine types, GKE accelerator labels.
-NODE_TYPES: dict[str, tuple[str, int]] = {
-    "p5.48xlarge": ("H100-80GB", 8), "p5e.48xlarge": ("H200-141GB", 8), "p5en.48xlarge": ("H200-141GB", 8),
-    "p4d.24xlarge": ("A100-40GB", 8), "p4de.24xlarge": ("A100-80GB", 8),
-    "p3.2xlarge": ("V100-16GB", 1), "p3.8xlarge": ("V100-16GB", 4), "p3.16xlarge": ("V100-16GB", 8),
-    "p3dn.24xlarge": ("V100-32GB", 8),
-    **{f"g5.{s}": ("A10G-24GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
-                                               ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
-    **{f"g6.{s}": ("L4-24GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
-                                             ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
-    **{f"g6e.{s}": ("L40S-48GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
-                                                ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
-    **{f"a3-highgpu-{n}g": ("H100-80GB", n) for n in (1, 2, 4, 8)},
-    "a3-megagpu-8g": ("H100-80GB", 8), "a3-edgegpu-8g": ("H100-80GB", 8), "a3-ultragpu-8g": ("H200-141GB", 8),
-    **{f"a2-highgpu-{n}g": ("A100-40GB", n) for n in (1, 2, 4, 8)},
-    "a2-megagpu-16g": ("A100-40GB", 16),
-    **{f"a2-ultragpu-{n}g": ("A100-80GB", n) for n in (1, 2, 4, 8)},
-    **{f"g2-standard-{c}": ("L4-24GB", n) for c, n in [(4, 1), (8, 1), (12, 1), (16, 1), (32, 1), (24, 2), (48, 4),
-                                                        (96, 8)]},
-    # GKE node labels (cloud.google.com/gke-accelerator); the count comes from the pod's nvidia.com/gpu limit.
-    "nvidia-h100-80gb": ("H100-80GB", 1), "nvidia-h100-mega-80gb": ("H100-80GB", 1),
-    "nvidia-h200-141gb": ("H200-141GB", 1), "nvidia-a100-80gb": ("A100-80GB", 1),
-    "nvidia-tesla-a100": ("A100-40GB", 1), "nvidia-l4": ("L4-24GB", 1), "nvidia-a10g": ("A10G-24GB", 1),
-}
-
 
 # --- the transformer's shape ------------------------------------------------------------------------------------
 
@@ -441,16 +413,6 @@ def vae_channels(pretrained: str) -> int:
     """Channels of the VAE decoder's full-resolution level (128 for the SD3 VAE)."""
     cfg = Path(pretrained).expanduser() / "vae" / "config.json"
     return json.loads(cfg.read_text())["block_out_channels"][0] if cfg.is_file() else 128
-
-
-def gpu_of_node_type(node_type: str) -> tuple[str, int]:
-    """(GPU name, GPUs per node) of an AWS instance type, GCP machine type or GKE accelerator label."""
-    if node_type in NODE_TYPES:
-        return NODE_TYPES[node_type]
-    if node_type in GPU_GIB:
-        return node_type, 1
-    raise ValueError(f"unknown node type {node_type!r}; known: {', '.join(sorted(NODE_TYPES))} "
-                     f"(or a GPU: {', '.join(GPU_GIB)})")
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import yaml
 
 from raytune_sd3.check import cluster_gpus
 from raytune_sd3.config import load_job
-from raytune_sd3.memory import NODE_TYPES
+from raytune_sd3.hardware import NODE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -20,19 +20,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense (not sparse) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; first match on the device name wins.
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("GH200", 989), ("H200", 989), ("B200", 2250),
-               ("A100", 312), ("L40S", 362), ("L4", 121)]
+from raytune_sd3.hardware import peak_tflops_of
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
-    """The card's dense bf16 peak (TFLOP/s): `override`, else from the CUDA device's name; None when unknown."""
+    """The card's dense bf16 peak (TFLOP/s): `override`, else from the CUDA device's name (hardware.py); None when
+    unknown."""
     if override:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 @dataclass

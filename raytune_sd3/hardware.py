@@ -1,0 +1,95 @@
+"""Hardware facts in one place: GPU cards (memory as the driver reports it, dense bf16 peak) and the cloud node
+types that carry them. The memory estimate (memory.py, check.py) reads the memory; MFU (train/flops.py) the peak.
+
+Peaks are dense (not sparse) bf16 tensor-core TFLOP/s with fp32 accumulation, from NVIDIA's data sheets and
+architecture whitepapers (GeForce cards run fp32 accumulation at half their fp16-accumulate rate). None where no
+bf16 peak applies (V100) or none is published for the variant (A10G).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Card:
+    """One GPU model."""
+
+    name: str
+    """Our name for it (`--gpu`, cluster files' node types resolve to it), e.g. H100-80GB."""
+    memory_gib: float | None
+    """Total memory as nvidia-smi reports it (the marketing GB less ECC/reserved); None where not catalogued."""
+    bf16_tflops: float | None
+    """Dense bf16 tensor peak (fp32 accumulate), TFLOP/s."""
+    device_match: str
+    """A part of torch.cuda.get_device_name() that identifies the card (the first card whose part matches wins)."""
+
+
+# Order matters for matching device names: "H100 PCIe" before "H100", "GH200" before "H200", "L40S"/"L40" before
+# "L4".
+CARDS = (
+    Card("H100-PCIe-80GB", 79.6, 756, "H100 PCIe"),
+    Card("H100-NVL-94GB", None, 835, "H100 NVL"),
+    Card("H100-80GB", 79.6, 989, "H100"),
+    Card("GH200", None, 989, "GH200"),
+    Card("H200-141GB", 139.8, 989, "H200"),
+    Card("B200", None, 2250, "B200"),
+    Card("A100-40GB", 39.4, 312, "A100"),
+    Card("A100-80GB", 79.2, 312, "A100"),
+    Card("L40S-48GB", 44.4, 362, "L40S"),
+    Card("L40-48GB", 44.4, 181, "L40"),
+    Card("L4-24GB", 22.0, 121, "L4"),
+    Card("A10G-24GB", 22.0, None, "A10G"),
+    Card("V100-16GB", 15.8, None, "V100"),
+    Card("V100-32GB", 31.7, None, "V100"),
+    # Consumer cards, where LoRA training on one box often happens.
+    Card("RTX-3060-12GB", 12.0, 25.6, "RTX 3060"),
+    Card("RTX-4090-24GB", 24.0, 165.2, "RTX 4090"),
+    Card("RTX-5090-32GB", 31.8, 209.5, "RTX 5090"),
+)
+
+# GiB per card name, for the cards whose memory is catalogued (what the memory preflight can check against).
+GPU_GIB = {c.name: c.memory_gib for c in CARDS if c.memory_gib is not None}
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The dense bf16 peak of the card torch names `device_name` (e.g. "NVIDIA H100 80GB HBM3"); None if unknown."""
+    return next((c.bf16_tflops for c in CARDS if c.device_match in device_name), None)
+
+
+# Node type -> (GPU, GPUs per node): AWS instance types, GCP machine types, GKE accelerator labels.
+NODE_TYPES: dict[str, tuple[str, int]] = {
+    "p5.48xlarge": ("H100-80GB", 8), "p5e.48xlarge": ("H200-141GB", 8), "p5en.48xlarge": ("H200-141GB", 8),
+    "p4d.24xlarge": ("A100-40GB", 8), "p4de.24xlarge": ("A100-80GB", 8),
+    "p3.2xlarge": ("V100-16GB", 1), "p3.8xlarge": ("V100-16GB", 4), "p3.16xlarge": ("V100-16GB", 8),
+    "p3dn.24xlarge": ("V100-32GB", 8),
+    **{f"g5.{s}": ("A10G-24GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
+                                               ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
+    **{f"g6.{s}": ("L4-24GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
+                                             ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
+    **{f"g6e.{s}": ("L40S-48GB", n) for s, n in [("xlarge", 1), ("2xlarge", 1), ("4xlarge", 1), ("8xlarge", 1),
+                                                ("16xlarge", 1), ("12xlarge", 4), ("24xlarge", 4), ("48xlarge", 8)]},
+    **{f"a3-highgpu-{n}g": ("H100-80GB", n) for n in (1, 2, 4, 8)},
+    "a3-megagpu-8g": ("H100-80GB", 8), "a3-edgegpu-8g": ("H100-80GB", 8), "a3-ultragpu-8g": ("H200-141GB", 8),
+    **{f"a2-highgpu-{n}g": ("A100-40GB", n) for n in (1, 2, 4, 8)},
+    "a2-megagpu-16g": ("A100-40GB", 16),
+    **{f"a2-ultragpu-{n}g": ("A100-80GB", n) for n in (1, 2, 4, 8)},
+    **{f"g2-standard-{c}": ("L4-24GB", n) for c, n in [(4, 1), (8, 1), (12, 1), (16, 1), (32, 1), (24, 2), (48, 4),
+                                                        (96, 8)]},
+    # GKE node labels (cloud.google.com/gke-accelerator); the count comes from the pod's nvidia.com/gpu limit.
+    "nvidia-h100-80gb": ("H100-80GB", 1), "nvidia-h100-mega-80gb": ("H100-80GB", 1),
+    "nvidia-h200-141gb": ("H200-141GB", 1), "nvidia-a100-80gb": ("A100-80GB", 1),
+    "nvidia-tesla-a100": ("A100-40GB", 1), "nvidia-l4": ("L4-24GB", 1), "nvidia-a10g": ("A10G-24GB", 1),
+}
+
+
+def gpu_of_node_type(node_type: str) -> tuple[str, int]:
+    """(GPU name, GPUs per node) of an AWS instance type, GCP machine type or GKE accelerator label."""
+    if node_type in NODE_TYPES:
+        return NODE_TYPES[node_type]
+    if node_type in GPU_GIB:
+        return node_type, 1
+    raise ValueError(f"unknown node type {node_type!r}; known: {', '.join(sorted(NODE_TYPES))} "
+                     f"(or a GPU: {', '.join(GPU_GIB)})")
