@@ -126,11 +126,6 @@ def plan(width: int, height: int, s: Sizing, seed: int) -> Plan:
         left, top = (rw - tw) // 2, (rh - th) // 2
     return Plan(downsample, (rw, rh), (left, top, left + tw, top + th), (tw, th))
 
-
-def bucket_name(width: int, height: int) -> str:
-    return f"{width}x{height}"
-
-
 def seed_from_key(key: str) -> int:
     """A per-entry seed (its random crop, the VAE's posterior sample), independent of batching and of which worker
     encodes it."""

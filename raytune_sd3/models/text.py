@@ -37,8 +37,3 @@ def encode_prompts(
     clip = torch.cat(clip_hidden, dim=-1)
     clip = F.pad(clip, (0, t5_out.shape[-1] - clip.shape[-1])).to(t5_out.dtype)
     return torch.cat([clip, t5_out], dim=-2), torch.cat(pooled, dim=-1).to(t5_out.dtype)
-
-
-def zero_uncond_like(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `zero` unconditional embedding: zeros shaped like one prompt's embeddings."""
-    return torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
