@@ -247,7 +247,8 @@ class TrainConfig(Section):
     """ddp (LoRA gradients all-reduced, base replicated); zero2 / zero3: DeepSpeed ZeRO stage 2 / 3 (zero3 also
     shards the frozen base across workers)."""
     deepspeed_config: Path | None = None
-    """A DeepSpeed JSON to use instead of the one generated from this job (batch sizes and clipping still ours)."""
+    """A DeepSpeed JSON to use instead of the one generated from this job (batch sizes, clipping and precision still
+    ours: one that enables DeepSpeed's bf16 or fp16 is refused, use mixed_precision)."""
     use_gpu: bool | None = None
     """Train on GPUs; default: when the Ray cluster has any."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
@@ -289,8 +290,8 @@ class TrainConfig(Section):
     grad_clip: Literal["norm", "value"] = "norm"
     """Clip the global gradient norm (default) or each gradient value."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """Autocast the forward pass to bf16 (LoRA weights, gradients and their all-reduce stay fp32); auto: bf16 on
-    GPUs, no on CPUs."""
+    """Autocast the forward pass (training and eval loss) to bf16; LoRA weights, gradients and their all-reduce stay
+    fp32 (unless lora.dtype says so), under DDP and DeepSpeed alike. auto: bf16 on GPUs, no on CPUs."""
     seed: int = 0
     """Seed of LoRA init, data order, sigmas and noise."""
     report_every: int = Field(25, ge=1)
@@ -654,6 +655,14 @@ def check_paths(cfg: JobConfig) -> None:
                 problems.append(f"data.datasets[{i}].metadata_file: {e}")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a file")
+    elif cfg.train.deepspeed_config is not None and cfg.train.strategy != "ddp":
+        # Its rules here, in the driver: in a worker, Ray Train would retry the error like a lost node.
+        from raytune_sd3.train.strategy import deepspeed_config
+
+        try:
+            deepspeed_config(cfg, 1 if cfg.train.num_workers == "auto" else cfg.train.max_workers)
+        except ConfigError as e:
+            problems.append(str(e))
     pretrained = cfg.model.pretrained
     if model_is_path(pretrained) and not Path(pretrained).expanduser().is_dir():
         problems.append(f"model.pretrained: {pretrained} is not a folder (a diffusers SD3 directory or a hub id)")
@@ -662,7 +671,7 @@ def check_paths(cfg: JobConfig) -> None:
     if (wandb_problem := credentials_problem(cfg)) is not None:
         problems.append(wandb_problem)
     if problems:
-        raise ConfigError("job config refers to missing paths or credentials:\n  " + "\n  ".join(problems))
+        raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 
 
 # --- writing (secrets never leave) --------------------------------------------------------------------------------

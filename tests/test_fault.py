@@ -112,4 +112,8 @@ def test_elastic_run_on_one_worker_matches_two(uninterrupted):
     assert r.returncode == 0, r.stderr[-4000:]
     elastic = _metrics(uninterrupted / "elastic" / "metrics.jsonl")
     assert {m.get("workers") for s, m in elastic.items() if s} == {1}
-    _assert_same_trajectory(elastic, _metrics(uninterrupted / "uninterrupted" / "metrics.jsonl"), rel=1e-4)
+    reference = _metrics(uninterrupted / "uninterrupted" / "metrics.jsonl")
+    _assert_same_trajectory(elastic, reference, rel=1e-4)
+    # Before training both hold the same weights: the eval loss, its forwards shared over 2 ranks or run on 1, is the
+    # same but for the order of its float64 sums.
+    assert elastic[0]["eval_loss"] == pytest.approx(reference[0]["eval_loss"], rel=1e-9)

@@ -1,4 +1,8 @@
-"""Eval loss is deterministic and comparable; validation images are written per prompt and resolution, with SLG."""
+"""Eval loss is deterministic, comparable, batched and shared over ranks; validation images are written per prompt and
+resolution, with SLG."""
+
+import contextlib
+import math
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from raytune_sd3.config import FlowConfig, LoraConfig, ValidationConfig
 from raytune_sd3.models.loading import load_scheduler, load_text_encoders, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.text import encode_prompts
-from raytune_sd3.train.validation import eval_loss, sample_images
+from raytune_sd3.train.validation import EVAL_SEED, eval_loss, eval_sums, sample_images
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,97 @@ def test_eval_loss_is_deterministic_and_ignores_the_training_shift(tiny_sd3, emb
     assert eval_loss(transformer, batch, FlowConfig(), "cpu") != a
     fewer = eval_loss(transformer, batch, FlowConfig(eval_sigmas=[0.5]), "cpu")
     assert fewer != eval_loss(transformer, batch, FlowConfig(), "cpu")
+
+
+SIGMAS = [0.1, 0.55, 0.9]  # 0.55: a bf16 timestep would be 552, not 550
+
+
+def _eval_set() -> list[dict[str, torch.Tensor]]:
+    """Two buckets (3 items at 8x8, 2 masked items at 8x12), random embeddings of the tiny model's widths."""
+    g = torch.Generator().manual_seed(0)
+
+    def bucket(n, h, w):
+        return {"latents": torch.randn(n, 16, h, w, generator=g), "prompt_embeds": torch.randn(n, 154, 96, generator=g),
+                "pooled": torch.randn(n, 80, generator=g)}
+
+    masked = bucket(2, 8, 12)
+    masked["mask"] = (torch.rand(2, 1, 8, 12, generator=g) > 0.5).float()
+    return [bucket(3, 8, 8), masked]
+
+
+def _reference(transformer, batches, autocast=contextlib.nullcontext, dtype=torch.float32) -> float:
+    """The eval loss written out: per item (noise seeded by its index) and sigma, one batch-1 forward of the diffusers
+    transformer with the timestep sigma * 1000 in fp32, and the mean masked squared error against noise - x0."""
+    losses, index = [], 0
+    for batch in batches:
+        for i in range(batch["latents"].shape[0]):
+            x0 = batch["latents"][i:i + 1]
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(EVAL_SEED + index))
+            index += 1
+            mask = batch["mask"][i:i + 1] if "mask" in batch else torch.ones(())
+            for s in SIGMAS:
+                with torch.no_grad(), autocast():
+                    v = transformer(hidden_states=((1 - s) * x0 + s * noise).to(dtype),
+                                    timestep=torch.tensor([s * 1000], dtype=torch.float32),
+                                    encoder_hidden_states=batch["prompt_embeds"][i:i + 1].to(dtype),
+                                    pooled_projections=batch["pooled"][i:i + 1].to(dtype), return_dict=False)[0]
+                losses.append(((v.float() - (noise - x0)) ** 2 * mask).mean().item())
+    return sum(losses) / len(losses)
+
+
+def _calls(transformer) -> list[tuple[int, torch.dtype, bool]]:
+    """(batch size, timestep dtype, under autocast) of every forward of `transformer` from now on."""
+    calls = []
+    transformer.register_forward_pre_hook(lambda m, args, kwargs: calls.append(
+        (kwargs["hidden_states"].shape[0], kwargs["timestep"].dtype, torch.is_autocast_enabled("cpu"))),
+        with_kwargs=True)
+    return calls
+
+
+def test_batched_eval_loss_equals_the_per_item_forwards(tiny_sd3):
+    transformer = load_transformer(tiny_sd3)
+    add_lora(transformer, LoraConfig(rank=4))
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    batches, flow = _eval_set(), FlowConfig(eval_sigmas=SIGMAS)
+    ref = _reference(transformer, batches)
+    calls = _calls(transformer)
+    # 3 pairs per forward cut across items: 9 pairs -> 3 forwards at 8x8, 6 -> 2 at 8x12.
+    assert eval_loss(transformer, batches, flow, "cpu", batch_size=3) == pytest.approx(ref, rel=1e-6)
+    assert calls == [(3, torch.float32, False)] * 5
+    assert eval_loss(transformer, batches, flow, "cpu", batch_size=100) == pytest.approx(ref, rel=1e-6)
+    unmasked = [batches[0], {k: v for k, v in batches[1].items() if k != "mask"}]
+    assert abs(eval_loss(transformer, unmasked, flow, "cpu") / ref - 1) > 1e-3  # the mask weights the error
+
+    # Shared over ranks: the forwards do not depend on the worker count, each rank runs as many (ZeRO-3's forward is
+    # a collective) and the padding is left out of the sums.
+    whole = eval_sums(transformer, batches, flow, "cpu", batch_size=3)
+    assert whole[1] == 15 and whole[0] / whole[1] == pytest.approx(ref, rel=1e-6)
+    for world in (2, 3, 4):
+        calls.clear()
+        shares = [eval_sums(transformer, batches, flow, "cpu", batch_size=3, rank=r, world=world) for r in range(world)]
+        torch.testing.assert_close(sum(shares), whole, rtol=1e-12, atol=0)
+        assert len(calls) == world * math.ceil(5 / world), (world, calls)
+
+    # Under the training autocast (bf16 rounding: the forwards of another batch size differ by ~1e-6).
+    calls.clear()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    value = eval_loss(transformer, batches, flow, "cpu", batch_size=3, autocast=bf16())
+    assert calls == [(3, torch.float32, True)] * 5
+    assert value == pytest.approx(_reference(transformer, batches, bf16), rel=2e-5)
+
+
+def test_eval_loss_of_a_bf16_base_gets_fp32_timesteps(tiny_sd3):
+    transformer = load_transformer(tiny_sd3, torch.bfloat16)
+    add_lora(transformer, LoraConfig(rank=4))
+    batches = _eval_set()
+    calls = _calls(transformer)
+    value = eval_loss(transformer, batches, FlowConfig(eval_sigmas=SIGMAS), "cpu", torch.bfloat16, batch_size=1)
+    assert {dtype for _, dtype, _ in calls} == {torch.float32}  # as training passes them
+    # bf16 timesteps would move it by ~3e-4; bf16 rounding alone (memory layout) by up to ~1e-5.
+    assert value == pytest.approx(_reference(transformer, batches, dtype=torch.bfloat16), rel=5e-5)
 
 
 def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, embeds, tmp_path):

@@ -83,15 +83,6 @@ def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int,
     return None
 
 
-def _from_rank0(value: float, world: int) -> float:
-    """Rank 0's value on every rank: eval runs on rank 0 only, and stop decisions must agree."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.broadcast(t, src=0)
-    return t.item()
-
-
 def _step_seed(seed: int, step: int, slot: int) -> int:
     """Seed of the sigmas and noise of one micro-batch; `slot` = micro * world + rank is its place in the global
     batch, so a run on fewer workers with more accumulation (elastic) draws the same noise for the same images."""
@@ -181,9 +172,10 @@ def _train(config: dict, progress: _Progress) -> None:
     reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
                            t.global_batch, cfg.data.small_buckets, t.prior_loss_weight,
                            memory_budget=int(cfg.data.memory_cache_gb * 2**30))
-    # Under ZeRO-3 a forward pass needs every rank, so every rank runs eval and sampling; otherwise rank 0 alone.
-    runs_eval = rank == 0 or strategy.sharded_params
-    eval_batch = reader.load_buckets(eval_rows) if eval_rows and runs_eval else None
+    # Every rank runs a share of the eval forwards. Sampling runs on rank 0 alone, except under ZeRO-3, where a
+    # forward pass needs every rank.
+    runs_sampling = rank == 0 or strategy.sharded_params
+    eval_batches = reader.load_buckets(eval_rows) if eval_rows else []
     log = MetricsLog(out_dir / METRICS, start_step) if rank == 0 else None
     tracker = Tracker(cfg, active=rank == 0)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
@@ -192,7 +184,7 @@ def _train(config: dict, progress: _Progress) -> None:
 
     def validate(step: int) -> None:
         nonlocal vae
-        if not runs_eval or not cfg.validation.prompts:
+        if not runs_sampling or not cfg.validation.prompts:
             return
         vae = vae or load_vae(pretrained, device, dtype, cfg.model.revision)
         embeds = [{"prompt": v["prompt"], **reader.store.read("text", v["text_key"])} for v in manifest["validation"]]
@@ -205,9 +197,9 @@ def _train(config: dict, progress: _Progress) -> None:
         tracker.log_images(folder, step, cfg.validation.prompts)
 
     def measure_eval() -> float:
-        value = (eval_loss(strategy.module, eval_batch, cfg.flow, device, dtype)
-                 if eval_batch is not None else math.nan)
-        return _from_rank0(value, world)
+        """The same value on every rank (all-reduced), so stop decisions agree."""
+        return eval_loss(strategy.module, eval_batches, cfg.flow, device, dtype, batch_size=t.batch_size, rank=rank,
+                         world=world, autocast=autocast)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         if not with_checkpoint:

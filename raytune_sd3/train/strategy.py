@@ -9,6 +9,10 @@ The loop calls the same five things whatever the strategy:
     optimizer_state() / load_optimizer_state(state)   weights_only-loadable; per rank when sharded_optimizer
 and two flags: sharded_optimizer (each rank saves its own optimizer file) and sharded_params (ZeRO-3: a forward
 pass is a collective, so eval and validation sampling must run on every rank).
+
+Precision is the same under both: LoRA weights, gradients and their reduction in fp32, the frozen base in
+model.dtype, and a bf16 autocast around the forward when train.mixed_precision is bf16 (deepspeed_config says how
+DeepSpeed is told so).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class DDPStrategy:
 
     name = "ddp"
     sharded_optimizer = False  # every rank holds the same optimizer state: rank 0 saves it, all load it
-    sharded_params = False  # every rank holds the whole model: rank 0 alone may run eval and sampling
+    sharded_params = False  # every rank holds the whole model: rank 0 alone may sample validation images
 
     def __init__(self, transformer: nn.Module, params: list[nn.Parameter], optimizer, cfg: JobConfig, world: int):
         import ray.train.torch
@@ -103,6 +107,11 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
     Batch size, accumulation, clipping and the ZeRO stage always come from the job (train.batch_size, grad_accum,
     max_grad_norm, strategy): the loop's data reader and LR schedule are built from them, so a JSON that said
     otherwise would silently train something else.
+
+    Precision comes from the job too, and is DDP's: train.mixed_precision bf16 becomes DeepSpeed's `torch_autocast`
+    (bf16 autocast around the forward) with no lower-precision modules, so LoRA weights, gradients and their
+    reduction stay fp32; the frozen base keeps model.dtype. A JSON that enables DeepSpeed's `bf16` or `fp16` is
+    refused (ConfigError): those cast the whole module, LoRA and base, to 16 bits and reduce 16-bit gradients.
     """
     t = cfg.train
     stage = {"zero2": 2, "zero3": 3}[t.strategy]
@@ -121,13 +130,23 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
             if key in ds:
                 raise ConfigError(f"{where}: {path} has an '{key}' section; remove it, the optimizer and LR "
                                   "schedule come from train.optimizer, train.learning_rate and train.lr_scheduler")
+        enabled = [k for k in ("bf16", "bfloat16", "fp16", "torch_autocast") if _enables(ds.get(k))]
+        if enabled:
+            raise ConfigError(
+                f"{where}: {path} enables {' and '.join(enabled)}; remove it: mixed precision comes from "
+                "train.mixed_precision (bf16: autocast around the forward, fp32 LoRA weights, gradients and gradient "
+                "reduction, as under DDP) and model.dtype (bf16 for a bf16 frozen base). DeepSpeed's bf16/fp16 "
+                "cast the whole model, LoRA included, to 16 bits and reduce 16-bit gradients")
         their_stage = ds.get("zero_optimization", {}).get("stage", stage)
         if their_stage != stage:
             raise ConfigError(f"{where}: {path} sets zero_optimization.stage {their_stage} but train.strategy is "
                               f"{t.strategy}; make them agree")
     else:
-        ds = {"bf16": {"enabled": t.mixed_precision == "bf16"}, "steps_per_print": 2**62,
-              "wall_clock_breakdown": False}
+        ds = {"steps_per_print": 2**62, "wall_clock_breakdown": False}
+    if t.mixed_precision == "bf16":
+        # The engine's forward turns off an autocast entered outside it unless this is set. No module on the
+        # lower-precision list: DeepSpeed would then reduce those modules' (the LoRA Linears') gradients in bf16.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     # Ours override the JSON's (see the docstring).
     ds.setdefault("zero_optimization", {})["stage"] = stage
     ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -136,6 +155,13 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
     # Our optimizers (train/optim.py) are torch optimizers that DeepSpeed does not list as tested with ZeRO.
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
+
+
+def _enables(section) -> bool:
+    """Whether a DeepSpeed precision section (`{"enabled": ...}`) is on; "auto" (HF's placeholder) counts as on."""
+    if isinstance(section, dict):
+        return section.get("enabled", False) is not False
+    return section not in (None, False)
 
 
 class DeepSpeedStrategy:
@@ -147,6 +173,13 @@ class DeepSpeedStrategy:
     boundary one. The loop already divides each micro-step's loss by grad_accum, so backward passes
     `scale_wrt_gas=False` (DeepSpeed would divide again): the gradient is the mean over micro-steps and ranks, as
     under DDP.
+
+    Precision (see deepspeed_config): as under DDP, fp32 LoRA weights, gradients and gradient reduction, bf16
+    autocast around the forward when train.mixed_precision is bf16, and the frozen base in model.dtype; DeepSpeed's
+    own bf16/fp16 modes are not used. One difference stays under ZeRO-3 with bf16: DeepSpeed's memory-efficient
+    linear (zero_optimization.memory_efficient_linear, on by default) adds the bias after the bf16 matmul where
+    torch's linear rounds once, which moves the loss by ~1e-4 and gradients by ~1e-3 (relative, tiny model); set it
+    to false in train.deepspeed_config for torch's linear and DDP's numbers.
 
     Non-finite steps: a loss that is NaN/inf is turned into NaN gradients (`loss * nan`, no host sync), and
     DeepSpeed's own overflow check (a non-finite global gradient norm) then skips the update on every rank, zeroes

@@ -6,43 +6,80 @@ trials that differ in those settings (Ray Tune) are compared on the same measure
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from raytune_sd3.config import FlowConfig, ValidationConfig
-from raytune_sd3.flow import NUM_TRAIN_TIMESTEPS, noisy_input
+from raytune_sd3.flow import NUM_TRAIN_TIMESTEPS, flow_loss, noisy_input
 
 EVAL_SEED = 20240611
 
 
 @torch.no_grad()
-def eval_loss(transformer, batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], flow: FlowConfig,
-              device, dtype=torch.float32) -> float:
-    """Mean velocity MSE over every (item, sigma) pair of `batches` (one stacked batch per bucket); noise seeded
-    by the item's index, so it is identical every call. A `mask` (masked loss) weights the error as in training."""
+def eval_sums(transformer, batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], flow: FlowConfig,
+              device, dtype: torch.dtype = torch.float32, *, batch_size: int = 4, rank: int = 0, world: int = 1,
+              autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """This rank's share of the eval loss: float64 tensor([sum of per-pair MSE, number of pairs]) on `device`.
+
+    `batches`: one stacked batch per bucket ({"latents" (B, C, H, W), "prompt_embeds" (B, L, D), "pooled" (B, P),
+    optional "mask" (B, 1, H, W)}). Its (item, sigma) pairs, item-major, are cut per bucket into forwards of at most
+    `batch_size` pairs, forward k running on rank k % world; summed over the ranks, the result does not depend on
+    `world`. Every rank runs the same number of forwards (ZeRO-3's forward is a collective): a rank short of one
+    repeats a real forward and leaves it out of its sum. `autocast` is the context the training forward runs in.
+    """
+    sigmas = torch.tensor(flow.eval_sigmas, dtype=torch.float32)
+    velocity = flow.model_copy(update={"prediction": "velocity", "weighting": "none"})
+    batches = [batches] if isinstance(batches, dict) else batches
+    forwards, first = [], 0  # (bucket, its first item's index in the eval set, [(item in bucket, sigma index)])
+    for b, batch in enumerate(batches):
+        pairs = [(i, s) for i in range(batch["latents"].shape[0]) for s in range(len(sigmas))]
+        forwards += [(b, first, pairs[k:k + batch_size]) for k in range(0, len(pairs), batch_size)]
+        first += batch["latents"].shape[0]
+    mine = forwards[rank::world]
+    per_rank = -(-len(forwards) // world)
+    padding = [forwards[0]] * (per_rank - len(mine))
+
     was_training = transformer.training
     transformer.eval()
-    total, count, index = 0.0, 0, 0
-    for batch in [batches] if isinstance(batches, dict) else batches:
-        latents = batch["latents"].to(device, torch.float32)
-        for i in range(latents.shape[0]):
-            x0 = latents[i : i + 1]
-            mask = batch["mask"][i : i + 1].to(device, torch.float32) if "mask" in batch else 1.0
-            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(EVAL_SEED + index)).to(device)
-            index += 1
-            for s in flow.eval_sigmas:
-                sigma = torch.tensor([s], device=device)
-                pred = transformer(
-                    hidden_states=noisy_input(x0, noise, sigma).to(dtype),
-                    timestep=(sigma * NUM_TRAIN_TIMESTEPS).to(dtype),
-                    encoder_hidden_states=batch["prompt_embeds"][i : i + 1].to(device, dtype),
-                    pooled_projections=batch["pooled"][i : i + 1].to(device, dtype),
-                    return_dict=False,
-                )[0]
-                total += torch.mean((pred.float() - (noise - x0)) ** 2 * mask).item()
-                count += 1
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # no host sync in the loop
+    for k, (b, first, pairs) in enumerate(mine + padding):
+        batch = batches[b]
+        items = torch.tensor([i for i, _ in pairs])
+        sigma = sigmas[[s for _, s in pairs]].to(device)
+        x0 = batch["latents"][items].to(device, torch.float32)
+        # Fixed noise per item, seeded by its index in the eval set: the same every call, on every rank.
+        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(EVAL_SEED + index))
+                           for index in (first + items).tolist()]).to(device)
+        mask = batch["mask"][items].to(device, torch.float32) if "mask" in batch else None
+        with autocast or contextlib.nullcontext():
+            pred = transformer(
+                hidden_states=noisy_input(x0, noise, sigma).to(dtype),
+                timestep=sigma * NUM_TRAIN_TIMESTEPS,  # fp32, as in training (a bf16 timestep rounds 0.55 to 552)
+                encoder_hidden_states=batch["prompt_embeds"][items].to(device, dtype),
+                pooled_projections=batch["pooled"][items].to(device, dtype),
+                return_dict=False,
+            )[0]
+        if k < len(mine):
+            total += flow_loss(velocity, pred, x0, noise, sigma, mask).double().sum()
+            count += len(pairs)
     transformer.train(was_training)
+    return torch.stack([total, total.new_tensor(count)])
+
+
+def eval_loss(transformer, batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], flow: FlowConfig,
+              device, dtype: torch.dtype = torch.float32, *, batch_size: int = 4, rank: int = 0, world: int = 1,
+              autocast: contextlib.AbstractContextManager | None = None) -> float:
+    """Mean velocity MSE over every (item, sigma) pair of `batches`, the work spread over `world` ranks (every rank
+    calls it, a collective when world > 1) and the same value returned on each. Noise is seeded by the item's
+    index, so it is identical every call; a `mask` (masked loss) weights the error as in training. Arguments as
+    eval_sums; one host sync, at the end."""
+    sums = eval_sums(transformer, batches, flow, device, dtype, batch_size=batch_size, rank=rank, world=world,
+                     autocast=autocast)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    total, count = sums.tolist()
     return total / count
 
 
