@@ -134,10 +134,14 @@ def bench_overrides(workdir: Path, overrides: list[str], job: Path = TINY_JOB) -
 
 
 def bench_job(workdir: Path, overrides: list[str], job: Path = TINY_JOB):
-    """The JobConfig of `job` with bench_overrides."""
+    """The JobConfig of `job` with bench_overrides, its `auto` settings resolved on the Ray this process is connected
+    to (none yet: this machine's CPUs)."""
     from raytune_sd3.config import load_job
+    from raytune_sd3.driver.placement import ensure_resolved
 
-    return load_job(job, bench_overrides(workdir, overrides, job))
+    cfg = load_job(job, bench_overrides(workdir, overrides, job))
+    ensure_resolved(cfg)
+    return cfg
 
 
 def timed_train_loop(config: dict, with_reference: bool = False) -> None:

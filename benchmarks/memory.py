@@ -113,6 +113,7 @@ def measure(cfg, pretrained: str, stock: bool = False) -> dict[str, int]:
     peak_stock: the same step as raytune_sd3.memory's own tracker counts it."""
     import torch
 
+    from raytune_sd3.driver.placement import ensure_resolved
     from raytune_sd3.flow import flow_loss, make_flow_batch
     from raytune_sd3.memory import _PeakTensorMemory
     from raytune_sd3.models.loading import DTYPES, load_transformer
@@ -121,6 +122,7 @@ def measure(cfg, pretrained: str, stock: bool = False) -> dict[str, int]:
     from raytune_sd3.train.optim import make_optimizer
     from raytune_sd3.train.strategy import clip_gradients
 
+    ensure_resolved(cfg)  # `auto` dtypes as on this machine's CPU
     t, dtype = cfg.train, DTYPES[cfg.model.dtype]
     transformer = quantize_transformer(load_transformer(pretrained, dtype, cfg.model.revision), cfg.model.quantize)
     if t.gradient_checkpointing:

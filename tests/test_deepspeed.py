@@ -33,8 +33,13 @@ ZERO3_BF16_REL = 2e-3
 
 
 def _job(tmp: Path, *overrides: str) -> JobConfig:
-    return load_job(ROOT / "jobs" / "tiny.yaml", [
+    """The demo job with its `auto` settings resolved as on this CPU machine (2 workers, fp32)."""
+    from raytune_sd3.driver.placement import Cluster, resolve_auto
+
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", [
         f"output_dir={tmp / 'out'}", f"data.datasets.0.instance_data_dir={tmp / 'demo'}", *overrides])
+    resolve_auto(cfg, Cluster(({"CPU": 4.0},)))
+    return cfg
 
 
 # --- the generated config (no Ray) ---------------------------------------------------------------------------------
