@@ -85,7 +85,8 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
     """The CLI's main() step by step in this process (imports already done), with the workers timed inside."""
     import ray
 
-    from raytune_sd3.config import check_paths, dump_job
+    from raytune_sd3.config import dump_job
+    from raytune_sd3.driver.preflight import check_paths
     from raytune_sd3.driver.resume import guard_resume
     from raytune_sd3.models.loading import resolve_pretrained
 

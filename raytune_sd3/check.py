@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, check_paths, load_job
+from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job
+from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.placement import Cluster, resolve_auto
+from raytune_sd3.driver.preflight import check_paths
 from raytune_sd3.hardware import GIB, GPU_GIB, gpu_of_node_type
 from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, estimate
 
@@ -177,7 +179,7 @@ def check_data(cfg: JobConfig, report: Report) -> int:
             else:
                 from raytune_sd3.data.buckets import size_for_aspect
 
-                w, h = size_for_aspect(1.0, ds.sizings(cfg.data.bucket_alignment)[-1])
+                w, h = size_for_aspect(1.0, sizings_of(ds, cfg.data.bucket_alignment)[-1])
                 report.ok("data", f"{ds.id}: demo, {ds.demo_images} square images generated on first use, "
                                   f"1 bucket {w}x{h}")
                 total += ds.demo_images

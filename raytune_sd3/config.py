@@ -12,9 +12,10 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 TINY_MODELS = ("tiny-sd3", "tiny-sd35")
 
@@ -121,16 +122,6 @@ class DatasetConfig(Section):
     @property
     def max_resolution(self) -> int:
         return max(self.resolutions)
-
-    def sizings(self, alignment: int) -> list:
-        """One `Sizing` per resolution: what the cache key and the resize/crop of each image depend on."""
-        from raytune_sd3.data.buckets import Sizing
-
-        style = "center" if self.crop_style == "centre" else self.crop_style
-        return [Sizing(r, self.resolution_type, self.crop, style, self.crop_aspect if self.crop else "square",
-                       tuple(self.crop_aspect_buckets or ()) if self.crop else (), self.minimum_image_size or 0,
-                       self.maximum_image_size, self.target_downsample_size, alignment)
-                for r in self.resolutions]
 
     @model_validator(mode="after")
     def _prompt_when_needed(self) -> DatasetConfig:
@@ -381,6 +372,165 @@ class TrainConfig(Section):
         return self.grad_accum * self.max_workers // world if self.elastic else self.grad_accum
 
 
+# --- the tune: section (a stability study) ---------------------------------------------------------------
+
+# Keys that may vary between trials: whole sections, minus the keys below.
+TUNABLE_PREFIXES = ("train.", "flow.", "lora.", "data.caption_dropout")
+FIXED_KEYS = {
+    "flow.eval_sigmas": "it defines the eval loss: trials would not be comparable",
+    "train.max_steps": "ASHA's budget is in steps: set it in the job",
+    "train.eval_every": "ASHA compares eval losses at these steps: set it in the job",
+    "train.max_nonfinite_steps": "the divergence rule must be the same for every trial",
+    "train.divergence_factor": "the divergence rule must be the same for every trial",
+    "train.grad_norm_limit": "the divergence rule must be the same for every trial",
+    "train.use_gpu": "a study-wide setting",
+}
+SEARCH_PACKAGES = ("optuna", "hyperopt")  # searchers that need their package installed
+WHY_NOT = ("trials share one cache and one eval set, so only train.*, flow.*, lora.* and data.caption_dropout "
+           "may vary")
+
+
+def check_key(key: str) -> str:
+    """A dotted path that exists in the job schema and may vary between trials; ValueError naming the fix."""
+    if key in FIXED_KEYS:
+        raise ValueError(f"{key} cannot vary between trials: {FIXED_KEYS[key]}")
+    if not key.startswith(TUNABLE_PREFIXES):
+        raise ValueError(f"{key} cannot vary between trials: {WHY_NOT}")
+    model: Any = JobConfig
+    for part in key.split("."):
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        if part not in fields:
+            raise ValueError(f"{key}: no such job key{did_you_mean(part, list(fields))}")
+        model = fields[part].annotation
+    return key
+
+
+class Domain(Section):
+    """One search dimension; exactly one of its fields is set."""
+
+    loguniform: tuple[float, float] | None = None
+    """[low, high]: sampled uniformly in log space (learning rates, norms); low > 0."""
+    uniform: tuple[float, float] | None = None
+    """[low, high]: sampled uniformly."""
+    choice: list[Any] | None = None
+    """Values picked at random (random/optuna/hyperopt) or all crossed (grid), e.g. [1.0, 3.0, auto]."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Domain:
+        set_ = [k for k in ("loguniform", "uniform", "choice") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"a search dimension is one of loguniform: [lo, hi], uniform: [lo, hi] or "
+                             f"choice: [...]; got {set_ or 'none'}")
+        for k in ("loguniform", "uniform"):
+            bounds = getattr(self, k)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{k}: low must be below high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0, got {self.loguniform[0]}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice: needs at least one value")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_set_field(self, handler):
+        # The dump (job.yaml) reads like the input: {choice: [...]}, not three keys, two of them null.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def contains(self, value: Any) -> bool:
+        if self.choice is not None:
+            return value in self.choice
+        lo, hi = self.loguniform or self.uniform
+        return isinstance(value, int | float) and lo <= value <= hi
+
+    def values_to_check(self) -> list[Any]:
+        """The values a trial may get at the edges of this dimension (validated against the job up front)."""
+        return list(self.choice if self.choice is not None else (self.loguniform or self.uniform))
+
+
+class SchedulerConfig(Section):
+    type: Literal["asha", "none"] = "asha"
+    """`asha`: stop the worse trials early at rungs grace_period, x reduction_factor, ...; `none`: run all to max_steps."""
+    grace_period: int = Field(10, ge=1)
+    """Steps every trial trains before ASHA may stop it (at least train.eval_every)."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA keeps about 1/reduction_factor of the trials at each rung."""
+
+
+class TuneConfig(Section):
+    num_trials: int | None = Field(None, ge=1)
+    """Trials sampled from `space` after the explicit `trials` (random/optuna/hyperopt); unset for grid."""
+    metric: Literal["eval_loss"] = "eval_loss"
+    """What ASHA and the searcher minimise: the eval loss (fixed sigmas and noise on held-out items)."""
+    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    """`random` samples `space`; `grid` crosses its choice lists; optuna/hyperopt when installed (pip install ...)."""
+    seed: int | None = 0
+    """Seed of the searcher (the same study samples the same trials); null: a different draw each time."""
+    space: dict[str, Domain] = Field(default_factory=dict)
+    """Dotted job key -> search dimension, e.g. train.learning_rate: {loguniform: [5.0e-6, 1.0e-4]}."""
+    trials: list[dict[str, Any]] = Field(default_factory=list)
+    """Explicit trials run first, each a dict of dotted job key -> value; keys a trial does not set keep the job's
+    value (not sampled)."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    """Early stopping of trials on the eval loss."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials at once; default: the cluster's GPUs (CPUs on a CPU cluster) / the workers of one trial."""
+
+    @field_validator("space")
+    @classmethod
+    def _space_keys(cls, v: dict[str, Domain]) -> dict[str, Domain]:
+        for key in v:
+            check_key(key)
+        return v
+
+    @field_validator("trials")
+    @classmethod
+    def _trial_keys(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for point in v:
+            if not point:
+                raise ValueError("an explicit trial needs at least one key, e.g. {train.learning_rate: 1.0e-4}")
+            for key in point:
+                check_key(key)
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TuneConfig:
+        if self.search == "grid":
+            continuous = [k for k, d in self.space.items() if d.choice is None]
+            if continuous:
+                raise ValueError(f"search: grid crosses choice lists; {', '.join(continuous)} is a range "
+                                 "(use choice: [...] or search: random)")
+            if self.num_trials is not None or self.trials:
+                raise ValueError("search: grid runs every combination of `space` once: leave num_trials and "
+                                 "trials unset (or use search: random)")
+            if not self.space:
+                raise ValueError("search: grid needs a `space`")
+        else:
+            if self.space and self.num_trials is None:
+                raise ValueError("num_trials: how many trials to sample from `space` (e.g. 8)")
+            if self.num_trials and not self.space:
+                raise ValueError("num_trials samples from `space`, which is empty (list explicit `trials` instead)")
+            if not self.space and not self.trials:
+                raise ValueError("a study needs a `space` (with num_trials) or a list of `trials`")
+        if self.search in ("optuna", "hyperopt"):
+            extra = sorted({k for point in self.trials for k in point} - set(self.space))
+            if extra:
+                raise ValueError(f"search: {self.search} takes explicit trials only over keys of `space`; "
+                                 f"{', '.join(extra)} is not in it")
+        return self
+
+    @property
+    def total_trials(self) -> int | None:
+        """Trials in the study (None for grid: the number of combinations)."""
+        return None if self.search == "grid" else len(self.trials) + (self.num_trials or 0)
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key that may differ between trials, space keys first."""
+        keys = list(self.space)
+        keys += [k for point in self.trials for k in point if k not in keys]
+        return list(dict.fromkeys(keys))
+
+
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list)
     """Prompts sampled with the trained LoRA; empty disables validation images."""
@@ -457,17 +607,8 @@ class JobConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
-    tune: dict[str, Any] | None = None
-    """Ray Tune study settings (search space, scheduler); validated by raytune_sd3.tune.config.TuneConfig."""
-
-    @field_validator("tune")
-    @classmethod
-    def _tune(cls, v: dict | None) -> dict | None:
-        if v is not None:
-            from raytune_sd3.tune.config import TuneConfig  # its own module: Tune is an optional layer
-
-            return TuneConfig.model_validate(v).model_dump(mode="json")
-        return v
+    tune: TuneConfig | None = None
+    """A Ray Tune stability study (search space, scheduler): python -m raytune_sd3.tune."""
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
@@ -495,6 +636,12 @@ class JobConfig(Section):
         return self.data.cache_dir or str(Path(self.output_dir) / "cache")
 
 
+def is_uri(location: str) -> bool:
+    """True for `scheme://...` other than file://, which is a local path (a cache or storage location)."""
+    scheme = urlsplit(str(location)).scheme
+    return len(scheme) > 1 and "://" in str(location) and scheme != "file"
+
+
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
     """`"1024x1024,1280x768"` -> [(1024, 1024), (1280, 768)] as (width, height); each side a multiple of 16."""
     sizes = []
@@ -512,28 +659,53 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
+def did_you_mean(word: str, known: list[str]) -> str:
+    """" (did you mean 'x'?)" for the closest known name, else " (known: ...)"."""
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known) or 'none, it is a value'})"
+
+
+def get_key(raw: Any, key: str) -> Any:
+    """raw[a][b] for the dotted key "a.b" (a number indexes a list); None where a section or key is missing."""
+    node = raw
+    for part in key.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """raw[a][b] = value for the dotted key "a.b": sections are created as needed, a number indexes an existing
+    list; ConfigError naming the key when the path runs into a value or past a list's end."""
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{key}: {part!r} is not an index of the {len(node)}-item list")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{key}: {'.'.join(parts[:i])} is not a section")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
+                node[part] = {}
+            node = node[part]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=c` strings (values parsed as YAML; `data.datasets.0.x` indexes a list) to a nested dict."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-5")
         key, value = item.split("=", 1)
-        node: Any = raw
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts):
-            leaf = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {key}: {part!r} is not an index of the {len(node)}-item list")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
-            if leaf:
-                node[part] = yaml.safe_load(value)
-            else:
-                if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
-                    node[part] = {}
-                node = node[part]
+        try:
+            set_key(raw, key.strip(), yaml.safe_load(value))
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
     return raw
 
 
@@ -553,8 +725,7 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
             return ""
     if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(cls.model_fields)})"
+    return did_you_mean(str(loc[-1]), list(cls.model_fields))
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -610,8 +781,6 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Relative paths are relative to where the command runs; Ray workers run elsewhere, so fix them now."""
     cfg.output_dir = cfg.output_dir.expanduser().resolve()
-    from raytune_sd3.data.remote import is_uri
-
     if cfg.data.cache_dir is not None and not is_uri(cfg.data.cache_dir):
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     for ds in cfg.data.datasets:
@@ -633,45 +802,6 @@ def model_is_path(pretrained: str) -> bool:
         return False
     return (pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
             or Path(pretrained).expanduser().is_dir())
-
-
-def check_paths(cfg: JobConfig) -> None:
-    """Checks that what must exist on disk does, before Ray starts. Demo data sets and tiny models are made later."""
-    problems = []
-    for i, ds in enumerate(cfg.data.datasets):
-        if ds.type == "local" and not ds.instance_data_dir.is_dir():
-            problems.append(
-                f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
-                "(point it at your images, or use type: demo)"
-            )
-        if ds.metadata_file is not None and not ds.metadata_file.is_file():
-            problems.append(f"data.datasets[{i}].metadata_file: {ds.metadata_file} is not a file")
-        elif ds.caption_strategy == "metadata" and ds.instance_data_dir.is_dir():
-            from raytune_sd3.data.discovery import read_metadata  # its columns, before any expensive work
-
-            try:
-                read_metadata(ds.metadata_file, ds.instance_data_dir)
-            except (ValueError, KeyError, OSError) as e:
-                problems.append(f"data.datasets[{i}].metadata_file: {e}")
-    if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
-        problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a file")
-    elif cfg.train.deepspeed_config is not None and cfg.train.strategy != "ddp":
-        # Its rules here, in the driver: in a worker, Ray Train would retry the error like a lost node.
-        from raytune_sd3.train.strategy import deepspeed_config
-
-        try:
-            deepspeed_config(cfg, 1 if cfg.train.num_workers == "auto" else cfg.train.max_workers)
-        except ConfigError as e:
-            problems.append(str(e))
-    pretrained = cfg.model.pretrained
-    if model_is_path(pretrained) and not Path(pretrained).expanduser().is_dir():
-        problems.append(f"model.pretrained: {pretrained} is not a folder (a diffusers SD3 directory or a hub id)")
-    from raytune_sd3.train.tracking import credentials_problem
-
-    if (wandb_problem := credentials_problem(cfg)) is not None:
-        problems.append(wandb_problem)
-    if problems:
-        raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 
 
 # --- writing (secrets never leave) --------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raytune_sd3.config import ConfigError, DatasetConfig, check_paths, load_job
+from raytune_sd3.config import ConfigError, DatasetConfig, load_job
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.reader import CachedBatches
+from raytune_sd3.driver.preflight import check_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytune_sd3.config import ConfigError, check_paths, dump_job, load_job, parse_resolutions, redact
+from raytune_sd3.config import ConfigError, dump_job, load_job, parse_resolutions, redact
+from raytune_sd3.driver.preflight import check_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytune_sd3.config import ConfigError, JobConfig, check_paths, load_job
+from raytune_sd3.config import ConfigError, JobConfig, load_job
+from raytune_sd3.driver.preflight import check_paths
 from raytune_sd3.train.strategy import deepspeed_config
 
 # Before Ray starts its workers: DeepSpeed compiles a shared-memory op on first use (20-30 s); keep it across runs.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytune_sd3.config import ConfigError, load_job
+from raytune_sd3.config import ConfigError, dump_job, load_job
 from raytune_sd3.tune.config import check_study, job_for_params, study_base
 from raytune_sd3.tune.report import TrialRecord, best_trial, trial_record, write_report
 
@@ -72,7 +72,10 @@ def test_bad_studies_are_refused_with_the_key_named():
 
 def test_tune_section_round_trips_through_the_dump():
     cfg = load_job(ROOT / "jobs" / "tune-sd35.yaml")
-    assert cfg.tune["space"]["train.max_grad_norm"] == {"choice": [0.1, 0.5, 1.0]}  # no null siblings
+    assert cfg.tune.space["train.max_grad_norm"].choice == [0.1, 0.5, 1.0]  # typed like every other section
+    dumped = yaml.safe_load(dump_job(cfg))["tune"]
+    assert dumped["space"]["train.max_grad_norm"] == {"choice": [0.1, 0.5, 1.0]}  # no null siblings
+    assert load_job(raw={**yaml.safe_load(dump_job(cfg))}).tune == cfg.tune
 
 
 def test_trial_job_sets_the_keys_and_shares_the_cache(tmp_path):

@@ -130,3 +130,13 @@ def seed_from_key(key: str) -> int:
     """A per-entry seed (its random crop, the VAE's posterior sample), independent of batching and of which worker
     encodes it."""
     return int(key[:15], 16)
+
+
+def sizings_of(ds, alignment: int) -> list[Sizing]:
+    """One Sizing per resolution of a data set (config.DatasetConfig): what the cache key and the resize/crop of
+    each of its images depend on."""
+    style = "center" if ds.crop_style == "centre" else ds.crop_style
+    return [Sizing(r, ds.resolution_type, ds.crop, style, ds.crop_aspect if ds.crop else "square",
+                   tuple(ds.crop_aspect_buckets or ()) if ds.crop else (), ds.minimum_image_size or 0,
+                   ds.maximum_image_size, ds.target_downsample_size, alignment)
+            for r in ds.resolutions]

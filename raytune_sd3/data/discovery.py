@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raytune_sd3.config import DatasetConfig
+from raytune_sd3.data.buckets import sizings_of
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 PATH_COLUMNS = ("file_name", "path", "image", "filename")
@@ -113,7 +114,7 @@ def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[d
     if not files:
         raise ValueError(f"data set '{ds.id}': no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
     metadata = read_metadata(ds.metadata_file, root) if ds.caption_strategy == "metadata" else {}
-    sizings = [s.to_json() for s in ds.sizings(alignment)]
+    sizings = [s.to_json() for s in sizings_of(ds, alignment)]
     items, skipped = [], []
     for p in files:
         path = str(p.resolve())

@@ -10,7 +10,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from raytune_sd3.config import ConfigError, JobConfig, check_paths, load_job, redact
+from raytune_sd3.config import ConfigError, JobConfig, load_job, redact
+from raytune_sd3.driver.preflight import check_paths
 
 log = logging.getLogger("raytune_sd3")
 
