@@ -208,7 +208,7 @@ def _inputs(step: int, micro: int, rank: int) -> dict:
 def _train_step(strategy, step: int, rank: int, grad_accum: int, nan_on_rank: int | None = None):
     for micro in range(grad_accum):
         with strategy.accumulating(sync=micro == grad_accum - 1):
-            loss = strategy.model(**_inputs(step, micro, rank))[0].pow(2).mean() / grad_accum
+            loss = strategy.wrapped(**_inputs(step, micro, rank))[0].pow(2).mean() / grad_accum
             if rank == nan_on_rank:
                 loss = loss * math.inf
             strategy.backward(loss)
@@ -239,7 +239,7 @@ def _round_trip_worker(config: dict) -> None:
 
         ga = cfg.train.grad_accum
         a = fresh()
-        dtypes = {"lora" if p.requires_grad else "base": str(p.dtype) for p in a.module.parameters()}
+        dtypes = {"lora" if p.requires_grad else "base": str(p.dtype) for p in a.transformer.parameters()}
         for step in (1, 2):
             _train_step(a, step, rank, ga)
         path = folder / f"{name}_optimizer_rank{rank}.pt"

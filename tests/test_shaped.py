@@ -21,7 +21,7 @@ from safetensors import safe_open
 from raytune_sd3.memory import KNOWN_TRANSFORMERS, TransformerShape, transformer_buffers, transformer_params
 from raytune_sd3.models import tiny
 from raytune_sd3.models.loading import (
-    load_scheduler,
+    load_sampler,
     load_text_encoders,
     load_transformer,
     load_vae,
@@ -58,7 +58,7 @@ def test_cli_dry_run_writes_the_real_sd35_medium(tmp_path):
     assert embeds[:, :77, :2048].abs().sum() > 0 and not embeds[:, :77, 2048:].any()  # CLIP-L + CLIP-G = 2048
     assert load_vae(str(out)).config.latent_channels == 16
     assert vae_scaling(str(out)) == (0.0609, 1.5305)
-    assert load_scheduler(str(out)).config.shift == 3.0
+    assert load_sampler(str(out)).config.shift == 3.0
 
     with pytest.raises(FileExistsError, match="dry run"):
         build_shaped_pipeline(out, "sd35-medium", device="cpu")

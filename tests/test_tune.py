@@ -92,7 +92,7 @@ def test_trial_job_sets_the_keys_and_shares_the_cache(tmp_path):
 def test_search_space_and_searchers():
     from ray import tune
 
-    from raytune_sd3.tune.study import make_scheduler, make_search_alg, search_space
+    from raytune_sd3.tune.study import make_asha, make_search_alg, search_space
 
     cfg = load_job(ROOT / "jobs" / "tune-sd35.yaml")
     tc = check_study(cfg)
@@ -102,7 +102,7 @@ def test_search_space_and_searchers():
     assert space["flow.shift"].categories == [1.0, 3.0, "auto"]
     searcher = make_search_alg(tc, study_base(cfg), max_concurrent=3)
     assert type(searcher).__name__ == "BasicVariantGenerator" and searcher.max_concurrent == 3
-    asha = make_scheduler(tc, cfg.train.max_steps)
+    asha = make_asha(tc, cfg.train.max_steps)
     assert asha._time_attr == "step" and asha._max_t == 600 and asha._stop_last_trials is False
 
     tiny = load_job(ROOT / "jobs" / "tune-tiny.yaml")
@@ -144,7 +144,7 @@ def test_optional_searchers_take_the_space_and_explicit_trials(search, ray_local
     pytest.importorskip(search)
     from ray import tune
 
-    from raytune_sd3.tune.study import OBJECTIVE, make_scheduler, make_search_alg, search_space
+    from raytune_sd3.tune.study import OBJECTIVE, make_asha, make_search_alg, search_space
 
     raw = yaml.safe_load((ROOT / "jobs" / "tune-sd35.yaml").read_text())
     raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
@@ -159,7 +159,7 @@ def test_optional_searchers_take_the_space_and_explicit_trials(search, ray_local
     results = tune.Tuner(
         tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
-                                    scheduler=make_scheduler(tc, 300), num_samples=tc.total_trials),
+                                    scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
         run_config=tune.RunConfig(name=search, storage_path=str(tmp_path), verbose=0)).fit()
     configs = sorted((r.config for r in results), key=lambda c: c["train.learning_rate"] != 1e-4)
     assert len(results) == 4 and not results.errors

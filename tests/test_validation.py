@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from raytune_sd3.config import FlowConfig, LoraConfig, ValidationConfig
-from raytune_sd3.models.loading import load_scheduler, load_text_encoders, load_transformer, load_vae
+from raytune_sd3.models.loading import load_sampler, load_text_encoders, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.text import encode_prompts
 from raytune_sd3.train.validation import EVAL_SEED, eval_loss, eval_sums, sample_images
@@ -133,7 +133,7 @@ def test_eval_loss_of_a_bf16_base_gets_fp32_timesteps(tiny_sd3):
 
 
 def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, embeds, tmp_path):
-    transformer, vae, sched = load_transformer(tiny_sd3), load_vae(tiny_sd3), load_scheduler(tiny_sd3)
+    transformer, vae, sched = load_transformer(tiny_sd3), load_vae(tiny_sd3), load_sampler(tiny_sd3)
     cfg = ValidationConfig(prompts=["x", "y"], resolution="64x64,96x64", steps=3, guidance=3.0, skip_layers=[1],
                            skip_layer_start=0.0, skip_layer_stop=1.0)
     paths = sample_images(transformer, vae, sched, embeds[:2], embeds[2], cfg, tmp_path / "slg", "cpu")

@@ -121,7 +121,7 @@ def load_transformer(pretrained: str, dtype: torch.dtype = torch.float32, revisi
     return model.requires_grad_(False)
 
 
-def load_scheduler(pretrained: str, revision: str | None = None):
+def load_sampler(pretrained: str, revision: str | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)

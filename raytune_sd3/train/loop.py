@@ -19,7 +19,7 @@ import torch
 from raytune_sd3.config import JobConfig
 from raytune_sd3.data.reader import CachedBatches, Prefetcher, read_manifest, split_eval
 from raytune_sd3.flow import flow_loss, make_flow_batch
-from raytune_sd3.models.loading import DTYPES, load_scheduler, load_transformer, load_vae
+from raytune_sd3.models.loading import DTYPES, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import quantize_transformer
 from raytune_sd3.train.flops import count_flops, peak_tflops
@@ -59,7 +59,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def make_scheduler(optimizer, cfg: JobConfig):
+def make_lr_schedule(optimizer, cfg: JobConfig):
+    """The learning-rate schedule of train.lr_scheduler (diffusers' get_scheduler) with warmup."""
     from diffusers.optimization import get_scheduler
 
     t = cfg.train
@@ -116,103 +117,206 @@ def _resume_point(run_dir: str | None, rank: int, world: int):
     return contextlib.nullcontext(choice[0])
 
 
-class _Progress:
-    """Where the loop is, for the error it may raise (driver/faults.py tells a bug from a lost worker by it)."""
-
-    step: int | None = None
-
-
 def train_loop_per_worker(config: dict) -> None:
-    progress = _Progress()
+    """What Ray Train runs on every worker: setup, then the steps. An error carries the step it happened at
+    (`raytune_sd3_step`, pickled with it; driver/faults.py tells a bug from a lost worker by it)."""
+    run = WorkerRun(config)
     try:
-        _train(config, progress)
+        run.setup()
+        run.train()
     except Exception as e:
-        e.raytune_sd3_step = progress.step  # pickled with the exception, read on Ray Train's controller
+        e.raytune_sd3_step = run.step
         raise
+    finally:
+        run.close()
 
 
-def _train(config: dict, progress: _Progress) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
+class WorkerRun:
+    """One worker's training run, in named steps (a recipe, as torchtune's): setup -> for each step: train_step ->
+    evaluate (at eval steps) -> validate (sample images) -> log -> report (with a checkpoint at checkpoint steps)."""
 
-    cfg = JobConfig.model_validate(config["job"])
-    pretrained, t = config["pretrained"], cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if ray.get_gpu_ids() and not torch.cuda.is_available():  # before get_device(), which asserts on it
-        raise RuntimeError(
-            f"Ray gave this worker GPU(s) {ray.get_gpu_ids()}, but torch {torch.__version__} sees no CUDA device "
-            f"(CUDA build: {torch.version.cuda or 'no'}): install a CUDA build of torch on the GPU nodes, or set "
-            "train.use_gpu: false to train on CPUs")
-    device = ray.train.torch.get_device()
-    out_dir = Path(cfg.output_dir)
-    dtype = DTYPES[cfg.model.dtype]
+    def __init__(self, config: dict):
+        import ray
+        import ray.train
+        import ray.train.torch
 
-    # --- setup: frozen base + LoRA; the strategy (DDP or DeepSpeed) reduces the LoRA's gradients
-    transformer = quantize_transformer(load_transformer(pretrained, dtype, cfg.model.revision), cfg.model.quantize)
-    if t.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    params = add_lora(transformer, cfg.lora, seed=t.seed)
-    transformer.to(device)
-    if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
-        transformer.compile()
-    optimizer = make_optimizer(params, t)
-    scheduler = make_scheduler(optimizer, cfg)
-    start_step, resumed = 0, {}
-    with _resume_point(config.get("run_dir"), rank, world) as folder:
-        if folder is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
-            start_step, resumed = load_checkpoint(Path(folder), transformer, scheduler)
-        strategy = make_strategy(transformer, params, optimizer, cfg, world)
-        if folder is not None:
-            strategy.load_optimizer_state(load_optimizer(Path(folder), rank if strategy.sharded_optimizer else 0))
+        self.config = config
+        self.cfg = cfg = JobConfig.model_validate(config["job"])
+        self.t, self.pretrained = cfg.train, config["pretrained"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if ray.get_gpu_ids() and not torch.cuda.is_available():  # before get_device(), which asserts on it
+            raise RuntimeError(
+                f"Ray gave this worker GPU(s) {ray.get_gpu_ids()}, but torch {torch.__version__} sees no CUDA device "
+                f"(CUDA build: {torch.version.cuda or 'no'}): install a CUDA build of torch on the GPU nodes, or set "
+                "train.use_gpu: false to train on CPUs")
+        self.device = ray.train.torch.get_device()
+        self.out_dir = Path(cfg.output_dir)
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.t.mixed_precision == "bf16"
+                         else contextlib.nullcontext())
+        self.step: int | None = None  # the step being trained (None during setup)
+        self.batches = self.tracker = self.vae = None
+        self.flops_of_shape: dict[tuple, int] = {}
 
-    manifest = read_manifest(config["manifest"])
-    train_rows, eval_rows = split_eval(manifest["rows"], cfg.data.eval_samples)
-    reader = CachedBatches(manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
-                           t.global_batch, cfg.data.small_buckets, t.prior_loss_weight,
-                           memory_budget=int(cfg.data.memory_cache_gb * 2**30))
-    # Every rank runs a share of the eval forwards. Sampling runs on rank 0 alone, except under ZeRO-3, where a
-    # forward pass needs every rank.
-    runs_sampling = rank == 0 or strategy.sharded_params
-    eval_batches = reader.load_buckets(eval_rows) if eval_rows else []
-    log = MetricsLog(out_dir / METRICS, start_step) if rank == 0 else None
-    tracker = Tracker(cfg, active=rank == 0)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
-                else contextlib.nullcontext())
-    vae = None
+    # --- setup ---------------------------------------------------------------------------------------------------
 
-    def validate(step: int) -> None:
-        nonlocal vae
-        if not runs_sampling or not cfg.validation.prompts:
+    def setup(self) -> None:
+        self._setup_model()
+        self._setup_data()
+
+    def _setup_model(self) -> None:
+        """Frozen base + LoRA, optimizer and LR schedule, the checkpoint to resume from, then the strategy (DDP or
+        DeepSpeed) that reduces the LoRA's gradients."""
+        cfg, t = self.cfg, self.t
+        transformer = quantize_transformer(load_transformer(self.pretrained, self.dtype, cfg.model.revision),
+                                           cfg.model.quantize)
+        if t.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        params = add_lora(transformer, cfg.lora, seed=t.seed)
+        transformer.to(self.device)
+        if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
+            transformer.compile()
+        optimizer = make_optimizer(params, t)
+        self.lr_schedule = make_lr_schedule(optimizer, cfg)
+        self.start_step, resumed = 0, {}
+        with _resume_point(self.config.get("run_dir"), self.rank, self.world) as folder:
+            if folder is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
+                self.start_step, resumed = load_checkpoint(Path(folder), transformer, self.lr_schedule)
+            self.strategy = make_strategy(transformer, params, optimizer, cfg, self.world)
+            if folder is not None:
+                shard = self.rank if self.strategy.sharded_optimizer else 0
+                self.strategy.load_optimizer_state(load_optimizer(Path(folder), shard))
+        self.initial_eval = resumed.get("initial_eval")
+        self.nonfinite = resumed.get("nonfinite", 0)
+
+    def _setup_data(self) -> None:
+        """The cache reader (this rank's micro-batches, read ahead), the eval set, metrics.jsonl and W&B."""
+        cfg, t = self.cfg, self.t
+        self.manifest = read_manifest(self.config["manifest"])
+        train_rows, eval_rows = split_eval(self.manifest["rows"], cfg.data.eval_samples)
+        self.reader = CachedBatches(self.manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
+                                    t.global_batch, cfg.data.small_buckets, t.prior_loss_weight,
+                                    memory_budget=int(cfg.data.memory_cache_gb * 2**30))
+        # Every rank runs a share of the eval forwards; sampling runs on rank 0 alone, except under ZeRO-3, where a
+        # forward pass needs every rank.
+        self.eval_batches = self.reader.load_buckets(eval_rows) if eval_rows else []
+        self.log = MetricsLog(self.out_dir / METRICS, self.start_step) if self.rank == 0 else None
+        self.tracker = Tracker(cfg, active=self.rank == 0)
+        self.accum = t.accum_for(self.world)  # elastic: more micro-steps on fewer workers, same global batch
+        steps = range(self.start_step + 1, t.max_steps + 1)
+        on_gpu = self.device.type == "cuda"  # a read-ahead thread pays on GPUs only (benchmarks/RESULTS.md)
+        self.batches = Prefetcher(self.reader, [(s - 1, m, self.accum, self.rank, self.world, t.batch_size)
+                                                for s in steps for m in range(self.accum)], pin=on_gpu,
+                                  background=on_gpu)
+        self.peak = peak_tflops(self.device, t.peak_tflops)  # MFU is logged where the card's peak is known
+
+    # --- the steps -------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        t = self.t
+        if self.eval_batches and self.start_step == 0:
+            self.step = 0
+            self.initial_eval = self.evaluate()
+            self._log({"step": 0, "eval_loss": self.initial_eval})
+        self.strategy.wrapped.train()
+        for step in range(self.start_step + 1, t.max_steps + 1):
+            self.step = step
+            metrics = self.train_step(step)
+            last = step == t.max_steps
+            if self.eval_batches and (last or (t.eval_every and step % t.eval_every == 0)):
+                metrics["eval_loss"] = self.evaluate()
+            reason = divergence_reason(metrics, self.initial_eval, self.nonfinite, self.cfg)
+            if reason:
+                metrics.update(diverged=1, diverged_reason=reason)
+            elif last or (self.cfg.validation.every_steps and step % self.cfg.validation.every_steps == 0):
+                self.validate(step)
+            self._log(metrics)
+            checkpoint = not reason and (last or step % t.checkpoint_every == 0)
+            # Decided from values equal on every rank: each report is a barrier that all ranks must reach.
+            if checkpoint or reason or "eval_loss" in metrics or step % t.report_every == 0:
+                self.report(metrics, with_checkpoint=checkpoint)
+            if reason:
+                break
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over `accum` micro-batches: flow-matching loss, backward, clip, update. Returns its
+        metrics (loss and gradient norm as every rank sees them)."""
+        cfg, t, device, world = self.cfg, self.t, self.device, self.world
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        step_flops = 0
+        for micro in range(self.accum):
+            batch = self.batches.get()
+            latents = batch["latents"].to(device, self.dtype, non_blocking=True)
+            noise_seed = _step_seed(t.seed, step, micro * world + self.rank)
+            fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(noise_seed))
+            if self.peak:
+                c0 = time.perf_counter()
+                step_flops += self._train_flops(batch, latents, fb)
+                t0 += time.perf_counter() - c0  # the counting pass is not training time
+            with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
+                pred = self._forward(self.strategy.wrapped, batch, fb)
+                mask = batch["mask"].to(device) if "mask" in batch else None
+                per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
+                loss = (per_sample * batch["loss_weight"].to(device)).mean() / self.accum
+                self.strategy.backward(loss)
+            loss_sum += loss.detach()
+        if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+        loss_value = loss_sum.item()
+        lr = self.lr_schedule.get_last_lr()[0]
+        grad_norm, stepped = self.strategy.step(math.isfinite(loss_value))
+        if not stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
+            self.nonfinite += 1
+        self.lr_schedule.step()
+        step_time = time.perf_counter() - t0
+        metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+                   "images_per_s": t.batch_size * self.accum * world / step_time,
+                   "epoch": step / self.reader.steps_per_epoch, "nonfinite_steps": self.nonfinite, "workers": world}
+        if self.peak:  # this rank's model FLOPs over its step time, against one card's peak
+            metrics.update(tflops_per_s=step_flops / step_time / 1e12,
+                           mfu=step_flops / step_time / (self.peak * 1e12))
+        return metrics
+
+    def evaluate(self) -> float:
+        """The eval loss, the same value on every rank (all-reduced), so stop decisions agree."""
+        return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
+                         batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
+
+    def validate(self, step: int) -> None:
+        """Sample the validation prompts with the LoRA into validation/step_NNNNNN (and W&B)."""
+        cfg = self.cfg
+        if not cfg.validation.prompts or not (self.rank == 0 or self.strategy.sharded_params):
             return
-        vae = vae or load_vae(pretrained, device, dtype, cfg.model.revision)
-        embeds = [{"prompt": v["prompt"], **reader.store.read("text", v["text_key"])} for v in manifest["validation"]]
-        uncond = reader.store.read("text", manifest["uncond_key"])
+        self.vae = self.vae or load_vae(self.pretrained, self.device, self.dtype, cfg.model.revision)
+        store = self.reader.store
+        embeds = [{"prompt": v["prompt"], **store.read("text", v["text_key"])} for v in self.manifest["validation"]]
+        uncond = store.read("text", self.manifest["uncond_key"])
         if cfg.text.uncond == "zero":
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
-        folder = out_dir / "validation" / f"step_{step:06d}"
-        sample_images(strategy.module, vae, load_scheduler(pretrained, cfg.model.revision), embeds,
-                      uncond, cfg.validation, folder, device, save=rank == 0)
-        tracker.log_images(folder, step, cfg.validation.prompts)
+        folder = self.out_dir / "validation" / f"step_{step:06d}"
+        sample_images(self.strategy.transformer, self.vae, load_sampler(self.pretrained, cfg.model.revision), embeds,
+                      uncond, cfg.validation, folder, self.device, save=self.rank == 0)
+        self.tracker.log_images(folder, step, cfg.validation.prompts)
 
-    def measure_eval() -> float:
-        """The same value on every rank (all-reduced), so stop decisions agree."""
-        return eval_loss(strategy.module, eval_batches, cfg.flow, device, dtype, batch_size=t.batch_size, rank=rank,
-                         world=world, autocast=autocast)
+    def report(self, metrics: dict, with_checkpoint: bool) -> None:
+        """ray.train.report, with a checkpoint when asked: rank 0's LoRA and loop state, each rank's optimizer
+        shard where sharded, and a record of every rank's files (train/state.py)."""
+        import ray.train
 
-    def report(metrics: dict, with_checkpoint: bool) -> None:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
-        lora = strategy.lora_tensors()  # a collective under ZeRO-3: every rank calls it
+        rank, world = self.rank, self.world
+        lora = self.strategy.lora_tensors()  # a collective under ZeRO-3: every rank calls it
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             if rank == 0:
-                save_checkpoint(folder, lora, cfg.lora, scheduler, metrics["step"],
-                                {"initial_eval": initial_eval, "nonfinite": nonfinite})
-            if rank == 0 or strategy.sharded_optimizer:
-                save_optimizer(folder, rank, strategy.optimizer_state())
+                save_checkpoint(folder, lora, self.cfg.lora, self.lr_schedule, metrics["step"],
+                                {"initial_eval": self.initial_eval, "nonfinite": self.nonfinite})
+            if rank == 0 or self.strategy.sharded_optimizer:
+                save_optimizer(folder, rank, self.strategy.optimizer_state())
             sizes = [file_sizes(folder)]
             if world > 1:  # rank 0's record lists every rank's files: a partly uploaded checkpoint is not complete
                 sizes = [None] * world
@@ -222,90 +326,32 @@ def _train(config: dict, progress: _Progress) -> None:
             has_files = any(folder.iterdir())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
-    initial_eval = resumed.get("initial_eval")
-    if eval_rows and start_step == 0:
-        initial_eval = measure_eval()
-        if log is not None:
-            log.write({"step": 0, "eval_loss": initial_eval})
-            tracker.log({"step": 0, "eval_loss": initial_eval})
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
-    # --- train
-    strategy.model.train()
-    accum = t.accum_for(world)  # elastic: more micro-steps on fewer workers, same global batch
-    global_batch = t.batch_size * accum * world
-    nonfinite = resumed.get("nonfinite", 0)
-    batches = Prefetcher(reader, [(s - 1, m, accum, rank, world, t.batch_size) for s in range(start_step + 1,
-                                  t.max_steps + 1) for m in range(accum)],
-                         pin=device.type == "cuda", background=device.type == "cuda")  # a thread pays on GPUs only
-    peak = peak_tflops(device, t.peak_tflops)  # MFU is logged where the card's peak is known
-    flops_of_shape: dict[tuple, int] = {}
+    # --- helpers ---------------------------------------------------------------------------------------------------
 
-    def forward(model, batch, latents, fb):
+    def _log(self, metrics: dict) -> None:
+        if self.log is not None:
+            self.log.write(metrics)
+            self.tracker.log(metrics)
+
+    def _forward(self, model, batch: dict, fb) -> torch.Tensor:
         return model(hidden_states=fb.noisy, timestep=fb.timesteps,
-                     encoder_hidden_states=batch["prompt_embeds"].to(device, dtype, non_blocking=True),
-                     pooled_projections=batch["pooled"].to(device, dtype, non_blocking=True), return_dict=False)[0]
+                     encoder_hidden_states=batch["prompt_embeds"].to(self.device, self.dtype, non_blocking=True),
+                     pooled_projections=batch["pooled"].to(self.device, self.dtype, non_blocking=True),
+                     return_dict=False)[0]
 
-    def train_flops(batch, latents, fb) -> int:
+    def _train_flops(self, batch: dict, latents: torch.Tensor, fb) -> int:
         """F_train of one micro-batch (train/flops.py), counted once per bucket shape by an extra forward pass:
         every rank reaches a new shape at the same step (one bucket per step), as ZeRO-3's gathers need."""
         shape = tuple(latents.shape)
-        if shape not in flops_of_shape:
-            with autocast:
-                flops_of_shape[shape] = count_flops(strategy.module, lambda: forward(strategy.module, batch, latents,
-                                                                                     fb), device).training()
-        return flops_of_shape[shape]
-
-    for step in range(start_step + 1, t.max_steps + 1):
-        progress.step = step
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        step_flops = 0
-        for micro in range(accum):
-            batch = batches.get()
-            latents = batch["latents"].to(device, dtype, non_blocking=True)
-            fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(_step_seed(t.seed, step, micro * world + rank)))
-            if peak:
-                c0 = time.perf_counter()
-                step_flops += train_flops(batch, latents, fb)
-                t0 += time.perf_counter() - c0  # the counting pass is not training time
-            with strategy.accumulating(sync=micro == accum - 1), autocast:
-                pred = forward(strategy.model, batch, latents, fb)
-                mask = batch["mask"].to(device) if "mask" in batch else None
-                per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
-                loss = (per_sample * batch["loss_weight"].to(device)).mean() / accum
-                strategy.backward(loss)
-            loss_sum += loss.detach()
-        if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
-            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        loss_value = loss_sum.item()
-        lr = scheduler.get_last_lr()[0]
-        grad_norm, stepped = strategy.step(math.isfinite(loss_value))
-        if not stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
-            nonfinite += 1
-        scheduler.step()
-        step_time = time.perf_counter() - t0
-        metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
-                   "images_per_s": global_batch / step_time, "epoch": step / reader.steps_per_epoch,
-                   "nonfinite_steps": nonfinite, "workers": world}
-        if peak:  # this rank's model FLOPs over its step time, against one card's peak
-            metrics.update(tflops_per_s=step_flops / step_time / 1e12, mfu=step_flops / step_time / (peak * 1e12))
-
-        last = step == t.max_steps
-        if eval_rows and (last or (t.eval_every and step % t.eval_every == 0)):
-            metrics["eval_loss"] = measure_eval()
-        reason = divergence_reason(metrics, initial_eval, nonfinite, cfg)
-        if reason:
-            metrics.update(diverged=1, diverged_reason=reason)
-        elif last or (cfg.validation.every_steps and step % cfg.validation.every_steps == 0):
-            validate(step)
-        if log is not None:
-            log.write(metrics)
-            tracker.log(metrics)
-        checkpoint = not reason and (last or step % t.checkpoint_every == 0)
-        # Decided from values equal on every rank: each report is a barrier that all ranks must reach.
-        if checkpoint or reason or "eval_loss" in metrics or step % t.report_every == 0:
-            report(metrics, with_checkpoint=checkpoint)
-        if reason:
-            break
-    batches.close()
-    tracker.finish()
+        if shape not in self.flops_of_shape:
+            module = self.strategy.transformer
+            with self.autocast:
+                self.flops_of_shape[shape] = count_flops(module, lambda: self._forward(module, batch, fb),
+                                                         self.device).training()
+        return self.flops_of_shape[shape]

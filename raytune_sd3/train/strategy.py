@@ -1,7 +1,8 @@
 """How the LoRA's gradients are reduced and the optimizer stepped across workers: DDP (default) or DeepSpeed.
 
-The loop calls the same five things whatever the strategy:
-    model(...)                     forward (the wrapped model)
+The loop calls the same things whatever the strategy:
+    wrapped(...)                   forward through the wrapper (DDP or the DeepSpeed engine); `transformer` is the
+                                   bare model inside it (eval, sampling, FLOP counting)
     accumulating(sync)             context for a micro-step (no gradient all-reduce until the last one)
     backward(loss)
     step(loss_finite) -> (norm, stepped)   clip, then step unless the loss or the gradient is not finite
@@ -66,14 +67,14 @@ class DDPStrategy:
     def __init__(self, transformer: nn.Module, params: list[nn.Parameter], optimizer, cfg: JobConfig, world: int):
         import ray.train.torch
 
-        self.module, self.params, self.optimizer, self.cfg = transformer, params, optimizer, cfg
+        self.transformer, self.params, self.optimizer, self.cfg = transformer, params, optimizer, cfg
         if world > 1:
             skip_frozen_sync(transformer)
-        self.model = ray.train.torch.prepare_model(transformer, parallel_strategy="ddp" if world > 1 else None)
+        self.wrapped = ray.train.torch.prepare_model(transformer, parallel_strategy="ddp" if world > 1 else None)
         self.world = world
 
     def accumulating(self, sync: bool):
-        return contextlib.nullcontext() if sync or self.world == 1 else self.model.no_sync()
+        return contextlib.nullcontext() if sync or self.world == 1 else self.wrapped.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -89,7 +90,7 @@ class DDPStrategy:
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.module).items()}
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
@@ -197,8 +198,8 @@ class DeepSpeedStrategy:
         self.stage = 3 if self.name == "zero3" else 2
         # Under ZeRO-3 a forward pass gathers parameters from every rank: eval and sampling must run on all ranks.
         self.sharded_params = self.stage == 3
-        self.module, self.params, self.world = transformer, params, world
-        self.model, self.optimizer, _, _ = deepspeed.initialize(
+        self.transformer, self.params, self.world = transformer, params, world
+        self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
             model=transformer, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world),
             dist_init_required=False)  # Ray Train has set up torch.distributed already
         self._last_micro = True
@@ -209,18 +210,18 @@ class DeepSpeedStrategy:
 
     def backward(self, loss: torch.Tensor) -> None:
         poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)  # see the class docstring
-        self.model.backward(loss * poison, scale_wrt_gas=False)
+        self.wrapped.backward(loss * poison, scale_wrt_gas=False)
         if not self._last_micro:
-            self.model.step()  # a no-op update that advances DeepSpeed's micro-step counter
+            self.wrapped.step()  # a no-op update that advances DeepSpeed's micro-step counter
 
     def step(self, loss_finite: bool) -> tuple[float, bool]:
-        if not self.model.is_gradient_accumulation_boundary():
+        if not self.wrapped.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's micro-step count disagrees with the loop's: accumulating(sync=True) "
                                "must mark the last micro-step of each optimizer step")
-        self.model.step()
-        norm = self.model.get_global_grad_norm()  # before clipping, over every rank's shard
+        self.wrapped.step()
+        norm = self.wrapped.get_global_grad_norm()  # before clipping, over every rank's shard
         norm = math.nan if norm is None else float(norm)
-        return norm, self.model.was_step_applied()
+        return norm, self.wrapped.was_step_applied()
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """peft's LoRA tensors from the optimizer's fp32 master weights, assembled from every rank's shard.
@@ -232,8 +233,8 @@ class DeepSpeedStrategy:
         from peft.utils import get_peft_model_state_dict
 
         full = {name: safe_get_full_fp32_param(p).detach().cpu()
-                for name, p in self.module.named_parameters() if p.requires_grad}
-        return {k: v.contiguous() for k, v in get_peft_model_state_dict(self.module, state_dict=full).items()}
+                for name, p in self.transformer.named_parameters() if p.requires_grad}
+        return {k: v.contiguous() for k, v in get_peft_model_state_dict(self.transformer, state_dict=full).items()}
 
     def optimizer_state(self) -> dict:
         """This rank's ZeRO state (base optimizer's shard + fp32 master shard), in types torch.load(weights_only=True)

@@ -78,7 +78,7 @@ def make_search_alg(tc: TuneConfig, base: dict, max_concurrent: int):
     return BasicVariantGenerator(points_to_evaluate=points, random_state=tc.seed, max_concurrent=max_concurrent)
 
 
-def make_scheduler(tc: TuneConfig, max_steps: int):
+def make_asha(tc: TuneConfig, max_steps: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if tc.scheduler.type == "none":
@@ -188,7 +188,7 @@ def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = Fa
             param_space=search_space(tc, base),
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min",
                                         search_alg=make_search_alg(tc, base, concurrency),
-                                        scheduler=make_scheduler(tc, cfg.train.max_steps),
+                                        scheduler=make_asha(tc, cfg.train.max_steps),
                                         num_samples=tc.total_trials or 1),
             run_config=tune.RunConfig(name=cfg.run_name, storage_path=str(path.parent), verbose=2 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
