@@ -75,8 +75,8 @@ def fill(cfg, verbose: bool = False) -> int:
 
     # The same `auto` choices as training on this cluster (model.dtype is in the cache keys); placement is not
     # checked: the cache may be filled on another cluster than the one that trains.
+    pretrained = resolve_pretrained(cfg.model.pretrained)  # before Ray, as in driver/training.py
     connect(cfg, place=False, verbose=verbose)
-    pretrained = resolve_pretrained(cfg.model.pretrained)
     _, report = prepare_data(cfg, pretrained, check_buckets=False)
     summary = report.summary()
     summary["images_per_s"] = round(report.latents_encoded / report.seconds, 2) if report.seconds else 0.0

@@ -47,12 +47,12 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
     from raytune_sd3.tune.study import run_study
 
     t0 = time.perf_counter()
+    pretrained = resolve_pretrained(cfg.model.pretrained)  # before Ray, as in driver/training.py
     connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
     guard_study(cfg, resume, restart, report_only=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(dump_job(cfg))
-    pretrained = resolve_pretrained(cfg.model.pretrained)
     manifest = out / MANIFEST
     if resume and manifest.exists():
         # The study's trials were compared on this cache and eval set: a resumed study keeps them as they were.

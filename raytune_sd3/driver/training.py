@@ -80,12 +80,14 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     from raytune_sd3.models.loading import resolve_pretrained
 
     t0 = time.perf_counter()
+    # Before Ray: inside `ray job submit` the entrypoint's working directory is gone after ray.init(), and the tiny
+    # builder's imports (torch._dynamo) read os.getcwd() (seen in test_cluster's two-node job).
+    pretrained = resolve_pretrained(cfg.model.pretrained)
     connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(dump_job(cfg))
-    pretrained = resolve_pretrained(cfg.model.pretrained)
     manifest, report = prepare_data(cfg, pretrained)
     log.info("cache: %d items (%d latents encoded, %d reused; %d captions encoded, %d reused; %d skipped) in %.1fs",
              len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
