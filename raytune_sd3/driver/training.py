@@ -80,8 +80,8 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     from raytune_sd3.models.loading import resolve_pretrained
 
     t0 = time.perf_counter()
-    # Before Ray: inside `ray job submit` the entrypoint's working directory is gone after ray.init(), and the tiny
-    # builder's imports (torch._dynamo) read os.getcwd() (seen in test_cluster's two-node job).
+    # Before Ray, as the CLI always did: in test_cluster's two-node `ray job submit`, os.getcwd() failed after
+    # ray.init() (the entrypoint's working directory was gone), and the tiny builder's imports read it.
     pretrained = resolve_pretrained(cfg.model.pretrained)
     connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
