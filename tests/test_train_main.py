@@ -37,3 +37,17 @@ def test_rerun_resumes_refuses_other_settings_and_restart_discards(tmp_path):
     guard_resume(other, restart=True)
     assert not (run_dir / "checkpoint_000001").exists()  # the old run is gone; the new settings are the run's
     assert json.loads((run_dir / SETTINGS_FILE).read_text())["train"]["learning_rate"] == 3e-3
+
+
+def test_run_settings_file_has_no_secret(tmp_path, monkeypatch):
+    """The settings file beside the checkpoints (and the refusal that quotes it) strip a secret of the
+    environment that a config value holds, as job.yaml does."""
+    secret = "hf_settingsSecret0123456789abcdefghij"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    tiny, out = ROOT / "jobs" / "tiny.yaml", f"output_dir={tmp_path / 'run'}"
+    guard_resume(load_job(tiny, [out, f"model.revision={secret}"]), restart=False)
+    settings = (tmp_path / "run" / "ray" / "run" / SETTINGS_FILE).read_text()
+    assert secret not in settings and json.loads(settings)["model"]["revision"] == "<redacted>"
+    with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> 'main'") as refused:
+        guard_resume(load_job(tiny, [out, "model.revision=main"]), restart=False)
+    assert secret not in str(refused.value)

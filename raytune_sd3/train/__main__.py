@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from raytune_sd3.config import ConfigError, JobConfig, check_paths, dump_job, load_job
+from raytune_sd3.config import ConfigError, JobConfig, check_paths, dump_job, load_job, redact
 from raytune_sd3.models.lora import LORA_FILE
 
 log = logging.getLogger("raytune_sd3")
@@ -94,7 +94,7 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
     run_dir = Path(cfg.output_dir) / "ray" / cfg.run_name
     if restart and run_dir.exists():
         shutil.rmtree(run_dir)
-    settings = run_settings(cfg)
+    settings = redact(run_settings(cfg))  # a file beside the checkpoints: no secret in it (or in the error below)
     path = run_dir / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text())
