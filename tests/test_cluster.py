@@ -352,7 +352,7 @@ def test_two_node_job_submit_survives_losing_a_node(tmp_path):
                "--set", "train.checkpoint_every=4", "--set", "train.eval_every=8", "--set", "train.max_failures=3",
                "--set", "validation.steps=2"]
         metrics = out / "metrics.jsonl"
-        t0, killed_at = time.monotonic(), None
+        t0, killed_at, before = time.monotonic(), None, []
         while True:
             with open(tmp_path / "submit.log", "w+") as log:
                 job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -360,7 +360,7 @@ def test_two_node_job_submit_survives_losing_a_node(tmp_path):
                     lines = metrics.read_text().splitlines() if metrics.exists() else []
                     steps = [json.loads(x)["step"] for x in lines]
                     if killed_at is None and steps and max(steps) >= KILL_AFTER:
-                        killed_at = max(steps)
+                        killed_at, before = max(steps), lines
                         _kill_node(node2, nodes[-1][1])
                     time.sleep(0.05)
                 if job.poll() is None:
@@ -380,6 +380,12 @@ def test_two_node_job_submit_survives_losing_a_node(tmp_path):
         logged = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         # every step once: the restarted workers resumed from the checkpoint and the log kept no repeated steps
         assert [r["step"] for r in logged if "loss" in r] == list(range(1, STEPS + 1))
+        # Resumed, not retrained: step k+1 starts only once the step-k checkpoint is on storage, so the newest one
+        # before the kill is at or after `saved`, and the lines up to it (step times included) are those written
+        # before the kill. A retrain from step 0 (or from an older checkpoint) would rewrite them.
+        saved = (killed_at - 1) // 4 * 4  # checkpoint_every=4
+        kept = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= saved]
+        assert saved >= 4 and kept == [x for x in before if json.loads(x)["step"] <= saved], (killed_at, before)
         assert any((out / "ray").rglob("checkpoint_*")), "checkpoints on the shared path"
         assert len(list((out / "validation").glob("step_*/*.png"))) == 2  # the 2 prompts of jobs/tiny.yaml
         workers = ray_list("actors", "class_name=RayTrainWorker")
