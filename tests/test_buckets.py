@@ -15,13 +15,14 @@ import torch
 import yaml
 from PIL import Image
 
-from raytune_sd3.config import DatasetConfig, load_job
+from raytune_sd3.config import DatasetConfig, FlowConfig, load_job
 from raytune_sd3.data.buckets import Sizing, plan, size_for_aspect
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheSpec, build_cache
 from raytune_sd3.data.pixels import decode, image_problem
 from raytune_sd3.data.reader import BucketError, CachedBatches
 from raytune_sd3.data.store import CacheStore
+from raytune_sd3.flow import flow_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -139,6 +140,36 @@ def test_each_step_is_one_bucket_and_an_epoch_sees_each_sample_once(tmp_path):
     assert [b.tolist() for b in reader.epoch_batches(0)] != [b.tolist() for b in reader.epoch_batches(1)]
     with pytest.raises(ValueError, match="global batch 4"):
         reader.micro_batch(0, 0, 1, 0, 1, 1)
+
+
+def test_regularisation_and_masked_samples_weigh_the_loss(tmp_path):
+    """The reader's batch, used as the training loop uses it ((flow_loss(..., mask) * loss_weight).mean()), against
+    the loss computed in torch from the tensors written to the cache: each sample's masked velocity MSE, times
+    train.prior_loss_weight for regularisation samples, averaged over the batch."""
+    g = torch.Generator().manual_seed(0)
+    store, rows, written = CacheStore(tmp_path), [], {}
+    store.write("text", "u", {"prompt_embeds": torch.zeros(4, 8), "pooled": torch.zeros(8)})
+    for i in range(4):  # 0, 1 instance images, 2, 3 regularisation; 0 and 2 with a mask
+        key = f"img{i}".ljust(32, "0")
+        entry = {"latents": torch.randn(16, 4, 4, generator=g)}
+        if i % 2 == 0:
+            entry["mask"] = torch.rand(1, 4, 4, generator=g)
+        store.write("latents", key, entry)
+        written[key] = (entry, 0.3 if i >= 2 else 1.0)
+        rows.append({"latent_key": key, "text_key": "u", "width": 32, "height": 32, "regularisation": i >= 2})
+    reader = CachedBatches({"cache_dir": str(tmp_path), "uncond_key": "u"}, rows, seed=0, global_batch=4,
+                           prior_loss_weight=0.3)
+    batch = reader.micro_batch(0, 0, 1, 0, 1, 4)
+    pred, noise = torch.randn(4, 16, 4, 4, generator=g), torch.randn(4, 16, 4, 4, generator=g)
+    sigmas = torch.full((4,), 0.5)
+    loss = (flow_loss(FlowConfig(), pred, batch["latents"], noise, sigmas, batch["mask"]) * batch["loss_weight"]).mean()
+
+    expected = []
+    for j, index in enumerate(reader.epoch_batches(0)[0]):
+        entry, weight = written[rows[int(index)]["latent_key"]]
+        err = (pred[j] - (noise[j] - entry["latents"])) ** 2 * entry.get("mask", torch.ones(1, 4, 4))
+        expected.append(weight * err.mean())
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
 
 
 def test_too_small_buckets_error_oversubscribe_or_drop(tmp_path):

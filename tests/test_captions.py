@@ -8,11 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from raytune_sd3.config import ConfigError, DatasetConfig, load_job
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.reader import CachedBatches
+from raytune_sd3.data.store import CacheStore
 from raytune_sd3.driver.preflight import check_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +85,39 @@ def test_reader_draws_a_caption_per_position_deterministically(tmp_path):
     other = CachedBatches({"cache_dir": str(tmp_path), "uncond_key": "u"}, rows, seed=4)
     assert drawn != [other.text_key_at(rows[0], p) for p in range(300)]
     assert reader.text_key_at({"latent_key": "l", "text_key": "only"}, 5) == "only"  # older manifests
+
+
+def _dropout_reader(tmp_path: Path, seed: int, uncond: str, rate: float = 0.25) -> CachedBatches:
+    """16 images with one caption each (embeddings of ones), and the empty caption's embeddings (twos)."""
+    store = CacheStore(tmp_path)
+    store.write("text", "cap", {"prompt_embeds": torch.ones(4, 8), "pooled": torch.ones(8)})
+    store.write("text", "u", {"prompt_embeds": torch.full((4, 8), 2.0), "pooled": torch.full((8,), 2.0)})
+    rows = []
+    for i in range(16):
+        store.write("latents", f"l{i:02d}".ljust(32, "0"), {"latents": torch.zeros(16, 2, 2)})
+        rows.append({"latent_key": f"l{i:02d}".ljust(32, "0"), "text_key": "cap", "width": 16, "height": 16})
+    return CachedBatches({"cache_dir": str(tmp_path), "uncond_key": "u"}, rows, seed=seed, caption_dropout=rate,
+                         uncond=uncond, global_batch=4, memory_budget=2**20)
+
+
+def _embeds(reader: CachedBatches, steps: int = 100) -> torch.Tensor:
+    """Each sample's prompt embedding (one value: 1 caption, 2 empty caption, 0 zeros) over `steps` steps of
+    batch 2 x 2 workers."""
+    return torch.stack([reader.micro_batch(s, 0, 1, r, 2, 2)["prompt_embeds"].flatten(1)
+                        for s in range(steps) for r in range(2)]).flatten(0, 1)
+
+
+def test_caption_dropout_draws_the_unconditional_embedding_at_its_rate(tmp_path):
+    """data.caption_dropout: that share of samples gets the unconditional embedding, the same positions for the
+    same seed (a resumed run drops the same ones); text.uncond zero gives zeros there instead of the empty
+    caption's embedding."""
+    drawn = _embeds(_dropout_reader(tmp_path, 0, "empty_string"))
+    assert set(drawn.unique().tolist()) == {1.0, 2.0} and (drawn == drawn[:, :1]).all()  # whole embeddings
+    dropped = drawn[:, 0] == 2.0
+    assert abs(dropped.float().mean().item() - 0.25) < 0.07, dropped.float().mean()  # 400 draws: sd 0.022
+    assert torch.equal(_embeds(_dropout_reader(tmp_path, 0, "empty_string"))[:, 0] == 2.0, dropped)
+    assert not torch.equal(_embeds(_dropout_reader(tmp_path, 1, "empty_string"))[:, 0] == 2.0, dropped)
+
+    zero = _embeds(_dropout_reader(tmp_path, 0, "zero"))
+    assert torch.equal(zero[:, 0] == 0.0, dropped) and (zero[~dropped] == 1.0).all()
+    assert (_embeds(_dropout_reader(tmp_path, 0, "empty_string", rate=0.0)) == 1.0).all()

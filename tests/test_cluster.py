@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -130,13 +131,63 @@ def test_launcher_yaml_shared_storage_in_one_place(name):
     assert f"-e HF_HOME={SHARED}/huggingface" in c["docker"]["run_options"]
 
 
+def _ray_starts(commands: list[str]) -> list[dict[str, str]]:
+    """The flags of each `ray start` in a list of shell commands (`--head` -> {"--head": ""})."""
+    starts = []
+    for cmd in commands:
+        for part in re.split(r";|&&|\|\|", cmd):
+            argv = shlex.split(part)
+            if argv[:2] == ["ray", "start"]:
+                starts.append(dict((a.split("=", 1) + [""])[:2] for a in argv[2:] if a.startswith("--")))
+    return starts
+
+
+def dashboard_exposure(c: dict) -> list[str]:
+    """How a launcher file lets the dashboard (the job API, which runs any code it is sent) be reached from
+    outside the cluster; [] when only the cluster's own nodes and an SSH tunnel (`ray dashboard`) reach it."""
+    problems = []
+    head, workers = _ray_starts(c["head_start_ray_commands"]), _ray_starts(c["worker_start_ray_commands"])
+    if len(head) != 1 or "--head" not in head[0]:
+        return [f"the head commands must run one `ray start --head`, got {head}"]
+    host = head[0].get("--dashboard-host", "localhost")  # Ray's default binds loopback only
+    if head[0].get("--dashboard-port", "8265") != "8265":
+        problems.append("the dashboard moved off 8265, where `ray dashboard` tunnels to")
+    if host not in ("localhost", "127.0.0.1"):  # bound on every interface: the network must keep it inside
+        if c["provider"]["type"] == "aws" and c["provider"].get("security_group", {}).get("IpPermissions"):
+            problems.append("inbound rules beyond Ray's (SSH from outside, all traffic between the cluster's nodes)")
+        nets = [t["node_config"].get("networkInterfaces") for t in c["available_node_types"].values()]
+        if c["provider"]["type"] == "gcp" and any(nets):
+            problems.append("a network other than the default one, whose firewall admits only SSH from outside")
+    for w in workers:
+        if "--head" in w or "--dashboard-host" in w or w.get("--include-dashboard") == "true":
+            problems.append(f"a worker node starts a head or a dashboard: {w}")
+    if any(re.search(r"(^|\s)(-p|--publish)[\s=]", opt) or "8265" in opt for opt in c["docker"]["run_options"]):
+        problems.append("docker publishes a port (the containers use the host's network)")
+    return problems
+
+
 @pytest.mark.parametrize("name", sorted(LAUNCHER))
 def test_launcher_yaml_keeps_the_dashboard_inside(name):
-    c = load(name)[0]
-    rules = c["provider"].get("security_group", {}).get("IpPermissions", [])
-    assert rules == [], "no extra inbound rules: Ray's defaults admit SSH only from outside"
-    assert all("--dashboard-host=0.0.0.0" not in cmd or "--head" in cmd for cmd in c["head_start_ray_commands"])
-    assert not any("8265" in opt for opt in c["docker"]["run_options"])  # no -p publishing
+    assert dashboard_exposure(load(name)[0]) == []
+
+
+def test_dashboard_check_can_fail():
+    aws, gcp = load("aws-h100.yaml")[0], load("gcp-h100.yaml")[0]
+    opened = copy.deepcopy(aws)
+    opened["provider"]["security_group"]["IpPermissions"] = [
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
+    worker_dash = copy.deepcopy(gcp)
+    worker_dash["worker_start_ray_commands"][-1] += " --dashboard-host=0.0.0.0"
+    published = copy.deepcopy(aws)
+    published["docker"]["run_options"].append("-p 8265:8265")
+    other_net = copy.deepcopy(gcp)
+    other_net["available_node_types"]["head"]["node_config"]["networkInterfaces"] = [{"network": "global/networks/open"}]
+    for broken in (opened, worker_dash, published, other_net):
+        assert len(dashboard_exposure(broken)) == 1, dashboard_exposure(broken)
+    loopback = copy.deepcopy(opened)  # a dashboard on loopback only stays inside whatever the network admits
+    loopback["head_start_ray_commands"] = [cmd.replace("--dashboard-host=0.0.0.0", "") for cmd in
+                                           loopback["head_start_ray_commands"]]
+    assert dashboard_exposure(loopback) == []
 
 
 def test_jobs_use_the_shared_mount():
@@ -301,7 +352,7 @@ def test_two_node_job_submit_survives_losing_a_node(tmp_path):
                "--set", "train.checkpoint_every=4", "--set", "train.eval_every=8", "--set", "train.max_failures=3",
                "--set", "validation.steps=2"]
         metrics = out / "metrics.jsonl"
-        t0, killed_at = time.monotonic(), None
+        t0, killed_at, before = time.monotonic(), None, []
         while True:
             with open(tmp_path / "submit.log", "w+") as log:
                 job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -309,7 +360,7 @@ def test_two_node_job_submit_survives_losing_a_node(tmp_path):
                     lines = metrics.read_text().splitlines() if metrics.exists() else []
                     steps = [json.loads(x)["step"] for x in lines]
                     if killed_at is None and steps and max(steps) >= KILL_AFTER:
-                        killed_at = max(steps)
+                        killed_at, before = max(steps), lines
                         _kill_node(node2, nodes[-1][1])
                     time.sleep(0.05)
                 if job.poll() is None:
@@ -329,6 +380,12 @@ def test_two_node_job_submit_survives_losing_a_node(tmp_path):
         logged = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         # every step once: the restarted workers resumed from the checkpoint and the log kept no repeated steps
         assert [r["step"] for r in logged if "loss" in r] == list(range(1, STEPS + 1))
+        # Resumed, not retrained: step k+1 starts only once the step-k checkpoint is on storage, so the newest one
+        # before the kill is at or after `saved`, and the lines up to it (step times included) are those written
+        # before the kill. A retrain from step 0 (or from an older checkpoint) would rewrite them.
+        saved = (killed_at - 1) // 4 * 4  # checkpoint_every=4
+        kept = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= saved]
+        assert saved >= 4 and kept == [x for x in before if json.loads(x)["step"] <= saved], (killed_at, before)
         assert any((out / "ray").rglob("checkpoint_*")), "checkpoints on the shared path"
         assert len(list((out / "validation").glob("step_*/*.png"))) == 2  # the 2 prompts of jobs/tiny.yaml
         workers = ray_list("actors", "class_name=RayTrainWorker")

@@ -91,3 +91,27 @@ def test_flow_batch_is_reproducible_and_shifted():
     raw = sample_sigmas(cfg, 3, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.sigmas, shift_sigmas(raw, 3.0))
     torch.testing.assert_close(a.timesteps, a.sigmas * 1000)
+
+
+@pytest.mark.parametrize("prediction,weighting", [("velocity", "none"), ("x0", "sigma_sqrt"), ("x0", "cosmap")])
+def test_masked_loss_equals_torch_with_diffusers_weighting(prediction, weighting):
+    """flow_loss with a latent-space mask against the loss of diffusers' SD3 LoRA script written out in torch
+    (x0: pred * -sigma + noisy vs latents, weighted by compute_loss_weighting_for_sd3), the squared error
+    multiplied by the mask before the per-sample mean (SimpleTuner's masked loss)."""
+    g = torch.Generator().manual_seed(0)
+    latents, noise, pred = (torch.randn(3, 16, 4, 4, generator=g) for _ in range(3))
+    sigmas = torch.tensor([0.2, 0.5, 0.9])
+    mask = torch.rand(3, 1, 4, 4, generator=g)  # one channel, as the cache stores it: broadcast over the 16
+    mask[0] = 1.0
+
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    model_pred, target = (pred * -s + noisy, latents) if prediction == "x0" else (pred, noise - latents)
+    weight = compute_loss_weighting_for_sd3(weighting, s)
+    expected = torch.mean((weight * mask * (model_pred - target) ** 2).reshape(3, -1), 1)
+
+    cfg = FlowConfig(prediction=prediction, weighting=weighting)
+    torch.testing.assert_close(flow_loss(cfg, pred, latents, noise, sigmas, mask), expected)
+    unmasked = torch.mean((weight * (model_pred - target) ** 2).reshape(3, -1), 1)
+    torch.testing.assert_close(flow_loss(cfg, pred, latents, noise, sigmas), unmasked)
+    assert not torch.allclose(expected[1:], unmasked[1:])  # the mask matters where it is not all ones

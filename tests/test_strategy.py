@@ -1,15 +1,21 @@
 """DDP over two real gloo processes: the frozen base is never sent between ranks (neither when DDP wraps the model
 nor at each forward), while the LoRA's parameters are broadcast once and its gradients averaged."""
 
+import copy
 import os
 import socket
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from raytune_sd3.train.strategy import skip_frozen_sync
+from raytune_sd3.config import load_job
+from raytune_sd3.train.strategy import clip_gradients, skip_frozen_sync
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Base(nn.Module):
@@ -57,3 +63,37 @@ def test_ddp_sends_the_lora_but_never_the_frozen_base():
     assert torch.equal(r0["adapter"], r1["adapter"])
     for g0, g1 in zip(r0["grads"], r1["grads"], strict=True):
         assert torch.allclose(g0, g1)
+
+
+def _twin_grads() -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Two identical small networks with the same real gradients (one backward pass each)."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    b = copy.deepcopy(a)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for net in (a, b):
+        nn.functional.mse_loss(net(x), y).backward()
+    return list(a.parameters()), list(b.parameters())
+
+
+@pytest.mark.parametrize("mode", ["value", "norm"])
+def test_clip_gradients_equals_torch(mode):
+    """train.grad_clip value clips each gradient entry at max_grad_norm (torch's clip_grad_value_), norm the global
+    norm (clip_grad_norm_); either way the logged norm is the global one before clipping."""
+    ours, ref = _twin_grads()
+    before = torch.nn.utils.get_total_norm([p.grad for p in ref])
+    threshold = 0.05
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", [f"train.grad_clip={mode}", f"train.max_grad_norm={threshold}"])
+    norm = clip_gradients(ours, cfg)
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_(ref, threshold)
+    else:
+        torch.nn.utils.clip_grad_norm_(ref, threshold)
+    torch.testing.assert_close(norm, before)
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    if mode == "value":  # the threshold cuts some entries, not all
+        grads = torch.cat([q.grad.flatten() for q in ref])
+        assert 0 < (grads.abs() == threshold).sum() < grads.numel()
+    else:
+        assert before > threshold

@@ -34,10 +34,12 @@ def run_job(tmp: Path, out: str, *overrides: str, env: dict | None = None) -> su
 def first_run(tmp_path_factory):
     """The demo job as a user runs it, with W&B in offline mode and a W&B key in the environment (which must not
     leak), and a card peak given so that the CPU run logs an MFU. Returns its tmp folder and its console output.
-    (A second run on the same cache reuses it: test_tune's run of best.yaml checks that.)"""
+    (A second run on the same cache reuses it: test_tune's run of best.yaml checks that.)
+    The key is also a config value (model.revision, which the local tiny model ignores): the environment alone
+    reaches no file of ours, the config reaches job.yaml and W&B, so this is where stripping it is tested."""
     tmp = tmp_path_factory.mktemp("e2e")
     r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
-                env={"WANDB_API_KEY": SECRET})
+                f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET})
     return tmp, r.stdout + r.stderr
 
 
@@ -160,5 +162,6 @@ def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(first_run):
     assert history[40]["validation/captions"] == [f"{p} (64x64)" for p in prompts]
     assert not any("validation/count" in history[step] for step in range(40))
 
+    assert load_job(out / "job.yaml").model.revision == "<redacted>"  # the key reached the config, and was cut
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked and SECRET not in console

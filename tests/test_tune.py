@@ -394,6 +394,33 @@ def test_best_yaml_trains(study, tmp_path):
     assert (report["latents_encoded"], report["texts_encoded"], report["latents_reused"], report["items"]) == (0, 0, 16, 16)
 
 
+@pytest.mark.slow
+def test_report_only_rewrites_the_report_and_trains_nothing(study, monkeypatch, tmp_path):
+    """`--report-only` on the finished study: the same table from Tune's saved state, no trial touched. (After
+    the tests above: it deletes the report before rewriting it.)"""
+    from raytune_sd3.tune.__main__ import REPORT_FILES, main
+
+    out = study["out"]
+    table, best = (out / "trials.csv").read_text(), load_job(out / "best.yaml")
+    winner = (out / "best.yaml").read_text().splitlines()[:2]  # trial, eval loss and settings
+    trained = {p: p.stat().st_mtime for p in (out / "trials").rglob("*") if p.is_file()}
+    for name in REPORT_FILES:
+        (out / name).unlink()
+    monkeypatch.chdir(ROOT)
+    argv = tune_cmd(out, study["tmp"], "--report-only")[3:]  # what follows `python -m raytune_sd3.tune`
+    assert main(argv) == 0
+    assert (out / "trials.csv").read_text() == table
+    # The same winner; the rest of best.yaml may differ: without Ray, `auto` settings stay auto where the study
+    # wrote them as resolved on its cluster.
+    rewritten = load_job(out / "best.yaml")
+    assert (out / "best.yaml").read_text().splitlines()[:2] == winner
+    assert (rewritten.train.learning_rate, rewritten.output_dir, rewritten.cache_dir) == (
+        best.train.learning_rate, best.output_dir, best.cache_dir)
+    assert all((out / name).is_file() for name in REPORT_FILES)
+    assert {p: p.stat().st_mtime for p in (out / "trials").rglob("*") if p.is_file()} == trained
+    assert main(tune_cmd(tmp_path / "none", study["tmp"], "--report-only")[3:]) == 2  # no study there
+
+
 def test_trials_of_a_study_are_one_wandb_group(tmp_path):
     """With wandb.project set, every trial's W&B run is in a group named after the study, named by its trial id."""
     cfg = load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path / 'lr-study'}", "wandb.project=p",

@@ -4,6 +4,7 @@ resolution, with SLG."""
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -132,10 +133,12 @@ def test_eval_loss_of_a_bf16_base_gets_fp32_timesteps(tiny_sd3):
     assert value == pytest.approx(_reference(transformer, batches, dtype=torch.bfloat16), rel=5e-5)
 
 
-def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, embeds, tmp_path):
+def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, tiny_pipe, embeds, tmp_path):
     transformer, vae, sched = load_transformer(tiny_sd3), load_vae(tiny_sd3), load_sampler(tiny_sd3)
-    cfg = ValidationConfig(prompts=["x", "y"], resolution="64x64,96x64", steps=3, guidance=3.0, skip_layers=[1],
-                           skip_layer_start=0.0, skip_layer_stop=1.0)
+    # 5 steps: SLG runs at steps i with 5*start < i < 5*stop, here 2 and 3 (the defaults 0.01 and 0.2 would give
+    # none), so every setting below changes the image
+    cfg = ValidationConfig(prompts=["x", "y"], resolution="64x64,96x64", steps=5, guidance=3.0, seed=7,
+                           skip_layers=[1], skip_layer_start=0.2, skip_layer_stop=0.8, skip_layer_scale=1.7)
     paths = sample_images(transformer, vae, sched, embeds[:2], embeds[2], cfg, tmp_path / "slg", "cpu")
     assert [p.name for p in paths] == ["00_64x64.png", "00_96x64.png", "01_64x64.png", "01_96x64.png"]
     assert Image.open(paths[1]).size == (96, 64)
@@ -144,3 +147,13 @@ def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, embeds, 
     with_slg = torch.tensor(list(Image.open(paths[0]).getdata()), dtype=torch.float32)
     without = torch.tensor(list(Image.open(plain[0]).getdata()), dtype=torch.float32)
     assert (with_slg - without).abs().max() > 0  # skip-layer guidance changes the sample
+
+    # the same images as diffusers' own pipeline called with the same embeddings, seed and SLG arguments
+    for path, (prompt, uncond), (w, h) in [(paths[0], embeds[:3:2], (64, 64)), (paths[3], embeds[1:3], (96, 64))]:
+        ref = tiny_pipe(prompt_embeds=prompt["prompt_embeds"][None], pooled_prompt_embeds=prompt["pooled"][None],
+                        negative_prompt_embeds=uncond["prompt_embeds"][None],
+                        negative_pooled_prompt_embeds=uncond["pooled"][None], width=w, height=h,
+                        num_inference_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(7),
+                        skip_guidance_layers=[1], skip_layer_guidance_scale=1.7, skip_layer_guidance_start=0.2,
+                        skip_layer_guidance_stop=0.8).images[0]
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(ref)), path.name

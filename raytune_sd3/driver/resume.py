@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from raytune_sd3.config import ConfigError, JobConfig, dump_job
+from raytune_sd3.config import ConfigError, JobConfig, dump_job, redact
 
 # Keys that may change between a run and its resumption; any other change means a different run.
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "eval_every",
@@ -38,7 +38,7 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
     folder = run_dir(cfg)
     if restart and folder.exists():
         shutil.rmtree(folder)
-    settings = run_settings(cfg)
+    settings = redact(run_settings(cfg))  # a file beside the checkpoints: no secret in it (or in the error below)
     path = folder / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text())

@@ -1,0 +1,54 @@
+"""The driver of `python -m raytune_sd3.train` at unit level: the TorchTrainer it builds (not fitted) and the guard
+that resumes, refuses or (--restart) discards an earlier run in output_dir."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytune_sd3.config import ConfigError, load_job
+from raytune_sd3.driver.resume import SETTINGS_FILE, guard_resume
+from raytune_sd3.driver.training import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_keeps_the_configured_checkpoints_and_failures(tmp_path):
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", [f"output_dir={tmp_path / 'run'}", "train.keep_checkpoints=3",
+                                                   "train.max_failures=4", "train.num_workers=2"])
+    trainer = build_trainer(cfg, tmp_path / "manifest.json", str(tmp_path / "model"))
+    run = trainer.run_config
+    assert run.checkpoint_config.num_to_keep == 3 and run.failure_config.max_failures == 4
+    assert run.name == "run" and Path(run.storage_path) == tmp_path / "run" / "ray"
+    assert trainer.scaling_config.num_workers == 2
+
+
+def test_rerun_resumes_refuses_other_settings_and_restart_discards(tmp_path):
+    tiny, out = ROOT / "jobs" / "tiny.yaml", f"output_dir={tmp_path / 'run'}"
+    run_dir = tmp_path / "run" / "ray" / "run"
+    guard_resume(load_job(tiny, [out]), restart=False)
+    (run_dir / "checkpoint_000001").mkdir()  # what the first run left
+    guard_resume(load_job(tiny, [out, "train.max_steps=80"]), restart=False)  # a longer run resumes it
+    assert (run_dir / "checkpoint_000001").is_dir()
+
+    other = load_job(tiny, [out, "train.learning_rate=3e-3"])
+    with pytest.raises(ConfigError, match=r"other settings[\s\S]*train\.learning_rate: 0\.01 -> 0\.003[\s\S]*--restart"):
+        guard_resume(other, restart=False)
+    assert (run_dir / "checkpoint_000001").is_dir()  # refused: nothing touched
+    guard_resume(other, restart=True)
+    assert not (run_dir / "checkpoint_000001").exists()  # the old run is gone; the new settings are the run's
+    assert json.loads((run_dir / SETTINGS_FILE).read_text())["train"]["learning_rate"] == 3e-3
+
+
+def test_run_settings_file_has_no_secret(tmp_path, monkeypatch):
+    """The settings file beside the checkpoints (and the refusal that quotes it) strip a secret of the
+    environment that a config value holds, as job.yaml does."""
+    secret = "hf_settingsSecret0123456789abcdefghij"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    tiny, out = ROOT / "jobs" / "tiny.yaml", f"output_dir={tmp_path / 'run'}"
+    guard_resume(load_job(tiny, [out, f"model.revision={secret}"]), restart=False)
+    settings = (tmp_path / "run" / "ray" / "run" / SETTINGS_FILE).read_text()
+    assert secret not in settings and json.loads(settings)["model"]["revision"] == "<redacted>"
+    with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> 'main'") as refused:
+        guard_resume(load_job(tiny, [out, "model.revision=main"]), restart=False)
+    assert secret not in str(refused.value)
