@@ -398,7 +398,8 @@ def test_best_yaml_trains(study, tmp_path):
 def test_report_only_rewrites_the_report_and_trains_nothing(study, monkeypatch, tmp_path):
     """`--report-only` on the finished study: the same table from Tune's saved state, no trial touched. (After
     the tests above: it deletes the report before rewriting it.)"""
-    from raytune_sd3.tune.__main__ import REPORT_FILES, main
+    from raytune_sd3.driver.resume import STUDY_REPORT_FILES as REPORT_FILES
+    from raytune_sd3.tune.__main__ import main
 
     out = study["out"]
     table, best = (out / "trials.csv").read_text(), load_job(out / "best.yaml")
