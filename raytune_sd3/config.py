@@ -808,20 +808,26 @@ def model_is_path(pretrained: str) -> bool:
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "RAY_AUTH_TOKEN")
-_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey|credential)", re.I)
+# One notion of a secret for the whole project: by its key (ours, W&B's, SimpleTuner's names) or by its value (a
+# Hugging Face token; credentials inside a URL). Used by redact() and by convert.py.
+SECRET_KEY = re.compile(r"token|secret|password|credential|api_?key|(^|_)(key|access_key_id|webhook_(config|url))$",
+                        re.I)
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@")
 
 
 def redact(obj: Any) -> Any:
-    """A copy with secret-looking keys and any value equal to a secret from the environment replaced."""
+    """A copy with secret-looking keys, values that look like a token or carry URL credentials, and any value
+    equal to a secret from the environment replaced by <redacted>."""
     secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
     def walk(x: Any, key: str = "") -> Any:
         if isinstance(x, dict):
             return {k: walk(v, str(k)) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v, key) for v in x]
-        if _SECRET_KEY.search(key) and x is not None:
+        if SECRET_KEY.search(key) and x is not None:
             return "<redacted>"
         if isinstance(x, str):
+            x = SECRET_VALUE.sub("<redacted>", x)
             for s in secrets:
                 if s and s in x:
                     x = x.replace(s, "<redacted>")

@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_sd3.config import ConfigError, JobConfig, dump_job, load_job, parse_resolutions
+from raytune_sd3.config import SECRET_KEY, SECRET_VALUE, ConfigError, JobConfig, dump_job, load_job, parse_resolutions
 
 
 class ConvertError(ValueError):
@@ -499,13 +498,10 @@ DEFAULT_DIFFERENCES = {"num_processes": (1, "train.num_workers"), "mixed_precisi
                        "gradient_checkpointing": (True, "train.gradient_checkpointing"),
                        "validation_guidance": (7.5, "validation.guidance"),
                        "validation_num_inference_steps": (30, "validation.steps")}
-_SECRET_KEY = re.compile(r"secret|password|credential|(^|_)(token|key|access_key_id|webhook_(config|url))$",
-                         re.I)
-_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@")  # a HF token; credentials in a URL
 
 
 def _is_secret(key: str, value: Any) -> bool:
-    return bool(_SECRET_KEY.search(key) or _SECRET_VALUE.search(json.dumps(value, default=str)))
+    return bool(SECRET_KEY.search(key) or SECRET_VALUE.search(json.dumps(value, default=str)))
 
 
 # --- converting ------------------------------------------------------------------------------------------------

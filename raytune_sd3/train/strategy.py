@@ -117,10 +117,6 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
     t = cfg.train
     stage = {"zero2": 2, "zero3": 3}[t.strategy]
     where = "train.deepspeed_config"
-    if t.grad_clip == "value" and t.max_grad_norm:
-        # ZeRO keeps reduced gradients in its own flat partitions until its step, which clips by norm only.
-        raise ConfigError(f"train.grad_clip 'value' works with train.strategy ddp only (got {t.strategy}); "
-                          "use grad_clip: norm (DeepSpeed clips the global norm) or strategy: ddp")
     if t.deepspeed_config is not None:
         path = Path(t.deepspeed_config)
         try:
