@@ -93,6 +93,23 @@ def test_the_console_is_for_a_person(first_run):
 
 
 @pytest.mark.slow
+def test_a_diverging_run_exits_3_with_the_reason(first_run):
+    """An absurd learning rate on the demo's (already filled) cache: the gradient-norm guard stops the run as
+    diverged, the CLI exits 3 and says why, metrics.jsonl ends with the reason, and no LoRA is copied out."""
+    tmp = first_run[0]
+    cmd = [sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml", "--set", f"output_dir={tmp / 'diverged'}",
+           "--set", f"data.cache_dir={tmp / 'cache'}", "--set", f"data.datasets.0.instance_data_dir={tmp / 'demo'}",
+           "--set", "train.learning_rate=1.0e+3", "--set", "train.grad_norm_limit=1.0e+4", "--set", "train.max_steps=12",
+           "--set", "validation.prompts=[]"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
+    last = json.loads((tmp / "diverged" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["diverged"] == 1 and last["step"] < 12
+    assert f"training diverged at step {last['step']}: {last['diverged_reason']}" in r.stderr
+    assert not (tmp / "diverged" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_mfu_from_the_counted_flops(first_run, tiny_sd3):
     """metrics' MFU is F_train (train/flops.py, counted on the step's batch shape) over the step time and the peak."""
     from raytune_sd3.models.loading import load_transformer

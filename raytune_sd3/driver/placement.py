@@ -110,6 +110,18 @@ def resolve_auto(cfg: JobConfig, cluster: Cluster) -> list[str]:
     return notes
 
 
+def resolve_as_saved(cfg: JobConfig, saved: JobConfig) -> None:
+    """Give every `auto` of the job the value an earlier run of it resolved (its job.yaml): for commands that
+    work on that run's results without Ray, such as a study's --report-only."""
+    t, m = cfg.train, cfg.model
+    for section, saved_section, name in ((t, saved.train, "num_workers"), (t, saved.train, "mixed_precision"),
+                                         (m, saved.model, "dtype"), (m, saved.model, "text_encoder_dtype")):
+        if getattr(section, name) == "auto":
+            setattr(section, name, getattr(saved_section, name))
+    if t.use_gpu is None:
+        t.use_gpu = saved.train.use_gpu
+
+
 def worker_bundle(cfg: JobConfig) -> dict[str, float]:
     """The resources one Ray Train worker reserves."""
     bundle = {"CPU": cfg.train.cpus_per_worker}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from raytune_sd3.driver import cli
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        from raytune_sd3.config import load_job
+        from raytune_sd3.driver.placement import resolve_as_saved
         from raytune_sd3.driver.resume import guard_study
         from raytune_sd3.driver.study import report, study_job
         from raytune_sd3.tune.config import check_study
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         check_study(cfg)  # no Ray yet: a bad study fails in about a second
         if args.report_only:
             guard_study(cfg, resume=False, restart=False, report_only=True)
+            saved = Path(cfg.output_dir) / "job.yaml"
+            if saved.is_file():  # the study's `auto` choices, so best.yaml says what the trials ran with
+                resolve_as_saved(cfg, load_job(saved))
             return 0 if report(cfg)["best"] else 3
         return study_job(cfg, resume=args.resume, restart=args.restart, retry_failed=args.retry_failed,
                          verbose=args.verbose)
