@@ -77,15 +77,16 @@ def ray_progress_bars(on: bool) -> None:
     DataContext.get_current().enable_progress_bars = on
 
 
-class TrainingProgress:
-    """A bar over the optimizer steps, fed by rank 0's metrics.jsonl as it grows (step, loss, lr, images/s)."""
+class BackgroundLoop:
+    """A daemon thread that calls `tick()` every `period` s while the `with` block runs, and `tick(final=True)`
+    once when it ends."""
 
-    def __init__(self, out_dir: Path, max_steps: int, desc: str = "training", poll_s: float = 0.5):
-        self.path, self.max_steps, self.desc, self.poll_s = Path(out_dir) / "metrics.jsonl", max_steps, desc, poll_s
+    def __init__(self, period: float, name: str):
+        self.period = period
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raytune_sd3-progress", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> TrainingProgress:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -93,29 +94,57 @@ class TrainingProgress:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _records(self) -> list[dict]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except OSError:
-            return []
-        out = []
-        for ln in lines:
-            try:
-                out.append(json.loads(ln))
-            except ValueError:
-                break  # a line being written
-        return out
-
     def _run(self) -> None:
-        start = max((r["step"] for r in self._records()), default=0)
-        with Progress(self.desc, self.max_steps, "step", initial=start) as bar:
-            while True:
-                stopping = self._stop.wait(self.poll_s)
-                steps = [r for r in self._records() if "loss" in r]
-                if steps:
-                    last = steps[-1]
-                    bar.note(loss=f"{last['loss']:.4g}", lr=f"{last['lr']:.2g}",
-                             img_s=f"{last.get('images_per_s', 0):.3g}")
-                    bar.moveto(last["step"])
-                if stopping:
-                    return
+        while not self._stop.wait(self.period):
+            self.tick()
+        self.tick(final=True)
+
+    def tick(self, final: bool = False) -> None:
+        raise NotImplementedError
+
+
+class TrainingProgress(BackgroundLoop):
+    """A bar over the optimizer steps, fed by rank 0's metrics.jsonl as it grows (step, loss, lr, images/s).
+
+    The file is read from where the last read stopped (a long run's log is not re-read twice a second); when it
+    shrinks (a resumed run drops the lines past its checkpoint) it is read again from the start."""
+
+    def __init__(self, out_dir: Path, max_steps: int, desc: str = "training", poll_s: float = 0.5):
+        super().__init__(poll_s, "raytune_sd3-progress")
+        self.path, self.max_steps, self.desc = Path(out_dir) / "metrics.jsonl", max_steps, desc
+        self._offset, self._last_step, self._last = 0, 0, None
+        self._read_new()
+        self.bar = None
+
+    def _read_new(self) -> None:
+        """Take the complete lines appended since the last read; remember the newest step and training record."""
+        try:
+            size = self.path.stat().st_size
+            if size < self._offset:  # rewritten shorter: a resume
+                self._offset, self._last_step, self._last = 0, 0, None
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(size - self._offset)
+        except OSError:
+            return
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            self._last_step = max(self._last_step, record.get("step", 0))
+            if "loss" in record:
+                self._last = record
+
+    def tick(self, final: bool = False) -> None:
+        if self.bar is None:
+            self.bar = Progress(self.desc, self.max_steps, "step", initial=self._last_step)
+        self._read_new()
+        if self._last is not None:
+            last = self._last
+            self.bar.note(loss=f"{last['loss']:.4g}", lr=f"{last['lr']:.2g}", img_s=f"{last.get('images_per_s', 0):.3g}")
+            self.bar.moveto(last["step"])
+        if final:
+            self.bar.close()

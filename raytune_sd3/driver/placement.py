@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 
 from raytune_sd3.config import ConfigError, JobConfig
+from raytune_sd3.driver.console import BackgroundLoop
 
 log = logging.getLogger(__name__)
 CPU_WORKERS = 2  # `auto` on a cluster without GPUs: enough to exercise DDP, little enough for a laptop
@@ -166,42 +166,34 @@ def check_placement(cfg: JobConfig, cluster: Cluster) -> None:
         "ray.autoscaling: true to wait for it instead.)")
 
 
-class WaitReporter:
+class WaitReporter(BackgroundLoop):
     """While Ray Train (or Tune) waits for resources, say every `interval` s what for; a context manager.
 
     Waiting shows as a placement group in PENDING state (Ray Train reserves its workers through one).
     """
 
     def __init__(self, cfg: JobConfig, interval: float = 30.0):
+        super().__init__(min(interval, 5.0), "raytune_sd3-wait-reporter")
         self.cfg, self.interval = cfg, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raytune_sd3-wait-reporter", daemon=True)
+        self._since = self._last = None
 
-    def __enter__(self) -> WaitReporter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        since = last = None
-        while not self._stop.wait(min(self.interval, 5.0)):
-            pending = pending_bundles()
-            now = time.monotonic()
-            if not pending:
-                since = last = None
-                continue
-            since = since or now
-            if now - since < self.interval or (last and now - last < self.interval):
-                continue
-            last = now
-            what = ", ".join(f"{k}: {v:g}" for k, v in sorted(pending[0].items()))
-            hope = ("the autoscaler may add nodes (`ray status` shows its progress)" if read_cluster(self.cfg).autoscaling
-                    else "nothing will free them: stop the job and lower train.num_workers")
-            log.warning("waiting %.0f s for resources: %d x {%s} not placed yet; free on the cluster: %s; %s",
-                        now - since, len(pending), what, free_resources(), hope)
+    def tick(self, final: bool = False) -> None:
+        if final:
+            return
+        pending = pending_bundles()
+        now = time.monotonic()
+        if not pending:
+            self._since = self._last = None
+            return
+        self._since = self._since or now
+        if now - self._since < self.interval or (self._last and now - self._last < self.interval):
+            return
+        self._last = now
+        what = ", ".join(f"{k}: {v:g}" for k, v in sorted(pending[0].items()))
+        hope = ("the autoscaler may add nodes (`ray status` shows its progress)" if read_cluster(self.cfg).autoscaling
+                else "nothing will free them: stop the job and lower train.num_workers")
+        log.warning("waiting %.0f s for resources: %d x {%s} not placed yet; free on the cluster: %s; %s",
+                    now - self._since, len(pending), what, free_resources(), hope)
 
 
 def pending_bundles() -> list[dict[str, float]]:
