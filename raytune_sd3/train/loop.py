@@ -151,6 +151,8 @@ class WorkerRun:
                 f"(CUDA build: {torch.version.cuda or 'no'}): install a CUDA build of torch on the GPU nodes, or set "
                 "train.use_gpu: false to train on CPUs")
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":  # the object collectives (resume choice, checkpoint record) use the current
+            torch.cuda.set_device(self.device)  # device: on a node of eight, each rank's own, never all on cuda:0
         self.out_dir = Path(cfg.output_dir)
         self.dtype = DTYPES[cfg.model.dtype]
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.t.mixed_precision == "bf16"
