@@ -1,7 +1,7 @@
 """The job config: one typed schema, validated at the door before Ray or any model starts.
 
 A job is a YAML file whose sections mirror the classes below (`model`, `text`, `data`, `flow`, `lora`, `train`,
-`validation`, `ray`); `output_dir` sits at the top level as in SimpleTuner. Every field has a one-line docstring.
+`validation`, `ray`, `wandb`, `hub`); `output_dir` sits at the top level as in SimpleTuner. Every field has a one-line docstring.
 Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the file and key.
 """
 
@@ -41,8 +41,9 @@ class ModelConfig(Section):
     text_encoder_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """dtype the three text encoders run in while caching (T5-XXL is 19 GB in fp32, 9.5 GB in bf16); auto: bf16
     when the cluster has GPUs, else fp32. Part of the text cache key."""
-    quantize: Literal["none", "int8", "int4", "int2", "fp8"] = "none"
-    """Quantise the frozen base transformer's weights with optimum-quanto (SimpleTuner's int8-quanto etc.); norms,
+    quantize: Literal["none", "int8", "int4", "int2", "fp8", "nf4"] = "none"
+    """Quantise the frozen base transformer's weights: int8/int4/int2/fp8 with optimum-quanto (SimpleTuner's
+    int8-quanto etc.), nf4 with bitsandbytes (4-bit NormalFloat, CUDA only; SimpleTuner's nf4-bnb); norms,
     proj_out, pos_embed, context_embedder and time_text_embed stay in full precision."""
 
 
@@ -258,9 +259,11 @@ class TrainConfig(Section):
     """Schedule after warmup."""
     lr_warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps."""
-    optimizer: Literal["adamw", "adamw_bf16", "stableadamw", "lion", "adamw8bit", "lion8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw_bf16", "stableadamw", "lion", "adamw8bit", "lion8bit", "adamw8bit_paged",
+                       "lion8bit_paged"] = "adamw"
     """adamw (torch); adamw_bf16 (AdamW with stochastic rounding into bf16 weights, for lora.dtype bf16);
-    stableadamw (AdamW with per-tensor update clipping); lion; adamw8bit / lion8bit (bitsandbytes, CUDA)."""
+    stableadamw (AdamW with per-tensor update clipping); lion; adamw8bit / lion8bit (bitsandbytes, CUDA);
+    adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -593,6 +596,39 @@ class RayConfig(Section):
     cluster launcher's files in cluster/, KubeRay with autoscaling)."""
 
 
+HF_TOKEN_ENV = "HF_TOKEN"
+
+
+class HubConfig(Section):
+    repo_id: str | None = None
+    """Hugging Face Hub model repo (`owner/name`) that the LoRA, its model card and validation images are uploaded
+    to after training; null (default): no upload (the card is still written to output_dir). The token comes from
+    the HF_TOKEN environment variable only, never from the job file."""
+    private: bool = True
+    """Create the repo private (default); false makes a new repo public (an existing repo keeps its visibility)."""
+    trigger: str | None = None
+    """The word or phrase that calls up what the LoRA learned, shown in the model card; default: the data sets'
+    instance_prompt, if they have one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_here(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for key in raw:
+                if SECRET_KEY.search(str(key)):
+                    raise ValueError(f"hub.{key}: a Hub token is never read from the job file (it would end up in "
+                                     f"logs and copies of the job); remove it and set {HF_TOKEN_ENV} in the "
+                                     "environment instead")
+        return raw
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", v):
+            raise ValueError(f"repo_id is `owner/name` (letters, digits, -, _ and .), e.g. me/sd35-my-lora, got {v!r}")
+        return v
+
+
 class JobConfig(Section):
     output_dir: Path
     """Where this run writes job.yaml, metrics.jsonl, validation images and the LoRA (shared storage on clusters)."""
@@ -607,6 +643,7 @@ class JobConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
     tune: TuneConfig | None = None
     """A Ray Tune stability study (search space, scheduler): python -m raytune_sd3.tune."""
 

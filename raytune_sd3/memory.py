@@ -18,7 +18,9 @@ Assumptions, each stated where it is used:
   caching allocator's fragmentation: a margin taken from common practice, not measured here (no GPU).
 - DDP keeps a second copy of the gradients in its reducer buckets; ZeRO-2 shards gradients and optimizer state
   over the workers, ZeRO-3 the base weights too (plus two gathered blocks in flight); DeepSpeed's own buckets are
-  not modelled. Quantised linears (model.quantize) cost QUANT_BYTES per weight.
+  not modelled. Quantised linears (model.quantize; the AdaLN, embedding and output linears stay in `dtype`)
+  cost QUANT_BYTES per weight; nf4 adds one dequantised weight in flight; paged optimizer state is counted on
+  the GPU.
 
 `trace_peak` runs one real training step (forward, flow loss, backward, clip, AdamW) and returns its peak tensor
 memory: on "meta" it computes nothing (seconds, any model size), on "cpu" or "cuda" it is a real run.
@@ -35,11 +37,17 @@ from pathlib import Path
 from raytune_sd3.hardware import GIB
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# model.quantize (optimum-quanto): bytes per weight of the transformer blocks' linears incl. scales (int8/fp8: a
-# scale per row, ~0; int4/int2: a bf16 scale and shift per group of 128). Everything else stays in `dtype`.
-QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128, "int2": 0.25 + 4 / 128}
-# train.optimizer: bytes of optimizer state per LoRA parameter.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "stableadamw": 8, "adamw_bf16": 4, "lion": 4, "adamw8bit": 2, "lion8bit": 1}
+# model.quantize: bytes per weight of the quantised linears (models/quantize.py: quantised_linear) incl. scales.
+# optimum-quanto int8/fp8: a scale per row, ~0; int4/int2: a bf16 scale and shift per group of 128. bitsandbytes
+# nf4: 4 bits, an absmax per block of 64 stored in 8 bits (double quantisation) + an fp32 scale per 256 blocks.
+# Everything else stays in `dtype`.
+QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128, "int2": 0.25 + 4 / 128,
+               "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+# train.optimizer: bytes of optimizer state per LoRA parameter (the 8-bit ones: one byte per moment; their
+# blockwise scales, 4 bytes per 256, are left out). Paged state is counted on the GPU: CUDA moves it to host RAM
+# only when the GPU runs short, which saves the run from out-of-memory at the cost of speed, not memory planned.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "stableadamw": 8, "adamw_bf16": 4, "lion": 4, "adamw8bit": 2, "lion8bit": 1,
+                         "adamw8bit_paged": 2, "lion8bit_paged": 1}
 STRATEGIES = ("ddp", "zero2", "zero3")
 RUNTIME_BYTES = 1.5 * GIB  # CUDA context + cuBLAS workspace + NCCL buffers (assumed; see module docstring)
 FRAGMENTATION = 0.10  # caching-allocator slack on the activations (assumed)
@@ -311,13 +319,17 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     est = MemoryEstimate()
 
     p_base = transformer_params(shape)
-    linear_w = sum(i * o for name, i, o in linear_layers(shape) if name.startswith("transformer_blocks."))
     quantization = None if quantization in (None, "none") else quantization
     if quantization:
+        from raytune_sd3.models.quantize import quantised_linear  # one source of truth for what is quantised
+
         if quantization not in QUANT_BYTES:
             raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANT_BYTES)}")
+        quantised = [(i, o) for name, i, o in linear_layers(shape) if quantised_linear(name)]
+        linear_w = sum(i * o for i, o in quantised)
         base_bytes = linear_w * QUANT_BYTES[quantization] + (p_base - linear_w) * wb
-        what = f"base transformer {_count(p_base)} params ({quantization} block linears, rest {dtype})"
+        what = (f"base transformer {_count(p_base)} params ({quantization} attention/feed-forward linears "
+                f"{_count(linear_w)}, rest {dtype})")
     else:
         base_bytes = p_base * wb
         what = f"base transformer {_count(p_base)} params ({dtype})"
@@ -328,6 +340,9 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         est.add(what + f", ZeRO-3 shard 1/{n} + 2 gathered blocks", base_bytes / n + 2 * per_block)
     else:
         est.add(what, base_bytes)
+    if quantization == "nf4":  # bitsandbytes dequantises a layer's weight for each matmul, one layer at a time
+        est.add(f"nf4 weight dequantised for a matmul (the largest linear, {dtype})",
+                max(i * o for i, o in quantised) * wb)
     if vae_params:
         est.add(f"VAE {_count(vae_params)} params ({dtype}, rank 0, for validation images)", vae_params * wb)
 
@@ -340,7 +355,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     est.add(f"LoRA gradients ({lora_dtype}){part}", p_lora * lb / shard)
     if strategy == "ddp" and num_workers > 1:
         est.add(f"DDP gradient buckets ({lora_dtype})", p_lora * lb)
-    est.add(f"{optimizer} state{part}", p_lora * OPTIMIZER_STATE_BYTES[optimizer] / shard)
+    paged = " (paged: counted on the GPU, spills to RAM)" if "paged" in optimizer else ""
+    est.add(f"{optimizer} state{part}{paged}", p_lora * OPTIMIZER_STATE_BYTES[optimizer] / shard)
 
     act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks)
     s_img = (resolution // (8 * shape.patch_size)) ** 2

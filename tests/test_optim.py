@@ -4,6 +4,7 @@ exact resume from a state_dict, and a small least-squares fit."""
 import importlib.util
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -260,10 +261,15 @@ def test_params_without_grad_are_skipped(name):
     assert torch.equal(b, torch.tensor([3.0, 4.0])) and b not in opt.state
 
 
-@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
-def test_8bit_optimizers_need_bitsandbytes(name):
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed here")
-    with pytest.raises(RuntimeError, match="bitsandbytes") as err:
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit", "adamw8bit_paged", "lion8bit_paged"])
+def test_8bit_optimizers_need_bitsandbytes(name, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets where it is not installed
+        with pytest.raises(RuntimeError, match="not installed") as err:
+            make_optimizer([_param([1.0])], TrainConfig(optimizer=name))
+    assert name in str(err.value) and "pip install bitsandbytes" in str(err.value)
+    if importlib.util.find_spec("bitsandbytes") is None or torch.cuda.is_available():
+        return
+    with pytest.raises(RuntimeError, match="no GPU is visible") as err:  # installed (CPU build): still CUDA only
         make_optimizer([_param([1.0])], TrainConfig(optimizer=name))
-    assert name in str(err.value) and "adamw" in str(err.value)
+    assert "train.optimizer: adamw" in str(err.value)

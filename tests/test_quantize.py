@@ -60,3 +60,77 @@ def test_quantised_base_trains_a_lora(tiny_sd3, tmp_path, kind, max_rel_err):
     pipe.load_lora_weights(tmp_path)
     n_lora = sum(1 for k in pipe.transformer.state_dict() if "lora_" in k)
     assert n_lora == len(lora_state_dict(model)) == 2 * 2 * 4  # A and B x 2 blocks x 4 attention layers
+
+
+# --- nf4 (bitsandbytes) ---------------------------------------------------------------------------------------
+# bitsandbytes 0.50 quantises and runs nf4 on the CPU too: the module replacement, the format and the memory
+# formula are checked here against bitsandbytes' own dequantisation; training refuses nf4 without CUDA
+# (tests/test_lowvram.py).
+
+
+def test_nf4_base_quantises_the_quanto_layers_and_trains_a_lora(tiny_sd3, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")  # in the dev extra; the lowvram extra for users
+    full = load_transformer(tiny_sd3)
+    with torch.no_grad():
+        ref = full(**_inputs())[0]
+    model = quantize_transformer(load_transformer(tiny_sd3), "nf4", device="cpu")
+    quanto = quantize_transformer(load_transformer(tiny_sd3), "int4")
+    nf4_names = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert nf4_names == {n for n, m in quanto.named_modules() if isinstance(m, QLinear)}  # the same exclusions
+    assert "transformer_blocks.0.attn.to_q" in nf4_names and "transformer_blocks.0.norm1.linear" not in nf4_names
+    assert {"proj_out", "context_embedder"}.isdisjoint(nf4_names)
+    with torch.no_grad():
+        out = model(**_inputs())[0]
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05
+
+    cfg = LoraConfig(rank=4, targets="attention")
+    params = add_lora(model, cfg)
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    assert isinstance(model.transformer_blocks[0].attn.to_q, LoraLinear4bit)  # peft's 4-bit LoRA layer
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = (model(**_inputs())[0] ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0]
+    export_lora(tmp_path, lora_state_dict(model), cfg)
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)  # the LoRA of an nf4 base loads into a plain pipeline
+    pipe.load_lora_weights(tmp_path)
+    assert sum(1 for k in pipe.transformer.state_dict() if "lora_" in k) == 2 * 2 * 4
+
+
+def test_nf4_layer_format_and_size_match_the_estimate():
+    """One Linear: its nf4 weight is bitsandbytes' nf4 code times an absmax per block of 64, the layer's output is
+    the matmul with that dequantised weight, and its storage is what memory.QUANT_BYTES['nf4'] counts."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit, get_4bit_type
+
+    from raytune_sd3.memory import QUANT_BYTES
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(256, 512))
+    w = holder[0].weight.detach().clone()
+    quantize_transformer(holder, "nf4", device="cpu")
+    layer = holder[0]
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.blocksize == 64
+    deq = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    blocks = deq.float().reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    code = get_4bit_type("nf4", device="cpu").float()
+    levels = blocks / absmax
+    assert torch.allclose((levels.unsqueeze(-1) - code).abs().amin(-1), torch.zeros(()), atol=1e-6)  # on the code
+    rel = ((deq - w).norm() / w.norm()).item()
+    assert 0.05 < rel < 0.15  # nf4's error on Gaussian-ish weights (about 10%), not a no-op
+    x = torch.randn(3, 256)
+    assert torch.allclose(layer(x), nn.functional.linear(x, deq, layer.bias), atol=1e-5)
+
+    state = layer.weight.quant_state
+    stored = layer.weight.data.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes
+    assert state.nested and stored == pytest.approx(w.numel() * QUANT_BYTES["nf4"], rel=0.01)

@@ -1,23 +1,77 @@
-"""Quantised frozen base with optimum-quanto: int8/int4/int2 (or fp8) weights, LoRA trained on top.
+"""A quantised frozen base, LoRA trained on top: int8/int4/int2/fp8 with optimum-quanto, nf4 with bitsandbytes.
 
-Layers that must stay in full precision for SD3 stay out, as SimpleTuner does: norms, proj_out, pos_embed,
-context_embedder and time_text_embed (small, and sensitive: they set the scale of every block's input).
+Layers that must stay in full precision for SD3 stay out, as SimpleTuner does: norms (the AdaLN modulation
+linears `norm1.linear` included), proj_out, pos_embed, context_embedder and time_text_embed (sensitive: they set
+the scale of every block's input). Both back ends quantise exactly the linears `quantised_linear` names.
+
+nf4 (4-bit NormalFloat, QLoRA's format) stores each weight in 4 bits with an absmax scale per block of 64 weights;
+with double quantisation (on here, as QLoRA) those fp32 scales are themselves stored in 8 bits with an fp32 scale
+per 256 blocks. Each forward dequantises one layer's weight at a time into the compute dtype. bitsandbytes
+quantises on CUDA (its 0.50 CPU back end works too, which the tests use; training refuses nf4 without CUDA).
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 from torch import nn
 
 KEEP_FULL_PRECISION = ["*norm*", "proj_out", "norm_out*", "pos_embed*", "context_embedder", "time_text_embed*"]
+QUANTO_KINDS = ("int8", "int4", "int2", "fp8")
+NF4_BLOCKSIZE = 64  # weights per absmax scale (bitsandbytes' 4-bit default)
+BNB_INSTALL = "pip install bitsandbytes (or pip install 'raytune_sd3[lowvram]')"
+NF4_NEEDS_CUDA = ("model.quantize nf4 needs bitsandbytes on an NVIDIA GPU (CUDA), and this job would train "
+                  "without one: use model.quantize: int4 (optimum-quanto, runs anywhere, about the same size) or "
+                  "train on a CUDA GPU")
 
 
-def quantize_transformer(transformer: nn.Module, kind: str) -> nn.Module:
-    """Quantise the weights of `transformer` in place (then freeze them into quantised tensors); returns it."""
+def quantised_linear(name: str) -> bool:
+    """Whether the module called `name` (diffusers' dotted name) is quantised, were it a Linear."""
+    return not any(fnmatch(name, pattern) for pattern in KEEP_FULL_PRECISION)
+
+
+def quantize_transformer(transformer: nn.Module, kind: str, device=None) -> nn.Module:
+    """Quantise the weights of `transformer` in place and freeze them; returns it.
+
+    `kind`: model.quantize. quanto kinds quantise where the weights are; nf4 quantises each linear onto `device`
+    (default: where it is) one at a time, so the full-precision copy is never on the GPU whole.
+    """
     if kind == "none":
         return transformer
+    if kind == "nf4":
+        return quantize_nf4(transformer, device)
     from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
     weights = {"int8": qint8, "int4": qint4, "int2": qint2, "fp8": qfloat8}[kind]
     quantize(transformer, weights=weights, exclude=KEEP_FULL_PRECISION)
     freeze(transformer)
+    return transformer.requires_grad_(False)
+
+
+def bitsandbytes_module(what: str):
+    """bitsandbytes, or a RuntimeError naming `what` needs it and the pip command."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise RuntimeError(f"{what} needs bitsandbytes, which is not installed: {BNB_INSTALL}") from None
+    return bitsandbytes
+
+
+def quantize_nf4(transformer: nn.Module, device=None) -> nn.Module:
+    """Replace each quantisable nn.Linear by a bitsandbytes Linear4bit (nf4, double quantisation) on `device`,
+    computing in the layer's own dtype; marks the model 4-bit so peft puts its LoRA layers on them."""
+    bnb = bitsandbytes_module("model.quantize nf4")
+    for name, module in list(transformer.named_modules()):
+        if type(module) is not nn.Linear or not quantised_linear(name):
+            continue
+        target = device if device is not None else module.weight.device
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=module.weight.dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=NF4_BLOCKSIZE,
+                                     compress_statistics=True, quant_type="nf4", module=q)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        transformer.set_submodule(name, q.to(target))  # .to() quantises; the full-precision weight is dropped
+    transformer.is_loaded_in_4bit = True  # peft reads it to wrap Linear4bit layers with its 4-bit LoRA layer
     return transformer.requires_grad_(False)

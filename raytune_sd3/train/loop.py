@@ -21,7 +21,7 @@ from raytune_sd3.data.reader import CachedBatches, Prefetcher, read_manifest, sp
 from raytune_sd3.flow import flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
-from raytune_sd3.models.quantize import quantize_transformer
+from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
 from raytune_sd3.train.flops import count_flops, peak_tflops
 from raytune_sd3.train.optim import make_optimizer
 from raytune_sd3.train.state import (
@@ -171,8 +171,10 @@ class WorkerRun:
         """Frozen base + LoRA, optimizer and LR schedule, the checkpoint to resume from, then the strategy (DDP or
         DeepSpeed) that reduces the LoRA's gradients."""
         cfg, t = self.cfg, self.t
+        if cfg.model.quantize == "nf4" and self.device.type != "cuda":  # the driver's preflight says it first
+            raise RuntimeError(NF4_NEEDS_CUDA)
         transformer = quantize_transformer(load_transformer(self.pretrained, self.dtype, cfg.model.revision),
-                                           cfg.model.quantize)
+                                           cfg.model.quantize, device=self.device)
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         params = add_lora(transformer, cfg.lora, seed=t.seed)

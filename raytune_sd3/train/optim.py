@@ -4,7 +4,10 @@
     adamw_bf16           AdamW for bf16 weights: fp32 moments and math, stochastic rounding back into bf16
     stableadamw          AdamW with per-tensor update clipping (Wortsman et al. 2023)
     lion                 Lion (Chen et al. 2023): the sign of an interpolated momentum
-    adamw8bit, lion8bit  bitsandbytes (CUDA only)
+    adamw8bit, lion8bit  bitsandbytes (CUDA only): 8-bit moments, blockwise-quantised
+    adamw8bit_paged,     the same with their state in CUDA paged (unified) memory, which the driver moves to host
+    lion8bit_paged       RAM when the GPU runs short, instead of failing with out-of-memory (SimpleTuner's
+                         bnb-*-paged); the update is the unpaged one's
 
 The custom optimizers share one rule for dtypes: a bf16 param is updated in an fp32 copy and written back with
 stochastic rounding; any other param is updated in place in its own dtype, as torch's optimizers do.
@@ -20,6 +23,7 @@ from torch.optim import Optimizer
 
 from raytune_sd3.config import TrainConfig
 
+BNB_OPTIMIZERS = ("adamw8bit", "lion8bit", "adamw8bit_paged", "lion8bit_paged")
 BNB_FIX = "pip install bitsandbytes on a CUDA machine, or use train.optimizer: adamw"
 
 
@@ -40,6 +44,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], t: TrainConfig) -> Opti
         return _bitsandbytes(t.optimizer).optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
     if t.optimizer == "lion8bit":
         return _bitsandbytes(t.optimizer).optim.Lion8bit(params, lr=lr, betas=betas, weight_decay=wd)
+    if t.optimizer == "adamw8bit_paged":
+        return _bitsandbytes(t.optimizer).optim.PagedAdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    if t.optimizer == "lion8bit_paged":
+        return _bitsandbytes(t.optimizer).optim.PagedLion8bit(params, lr=lr, betas=betas, weight_decay=wd)
     raise ValueError(f"train.optimizer: unknown optimizer {t.optimizer!r}")
 
 
