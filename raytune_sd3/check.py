@@ -3,7 +3,8 @@
 A preflight that runs in seconds with no GPU, before GPU hours are spent: validates the job, checks that its data
 and model are reachable from where it runs (run it on the cluster's head for /mnt/shared paths), counts images and
 buckets, and estimates per-GPU memory (model size, dtype, quantisation, DDP or ZeRO-2/3, batch, resolution, T5
-length) against the GPU of the cluster's worker node type: it says "fits", or what to change.
+length) against the GPU of the cluster's worker node type (or `--gpu`: a card, or a size such as 12GB): it says
+"fits", or what to change.
 
 Exit status: 0 all good, 1 something to fix (listed), 2 the job file itself is invalid.
 """
@@ -22,7 +23,7 @@ from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.placement import Cluster, resolve_auto
 from raytune_sd3.driver.preflight import check_paths
-from raytune_sd3.hardware import GIB, GPU_GIB, gpu_of_node_type
+from raytune_sd3.hardware import GIB, GPU_GIB, gpu_memory, gpu_of_node_type
 from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, estimate
 
 TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
@@ -383,9 +384,18 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
                 report.ok("cluster", f"{c.source}: {t.max_workers} workers on {nodes} x {gpu_name} "
                                      f"(up to {c.max_nodes} nodes)")
     elif gpu:
-        gpu_bytes, gpu_name = GPU_GIB[gpu] * GIB, gpu
+        gpu_name, gib = gpu_memory(gpu)
+        gpu_bytes = gib * GIB
     check_memory(cfg, report, gpu_bytes, gpu_name, strategy, quantization, config_dir)
     return report
+
+
+def _gpu(spec: str) -> str:
+    try:
+        gpu_memory(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -395,7 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cluster", help="cluster file whose GPU worker type to check against "
                                          "(cluster/*.yaml: launcher YAML or KubeRay manifest)")
-    where.add_argument("--gpu", choices=sorted(GPU_GIB), help="check against this GPU instead of a cluster file")
+    where.add_argument("--gpu", type=_gpu, metavar="CARD|SIZE",
+                       help="check against one GPU instead of a cluster file: a card (" + ", ".join(sorted(GPU_GIB))
+                       + ") or a memory size such as 12GB (read as GiB, what a 12 GB consumer card has)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="what-if: DDP or DeepSpeed ZeRO-2/3 (default: the job's train.strategy)")
     p.add_argument("--quantization", choices=sorted(QUANT_BYTES), default=None,

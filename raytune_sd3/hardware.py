@@ -8,6 +8,7 @@ bf16 peak applies (V100) or none is published for the variant (A10G).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 GIB = 1 << 30
@@ -93,3 +94,17 @@ def gpu_of_node_type(node_type: str) -> tuple[str, int]:
         return node_type, 1
     raise ValueError(f"unknown node type {node_type!r}; known: {', '.join(sorted(NODE_TYPES))} "
                      f"(or a GPU: {', '.join(GPU_GIB)})")
+
+
+def gpu_memory(spec: str) -> tuple[str, float]:
+    """(what to call it, GiB) of `--gpu`: a card name (GPU_GIB) or a plain size, "12GB", "12GiB" or "10.5G".
+
+    A plain size is read as GiB: a consumer card sold as 12 GB has 12 GiB (12288 MiB in nvidia-smi); data-centre
+    cards report less than their name says (an 80 GB H100: 79.6 GiB), so name those.
+    """
+    if spec in GPU_GIB:
+        return spec, GPU_GIB[spec]
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", spec, flags=re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--gpu {spec!r}: a card ({', '.join(GPU_GIB)}) or a memory size such as 12GB")
+    return f"a {m.group(1)} GiB GPU", float(m.group(1))

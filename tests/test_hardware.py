@@ -4,7 +4,7 @@ first), and every catalogued card can be checked against."""
 import pytest
 
 from raytune_sd3.check import main as check_main
-from raytune_sd3.hardware import CARDS, GPU_GIB, gpu_of_node_type, peak_tflops_of
+from raytune_sd3.hardware import CARDS, GPU_GIB, gpu_memory, gpu_of_node_type, peak_tflops_of
 
 
 @pytest.mark.parametrize("device_name,peak", [
@@ -29,3 +29,13 @@ def test_a_consumer_card_is_a_check_target(capsys):
     assert check_main(["jobs/sd35.yaml", "--gpu", "RTX-4090-24GB", "--skip-paths"]) == 1
     out = capsys.readouterr().out
     assert "does not fit" in out and "RTX-4090-24GB" in out
+
+
+def test_gpu_takes_a_card_or_a_plain_size():
+    assert gpu_memory("RTX-3060-12GB") == ("RTX-3060-12GB", 12.0)
+    assert gpu_memory("H100-80GB") == ("H100-80GB", 79.6)  # a name: what the card reports, not its label
+    assert gpu_memory("12GB") == ("a 12 GiB GPU", 12.0)
+    assert gpu_memory("10.5gib")[1] == 10.5 and gpu_memory("24G")[1] == 24.0
+    for bad in ("12", "12TB", "0GB", "twelve"):
+        with pytest.raises(ValueError, match="a memory size such as 12GB"):
+            gpu_memory(bad)

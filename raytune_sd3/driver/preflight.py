@@ -1,8 +1,11 @@
 """What must exist before Ray starts, checked in seconds on the driver: data folders, metadata files, the model
-folder, a DeepSpeed JSON and its rules, W&B credentials. Demo data sets and tiny models are made later."""
+folder, a DeepSpeed JSON and its rules, W&B credentials, bitsandbytes and CUDA for what needs them. Demo
+data sets and tiny models are made later."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 from raytune_sd3.config import ConfigError, JobConfig, model_is_path
@@ -43,5 +46,46 @@ def check_paths(cfg: JobConfig) -> None:
 
     if (wandb_problem := credentials_problem(cfg)) is not None:
         problems.append(wandb_problem)
+    problems += bitsandbytes_problems(cfg)
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
+
+
+def bitsandbytes_problems(cfg: JobConfig) -> list[str]:
+    """Why the job's bitsandbytes parts (model.quantize nf4, the 8-bit optimizers) cannot run: not installed, or
+    no CUDA where it will train. A job that trains on this machine (a local Ray) needs CUDA here; on a cluster,
+    train.use_gpu false is refused now and `auto` once Ray says whether the cluster has GPUs (needs_cuda_problem)."""
+    from raytune_sd3.models.quantize import BNB_INSTALL, NF4_NEEDS_CUDA
+    from raytune_sd3.train.optim import BNB_FIX, BNB_OPTIMIZERS
+
+    users = ([("model.quantize nf4", NF4_NEEDS_CUDA)] if cfg.model.quantize == "nf4" else []) + (
+        [(f"train.optimizer {cfg.train.optimizer}", f"train.optimizer {cfg.train.optimizer} needs bitsandbytes on "
+          f"CUDA, and this job would train without it: {BNB_FIX}")]
+        if cfg.train.optimizer in BNB_OPTIMIZERS else [])
+    if not users:
+        return []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [f"{what}: needs bitsandbytes, which is not installed here: {BNB_INSTALL}" for what, _ in users]
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if cfg.train.use_gpu is False or (local and not _cuda_here()):
+        why = "train.use_gpu is false" if cfg.train.use_gpu is False else "this machine has no CUDA GPU"
+        return [f"{message} ({why})" for _, message in users]
+    return []
+
+
+def needs_cuda_problem(cfg: JobConfig) -> str | None:
+    """After Ray resolved train.use_gpu against the cluster: why a bitsandbytes job cannot train there, or None."""
+    from raytune_sd3.train.optim import BNB_OPTIMIZERS
+
+    if cfg.train.use_gpu or (cfg.model.quantize != "nf4" and cfg.train.optimizer not in BNB_OPTIMIZERS):
+        return None
+    what = "model.quantize nf4" if cfg.model.quantize == "nf4" else f"train.optimizer {cfg.train.optimizer}"
+    return (f"{what} needs bitsandbytes on CUDA GPUs, and this Ray cluster has none: use model.quantize: int4 "
+            "(optimum-quanto) and train.optimizer: lion or adamw, or a cluster with NVIDIA GPUs "
+            "(--set train.use_gpu=true on one that starts them on demand)")
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

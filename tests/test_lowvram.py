@@ -1,0 +1,82 @@
+"""The low-VRAM preset's guards: nf4 and the 8-bit optimizers need bitsandbytes on CUDA, and a job that cannot have
+them stops before Ray starts, saying why and what to use instead. (The nf4 layers themselves: test_quantize.py;
+the 12 GB estimate: test_check.py.)"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytune_sd3.config import ConfigError, load_job
+from raytune_sd3.driver.preflight import bitsandbytes_problems, check_paths, needs_cuda_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+LOWVRAM = ROOT / "jobs" / "sd35-lowvram.yaml"
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+def _job(tmp_path: Path, *overrides: str):
+    data = tmp_path / "photos"
+    data.mkdir(exist_ok=True)
+    return load_job(LOWVRAM, [f"output_dir={tmp_path / 'out'}", f"data.datasets.0.instance_data_dir={data}",
+                              "model.pretrained=tiny-sd3", *overrides])
+
+
+def test_the_job_is_the_guides_lowest_vram_setup(tmp_path):
+    cfg = load_job(LOWVRAM)
+    assert (cfg.model.quantize, cfg.train.optimizer, cfg.train.batch_size, cfg.train.grad_accum) == (
+        "nf4", "lion8bit_paged", 1, 1)
+    assert cfg.data.datasets[0].resolution == 512 and cfg.train.strategy == "ddp" and cfg.train.num_workers == 1
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-3.5-large"
+
+
+@needs_no_cuda
+def test_nf4_without_cuda_stops_before_ray_with_the_alternative(tmp_path):
+    cfg = _job(tmp_path, "train.optimizer=adamw")
+    with pytest.raises(ConfigError) as err:
+        check_paths(cfg)
+    text = str(err.value)
+    assert "model.quantize nf4 needs bitsandbytes on an NVIDIA GPU (CUDA)" in text
+    assert "model.quantize: int4" in text and "this machine has no CUDA GPU" in text
+    # the paged optimizer is refused the same way, and each gets its own line
+    problems = bitsandbytes_problems(_job(tmp_path))
+    assert len(problems) == 2 and "train.optimizer lion8bit_paged" in problems[1]
+    # the quanto alternative it names passes the preflight
+    check_paths(_job(tmp_path, "model.quantize=int4", "train.optimizer=lion"))
+
+
+def test_without_bitsandbytes_the_error_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what the import system meets where it is missing
+    with pytest.raises(ConfigError) as err:
+        check_paths(_job(tmp_path))
+    assert "model.quantize nf4: needs bitsandbytes, which is not installed here: pip install bitsandbytes" in str(
+        err.value)
+    assert "train.optimizer lion8bit_paged: needs bitsandbytes" in str(err.value)
+
+
+def test_a_cluster_without_gpus_is_refused_once_ray_says_so(tmp_path, monkeypatch):
+    """On a cluster (RAY_ADDRESS) the driver's own machine may have no GPU: only train.use_gpu decides, false now
+    and `auto` once resolved against the cluster (driver/training.py raises it before caching)."""
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert bitsandbytes_problems(_job(tmp_path, "train.use_gpu=null")) == []
+    assert "train.use_gpu is false" in bitsandbytes_problems(_job(tmp_path, "train.use_gpu=false"))[0]
+    resolved = _job(tmp_path, "train.use_gpu=false")
+    assert "this Ray cluster has none" in needs_cuda_problem(resolved)
+    assert needs_cuda_problem(_job(tmp_path, "train.use_gpu=true")) is None
+    assert needs_cuda_problem(_job(tmp_path, "train.use_gpu=false", "model.quantize=int4", "train.optimizer=lion")) is None
+
+
+@needs_no_cuda
+def test_the_train_command_exits_2_in_seconds_without_starting_ray(tmp_path):
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(LOWVRAM), "--data", str(tmp_path),
+                        "--set", f"output_dir={out}", "--set", "model.pretrained=tiny-sd3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "nf4 needs bitsandbytes on an NVIDIA GPU" in r.stderr and "int4" in r.stderr
+    assert not (out / "ray.log").exists() and not (out / "job.yaml").exists()  # Ray never started
+    assert time.perf_counter() - t0 < 60
