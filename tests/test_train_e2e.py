@@ -182,3 +182,19 @@ def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(first_run):
     assert load_job(out / "job.yaml").model.revision == "<redacted>"  # the key reached the config, and was cut
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked and SECRET not in console
+
+
+@pytest.mark.slow
+def test_the_run_writes_its_model_card(first_run):
+    """With no hub.repo_id the card is still written (train_job -> hub.publish): it links the last validation
+    images, copied beside it, with their prompts. (The secret check above covers it too.)"""
+    from raytune_sd3.hub import front_matter
+
+    out = first_run[0] / "run1"
+    text = (out / "README.md").read_text()
+    meta = front_matter(text)
+    assert [w["text"] for w in meta["widget"]] == load_job(out / "job.yaml").validation.prompts
+    assert all((out / w["output"]["url"]).read_bytes() == (out / "validation" / "step_000040" / Path(
+        w["output"]["url"]).name).read_bytes() for w in meta["widget"])
+    assert "trained with raytune_sd3 for 40 steps" in text and 'pipe.load_lora_weights("path/to/this/folder")' in text
+    assert "model card:" in first_run[1] and "upload" not in first_run[1]

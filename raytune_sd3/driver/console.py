@@ -24,7 +24,7 @@ def setup_logging(verbose: bool = False) -> None:
     """Our log lines on stderr, short; before Ray starts."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not verbose:
-        for noisy in ("filelock", "urllib3", "httpx"):
+        for noisy in ("filelock", "urllib3", "httpx", "httpx2"):  # httpx2: huggingface_hub 2.x's HTTP client
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,5 +1,5 @@
 """What must exist before Ray starts, checked in seconds on the driver: data folders, metadata files, the model
-folder, a DeepSpeed JSON and its rules, W&B credentials, bitsandbytes and CUDA for what needs them. Demo
+folder, a DeepSpeed JSON and its rules, W&B and Hub credentials, bitsandbytes and CUDA for what needs them. Demo
 data sets and tiny models are made later."""
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def check_paths(cfg: JobConfig) -> None:
 
     if (wandb_problem := credentials_problem(cfg)) is not None:
         problems.append(wandb_problem)
+    from raytune_sd3.hub import token_problem
+
+    if (hub_problem := token_problem(cfg)) is not None:
+        problems.append(hub_problem)
     problems += bitsandbytes_problems(cfg)
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))

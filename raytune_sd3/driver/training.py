@@ -2,7 +2,8 @@
 the final LoRA copied out of the last checkpoint.
 
     job -> Ray, fitted to the cluster -> resume guard -> job.yaml -> cache (Ray Data) -> TorchTrainer.fit()
-        -> exit status: 0 with output_dir/pytorch_lora_weights.safetensors, 3 diverged, 1 failed
+        -> the LoRA and its model card in output_dir (uploaded to the Hub with hub.repo_id: raytune_sd3/hub.py)
+        -> exit status: 0 done, 4 done but the upload failed, 3 diverged, 1 failed
 """
 
 from __future__ import annotations
@@ -117,4 +118,6 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     images = sorted((out / "validation").glob("step_*"))
     log.info("done in %.0f s. LoRA: %s\n  metrics: %s%s", time.perf_counter() - t0, lora, out / "metrics.jsonl",
              f"\n  validation images: {images[-1]}" if images else "")
-    return 0
+    from raytune_sd3.hub import publish
+
+    return publish(cfg, out, last.get("step"))  # the model card, and the upload: 4 if that failed, never lost

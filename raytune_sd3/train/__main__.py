@@ -1,8 +1,10 @@
 """python -m raytune_sd3.train JOB.yaml [--data DIR] [--set key=value ...] [--restart]
 
 Validate the job -> start/join Ray, fitted to the cluster -> fill the cache (Ray Data) -> train a LoRA (Ray Train
-TorchTrainer) -> copy the final LoRA into output_dir. Exit status: 0 done, 1 failed, 2 a job that cannot run,
-3 diverged. (The driver's side of it: raytune_sd3/driver/training.py.)
+TorchTrainer) -> copy the final LoRA into output_dir, write its model card (README.md), upload both when
+hub.repo_id is set. Exit status: 0 done, 1 failed, 2 a job that cannot run, 3 diverged, 4 trained but the Hub
+upload failed (the LoRA and card are in output_dir; retry: python -m raytune_sd3.hub OUTPUT_DIR). (The driver's
+side of it: raytune_sd3/driver/training.py.)
 """
 
 from __future__ import annotations

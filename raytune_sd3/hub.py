@@ -1,0 +1,278 @@
+"""python -m raytune_sd3.hub OUTPUT_DIR [--repo-id owner/name] [--public]
+
+The model card of a trained LoRA (output_dir/README.md, with the last validation images copied beside it into
+output_dir/images/) and its upload to the Hugging Face Hub. After training, `train` writes the card whether or not
+`hub.repo_id` is set, then uploads the card, the images and pytorch_lora_weights.safetensors there (private by
+default). Run this module to write the card and upload again by hand, e.g. after a failed upload.
+
+The token is HF_TOKEN from the environment, never the job file. An upload that fails loses nothing: the LoRA and
+the card stay in output_dir, one warning names what failed and this command, and `train` exits with status 4
+(trained, not uploaded), so a script can tell it from a finished upload (0) and from a failed training (1).
+Exit status here: 0 uploaded (or card written, with no repo to upload to), 2 nothing to do it with (no job.yaml,
+no repo id, no HF_TOKEN), 4 the upload failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from raytune_sd3.config import HF_TOKEN_ENV, TINY_MODELS, JobConfig, dump_job, load_job, model_is_path, redact
+from raytune_sd3.models.lora import LORA_FILE
+
+log = logging.getLogger("raytune_sd3")
+
+CARD = "README.md"
+IMAGES = "images"
+UPLOADED = [CARD, LORA_FILE, f"{IMAGES}/*"]
+EXIT_UPLOAD_FAILED = 4
+
+# The base models' licences as their model cards give them (all SD3 / SD3.5 weights: the Stability AI Community
+# License); other models: their own card's front matter when it is on disk, else none is claimed.
+STABILITY_COMMUNITY = {"license": "other", "license_name": "stabilityai-ai-community"}
+KNOWN_LICENCES = {
+    repo: {**STABILITY_COMMUNITY, "license_link": f"https://huggingface.co/{repo}/blob/main/LICENSE.md"}
+    for repo in ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-large-turbo",
+                 "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3-medium")
+}
+KNOWN_LICENCES["stabilityai/stable-diffusion-3-medium-diffusers"] = KNOWN_LICENCES[
+    "stabilityai/stable-diffusion-3-medium"]
+
+
+def token_problem(cfg: JobConfig) -> str | None:
+    """Why the upload after training could not authenticate (checked before Ray starts), or None."""
+    if cfg.hub.repo_id is None or cfg.tune is not None or os.environ.get(HF_TOKEN_ENV):  # a study uploads nothing
+        return None
+    return (f"hub.repo_id is set ({cfg.hub.repo_id}), but {HF_TOKEN_ENV} is not in the environment: export "
+            f"{HF_TOKEN_ENV} with a write token (https://huggingface.co/settings/tokens) where the job's driver runs, "
+            "or remove hub.repo_id (the model card is written to output_dir either way)")
+
+
+# --- the card -------------------------------------------------------------------------------------------------
+
+
+def base_model_licence(pretrained: str) -> dict[str, str]:
+    """license / license_name / license_link of the base model: its own card on disk (a local folder or the HF
+    cache), else the table of SD3 models, else {} (unknown: the card then points at the base model)."""
+    card = None
+    if model_is_path(pretrained):
+        card = Path(pretrained) / CARD
+    elif pretrained not in TINY_MODELS:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(pretrained, CARD)
+            card = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001 - not a repo id: no cached card
+            card = None
+    if card is not None and card.is_file():
+        meta = front_matter(card.read_text(errors="replace"))
+        found = {k: str(meta[k]) for k in ("license", "license_name", "license_link") if meta.get(k)}
+        if found:
+            return found
+    return dict(KNOWN_LICENCES.get(pretrained, {}))
+
+
+def front_matter(text: str) -> dict:
+    """The YAML between a model card's leading `---` lines ({} without)."""
+    if not text.startswith("---\n"):
+        return {}
+    end = text.find("\n---", 4)
+    meta = yaml.safe_load(text[4:end]) if end > 0 else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def trigger_of(cfg: JobConfig) -> str | None:
+    """hub.trigger, else the instance prompt(s) of the training (not regularisation) data sets."""
+    if cfg.hub.trigger:
+        return cfg.hub.trigger
+    prompts = [d.instance_prompt for d in cfg.data.datasets if d.instance_prompt and not d.is_regularisation_data]
+    return ", ".join(dict.fromkeys(prompts)) or None
+
+
+def copy_validation_images(cfg: JobConfig, out: Path) -> list[tuple[str, str]]:
+    """The last validation step's PNGs copied to out/images/ (replacing earlier copies); returns (relative path,
+    prompt) per image. validation/step_N/NN_WxH.png is prompt NN at WxH."""
+    steps = sorted((out / "validation").glob("step_*"))
+    pngs = sorted(steps[-1].glob("*.png")) if steps else []
+    dest, tmp = out / IMAGES, out / f".{IMAGES}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shown = []
+    for png in pngs:
+        index = png.stem.partition("_")[0]
+        prompt = cfg.validation.prompts[int(index)] if index.isdigit() and int(index) < len(
+            cfg.validation.prompts) else png.stem
+        shutil.copyfile(png, tmp / png.name)
+        shown.append((f"{IMAGES}/{png.name}", prompt))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return shown
+
+
+def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None = None) -> str:
+    """The card's text: YAML front matter (base model, licence, tags, widget) and what the LoRA is, how to load it,
+    its validation images and the training settings (the redacted job.yaml). Secrets are stripped from all of it."""
+    base = cfg.model.pretrained
+    hub_base = base if not model_is_path(base) and base not in TINY_MODELS else None
+    licence = base_model_licence(base)
+    meta: dict = {}
+    if hub_base:
+        meta["base_model"] = hub_base
+    meta.update(licence)
+    family = ["sd3.5", "sd3.5-diffusers"] if "3.5" in base or base == "tiny-sd35" else ["sd3", "sd3-diffusers"]
+    meta.update(library_name="diffusers", pipeline_tag="text-to-image",
+                tags=["text-to-image", "diffusers", "lora", "sd3", *family, "template:sd-lora", "raytune_sd3"])
+    trigger = trigger_of(cfg)
+    if trigger:
+        meta["instance_prompt"] = trigger
+    if images:
+        meta["widget"] = [{"text": prompt, "output": {"url": path}} for path, prompt in images]
+
+    name = cfg.hub.repo_id or cfg.run_name
+    t = cfg.train
+    where = cfg.hub.repo_id or "path/to/this/folder"
+    lines = [f"# {name}", "",
+             f"A LoRA for [{base}](https://huggingface.co/{base})" if hub_base else f"A LoRA for `{base}`",
+             f"trained with raytune_sd3 for {steps if steps is not None else t.max_steps} steps (rank "
+             f"{cfg.lora.rank} on `{cfg.lora.targets}`, {t.batch_size} images x {t.grad_accum} accumulation x "
+             f"{t.num_workers} worker(s) per step, learning rate {t.learning_rate:g}, flow shift {cfg.flow.shift}).",
+             ""]
+    lines += ([f"**Trigger:** `{trigger}`: use it in your prompts.", ""] if trigger else
+              ["**Trigger:** none; it was trained on captions (caption_strategy "
+               f"{', '.join(sorted({d.caption_strategy for d in cfg.data.datasets}))}).", ""])
+    lines += ["## Use it", "", "```python", "import torch", "from diffusers import StableDiffusion3Pipeline", "",
+              f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+              f'pipe.load_lora_weights("{where}")  # {LORA_FILE}',
+              f'image = pipe("{(trigger or (cfg.validation.prompts or ["a photo"])[0])}", '
+              f"num_inference_steps={cfg.validation.steps}, guidance_scale={cfg.validation.guidance:g}).images[0]",
+              "```", ""]
+    if images:
+        lines += ["## Validation images", "", f"Sampled with the LoRA at the end of training ({cfg.validation.steps}"
+                  f" steps, guidance {cfg.validation.guidance:g}"
+                  + (f", skip-layer guidance on blocks {cfg.validation.skip_layers}" if cfg.validation.skip_layers
+                     else "") + "):", ""]
+        lines += [f"![{prompt}]({path})  \n*{prompt}*\n" for path, prompt in images]
+    lines += ["## Licence", ""]
+    if licence.get("license_link"):
+        lines += [f"The base model's licence applies: [{licence.get('license_name', licence['license'])}]"
+                  f"({licence['license_link']}).", ""]
+    elif licence:
+        lines += [f"The base model's licence applies: {licence.get('license_name', licence['license'])}.", ""]
+    else:
+        lines += [f"The licence of the base model (`{base}`) applies; see its model card.", ""]
+    lines += ["## Training settings", "", "The job file it was trained with (secrets removed; it runs as a job "
+              "file itself: `python -m raytune_sd3.train job.yaml`):", "", "```yaml", dump_job(cfg).rstrip(), "```",
+              ""]
+    text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines)
+    return redact(text)  # prompts and settings may carry a token or URL credentials: none leaves
+
+
+def trained_steps(out: Path) -> int | None:
+    """The step of the last line of out/metrics.jsonl (None without one)."""
+    import json
+
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]).get("step") if lines else None
+
+
+def write_model_card(cfg: JobConfig, out: Path, steps: int | None = None) -> Path:
+    """out/README.md (atomically) with the last validation images copied to out/images/; returns its path.
+    `steps`: the steps trained (default: the last step in out/metrics.jsonl)."""
+    images = copy_validation_images(cfg, out)
+    steps = steps if steps is not None else trained_steps(out)
+    card = out / CARD
+    tmp = out / f".{CARD}.tmp"
+    tmp.write_text(model_card(cfg, images, steps))
+    tmp.replace(card)
+    return card
+
+
+# --- the upload -----------------------------------------------------------------------------------------------
+
+
+def upload(out: Path, repo_id: str, private: bool, token: str) -> str:
+    """Create the repo (if new) and upload the card, images and LoRA of `out` in one commit; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=out, allow_patterns=UPLOADED, repo_type="model",
+                      commit_message="raytune_sd3: LoRA, model card and validation images")
+    return str(url)
+
+
+def retry_command(out: Path, repo_id: str) -> str:
+    return f"{HF_TOKEN_ENV}=... python -m raytune_sd3.hub {out} --repo-id {repo_id}"
+
+
+def publish(cfg: JobConfig, out: Path, steps: int | None = None) -> int:
+    """After training: write the card, upload when hub.repo_id is set. Never raises: a failure is one warning
+    (what failed, and the command to retry). Returns 0, or EXIT_UPLOAD_FAILED when an upload asked for failed."""
+    try:
+        card = write_model_card(cfg, out, steps)
+        log.info("model card: %s", card)
+    except Exception as e:  # noqa: BLE001 - the LoRA is already safe in output_dir; the card is a side feature
+        log.warning("could not write the model card in %s: %s", out, redact(f"{type(e).__name__}: {e}"))
+        if cfg.hub.repo_id is None:
+            return 0
+    repo = cfg.hub.repo_id
+    if repo is None:
+        return 0
+    token = os.environ.get(HF_TOKEN_ENV)
+    try:
+        if not token:
+            raise RuntimeError(f"{HF_TOKEN_ENV} is not in the environment")
+        url = upload(out, repo, cfg.hub.private, token)
+    except Exception as e:  # noqa: BLE001 - network, auth, quota: the run's results stay where they are
+        first = redact(str(e)).strip().splitlines()
+        log.warning("upload to the Hugging Face Hub (%s) failed: %s: %s\n  the LoRA and its model card are safe in "
+                    "%s\n  retry: %s", repo, type(e).__name__, first[0] if first else "", out,
+                    retry_command(out, repo))
+        return EXIT_UPLOAD_FAILED
+    log.info("uploaded to %s (%s)", url, "private" if cfg.hub.private else "public")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raytune_sd3.hub", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir", help="a finished run's output_dir (holding job.yaml and the LoRA)")
+    p.add_argument("--repo-id", help="owner/name on the Hub (default: the job's hub.repo_id)")
+    p.add_argument("--public", action="store_true", help="create a new repo public (default: private)")
+    args = p.parse_args(argv)
+    from raytune_sd3.driver.console import setup_logging
+
+    setup_logging()  # our lines only: huggingface_hub's HTTP client would log every request
+    out = Path(args.output_dir).resolve()
+    overrides = [f"hub.repo_id={args.repo_id}"] if args.repo_id else []
+    overrides += ["hub.private=false"] if args.public else []
+    if not (out / "job.yaml").is_file() or not (out / LORA_FILE).is_file():
+        print(f"error: {out} holds no finished run (job.yaml and {LORA_FILE})", file=sys.stderr)
+        return 2
+    from raytune_sd3.config import ConfigError
+
+    try:
+        cfg = load_job(out / "job.yaml", overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.hub.repo_id is None:
+        print("error: no repo to upload to: give --repo-id owner/name (or set hub.repo_id in the job)",
+              file=sys.stderr)
+        return 2
+    if (problem := token_problem(cfg)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return publish(cfg, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
