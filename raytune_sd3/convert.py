@@ -172,8 +172,8 @@ def path(key: str) -> Rule:
 # --- rules that need more than one key -------------------------------------------------------------------------
 
 FLAVOURS = {"medium": "stabilityai/stable-diffusion-3.5-medium", "large": "stabilityai/stable-diffusion-3.5-large"}
-QUANTO = {"no_change": "none", "int8-quanto": "int8", "int4-quanto": "int4", "int2-quanto": "int2",
-          "fp8-quanto": "fp8"}
+BASE_PRECISION = {"no_change": "none", "int8-quanto": "int8", "int4-quanto": "int4", "int2-quanto": "int2",
+                  "fp8-quanto": "fp8", "nf4-bnb": "nf4"}
 # SimpleTuner name: (ours, beta1, beta2, eps, weight decay); SimpleTuner builds each optimizer with these defaults
 OPTIMIZERS = {
     "adamw_bf16": ("adamw_bf16", 0.9, 0.999, 1e-6, 1e-2),
@@ -185,6 +185,8 @@ OPTIMIZERS = {
     "bnb-lion": ("lion", 0.9, 0.99, None, 0.0),
     "bnb-adamw8bit": ("adamw8bit", 0.9, 0.999, 1e-6, 1e-2),
     "bnb-lion8bit": ("lion8bit", 0.9, 0.99, None, 0.0),
+    "bnb-adamw8bit-paged": ("adamw8bit_paged", 0.9, 0.999, 1e-6, 1e-2),
+    "bnb-lion8bit-paged": ("lion8bit_paged", 0.9, 0.99, None, 0.0),
 }
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine", "linear": "linear"}
 
@@ -205,7 +207,7 @@ def _mixed_precision(v: Any, s: Scope) -> dict[str, Any]:
 
 
 def _base_dtype(v: Any, s: Scope) -> dict[str, Any]:
-    if QUANTO.get(s.settings.get("base_model_precision", "no_change"), "none") == "none":
+    if BASE_PRECISION.get(s.settings.get("base_model_precision", "no_change"), "none") == "none":
         raise Ignored("SimpleTuner applies it to a quantised base only")
     if v not in ("bf16", "fp32"):
         raise NotConverted("SimpleTuner's choices are bf16 and fp32")
@@ -244,7 +246,7 @@ def _epochs(v: Any, s: Scope) -> dict[str, Any]:
 
 def _optimizer(v: Any, s: Scope) -> dict[str, Any]:
     name = str(v).lower()
-    base = name.removesuffix("-paged")
+    base = name if name in OPTIMIZERS else name.removesuffix("-paged")  # paged 8-bit ones exist here too
     if base not in OPTIMIZERS:
         raise NotConverted(f"no equivalent; we translate {', '.join(OPTIMIZERS)} (and bnb -paged variants)")
     ours, beta1, beta2, eps, decay = OPTIMIZERS[base]
@@ -383,8 +385,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "aspect_bucket_rounding": ignore("buckets here are exact sizes (width x height), not rounded aspect ratios"),
     "revision": to("model.revision", str),
     "mixed_precision": _mixed_precision,
-    "base_model_precision": choice("model.quantize", QUANTO, "we quantise with optimum-quanto only: int8-, int4-, "
-                                   "int2- or fp8-quanto"),
+    "base_model_precision": choice("model.quantize", BASE_PRECISION, "we quantise with optimum-quanto (int8-, "
+                                   "int4-, int2- or fp8-quanto) or bitsandbytes nf4 (nf4-bnb)"),
     "base_model_default_dtype": _base_dtype,
     **{f"text_encoder_{i}_precision": only(lambda v: v == "no_change", NO_CHANGE) for i in (1, 2, 3)},
     "lora_type": only(lambda v: str(v).lower() == "standard", "LyCORIS is not supported: this job trains a LoRA"),

@@ -185,7 +185,8 @@ def test_a_plain_square_setup_lists_nothing(tmp_path):
 
 @pytest.mark.parametrize(("theirs", "ours", "beta2", "decay"), [
     ("optimi-stableadamw", "stableadamw", 0.99, 1e-2), ("optimi-lion", "lion", 0.99, 0.0),
-    ("bnb-adamw8bit", "adamw8bit", 0.999, 1e-2), ("bnb-lion8bit-paged", "lion8bit", 0.99, 0.0),
+    ("bnb-adamw8bit", "adamw8bit", 0.999, 1e-2), ("bnb-lion8bit-paged", "lion8bit_paged", 0.99, 0.0),
+    ("bnb-adamw8bit-paged", "adamw8bit_paged", 0.999, 1e-2), ("bnb-adamw-paged", "adamw", 0.999, 1e-2),
     ("torch-adamw", "adamw", 0.999, 1e-2)])
 def test_optimizers_are_translated_with_their_defaults(tmp_path, theirs, ours, beta2, decay):
     conv = convert_simpletuner(*write_setup(tmp_path, minimal(optimizer=theirs), ONE_SQUARE_SET))
@@ -193,16 +194,25 @@ def test_optimizers_are_translated_with_their_defaults(tmp_path, theirs, ours, b
     assert (train.optimizer, train.adam_beta2, train.weight_decay) == (ours, beta2, decay)
 
 
+def test_the_lowest_vram_setup_converts_whole(tmp_path):
+    """The guide's lowest-VRAM settings (nf4-bnb base, bnb-lion8bit-paged) have exact equivalents now."""
+    config = minimal(base_model_precision="nf4-bnb", optimizer="bnb-lion8bit-paged", train_batch_size=1)
+    conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
+    job = load_job(raw=conv.job)
+    assert (job.model.quantize, job.train.optimizer, job.train.batch_size) == ("nf4", "lion8bit_paged", 1)
+    assert not any("base_model_precision" in line or "paged" in line for line in conv.report())
+
+
 def test_optimizer_config_overrides_and_unknown_values_are_listed(tmp_path):
     config = minimal(optimizer="prodigy", optimizer_config="eps=1e-7,weight_decay=0.0,d_coef=2", lr_scheduler="cosine",
-                     base_model_precision="nf4-bnb", flow_schedule_shift=0, validation_resolution="1000x1000")
+                     base_model_precision="int8-torchao", flow_schedule_shift=0, validation_resolution="1000x1000")
     conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
     job = load_job(raw=conv.job)
     assert (job.train.adam_epsilon, job.train.weight_decay, job.train.lr_scheduler) == (1e-7, 0.0, "cosine")
     assert (job.train.optimizer, job.model.quantize, job.flow.shift) == ("adamw", "none", 1.0)  # our defaults
     report = "\n".join(conv.report())
     assert job.validation.resolution == "1024x1024"  # ours: 1000 is no multiple of 16
-    for key in ('optimizer = "prodigy"', "optimizer_config.d_coef", 'base_model_precision = "nf4-bnb"',
+    for key in ('optimizer = "prodigy"', "optimizer_config.d_coef", 'base_model_precision = "int8-torchao"',
                 'validation_resolution = "1000x1000" (cannot use the value: resolution 1000x1000: both sides'):
         assert f"not converted: {key}" in report
 
