@@ -59,7 +59,7 @@ def test_without_bitsandbytes_the_error_names_the_pip_command(tmp_path, monkeypa
 
 def test_a_cluster_without_gpus_is_refused_once_ray_says_so(tmp_path, monkeypatch):
     """On a cluster (RAY_ADDRESS) the driver's own machine may have no GPU: only train.use_gpu decides, false now
-    and `auto` once resolved against the cluster (driver/training.py raises it before caching)."""
+    and `auto` once resolved against the cluster (cli.connect raises it, before caching)."""
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert bitsandbytes_problems(_job(tmp_path, "train.use_gpu=null")) == []
     assert "train.use_gpu is false" in bitsandbytes_problems(_job(tmp_path, "train.use_gpu=false"))[0]
@@ -80,3 +80,16 @@ def test_the_train_command_exits_2_in_seconds_without_starting_ray(tmp_path):
     assert "nf4 needs bitsandbytes on an NVIDIA GPU" in r.stderr and "int4" in r.stderr
     assert not (out / "ray.log").exists() and not (out / "job.yaml").exists()  # Ray never started
     assert time.perf_counter() - t0 < 60
+
+
+@needs_no_cuda
+def test_connect_refuses_nf4_on_a_ray_cluster_without_gpus(tmp_path, ray_local):
+    """The check after Ray: a real (local, CPU-only) Ray cluster resolves train.use_gpu auto to false."""
+    from raytune_sd3.driver.cli import connect
+
+    cfg = _job(tmp_path, "train.use_gpu=null")
+    with pytest.raises(ConfigError, match="model.quantize nf4 needs bitsandbytes on CUDA GPUs, and this Ray cluster "
+                                          "has none: use model.quantize: int4"):
+        connect(cfg, verbose=True)
+    assert cfg.train.use_gpu is False
+    connect(_job(tmp_path, "train.use_gpu=null", "model.quantize=int4", "train.optimizer=lion"), verbose=True)

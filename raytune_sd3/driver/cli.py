@@ -39,7 +39,8 @@ def read_job(args: argparse.Namespace, paths: bool = True) -> JobConfig:
 
 def connect(cfg: JobConfig, place: bool = True, verbose: bool = False):
     """Join or start Ray (its output to output_dir/ray.log unless `verbose`), then fit the job to the cluster
-    (`auto` settings; with `place`, workers the cluster can never hold raise PlacementError). Returns the Cluster."""
+    (`auto` settings; with `place`, workers the cluster can never hold raise PlacementError, and bitsandbytes parts
+    on a cluster without GPUs a ConfigError). Returns the Cluster."""
     from raytune_sd3.driver import console
     from raytune_sd3.driver.placement import fit_to_cluster, read_cluster, resolve_auto
     from raytune_sd3.driver.runtime import init_ray
@@ -53,7 +54,12 @@ def connect(cfg: JobConfig, place: bool = True, verbose: bool = False):
         log.info("Ray's own output: %s (--verbose shows it here)", path)
     console.ray_progress_bars(verbose)
     if place:
-        return fit_to_cluster(cfg)
+        from raytune_sd3.driver.preflight import needs_cuda_problem
+
+        cluster = fit_to_cluster(cfg)
+        if (problem := needs_cuda_problem(cfg)) is not None:  # nf4 / 8-bit optimizers, and the cluster has no GPU
+            raise ConfigError(problem)
+        return cluster
     cluster = read_cluster(cfg)
     resolve_auto(cfg, cluster)
     return cluster

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from raytune_sd3.config import ConfigError, JobConfig, dump_job
+from raytune_sd3.config import JobConfig, dump_job
 from raytune_sd3.driver.resume import guard_resume
 from raytune_sd3.models.lora import LORA_FILE
 
@@ -85,10 +85,6 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     # ray.init() (the entrypoint's working directory was gone), and the tiny builder's imports read it.
     pretrained = resolve_pretrained(cfg.model.pretrained)
     connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
-    from raytune_sd3.driver.preflight import needs_cuda_problem
-
-    if (problem := needs_cuda_problem(cfg)) is not None:  # bitsandbytes on a cluster that turned out to have no GPU
-        raise ConfigError(problem)
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
