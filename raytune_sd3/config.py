@@ -601,9 +601,9 @@ HF_TOKEN_ENV = "HF_TOKEN"
 
 class HubConfig(Section):
     repo_id: str | None = None
-    """Hugging Face Hub model repo (`owner/name`) that the LoRA, its model card and validation images are uploaded
-    to after training; null (default): no upload (the card is still written to output_dir). The token comes from
-    the HF_TOKEN environment variable only, never from the job file."""
+    """Hugging Face Hub model repo (`owner/name`, or `name` under the token's account) that the LoRA, its model card
+    and validation images are uploaded to after training; null (default): no upload (the card is still written to
+    output_dir). The token comes from the HF_TOKEN environment variable only, never from the job file."""
     private: bool = True
     """Create the repo private (default); false makes a new repo public (an existing repo keeps its visibility)."""
     trigger: str | None = None
@@ -624,8 +624,9 @@ class HubConfig(Section):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", v):
-            raise ValueError(f"repo_id is `owner/name` (letters, digits, -, _ and .), e.g. me/sd35-my-lora, got {v!r}")
+        if v is not None and not re.fullmatch(r"([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", v):
+            raise ValueError(f"repo_id is `owner/name` or `name` (letters, digits, -, _ and .), e.g. "
+                             f"me/sd35-my-lora, got {v!r}")
         return v
 
 

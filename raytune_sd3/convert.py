@@ -244,6 +244,18 @@ def _epochs(v: Any, s: Scope) -> dict[str, Any]:
     raise NotConverted("we train by steps: set train.max_steps (epochs x images / global batch)")
 
 
+def _push_to_hub(v: Any, s: Scope) -> dict[str, Any]:
+    if _bool(v) and not s.settings.get("hub_model_id"):
+        raise NotConverted("set hub.repo_id (owner/name, or a name under the token's account) to upload")
+    return {}
+
+
+def _hub_model_id(v: Any, s: Scope) -> dict[str, Any]:
+    if not _bool(s.settings.get("push_to_hub", False)):
+        raise Ignored("push_to_hub is off")
+    return {"hub.repo_id": str(v)}
+
+
 def _optimizer(v: Any, s: Scope) -> dict[str, Any]:
     name = str(v).lower()
     base = name if name in OPTIMIZERS else name.removesuffix("-paged")  # paged 8-bit ones exist here too
@@ -449,6 +461,11 @@ CONFIG_RULES: dict[str, Rule] = {
     "num_validation_images": only(lambda v: _int(v) == 1, "one image per prompt and resolution here"),
     "validation_negative_prompt": unsupported("validation samples use the unconditional embedding, no negative prompt"),
     "report_to": _report_to,
+    "push_to_hub": _push_to_hub,
+    "hub_model_id": _hub_model_id,
+    "model_card_private": to("hub.private", _bool),
+    "push_checkpoints_to_hub": only(lambda v: not _bool(v), "the final LoRA is uploaded, with its card; checkpoints "
+                                    "stay in output_dir"),
     "tracker_project_name": _wandb("wandb.project"),
     "tracker_run_name": _wandb("wandb.name"),
     "data_backend_config": ignore("the data sets come from the multidatabackend.json on the command line"),

@@ -204,7 +204,7 @@ def upload(out: Path, repo_id: str, private: bool, token: str) -> str:
 
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=out, allow_patterns=UPLOADED, repo_type="model",
+    api.upload_folder(repo_id=url.repo_id, folder_path=out, allow_patterns=UPLOADED, repo_type="model",
                       commit_message="raytune_sd3: LoRA, model card and validation images")
     return str(url)
 

@@ -203,6 +203,19 @@ def test_the_lowest_vram_setup_converts_whole(tmp_path):
     assert not any("base_model_precision" in line or "paged" in line for line in conv.report())
 
 
+def test_hub_settings_convert(tmp_path):
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(push_to_hub=True, hub_model_id="me/sd35-fox",
+                                                              model_card_private=False), ONE_SQUARE_SET))
+    hub = load_job(raw=conv.job).hub
+    assert (hub.repo_id, hub.private) == ("me/sd35-fox", False)
+    off = convert_simpletuner(*write_setup(tmp_path / "off", minimal(push_to_hub=False, hub_model_id="me/x"),
+                                           ONE_SQUARE_SET))
+    assert load_job(raw=off.job).hub.repo_id is None
+    bare = convert_simpletuner(*write_setup(tmp_path / "bare", minimal(push_to_hub="true"), ONE_SQUARE_SET))
+    assert load_job(raw=bare.job).hub.repo_id is None
+    assert any("not converted: push_to_hub" in line and "hub.repo_id" in line for line in bare.report())
+
+
 def test_optimizer_config_overrides_and_unknown_values_are_listed(tmp_path):
     config = minimal(optimizer="prodigy", optimizer_config="eps=1e-7,weight_decay=0.0,d_coef=2", lr_scheduler="cosine",
                      base_model_precision="int8-torchao", flow_schedule_shift=0, validation_resolution="1000x1000")
