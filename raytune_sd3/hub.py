@@ -15,8 +15,10 @@ no repo id, no HF_TOKEN), 4 the upload failed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -138,19 +140,21 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     name = cfg.hub.repo_id or cfg.run_name
     t = cfg.train
     where = cfg.hub.repo_id or "path/to/this/folder"
+    batch = (f"global batch {t.global_batch}" if t.num_workers != "auto" else f"batch {t.batch_size} per worker")
     lines = [f"# {name}", "",
              f"A LoRA for [{base}](https://huggingface.co/{base})" if hub_base else f"A LoRA for `{base}`",
              f"trained with raytune_sd3 for {steps if steps is not None else t.max_steps} steps (rank "
-             f"{cfg.lora.rank} on `{cfg.lora.targets}`, {t.batch_size} images x {t.grad_accum} accumulation x "
-             f"{t.num_workers} worker(s) per step, learning rate {t.learning_rate:g}, flow shift {cfg.flow.shift}).",
-             ""]
+             f"{cfg.lora.rank} on `{cfg.lora.targets}`, {batch}, learning rate {t.learning_rate:g}, flow shift "
+             f"{cfg.flow.shift}" + (f", on a {cfg.model.quantize}-quantised base; it loads into the unquantised "
+                                    "pipeline" if cfg.model.quantize != "none" else "") + ").", ""]
     lines += ([f"**Trigger:** `{trigger}`: use it in your prompts.", ""] if trigger else
               ["**Trigger:** none; it was trained on captions (caption_strategy "
                f"{', '.join(sorted({d.caption_strategy for d in cfg.data.datasets}))}).", ""])
     lines += ["## Use it", "", "```python", "import torch", "from diffusers import StableDiffusion3Pipeline", "",
-              f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
-              f'pipe.load_lora_weights("{where}")  # {LORA_FILE}',
-              f'image = pipe("{(trigger or (cfg.validation.prompts or ["a photo"])[0])}", '
+              f"pipe = StableDiffusion3Pipeline.from_pretrained({json.dumps(base)}, torch_dtype=torch.bfloat16)"
+              '.to("cuda")',
+              f"pipe.load_lora_weights({json.dumps(where)})  # {LORA_FILE}",
+              f"image = pipe({json.dumps(trigger or (cfg.validation.prompts or ['a photo'])[0])}, "
               f"num_inference_steps={cfg.validation.steps}, guidance_scale={cfg.validation.guidance:g}).images[0]",
               "```", ""]
     if images:
@@ -158,7 +162,7 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
                   f" steps, guidance {cfg.validation.guidance:g}"
                   + (f", skip-layer guidance on blocks {cfg.validation.skip_layers}" if cfg.validation.skip_layers
                      else "") + "):", ""]
-        lines += [f"![{prompt}]({path})  \n*{prompt}*\n" for path, prompt in images]
+        lines += [f"![{_alt(prompt)}]({path})  \n*{_alt(prompt)}*\n" for path, prompt in images]
     lines += ["## Licence", ""]
     if licence.get("license_link"):
         lines += [f"The base model's licence applies: [{licence.get('license_name', licence['license'])}]"
@@ -176,11 +180,14 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
 
 def trained_steps(out: Path) -> int | None:
     """The step of the last line of out/metrics.jsonl (None without one)."""
-    import json
-
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     return json.loads(lines[-1]).get("step") if lines else None
+
+
+def _alt(prompt: str) -> str:
+    """A prompt as Markdown text on one line: brackets, asterisks and line breaks would end the image link."""
+    return re.sub(r"([\[\]*_])", r"\\\1", " ".join(prompt.split()))
 
 
 def write_model_card(cfg: JobConfig, out: Path, steps: int | None = None) -> Path:

@@ -29,7 +29,7 @@ def _job(tmp_path: Path, *overrides: str):
     return load_job(ROOT / "jobs" / "tiny.yaml", [
         f"output_dir={tmp_path / 'out'}", f"model.pretrained={LARGE}", "hub.repo_id=me/fox-lora",
         f"data.datasets.0.instance_data_dir={tmp_path / 'demo'}",
-        "data.datasets.0.caption_strategy=instanceprompt", "data.datasets.0.instance_prompt=a photo of sks fox",
+        "data.datasets.0.caption_strategy=instanceprompt", 'data.datasets.0.instance_prompt=a photo of "sks" fox',
         f"data.cache_dir=s3://user:{URL_SECRET}@bucket/cache",  # URL credentials in a config value
         f"validation.prompts=['sks fox in the snow', 'sks fox, token {TOKEN}']", *overrides])
 
@@ -56,7 +56,7 @@ def test_the_card_names_the_base_model_prompts_and_images_and_holds_no_secret(tm
     assert (meta["license"], meta["license_name"]) == ("other", "stabilityai-ai-community")
     assert meta["license_link"] == f"https://huggingface.co/{LARGE}/blob/main/LICENSE.md"
     assert {"lora", "sd3.5", "text-to-image"} <= set(meta["tags"])
-    assert meta["instance_prompt"] == "a photo of sks fox" and "**Trigger:** `a photo of sks fox`" in text
+    assert meta["instance_prompt"] == 'a photo of "sks" fox' and '**Trigger:** `a photo of "sks" fox`' in text
     # the widget and the body link the last validation step's images, copied beside the card
     assert [w["output"]["url"] for w in meta["widget"]] == ["images/00_64x64.png", "images/01_64x64.png"]
     assert meta["widget"][0]["text"] == "sks fox in the snow"
@@ -66,6 +66,9 @@ def test_the_card_names_the_base_model_prompts_and_images_and_holds_no_secret(tm
     # how to load it, and the licence line
     assert f'StableDiffusion3Pipeline.from_pretrained("{LARGE}"' in text
     assert 'pipe.load_lora_weights("me/fox-lora")' in text
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "the card's example", "exec")  # valid Python, the quoted trigger included
+    assert 'pipe("a photo of \\"sks\\" fox"' in code
     assert "The base model's licence applies: [stabilityai-ai-community]" in text
     # the settings are the job itself (it loads as one), secrets stripped
     settings = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
