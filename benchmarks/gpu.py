@@ -4,6 +4,8 @@ peak memory and MFU, at 1024px and 512px with 154 T5 tokens, bf16.
     python benchmarks/gpu.py                      # on a GPU: Large and Medium, 1024px and 512px
     python benchmarks/gpu.py --models large --resolutions 1024 --batch 2
     python benchmarks/gpu.py --cpu-smoke          # anywhere: 2 layers, 4 heads, fp32, 256px (checks the script)
+    python benchmarks/gpu.py --models large --resolutions 512 --batch 1 --quantize nf4 --optimizer lion8bit_paged \
+        --gradient-checkpointing                  # jobs/sd35-lowvram.yaml's step: its own RESULTS.md section
 
 A step is what the job's loop does (train/loop.py) with the project's pieces: add_lora (rank 16, `attention`
 targets as jobs/sd35.yaml; LoRA weights fp32), make_flow_batch and flow_loss, bf16 autocast, backward, global-norm
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "nf4"], default="none",
+                   help="quantise the frozen base as model.quantize does (default none)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "lion8bit", "adamw8bit_paged",
+                                                            "lion8bit_paged"],
+                   help="train.optimizer (default adamw: torch's, fused on CUDA)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if raytune_sd3/hardware.py does not know the card")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
@@ -101,14 +108,16 @@ def model_config(name: str, layers: int | None = None, heads: int | None = None)
     return spec
 
 
-def build_transformer(spec: dict, device: torch.device, dtype: torch.dtype, rank: int, targets: str):
-    """SD3Transformer2DModel(**spec) with random weights, made on `device` in `dtype`, frozen, with our LoRA.
-    Returns (model, LoRA parameters)."""
+def build_transformer(spec: dict, device: torch.device, dtype: torch.dtype, rank: int, targets: str,
+                      quantize: str = "none"):
+    """SD3Transformer2DModel(**spec) with random weights, made on `device` in `dtype`, frozen, quantised as
+    model.quantize `quantize` does, with our LoRA. Returns (model, LoRA parameters)."""
     from diffusers import SD3Transformer2DModel
     from diffusers.utils import logging
 
     from raytune_sd3.config import LoraConfig
     from raytune_sd3.models.lora import add_lora
+    from raytune_sd3.models.quantize import quantize_transformer
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # made in dtype on the device: Large in fp32 would need 32 GB more
@@ -119,6 +128,7 @@ def build_transformer(spec: dict, device: torch.device, dtype: torch.dtype, rank
         model.to(dtype)  # the fp32 buffers (positional embedding)
     finally:
         torch.set_default_dtype(default)
+    model = quantize_transformer(model.requires_grad_(False), quantize, device=device)
     params = add_lora(model, LoraConfig(rank=rank, targets=targets))
     return model, params
 
@@ -142,12 +152,18 @@ class Trainer:
     params: list
     batch: dict
     autocast: bool
+    optimizer_name: str = "adamw"
 
     def __post_init__(self):
-        from raytune_sd3.config import FlowConfig
+        from raytune_sd3.config import FlowConfig, TrainConfig
+        from raytune_sd3.train.optim import make_optimizer
 
         self.flow = FlowConfig(shift=1.0)
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=self.params[0].is_cuda or None)
+        if self.optimizer_name == "adamw":
+            self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=self.params[0].is_cuda or None)
+        else:  # bitsandbytes' (CUDA), as the job builds it
+            self.optimizer = make_optimizer(self.params, TrainConfig(optimizer=self.optimizer_name,
+                                                                     learning_rate=1e-4))
         self.device = self.batch["latents"].device
         self.model.train()
 
@@ -210,7 +226,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype) -> dict:
     trainer = Trainer(model, params, make_batch(spec, resolution, batch, args.t5_tokens, device, dtype),
-                      autocast=dtype == torch.bfloat16)
+                      autocast=dtype == torch.bfloat16, optimizer_name=args.optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = time_calls(trainer.step, args.steps, warmup=args.warmup)
@@ -226,7 +242,7 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
 
 def run_model(name: str, args, device, dtype) -> list[dict]:
     spec = model_config(name, args.layers, args.heads)
-    model, params = build_transformer(spec, device, dtype, args.rank, args.targets)
+    model, params = build_transformer(spec, device, dtype, args.rank, args.targets, args.quantize)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     info = {"model": name, "layers": spec["num_layers"], "heads": spec["num_attention_heads"],
@@ -285,6 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if "## gpu: SD3.5 Large and Medium" not in text:
                 write_section("gpu: SD3.5 Large and Medium", "Pending a GPU machine: run `python benchmarks/gpu.py` "
                               "there (about 3 minutes on one H100).", args.results)
+        elif args.quantize != "none" or args.optimizer != "adamw":  # a low-VRAM setup: a section of its own
+            write_section(f"gpu: low VRAM ({args.quantize} base, {args.optimizer})", body, args.results)
         else:
             write_section("gpu: SD3.5 Large and Medium", body, args.results)
     return rows
@@ -307,7 +325,8 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
         command("gpu.py", argv), f"{machine_line(info)}.",
         f"Setup: SD3.5 transformer architectures with random weights{size}, {str(dtype).removeprefix('torch.')}"
         f"{' autocast' if dtype == torch.bfloat16 else ''}, LoRA rank {args.rank} ({args.targets}), "
-        f"{CLIP_TOKENS}+{args.t5_tokens} text tokens, AdamW"
+        f"{CLIP_TOKENS}+{args.t5_tokens} text tokens, {'AdamW' if args.optimizer == 'adamw' else args.optimizer}"
+        f"{f', {args.quantize} base' if args.quantize != 'none' else ''}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; median of {args.steps} steps. "
         f"Peak memory: {kind}. Training FLOPs by the formula in gpu.py (in brackets: FlopCounterMode's count of a "
         f"whole forward+backward over it). Baseline: dense matmul {base / 1e12:.3g} TFLOP/s in the same process; "
