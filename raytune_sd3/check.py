@@ -345,7 +345,8 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
                quantization: str | None = None, skip_paths: bool = False) -> Report:
     report = Report()
     t = cfg.train
-    for note in resolve_auto(cfg, target_cluster(cfg, cluster, gpu)):
+    target = target_cluster(cfg, cluster, gpu)
+    for note in resolve_auto(cfg, target):
         report.ok("auto", note)
     report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.max_workers} workers x batch "
                         f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "
@@ -356,7 +357,7 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
     config_dir = None
     if not skip_paths:
         try:
-            check_paths(cfg)
+            check_paths(cfg, cuda=target.gpus > 0)  # the GPU it is checked against, not this machine's
         except ConfigError as e:
             for line in str(e).splitlines()[1:]:
                 report.fail("paths", line.strip())

@@ -93,3 +93,24 @@ def test_connect_refuses_nf4_on_a_ray_cluster_without_gpus(tmp_path, ray_local):
         connect(cfg, verbose=True)
     assert cfg.train.use_gpu is False
     connect(_job(tmp_path, "train.use_gpu=null", "model.quantize=int4", "train.optimizer=lion"), verbose=True)
+
+
+def test_the_check_judges_the_gpu_it_checks_against_not_this_machine(tmp_path, capsys):
+    """python -m raytune_sd3.check --gpu 12GB on a laptop: the target has CUDA, so nf4 passes; a tiny job with no
+    --gpu is checked against a CPU machine, where nf4 cannot run."""
+    from PIL import Image
+
+    from raytune_sd3.check import main as check_main
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 90, 0, 0)).save(data / f"{i}.png")
+    base = [str(LOWVRAM), "--data", str(data), "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", "model.pretrained=tiny-sd3", "--set", "data.eval_samples=0"]
+    assert check_main([*base, "--gpu", "12GB"]) == 0, capsys.readouterr().out
+    assert "nf4" not in "".join(line for line in capsys.readouterr().out.splitlines() if "[FAIL]" in line)
+    assert check_main(base) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] paths    model.quantize nf4 needs bitsandbytes on an NVIDIA GPU" in out
+    assert "(the machine checked against has no GPU)" in out

@@ -11,8 +11,9 @@ from pathlib import Path
 from raytune_sd3.config import ConfigError, JobConfig, model_is_path
 
 
-def check_paths(cfg: JobConfig) -> None:
-    """ConfigError listing every missing or unusable path or credential of the job."""
+def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
+    """ConfigError listing every missing or unusable path or credential of the job. `cuda`: whether the machine it
+    will train on has CUDA (None: this one, when the job starts a local Ray; see bitsandbytes_problems)."""
     problems = []
     for i, ds in enumerate(cfg.data.datasets):
         if ds.type == "local" and not ds.instance_data_dir.is_dir():
@@ -50,15 +51,16 @@ def check_paths(cfg: JobConfig) -> None:
 
     if (hub_problem := token_problem(cfg)) is not None:
         problems.append(hub_problem)
-    problems += bitsandbytes_problems(cfg)
+    problems += bitsandbytes_problems(cfg, cuda)
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 
 
-def bitsandbytes_problems(cfg: JobConfig) -> list[str]:
+def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]:
     """Why the job's bitsandbytes parts (model.quantize nf4, the 8-bit optimizers) cannot run: not installed, or
-    no CUDA where it will train. A job that trains on this machine (a local Ray) needs CUDA here; on a cluster,
-    train.use_gpu false is refused now and `auto` once Ray says whether the cluster has GPUs (needs_cuda_problem)."""
+    no CUDA where it will train. `cuda` says whether that machine has it (the check command knows its target);
+    None: a job that trains on this machine (a local Ray) needs CUDA here, while on a cluster train.use_gpu false
+    is refused now and `auto` once Ray says whether the cluster has GPUs (needs_cuda_problem)."""
     from raytune_sd3.models.quantize import BNB_INSTALL, NF4_NEEDS_CUDA
     from raytune_sd3.train.optim import BNB_FIX, BNB_OPTIMIZERS
 
@@ -70,9 +72,14 @@ def bitsandbytes_problems(cfg: JobConfig) -> list[str]:
         return []
     if importlib.util.find_spec("bitsandbytes") is None:
         return [f"{what}: needs bitsandbytes, which is not installed here: {BNB_INSTALL}" for what, _ in users]
-    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    if cfg.train.use_gpu is False or (local and not _cuda_here()):
-        why = "train.use_gpu is false" if cfg.train.use_gpu is False else "this machine has no CUDA GPU"
+    if cuda is None:
+        local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS")
+                     or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        cuda, no_cuda = (_cuda_here() if local else True), "this machine has no CUDA GPU"
+    else:
+        no_cuda = "the machine checked against has no GPU"
+    if cfg.train.use_gpu is False or not cuda:
+        why = "train.use_gpu is false" if cfg.train.use_gpu is False else no_cuda
         return [f"{message} ({why})" for _, message in users]
     return []
 
