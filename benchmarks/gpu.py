@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile; the first "
+                   "warmup step's extra time is reported as the compile time)")
+    p.add_argument("--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                   help="the attention kernel (train.attention; default auto: torch's choice)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if raytune_sd3/hardware.py does not know the card")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
@@ -152,6 +156,7 @@ class Trainer:
     params: list
     batch: dict
     autocast: bool
+    attention: str = "auto"
 
     def __post_init__(self):
         from raytune_sd3.config import FlowConfig
@@ -177,7 +182,10 @@ class Trainer:
             return flow_loss(self.flow, pred, latents, fb.noise, fb.sigmas).mean()
 
     def step(self) -> None:
-        self.forward_loss().backward()
+        from raytune_sd3.train.loop import attention_kernel
+
+        with attention_kernel(self.attention)():
+            self.forward_loss().backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,10 +228,11 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype) -> dict:
     trainer = Trainer(model, params, make_batch(spec, resolution, batch, args.t5_tokens, device, dtype),
-                      autocast=dtype == torch.bfloat16)
+                      autocast=dtype == torch.bfloat16, attention=args.attention)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_calls(trainer.step, args.steps, warmup=args.warmup)
+    first = time_calls(trainer.step, 1, warmup=0)[0]  # with --compile: compiles this shape
+    times = time_calls(trainer.step, args.steps, warmup=max(args.warmup - 1, 0))
     memory, memory_kind = peak_memory_gib(device)
     flops = count_flops(model, trainer.forward_loss, device)
     counted_step = count_step_flops(trainer)
@@ -231,7 +240,7 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
     return {"resolution": resolution, "batch": batch, "step_s": step_s, "images_per_s": batch / step_s,
             "peak_memory_gib": memory, "memory_kind": memory_kind, "forward_flops": flops.forward,
             "train_flops": flops.training(), "counted_step_flops": counted_step, "breakdown": flops.breakdown(),
-            "tflops_per_s": flops.training() / step_s / 1e12}
+            "tflops_per_s": flops.training() / step_s / 1e12, "first_step_extra_s": first - step_s}
 
 
 def run_model(name: str, args, device, dtype) -> list[dict]:
@@ -239,6 +248,10 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
     model, params = build_transformer(spec, device, dtype, args.rank, args.targets)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if args.compile:
+        from raytune_sd3.models.loading import compile_blocks
+
+        compile_blocks(model)
     info = {"model": name, "layers": spec["num_layers"], "heads": spec["num_attention_heads"],
             "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "lora_params": sum(p.numel() for p in params)}
     out = []
@@ -330,7 +343,9 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
         f"Setup: SD3.5 transformer architectures with random weights{size}, {str(dtype).removeprefix('torch.')}"
         f"{' autocast' if dtype == torch.bfloat16 else ''}, LoRA rank {args.rank} ({args.targets}), "
         f"{CLIP_TOKENS}+{args.t5_tokens} text tokens, AdamW"
-        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; median of {args.steps} steps. "
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+        f"{', compiled blocks (first step +' + format(rows[0].get('first_step_extra_s', 0), '.1f') + ' s)' if args.compile else ''}"
+        f"{', attention ' + args.attention if args.attention != 'auto' else ''}; median of {args.steps} steps. "
         f"Peak memory: {kind}. Training FLOPs by the formula in gpu.py (in brackets: FlopCounterMode's count of a "
         f"whole forward+backward over it). Baseline: dense matmul {base / 1e12:.3g} TFLOP/s in the same process; "
         f"card peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}.",

@@ -27,6 +27,7 @@ def product_overrides(spec_name: str, resolution: int, batch: int, args) -> list
             "train.learning_rate=1e-4", "train.lr_scheduler=constant", "train.max_grad_norm=1.0",
             "train.optimizer=adamw", f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
             "train.report_every=1000000"]
+    sets += [f"train.compile={str(args.compile).lower()}", f"train.attention={args.attention}"]
     if args.peak_tflops:
         sets.append(f"train.peak_tflops={args.peak_tflops}")
     if args.cpu_smoke:  # the bare step runs fp32 without autocast on the CPU

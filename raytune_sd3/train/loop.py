@@ -19,7 +19,7 @@ import torch
 from raytune_sd3.config import JobConfig
 from raytune_sd3.data.reader import CachedBatches, Prefetcher, read_manifest, split_eval
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
-from raytune_sd3.models.loading import DTYPES, load_sampler, load_transformer, load_vae
+from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import quantize_transformer
 from raytune_sd3.train.flops import count_flops, peak_tflops
@@ -82,6 +82,18 @@ def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int,
     if t.grad_norm_limit and gn is not None and math.isfinite(gn) and gn > t.grad_norm_limit:
         return f"gradient norm {gn:.4g} above train.grad_norm_limit={t.grad_norm_limit}"
     return None
+
+
+def attention_kernel(name: str):
+    """A factory of contexts that run scaled_dot_product_attention with train.attention's kernel (auto: torch's
+    choice)."""
+    if name == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return lambda: sdpa_kernel([backend])
 
 
 def _step_seed(seed: int, step: int, slot: int) -> int:
@@ -157,6 +169,7 @@ class WorkerRun:
         self.dtype = DTYPES[cfg.model.dtype]
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.t.mixed_precision == "bf16"
                          else contextlib.nullcontext())
+        self.attention = attention_kernel(self.t.attention)
         self.step: int | None = None  # the step being trained (None during setup)
         self.batches = self.tracker = self.vae = None
         self.flops_of_shape: dict[tuple, int] = {}
@@ -178,7 +191,7 @@ class WorkerRun:
         params = add_lora(transformer, cfg.lora, seed=t.seed)
         transformer.to(self.device)
         if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
-            transformer.compile()
+            compile_blocks(transformer)
         optimizer = make_optimizer(params, t)
         self.lr_schedule = make_lr_schedule(optimizer, cfg)
         self.start_step, resumed = 0, {}
@@ -248,21 +261,22 @@ class WorkerRun:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         step_flops = 0
-        for micro in range(self.accum):
-            batch = self.batches.get()
-            latents = batch["latents"].to(device, self.dtype, non_blocking=True)
-            fb = make_flow_batch(cfg.flow, latents, sigmas=batch["sigmas"], noise=batch["noise"])
-            if self.peak:
-                c0 = time.perf_counter()
-                step_flops += self._train_flops(batch, latents, fb)
-                t0 += time.perf_counter() - c0  # the counting pass is not training time
-            with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
-                pred = self._forward(self.strategy.wrapped, batch, fb)
-                mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
-                per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
-                loss = (per_sample * batch["loss_weight"].to(device, non_blocking=True)).mean() / self.accum
-                self.strategy.backward(loss)
-            loss_sum += loss.detach()
+        with self.attention():
+            for micro in range(self.accum):
+                batch = self.batches.get()
+                latents = batch["latents"].to(device, self.dtype, non_blocking=True)
+                fb = make_flow_batch(cfg.flow, latents, sigmas=batch["sigmas"], noise=batch["noise"])
+                if self.peak:
+                    c0 = time.perf_counter()
+                    step_flops += self._train_flops(batch, latents, fb)
+                    t0 += time.perf_counter() - c0  # the counting pass is not training time
+                with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
+                    pred = self._forward(self.strategy.wrapped, batch, fb)
+                    mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
+                    per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
+                    loss = (per_sample * batch["loss_weight"].to(device, non_blocking=True)).mean() / self.accum
+                    self.strategy.backward(loss)
+                loss_sum += loss.detach()
         if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
         lr = self.lr_schedule.get_last_lr()[0]
@@ -282,8 +296,9 @@ class WorkerRun:
 
     def evaluate(self) -> float:
         """The eval loss, the same value on every rank (all-reduced), so stop decisions agree."""
-        return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
-                         batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
+        with self.attention():
+            return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
+                             batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
 
     def validate(self, step: int) -> None:
         """Sample the validation prompts with the LoRA into validation/step_NNNNNN (and W&B)."""
