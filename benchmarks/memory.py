@@ -8,8 +8,8 @@ Each option is jobs/tiny.yaml with a few --set values. Training steps on the CPU
 components train/loop.py uses, in its order: load_transformer -> quantize_transformer -> enable_gradient_checkpointing
 -> add_lora -> make_optimizer; each step make_flow_batch, forward (under bf16 autocast when train.mixed_precision is
 bf16), flow_loss, backward, clip_gradients, optimizer.step, zero_grad. The second step is measured (the first
-creates the optimizer state after its backward; every later step holds it throughout), as raytune_sd3.memory's
-trace_peak measures: its tensor-storage tracker (`_PeakTensorMemory`, a TorchDispatchMode) is handed the weights,
+creates the optimizer state after its backward; every later step holds it throughout), as tracer.py's
+trace_peak measures: its tensor-storage tracker (`PeakTensorMemory`, a TorchDispatchMode) is handed the weights,
 buffers, optimizer state and batch first, then the step runs inside it. Figures, in bytes:
 
   static           weights + buffers + LoRA
@@ -64,14 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def subclass_aware_tracker():
-    """raytune_sd3.memory's _PeakTensorMemory, counting a tensor subclass (quanto's QTensors, and their
+    """tracer.py's PeakTensorMemory, counting a tensor subclass (quanto's QTensors, and their
     PackedTensor) by the storages of its inner tensors: the subclass's own untyped_storage() is a placeholder sized
     as if every element were of its outer dtype (fp32 for an int8 weight), which would show no saving at all."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from tracer import PeakTensorMemory
 
-    from raytune_sd3.memory import _PeakTensorMemory
-
-    class PeakTensorMemoryOfInnerTensors(type(_PeakTensorMemory())):
+    class PeakTensorMemoryOfInnerTensors(PeakTensorMemory):
         def track(self, t) -> None:
             if is_traceable_wrapper_subclass(t):
                 for name in t.__tensor_flatten__()[0]:
@@ -110,12 +109,12 @@ def measure(cfg, pretrained: str, stock: bool = False) -> dict[str, int]:
     """Tensor memory in bytes of a training step of `cfg` on the CPU, one worker, set up as train/loop.py does:
     static (weights + buffers + LoRA), buffers, lora, optimizer_state, and peak, of the second step: the first
     creates the optimizer state, which every later step holds throughout. With `stock`, also static_stock and
-    peak_stock: the same step as raytune_sd3.memory's own tracker counts it."""
+    peak_stock: the same step as tracer.py's own tracker counts it."""
     import torch
+    from tracer import PeakTensorMemory
 
     from raytune_sd3.driver.placement import ensure_resolved
     from raytune_sd3.flow import flow_loss, make_flow_batch
-    from raytune_sd3.memory import _PeakTensorMemory
     from raytune_sd3.models.loading import DTYPES, load_transformer
     from raytune_sd3.models.lora import add_lora
     from raytune_sd3.models.quantize import quantize_transformer
@@ -148,7 +147,7 @@ def measure(cfg, pretrained: str, stock: bool = False) -> dict[str, int]:
     train_step(1)
     weights = [*transformer.parameters(), *transformer.buffers()]
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    trackers = [subclass_aware_tracker(), *([_PeakTensorMemory()] if stock else [])]
+    trackers = [subclass_aware_tracker(), *([PeakTensorMemory()] if stock else [])]
     static = []
     for tracker in trackers:
         for x in weights:
@@ -210,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
         f"Setup: {setup_line(job, pretrained)}. Built from the loop's own components, in its order "
         "(load_transformer, quantize_transformer, enable_gradient_checkpointing, add_lora, make_optimizer; each "
         "step make_flow_batch, forward under bf16 autocast when train.mixed_precision is bf16, flow_loss, "
-        "backward, clip_gradients, optimizer.step, zero_grad), and measured with raytune_sd3.memory's "
-        "tensor-storage tracker (`_PeakTensorMemory`) as `trace_peak` uses it: weights, buffers, optimizer "
+        "backward, clip_gradients, optimizer.step, zero_grad), and measured with tracer.py's "
+        "tensor-storage tracker (`PeakTensorMemory`) as `trace_peak` uses it: weights, buffers, optimizer "
         "state and batch handed to it first, then the step run inside it. The step measured is the *second*: the "
         "first creates the optimizer state after its backward, so its peak leaves the state out, while every "
         "later step holds it throughout. *static* = weights + buffers + LoRA; *optimizer state* = moments (and "
@@ -249,7 +248,7 @@ def quanto_paragraph(res: dict[str, dict[str, int]], base: dict[str, int]) -> st
                       f"peak {r['peak_stock']:,} (x{r['peak_stock'] / base['peak']:.2f})"
                       for name, r in res.items() if "static_stock" in r)
     return (
-        "quanto: `_PeakTensorMemory.track` counts a tensor by `untyped_storage()`, which for quanto's quantised "
+        "quanto: `PeakTensorMemory.track` counts a tensor by `untyped_storage()`, which for quanto's quantised "
         "weights (tensor subclasses) is a placeholder the size of the full-precision weight, so the stock tracker "
         f"sees no saving, only the added scales ({stock}). The rows above count a subclass by its inner tensors "
         "(`__tensor_flatten__`: int8 data and scales; int4 packed uint8 data, scales and shifts). Temporaries "

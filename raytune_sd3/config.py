@@ -275,7 +275,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute the transformer's activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """torch.compile the transformer (in place; the first steps of each bucket shape pay the compilation)."""
+    """torch.compile each transformer block (in place; one compile serves every block of a kind); the first step of
+    each bucket shape pays the compilation. Off until measured on a GPU (benchmarks/gpu.py --compile)."""
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """The attention kernel of training and eval forwards (torch's scaled_dot_product_attention backends). auto:
+    torch's choice; flash, cudnn and efficient are GPU kernels, to be picked by measurement (benchmarks/gpu.py
+    --attention); math is the reference one."""
     peak_tflops: float | None = Field(None, gt=0)
     """The card's dense bf16 peak in TFLOP/s, for the MFU in metrics; default: known NVIDIA cards by name (H100,
     H200, A100, L4, ...); elsewhere no MFU is logged."""

@@ -145,3 +145,16 @@ def test_caching_benchmark_runs(tmp_path):
                      str(tmp_path / "RESULTS.md"), timeout=600)
     assert "Ray Data pipeline" in out and "single-process loop" in out and "KiB of latents per image" in out
     assert "## caching" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.bench
+def test_gpu_product_loop_beside_the_bare_step_cpu_smoke(tmp_path):
+    """gpu.py --product at --cpu-smoke size: the product's loop runs on a shaped pipeline of the bare step's
+    architecture for the same steps, and the table of both is written (figures are not checked)."""
+    out, results = tmp_path / "gpu.json", tmp_path / "RESULTS.md"
+    stdout = run_script("gpu.py", "--cpu-smoke", "--models", "medium", "--steps", "2", "--product", "--workdir",
+                        str(tmp_path / "work"), "--json", str(out), "--results", str(results), timeout=600)
+    assert "x the bare step" in stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["product_steps_timed"] == 2 and row["product_ratio"] > 0 and row["product_images_per_s"] > 0
+    assert "product/bare, in-step" in results.read_text()

@@ -54,6 +54,7 @@ QUICKSTART = {
     "tracker_run_name": "fox",
     "snr_gamma": 5.0,
     "push_to_hub": False,
+    "validation_torch_compile": False,
     "hub_token": HF_TOKEN,
     "--validation_guidance_skip_layers": [7, 8, 9],
     "--validation_guidance_skip_layers_start": 0.01,
@@ -143,9 +144,10 @@ def test_cli_converts_the_quickstart(tmp_path):
                      'ignored: multidatabackend.json[pseudo-camera-10k-sd3].cache_dir_vae',
                      "dropped secret: hub_token",
                      "dropped secret: multidatabackend.json[s3-photos].aws_secret_access_key",
-                     "note: false or null, so nothing to convert: push_to_hub",
+                     "note: false or null, so nothing to convert: validation_torch_compile",
                      "note: lora_dropout not set: SimpleTuner's default is 0.1"]:
         assert any(expected in line for line in report), expected
+    assert not any("push_to_hub" in line for line in report)  # known now: off, so no upload (hub.repo_id unset)
 
     # secrets reach neither the job file nor the terminal
     for secret in (HF_TOKEN, AWS_SECRET):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raytune_sd3.config import load_job
+from raytune_sd3.config import ConfigError, load_job
 from raytune_sd3.driver.placement import Cluster, PlacementError, WaitReporter, check_placement, placeable, resolve_auto
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,15 @@ def test_explicit_values_are_kept(tmp_path):
 def test_use_gpu_without_gpus_asks_for_a_number(tmp_path):
     with pytest.raises(PlacementError, match=r"--set train.num_workers="):
         resolve_auto(_job(tmp_path, "train.use_gpu=true"), LAPTOP)
+
+
+@pytest.mark.parametrize("kernel", ["flash", "cudnn", "efficient"])
+def test_a_gpu_attention_kernel_on_cpus_is_refused(tmp_path, kernel):
+    with pytest.raises(ConfigError, match=rf"train.attention {kernel} is a GPU kernel.*train.attention: auto"):
+        resolve_auto(_job(tmp_path, f"train.attention={kernel}"), LAPTOP)
+    cfg = _job(tmp_path, f"train.attention={kernel}")
+    resolve_auto(cfg, ONE_GPU)  # on a GPU it stays
+    assert cfg.train.attention == kernel
 
 
 def test_placeable_counts_whole_bundles_per_node():

@@ -2,6 +2,7 @@
 order, entries kept in RAM are the stored ones and stay within their budget, and a compiled transformer computes
 what the eager one does with the same parameter names."""
 
+import copy
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from raytune_sd3.config import LoraConfig
 from raytune_sd3.data.reader import CachedBatches, EntriesInMemory, Prefetcher
 from raytune_sd3.data.store import CacheStore
-from raytune_sd3.models.loading import load_transformer
+from raytune_sd3.models.loading import compile_blocks, load_transformer
 from raytune_sd3.models.lora import add_lora
 from tests.test_buckets import _fake_cache
 
@@ -65,15 +66,60 @@ def test_entries_in_memory_hold_what_fits_and_read_the_rest_each_time(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
-def test_compiled_transformer_matches_eager_and_keeps_names(tiny_sd3):
-    eager = load_transformer(tiny_sd3)
-    add_lora(eager, LoraConfig(rank=4), seed=0)
-    compiled = load_transformer(tiny_sd3)
-    add_lora(compiled, LoraConfig(rank=4), seed=0)
-    compiled.compile()
+def test_compiled_blocks_match_eager_share_graphs_and_keep_names(tiny_sd3):
+    """train.compile compiles each block in place (compile_blocks): the forward and the LoRA's gradients equal eager,
+    names are unchanged, and the blocks of a kind share one graph (Dynamo compiles one per kind, not one per block:
+    here 5 joint blocks and a last, context-pre-only one: at most 3 graphs, where one per block would be 6)."""
+    from diffusers import SD3Transformer2DModel
+    from torch._dynamo.utils import counters
+
+    config = {**load_transformer(tiny_sd3).config, "num_layers": 6}
+    torch.manual_seed(0)
+    eager = SD3Transformer2DModel.from_config(config).requires_grad_(False)
+    compiled = copy.deepcopy(eager)
+    for model in (eager, compiled):
+        add_lora(model, LoraConfig(rank=4), seed=0)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(compiled) == 6
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints and saved LoRAs unchanged
     g = torch.Generator().manual_seed(0)
     x = dict(hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([500.0, 20.0]),
              encoder_hidden_states=torch.randn(2, 154, eager.config.joint_attention_dim, generator=g),
              pooled_projections=torch.randn(2, eager.config.pooled_projection_dim, generator=g), return_dict=False)
+    for model in (eager, compiled):
+        model(**x)[0].square().mean().backward()
     torch.testing.assert_close(compiled(**x)[0], eager(**x)[0], rtol=1e-4, atol=1e-4)
+    grads = {n: p.grad for n, p in compiled.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    for n, p in eager.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert 2 <= counters["stats"]["unique_graphs"] <= 3  # the joint kind (the first block may get its own), the last
+
+
+def test_train_attention_picks_the_kernel():
+    """train.attention math runs torch's reference attention where auto lets torch pick its fused CPU kernel (on
+    GPUs: flash, cudnn or efficient by name); seen in the ops the call dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from raytune_sd3.train.loop import attention_kernel
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(1, 2, 8, 16)
+    seen = {}
+    for name in ("auto", "math"):
+        with attention_kernel(name)(), Ops() as ops:
+            seen[name] = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        seen[name + "_ops"] = ops.names
+    assert any("flash_attention" in n for n in seen["auto_ops"])
+    assert not any("flash_attention" in n for n in seen["math_ops"]) and "bmm.default" in seen["math_ops"]
+    torch.testing.assert_close(seen["math"], seen["auto"], rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ from raytune_sd3.driver.console import BackgroundLoop
 
 log = logging.getLogger(__name__)
 CPU_WORKERS = 2  # `auto` on a cluster without GPUs: enough to exercise DDP, little enough for a laptop
+GPU_ATTENTION = ("flash", "cudnn", "efficient")  # train.attention kernels torch has on CUDA only
 
 
 class PlacementError(ConfigError):
@@ -89,6 +90,9 @@ def resolve_auto(cfg: JobConfig, cluster: Cluster) -> list[str]:
     gpu = uses_gpu(cfg, cluster)
     if t.use_gpu is None:
         t.use_gpu = gpu  # the trainer must not decide again on a cluster that changed in between
+    if not t.use_gpu and t.attention in GPU_ATTENTION:
+        raise ConfigError(f"train.attention {t.attention} is a GPU kernel and this job trains on CPUs "
+                          f"({cluster.describe()}): use train.attention: auto (or math)")
     if t.num_workers == "auto":
         if gpu and not cluster.gpus:
             raise PlacementError(

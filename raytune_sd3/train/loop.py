@@ -18,8 +18,8 @@ import torch
 
 from raytune_sd3.config import JobConfig
 from raytune_sd3.data.reader import CachedBatches, Prefetcher, read_manifest, split_eval
-from raytune_sd3.flow import flow_loss, make_flow_batch
-from raytune_sd3.models.loading import DTYPES, load_sampler, load_transformer, load_vae
+from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
+from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
 from raytune_sd3.train.flops import count_flops, peak_tflops
@@ -82,6 +82,18 @@ def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int,
     if t.grad_norm_limit and gn is not None and math.isfinite(gn) and gn > t.grad_norm_limit:
         return f"gradient norm {gn:.4g} above train.grad_norm_limit={t.grad_norm_limit}"
     return None
+
+
+def attention_kernel(name: str):
+    """A factory of contexts that run scaled_dot_product_attention with train.attention's kernel (auto: torch's
+    choice)."""
+    if name == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return lambda: sdpa_kernel([backend])
 
 
 def _step_seed(seed: int, step: int, slot: int) -> int:
@@ -157,6 +169,7 @@ class WorkerRun:
         self.dtype = DTYPES[cfg.model.dtype]
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.t.mixed_precision == "bf16"
                          else contextlib.nullcontext())
+        self.attention = attention_kernel(self.t.attention)
         self.step: int | None = None  # the step being trained (None during setup)
         self.batches = self.tracker = self.vae = None
         self.flops_of_shape: dict[tuple, int] = {}
@@ -180,7 +193,7 @@ class WorkerRun:
         params = add_lora(transformer, cfg.lora, seed=t.seed)
         transformer.to(self.device)
         if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
-            transformer.compile()
+            compile_blocks(transformer)
         optimizer = make_optimizer(params, t)
         self.lr_schedule = make_lr_schedule(optimizer, cfg)
         self.start_step, resumed = 0, {}
@@ -212,7 +225,7 @@ class WorkerRun:
         on_gpu = self.device.type == "cuda"  # a read-ahead thread pays on GPUs only (benchmarks/RESULTS.md)
         self.batches = Prefetcher(self.reader, [(s - 1, m, self.accum, self.rank, self.world, t.batch_size)
                                                 for s in steps for m in range(self.accum)], pin=on_gpu,
-                                  background=on_gpu)
+                                  background=on_gpu, then=self._with_noise)
         self.peak = peak_tflops(self.device, t.peak_tflops)  # MFU is logged where the card's peak is known
 
     # --- the steps -------------------------------------------------------------------------------------------------
@@ -250,32 +263,32 @@ class WorkerRun:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         step_flops = 0
-        for micro in range(self.accum):
-            batch = self.batches.get()
-            latents = batch["latents"].to(device, self.dtype, non_blocking=True)
-            noise_seed = _step_seed(t.seed, step, micro * world + self.rank)
-            fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(noise_seed))
-            if self.peak:
-                c0 = time.perf_counter()
-                step_flops += self._train_flops(batch, latents, fb)
-                t0 += time.perf_counter() - c0  # the counting pass is not training time
-            with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
-                pred = self._forward(self.strategy.wrapped, batch, fb)
-                mask = batch["mask"].to(device) if "mask" in batch else None
-                per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
-                loss = (per_sample * batch["loss_weight"].to(device)).mean() / self.accum
-                self.strategy.backward(loss)
-            loss_sum += loss.detach()
+        with self.attention():
+            for micro in range(self.accum):
+                batch = self.batches.get()
+                latents = batch["latents"].to(device, self.dtype, non_blocking=True)
+                fb = make_flow_batch(cfg.flow, latents, sigmas=batch["sigmas"], noise=batch["noise"])
+                if self.peak:
+                    c0 = time.perf_counter()
+                    step_flops += self._train_flops(batch, latents, fb)
+                    t0 += time.perf_counter() - c0  # the counting pass is not training time
+                with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
+                    pred = self._forward(self.strategy.wrapped, batch, fb)
+                    mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
+                    per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
+                    loss = (per_sample * batch["loss_weight"].to(device, non_blocking=True)).mean() / self.accum
+                    self.strategy.backward(loss)
+                loss_sum += loss.detach()
         if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        loss_value = loss_sum.item()
         lr = self.lr_schedule.get_last_lr()[0]
-        grad_norm, stepped = self.strategy.step(math.isfinite(loss_value))
-        if not stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
+        result = self.strategy.step(loss_sum)  # the step's one host read of device values
+        if not result.stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
             self.nonfinite += 1
         self.lr_schedule.step()
         step_time = time.perf_counter() - t0
-        metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+        metrics = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                   "step_time_s": step_time,
                    "images_per_s": t.batch_size * self.accum * world / step_time,
                    "epoch": step / self.reader.steps_per_epoch, "nonfinite_steps": self.nonfinite, "workers": world}
         if self.peak:  # this rank's model FLOPs over its step time, against one card's peak
@@ -285,8 +298,9 @@ class WorkerRun:
 
     def evaluate(self) -> float:
         """The eval loss, the same value on every rank (all-reduced), so stop decisions agree."""
-        return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
-                         batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
+        with self.attention():
+            return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
+                             batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
 
     def validate(self, step: int) -> None:
         """Sample the validation prompts with the LoRA into validation/step_NNNNNN (and W&B)."""
@@ -342,6 +356,14 @@ class WorkerRun:
         if self.log is not None:
             self.log.write(metrics)
             self.tracker.log(metrics)
+
+    def _with_noise(self, args: tuple, batch: dict) -> dict:
+        """Add its sigmas and noise to a micro-batch (Prefetcher's `then`, run in the read-ahead thread): drawn from
+        the seed of its step and place in the global batch, so the stream does not depend on where it is drawn."""
+        step, micro = args[0] + 1, args[1]
+        seed = _step_seed(self.t.seed, step, micro * self.world + self.rank)
+        sigmas, noise = draw_noise(self.cfg.flow, tuple(batch["latents"].shape), torch.Generator().manual_seed(seed))
+        return {**batch, "sigmas": sigmas, "noise": noise}
 
     def _forward(self, model, batch: dict, fb) -> torch.Tensor:
         return model(hidden_states=fb.noisy, timestep=fb.timesteps,

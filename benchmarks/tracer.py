@@ -1,0 +1,123 @@
+"""The peak tensor memory of one real LoRA training step, to check raytune_sd3/memory.py's estimate against.
+
+`trace_peak` builds diffusers' SD3Transformer2DModel from a config (random weights), adds our LoRA and runs a step
+as train/loop.py does (forward, flow loss, backward, clip, AdamW), tracking every tensor storage it makes. On the
+"meta" device nothing is computed (seconds, any model size: SD3.5 Large included) and attention is routed to the
+flash kernel real runs use; on "cpu" or "cuda" it is a real run. tests/test_check.py and memory.py here use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+from raytune_sd3.memory import TEXT_CLIP_TOKENS
+
+
+def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int, batch: int, resolution: int,
+               t5_tokens: int, device: str = "meta", blocks: list[int] | None = None) -> dict[str, int]:
+    """Run one LoRA training step as train/loop.py does (random weights) and return its tensor memory in bytes.
+
+    Keys: `static` (weights + LoRA + AdamW state), `forward` (after the loss), `peak` (a whole step after the first).
+    "meta" computes nothing (any model size, seconds) and routes attention to the flash kernel PyTorch uses on
+    CPU and GPU; "cpu" runs the real step; "cuda" also reports `cuda_max_allocated`. No autocast (see memory.py).
+    """
+    from diffusers import SD3Transformer2DModel
+
+    from raytune_sd3.config import FlowConfig, LoraConfig
+    from raytune_sd3.flow import flow_loss, noisy_input
+    from raytune_sd3.models.loading import DTYPES
+    from raytune_sd3.models.lora import add_lora
+
+    torch_dtype = DTYPES[dtype]
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)  # build in dtype: meta tensors cannot be cast with .to() afterwards
+        try:
+            model = SD3Transformer2DModel.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.requires_grad_(False)
+        params = add_lora(model, LoraConfig(rank=rank, targets=targets, blocks=blocks))
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        h = w = resolution // 8
+        latents = torch.randn(batch, config.get("in_channels", 16), h, w, dtype=torch_dtype)
+        embeds = torch.randn(batch, TEXT_CLIP_TOKENS + t5_tokens, config["joint_attention_dim"], dtype=torch_dtype)
+        pooled = torch.randn(batch, config["pooled_projection_dim"], dtype=torch_dtype)
+        noise, sigmas = torch.randn_like(latents), torch.rand(batch)
+        # AdamW makes its state in the first step, after that step's backward: make it now, so that the peak
+        # measured is that of every later step (the state held through the backward).
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    tracker = PeakTensorMemory()
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    for t in [*model.parameters(), *model.buffers(), *state]:
+        tracker.track(t)
+    static = tracker.live
+    for t in (latents, embeds, pooled, noise, sigmas):
+        tracker.track(t)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    flash = FlashAttentionOnMeta() if device == "meta" else contextlib.nullcontext()
+    with tracker, flash:
+        pred = model(hidden_states=noisy_input(latents, noise, sigmas), timestep=sigmas * 1000,
+                     encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        loss = flow_loss(FlowConfig(), pred, latents, noise, sigmas).mean()
+        forward = tracker.live
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out = {"static": static, "forward": forward, "peak": tracker.peak}
+    if device.startswith("cuda"):
+        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Live bytes of every tensor storage made inside it (or handed to `track`), and their peak: what
+    torch.cuda.max_memory_allocated reports, less the caching allocator's rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def track(self, t) -> None:
+        st = t.untyped_storage()
+        if st in self._seen:
+            return
+        nbytes = st.nbytes()
+        self._seen[st] = weakref.ref(st, lambda _, n=nbytes: self._freed(n))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self.track, out)
+        return out
+
+
+class FlashAttentionOnMeta(TorchFunctionMode):
+    """On meta tensors SDPA falls back to the math kernel (which keeps the S x S matrix); real runs use flash."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].device.type == "meta" and (
+                kwargs.get("attn_mask") is None):
+            q, k, v = args[:3]
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
