@@ -2,7 +2,9 @@
 HF_TOKEN rules (environment only, checked before Ray starts) and an upload that fails against a real local HTTP
 server: the LoRA and the card stay, one warning says what failed and how to retry, and the exit status is 4."""
 
+import base64
 import http.server
+import json
 import os
 import re
 import socket
@@ -178,3 +180,85 @@ def test_a_failed_upload_keeps_the_lora_and_card_and_says_how_to_retry(tmp_path,
     assert front_matter((out / "README.md").read_text())["base_model"] == LARGE
     if server is not None:  # it did ask the Hub's API to create the repo, with the token from the environment
         assert ("POST", "/api/repos/create", f"Bearer {TOKEN}") in _Failing.seen, _Failing.seen
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The Hub API calls an upload makes (create the repo, validate the card's front matter, ask how to send each
+    file, commit them inline), answered as huggingface_hub expects; records what it was asked and received."""
+
+    created: list = []
+    files: dict = {}
+    auth: set = set()
+
+    def _json(self, code: int, value) -> None:
+        body = json.dumps(value).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - huggingface_hub's own lookups (agent registry): nothing to say
+        self._json(404, {"error": "not found"})
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        host = f"http://{self.headers['host']}"
+        if self.path.startswith("/api/"):
+            self.auth.add(self.headers.get("authorization"))
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            self.created.append(request)
+            repo = f"{request.get('organization') or 'me'}/{request['name']}"
+            return self._json(200, {"url": f"{host}/{repo}"})
+        if self.path == "/api/validate-yaml":  # the README's front matter, before the commit
+            meta = front_matter(json.loads(body)["content"])
+            if not meta.get("license") or not meta.get("base_model"):
+                return self._json(400, {"errors": [{"message": "license and base_model expected"}]})
+            return self._json(200, {"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                              for f in files]})
+        if "/commit/" in self.path:
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self._json(200, {"commitUrl": f"{host}/me/fox-lora/commit/{'a' * 40}", "commitOid": "a" * 40})
+        self._json(404, {"error": self.path})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_upload_sends_the_card_images_and_lora_to_a_private_repo(tmp_path):
+    _FakeHub.created, _FakeHub.files, _FakeHub.auth = [], {}, set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cfg = _job(tmp_path)
+    out = cfg.output_dir
+    images = _validation(out, 40, (0, 0, 255))
+    (out / "job.yaml").write_text(dump_job(cfg))
+    lora = os.urandom(4096)
+    (out / "pytorch_lora_weights.safetensors").write_bytes(lora)
+    (out / "metrics.jsonl").write_text('{"step": 40, "loss": 0.5}\n')  # not part of the upload
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_TOKEN": TOKEN,
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "raytune_sd3.hub", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=180, env=env)
+    finally:
+        server.shutdown()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "uploaded to" in r.stderr and "(private)" in r.stderr and TOKEN not in r.stdout + r.stderr
+    assert len(_FakeHub.created) == 1, _FakeHub.created
+    created = _FakeHub.created[0]
+    assert (created["name"], created.get("organization")) == ("fox-lora", "me") and (
+        created.get("private") is True or created.get("visibility") == "private"), created
+    assert _FakeHub.auth == {f"Bearer {TOKEN}"}
+    assert sorted(_FakeHub.files) == ["README.md", "images/00_64x64.png", "images/01_64x64.png",
+                                      "pytorch_lora_weights.safetensors"]
+    assert _FakeHub.files["pytorch_lora_weights.safetensors"] == lora
+    assert [_FakeHub.files[f"images/{i:02d}_64x64.png"] for i in range(2)] == images
+    assert _FakeHub.files["README.md"] == (out / "README.md").read_bytes()
