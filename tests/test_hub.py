@@ -1,6 +1,7 @@
 """The model card (offline: its front matter, base model, licence, prompts, images, settings, and no secret), the
-HF_TOKEN rules (environment only, checked before Ray starts) and an upload that fails against a real local HTTP
-server: the LoRA and the card stay, one warning says what failed and how to retry, and the exit status is 4."""
+HF_TOKEN rules (environment only, checked before Ray starts), an upload that fails against a real local HTTP
+server (the LoRA and the card stay, one warning says what failed and how to retry, exit status 4) and one that
+succeeds against a local server speaking the Hub's API."""
 
 import base64
 import http.server
