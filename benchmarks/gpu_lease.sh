@@ -29,4 +29,8 @@ stage large-product 230 --models large --resolutions 1024 --batch 2 --steps 10 -
 stage large-cudnn 60 --models large --resolutions 1024 --batch 2 --steps 8 --warmup 2 --attention cudnn
 stage large-flash 60 --models large --resolutions 1024 --batch 2 --steps 8 --warmup 2 --attention flash
 stage large-compile 120 --models large --resolutions 1024 --batch 2 --steps 8 --warmup 2 --compile
+if python3 -c "import bitsandbytes" 2>/dev/null; then  # not in the bundle (43 MB): only where the image has it
+  stage lowvram 120 --models large --resolutions 512 --batch 1 --quantize nf4 --optimizer lion8bit_paged \
+    --gradient-checkpointing --steps 6 --warmup 2
+else echo "=== lowvram: skipped, no bitsandbytes on this machine"; fi
 echo "=== done at t=$(( $(date +%s) - T0 ))s"
