@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def verify(cfg) -> int:
     """--verify: every entry's checksum; bad ones removed for the next run to encode again. 1 when any was bad."""
-    from raytune_sd3.data.remote import is_uri
+    from raytune_sd3.data.files import is_uri
 
     if not is_uri(cfg.cache_dir) and not Path(cfg.cache_dir).is_dir():
         raise ConfigError(f"{cfg.cache_dir} is not a cache folder (data.cache_dir, default <output_dir>/cache)")
