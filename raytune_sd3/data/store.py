@@ -81,21 +81,27 @@ class CacheStore:
 
     def has(self, kind: str, key: str) -> bool:
         """True for a whole entry: a truncated or unreadable one counts as missing (and is encoded again)."""
+        return self.whole_size(kind, key) is not None
+
+    def whole_size(self, kind: str, key: str) -> int | None:
+        """The entry's length when it is whole (header readable, file as long as the header says), else None."""
         path = str(self.path(kind, key))
         try:
             size = self.files.size(path)
             parsed = None if size is None else _parse_header(lambda s, n: self.files.read_range(path, s, n))
         except OSError:
-            return False
+            return None
         if parsed is None:
-            return False
+            return None
         header, length = parsed
-        return CHECKSUM in (header.get("__metadata__") or {}) and size == length
+        return size if CHECKSUM in (header.get("__metadata__") or {}) and size == length else None
 
-    def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Whole or not at all: readers see no entry or the whole one (CacheFiles.write)."""
+    def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> int:
+        """Whole or not at all: readers see no entry or the whole one (CacheFiles.write). Returns its length."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        self.files.write(str(self.path(kind, key)), save(tensors, metadata={CHECKSUM: tensors_digest(tensors)}))
+        data = save(tensors, metadata={CHECKSUM: tensors_digest(tensors)})
+        self.files.write(str(self.path(kind, key)), data)
+        return len(data)
 
     def read(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         return load(self.files.read(str(self.path(kind, key))))
