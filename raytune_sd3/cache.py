@@ -1,7 +1,7 @@
 """python -m raytune_sd3.cache JOB.yaml [--data DIR] [--set key=value ...] [--verify]
 
 The caching stage alone: discover the job's images, encode what the cache lacks (Ray Data), write
-`<output_dir>/manifest.json` and `cache_report.json`, and print the summary. Training runs it too; run it alone to
+`<output_dir>/manifest.parquet` and `cache_report.json`, and print the summary. Training runs it too; run it alone to
 fill a cache before booting GPUs for training, or to see which images were skipped and why.
 
 --verify encodes nothing: it reads every entry of the job's cache, recomputes its checksum, and removes the bad
