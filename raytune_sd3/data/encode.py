@@ -125,7 +125,7 @@ def _whole_entry(store: CacheStore, kind: str, key: str, index: StatIndex | None
     """The entry's length when it is whole, else 0. An entry the index saw whole at its present length is not
     opened (one stat); any other has its header read."""
     recorded = index.entry_size(kind, key) if index is not None else None
-    if recorded is not None and store.files.size(str(store.path(kind, key))) == recorded:
+    if recorded is not None and store.files.size(store.entry_path(kind, key)) == recorded:
         return recorded
     return store.whole_size(kind, key) or 0
 
@@ -166,7 +166,7 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatInde
         if not problem:
             entry = _whole_entry(store, "latents", key, index)
         for name, value in zip(out, (key if not problem else "", bool(entry), problem, *orig, *size,
-                                     json.dumps(learnt), entry), strict=True):
+                                     json.dumps(learnt) if learnt else "", entry), strict=True):
             out[name].append(value)
     return {**{k: v for k, v in batch.items() if k != "known"}, **{k: np.array(v) for k, v in out.items()}}
 
@@ -266,9 +266,9 @@ def _indexed(row: dict, index: StatIndex) -> tuple[ImageFacts, ImageFacts | None
         return None  # gone or unreadable since discovery: the hashing path reports why
 
 
-def _in_threads(rows: list[dict], fn) -> list[dict]:
+def _in_threads(rows: list[dict], fn, chunk: int = 16) -> list[dict]:
     """`fn` over chunks of `rows` in threads (hashlib, PIL and pyarrow release the GIL); rows back in order."""
-    chunks = [rows[i:i + 16] for i in range(0, len(rows), 16)]
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     with ThreadPoolExecutor(8) as pool:
         batches = pool.map(lambda c: fn({k: [r[k] for r in c] for k in c[0]}), chunks)
         return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["path"]))]
@@ -283,7 +283,8 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
     for r in rows:
         facts = _indexed(r, index) if index is not None else None
         (known if facts else unknown).append({**r, "known": facts} if facts else r)
-    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index)) if known else []
+    # Known rows cost a stat each: large chunks, as the per-chunk overhead would weigh more than the work.
+    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index), 1024) if known else []
     if len(unknown) > LOCAL_HASHING:
         import ray
 
@@ -294,7 +295,7 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
         out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels))
     if index is not None:
         for r in out:
-            for path, *facts, stat_ns in json.loads(str(r["learnt"])):
+            for path, *facts, stat_ns in json.loads(str(r["learnt"]) or "[]"):
                 index.add_image(path, ImageFacts(*facts), stat_ns)
             if r["entry_bytes"]:
                 index.add_entry("latents", str(r["latent_key"]), int(r["entry_bytes"]))
@@ -314,7 +315,7 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     index = StatIndex.load(store.files)
     rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
     keyed = _keyed(rows, spec, max_pixels, task_opts, index)
-    report.files_hashed = sum(len(json.loads(str(r["learnt"]))) for r in keyed)
+    report.files_hashed = sum(len(json.loads(str(r["learnt"]))) for r in keyed if r["learnt"])
     report.files_from_index = index.hits
     todo = [r for r in keyed if not r["hit"] and not r["error"]]
     done = {int(r["uid"]): r for r in keyed if r["hit"]}
@@ -326,8 +327,11 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     captions = sorted({c for r in keyed if not r["error"] for c in items[int(r["uid"])].captions}
                       | set(extra_captions))
     report.text_keys = {c: spec.text_key(c) for c in captions}
+    keys = list(report.text_keys.values())
     with ThreadPoolExecutor(8) as pool:  # stats or header reads; many at once on an object store
-        present = list(pool.map(lambda k: _whole_entry(store, "text", k, index), report.text_keys.values()))
+        chunks = pool.map(lambda c: [_whole_entry(store, "text", k, index) for k in c],
+                          [keys[i:i + 256] for i in range(0, len(keys), 256)])
+        present = [length for c in chunks for length in c]
     for k, length in zip(report.text_keys.values(), present, strict=True):
         if length:
             index.add_entry("text", k, length)

@@ -76,8 +76,12 @@ class CacheStore:
 
     def path(self, kind: str, key: str) -> Path | str:
         """Where the entry lives: a Path for a local cache (for people and tests), else the filesystem's path."""
-        path = self.files.join(kind, key[:2], f"{key}.safetensors")
+        path = self.entry_path(kind, key)
         return Path(path) if self.files.local else path
+
+    def entry_path(self, kind: str, key: str) -> str:
+        """The entry's path in the cache's filesystem."""
+        return self.files.join(kind, key[:2], f"{key}.safetensors")
 
     def has(self, kind: str, key: str) -> bool:
         """True for a whole entry: a truncated or unreadable one counts as missing (and is encoded again)."""
@@ -85,7 +89,7 @@ class CacheStore:
 
     def whole_size(self, kind: str, key: str) -> int | None:
         """The entry's length when it is whole (header readable, file as long as the header says), else None."""
-        path = str(self.path(kind, key))
+        path = self.entry_path(kind, key)
         try:
             size = self.files.size(path)
             parsed = None if size is None else _parse_header(lambda s, n: self.files.read_range(path, s, n))
@@ -100,18 +104,18 @@ class CacheStore:
         """Whole or not at all: readers see no entry or the whole one (CacheFiles.write). Returns its length."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         data = save(tensors, metadata={CHECKSUM: tensors_digest(tensors)})
-        self.files.write(str(self.path(kind, key)), data)
+        self.files.write(self.entry_path(kind, key), data)
         return len(data)
 
     def read(self, kind: str, key: str) -> dict[str, torch.Tensor]:
-        return load(self.files.read(str(self.path(kind, key))))
+        return load(self.files.read(self.entry_path(kind, key)))
 
     def remove(self, kind: str, key: str) -> None:
-        self.files.delete(str(self.path(kind, key)))
+        self.files.delete(self.entry_path(kind, key))
 
     def verify(self, kind: str, key: str) -> str | None:
         """What is wrong with an entry ("missing", "truncated", "checksum mismatch", ...), or None when it is good."""
-        path = str(self.path(kind, key))
+        path = self.entry_path(kind, key)
         if self.files.size(path) is None:
             return "missing"
         if not self.has(kind, key):
