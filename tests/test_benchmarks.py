@@ -145,3 +145,11 @@ def test_caching_benchmark_runs(tmp_path):
                      str(tmp_path / "RESULTS.md"), timeout=600)
     assert "Ray Data pipeline" in out and "single-process loop" in out and "KiB of latents per image" in out
     assert "## caching" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.bench
+def test_warmstart_benchmark_runs(tmp_path):
+    out = run_script("warmstart.py", "--sizes", "200,400", "--repeats", "1", "--results", str(tmp_path / "R.md"),
+                     timeout=300)
+    assert "| 400 |" in out and "1,000,000 images" in out and "old/new" in out
+    assert "## warm start" in (tmp_path / "R.md").read_text()
