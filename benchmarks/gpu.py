@@ -4,6 +4,11 @@ peak memory and MFU, at 1024px and 512px with 154 T5 tokens, bf16.
     python benchmarks/gpu.py                      # on a GPU: Large and Medium, 1024px and 512px
     python benchmarks/gpu.py --models large --resolutions 1024 --batch 2
     python benchmarks/gpu.py --cpu-smoke          # anywhere: 2 layers, 4 heads, fp32, 256px (checks the script)
+    python benchmarks/gpu.py --models medium --resolutions 1024 --batch 2 --product   # + the product's own loop
+
+--product also runs the product's own loop (the CLI's TorchTrainer, one worker; product.py) on a shaped pipeline of
+the same architecture, with the same batch, resolution, text length, LoRA, dtype, autocast and AdamW, for the same
+number of timed steps, after the bare step: it prints product/bare (target >= 0.97) and the MFU of each.
 
 A step is what the job's loop does (train/loop.py) with the project's pieces: add_lora (rank 16, `attention`
 targets as jobs/sd35.yaml; LoRA weights fp32), make_flow_batch and flow_loss, bf16 autocast, backward, global-norm
@@ -42,6 +47,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, command, machine, machine_line, median, table, time_calls, write_section
+from product import product_step
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -77,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
     p.add_argument("--layers", type=int, help="override the number of layers")
     p.add_argument("--heads", type=int, help="override the number of heads (width = heads x 64)")
+    p.add_argument("--product", action="store_true",
+                   help="also run the product's own loop on a shaped pipeline of each model (product.py)")
+    p.add_argument("--workdir", type=Path, default=Path("outputs/bench-gpu"),
+                   help="--product's pipelines, caches and runs (default outputs/bench-gpu; pipelines are reused)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--results", type=Path, default=RESULTS, help="where to write the section (default RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -262,6 +272,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("no GPU visible: run on a GPU machine, or with --cpu-smoke to check the script on a CPU")
     device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda")
+    if args.cpu_smoke and args.product:
+        torch.set_num_threads(1)  # as the product's Ray Train worker (OMP_NUM_THREADS=1): like against like
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
     base = matmul_flops_per_s(device, dtype)
     peak = peak_tflops(device, args.peak_tflops)
@@ -272,6 +284,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not r.get("oom"):
             r["mfu"] = r["tflops_per_s"] / peak if peak else None
             r["x_matmul"] = r["tflops_per_s"] * 1e12 / base
+    if args.product:  # after the bare models are freed: the product's worker gets the whole card
+        for r in rows:
+            if not r.get("oom"):
+                spec = model_config(r["model"], args.layers, args.heads)
+                r.update(product_step(spec, r["model"], r["resolution"], r["batch"], args, args.workdir))
+                r["product_ratio"] = r["step_s"] / r["product_step_s"]
+                r["product_period_ratio"] = r["step_s"] / r["product_period_s"]
+                print(f"{r['model']} {r['resolution']}px batch {r['batch']}: product {r['product_images_per_s']:.3g} "
+                      f"images/s in-step ({r['product_ratio']:.3f} x the bare step), step to step "
+                      f"{r['product_period_ratio']:.3f} x", flush=True)
     info = machine()
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "matmul_flops_per_s": base, "peak_tflops": peak,
@@ -313,7 +335,28 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
         f"whole forward+backward over it). Baseline: dense matmul {base / 1e12:.3g} TFLOP/s in the same process; "
         f"card peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}.",
         table(["model", "params (B)", "res", "batch", "images/s", "peak mem (GiB)", "forward FLOPs",
-               "training FLOPs/step (counted/formula)", "MFU", "x matmul"], lines)])
+               "training FLOPs/step (counted/formula)", "MFU", "x matmul"], lines),
+        *product_report(rows, args)])
+
+
+def product_report(rows: list[dict], args) -> list[str]:
+    """The product's loop beside the bare step (--product), or nothing."""
+    rows = [r for r in rows if "product_step_s" in r]
+    if not rows:
+        return []
+
+    def pct(v):
+        return f"{v:.1%}" if v is not None else "n/a"
+
+    lines = [[r["model"], f"{r['resolution']}px", r["batch"], f"{r['images_per_s']:.3g}",
+              f"{r['product_images_per_s']:.3g}", f"**{r['product_ratio']:.3f}**", f"{r['product_period_ratio']:.3f}",
+              pct(r["mfu"]), pct(r["product_mfu"])] for r in rows]
+    return [f"The product's loop (python -m raytune_sd3.train's TorchTrainer, one worker, benchmarks/product.py) on a "
+            f"shaped pipeline of the same architecture, same settings, median of the same {args.steps} steps after "
+            f"{args.warmup} (the checkpoint step left out). In-step: the loop's step_time_s; step to step adds "
+            "metrics.jsonl and ray.train.report. Target: product/bare >= 0.97.",
+            table(["model", "res", "batch", "bare images/s", "product images/s (in-step)",
+                   "product/bare, in-step", "product/bare, step to step", "bare MFU", "product MFU"], lines)]
 
 
 if __name__ == "__main__":

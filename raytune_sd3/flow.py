@@ -102,21 +102,33 @@ class FlowBatch:
     noise: torch.Tensor
 
 
+def draw_noise(cfg: FlowConfig, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unshifted sigmas (B,) and fp32 noise `shape` of one batch, drawn in this order from the CPU `generator`.
+
+    Drawing on the CPU keeps the random stream identical across devices, so a resumed or re-sharded run is
+    reproducible; the training loop draws them in its read-ahead thread, off the step's critical path.
+    """
+    sigmas = sample_sigmas(cfg, shape[0], generator)
+    return sigmas, torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
 def make_flow_batch(
     cfg: FlowConfig,
     latents: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
     sigmas: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> FlowBatch:
-    """Draw (or take) sigmas and noise from the CPU `generator`, shift them and build the noisy input.
+    """Shift the unshifted `sigmas` and build the noisy input from `latents` and `noise` (fp32, any device).
 
-    Drawing on the CPU keeps the random stream identical across devices, so a resumed or re-sharded run is
-    reproducible.
+    Without `noise`, sigmas (unless given) and noise are drawn from the CPU `generator` as draw_noise does.
     """
-    b = latents.shape[0]
-    if sigmas is None:
-        sigmas = sample_sigmas(cfg, b, generator)
-    sigmas = shift_sigmas(sigmas, resolve_shift(cfg, latents.shape[-2], latents.shape[-1]))
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    sigmas = sigmas.to(latents.device)
+    if noise is None:
+        if sigmas is None:
+            sigmas, noise = draw_noise(cfg, tuple(latents.shape), generator)
+        else:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(latents.device, latents.dtype, non_blocking=True)
+    sigmas = shift_sigmas(sigmas.to(latents.device, non_blocking=True),
+                          resolve_shift(cfg, latents.shape[-2], latents.shape[-1]))
     return FlowBatch(noisy_input(latents, noise, sigmas), sigmas * NUM_TRAIN_TIMESTEPS, sigmas, noise)

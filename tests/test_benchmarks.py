@@ -153,3 +153,16 @@ def test_warmstart_benchmark_runs(tmp_path):
                      timeout=300)
     assert "| 400 |" in out and "1,000,000 images" in out and "old/new" in out
     assert "## warm start" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.bench
+def test_gpu_product_loop_beside_the_bare_step_cpu_smoke(tmp_path):
+    """gpu.py --product at --cpu-smoke size: the product's loop runs on a shaped pipeline of the bare step's
+    architecture for the same steps, and the table of both is written (figures are not checked)."""
+    out, results = tmp_path / "gpu.json", tmp_path / "RESULTS.md"
+    stdout = run_script("gpu.py", "--cpu-smoke", "--models", "medium", "--steps", "2", "--product", "--workdir",
+                        str(tmp_path / "work"), "--json", str(out), "--results", str(results), timeout=600)
+    assert "x the bare step" in stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["product_steps_timed"] == 2 and row["product_ratio"] > 0 and row["product_images_per_s"] > 0
+    assert "product/bare, in-step" in results.read_text()

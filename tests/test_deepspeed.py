@@ -212,7 +212,7 @@ def _train_step(strategy, step: int, rank: int, grad_accum: int, nan_on_rank: in
             if rank == nan_on_rank:
                 loss = loss * math.inf
             strategy.backward(loss)
-    return strategy.step(loss_finite=nan_on_rank is None)
+    return tuple(strategy.step(loss.detach()))[1:]  # (grad norm, stepped): a plain tuple for torch.load
 
 
 def _round_trip_worker(config: dict) -> None:

@@ -11,6 +11,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from raytune_sd3.config import FlowConfig
 from raytune_sd3.flow import (
     auto_shift,
+    draw_noise,
     flow_loss,
     image_seq_len,
     loss_weighting,
@@ -91,6 +92,20 @@ def test_flow_batch_is_reproducible_and_shifted():
     raw = sample_sigmas(cfg, 3, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.sigmas, shift_sigmas(raw, 3.0))
     torch.testing.assert_close(a.timesteps, a.sigmas * 1000)
+
+
+def test_noise_drawn_ahead_equals_noise_drawn_in_the_step():
+    """The loop draws each micro-batch's sigmas and noise in its read-ahead thread (draw_noise); the batch built from
+    them is bitwise the one drawn from the same generator in the step, so trajectories did not change."""
+    cfg = FlowConfig(shift=3.0)
+    latents = torch.randn(2, 16, 8, 8)
+    sigmas, noise = draw_noise(cfg, tuple(latents.shape), torch.Generator().manual_seed(7))
+    ahead = make_flow_batch(cfg, latents, sigmas=sigmas, noise=noise)
+    inline = make_flow_batch(cfg, latents, torch.Generator().manual_seed(7))
+    for name in ("noisy", "timesteps", "sigmas", "noise"):
+        torch.testing.assert_close(getattr(ahead, name), getattr(inline, name), rtol=0, atol=0)
+    other = make_flow_batch(cfg, latents, torch.Generator().manual_seed(8))
+    assert not torch.equal(other.noise, inline.noise)
 
 
 @pytest.mark.parametrize("prediction,weighting", [("velocity", "none"), ("x0", "sigma_sqrt"), ("x0", "cosmap")])

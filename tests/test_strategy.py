@@ -2,6 +2,7 @@
 nor at each forward), while the LoRA's parameters are broadcast once and its gradients averaged."""
 
 import copy
+import math
 import os
 import socket
 from pathlib import Path
@@ -11,9 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytune_sd3.config import load_job
-from raytune_sd3.train.strategy import clip_gradients, skip_frozen_sync
+from raytune_sd3.train.strategy import clip_gradients, decides_skip_on_device, read_step, skip_frozen_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +99,57 @@ def test_clip_gradients_equals_torch(mode):
         assert 0 < (grads.abs() == threshold).sum() < grads.numel()
     else:
         assert before > threshold
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts reads of one tensor element into Python (.item(), float(), bool(), math.isfinite(t)): each is a
+    host-device sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_the_device_once_and_the_device_skip_equals_the_host_skip(monkeypatch):
+    """clip_and_step with torch's fused AdamW (on GPUs the default; it takes found_inf, so the skip of a non-finite
+    step is decided on the device) against the plain AdamW (the host reads the loss first): the same updates, a
+    non-finite step leaves weights, moments and step count untouched in both, and each step reads device values
+    into Python exactly once (read_step, after the update is queued where fused), never through .item() or float()."""
+    import raytune_sd3.train.strategy as strategy
+
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["train.max_grad_norm=0.5"])
+    reads = []
+    monkeypatch.setattr(strategy, "read_step", lambda *a: reads.append(1) or read_step(*a))
+    models = {fused: nn.Linear(4, 3) for fused in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    optimizers = {fused: torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused) for fused, m in models.items()}
+    assert decides_skip_on_device(optimizers[True]) and not decides_skip_on_device(optimizers[False])
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    for step, scale in enumerate([1.0, math.nan, 1.0, math.inf]):
+        results, before = {}, {f: copy.deepcopy((m.state_dict(), optimizers[f].state_dict())) for f, m in models.items()}
+        for fused, model in models.items():
+            loss = model(x).pow(2).mean() * scale
+            loss.backward()
+            with _ScalarReads() as counter:
+                results[fused] = strategy.clip_and_step(list(model.parameters()), optimizers[fused], loss.detach(), cfg)
+            # The plain AdamW reads its step counters, which live on the CPU (no sync); the fused one reads nothing.
+            host_counters = 0 if fused or not math.isfinite(scale) else len(optimizers[fused].state)
+            assert counter.count == host_counters, (step, fused)
+        assert len(reads) == 2 * (step + 1)
+        assert results[True].stepped == results[False].stepped == math.isfinite(scale)
+        for fused, model in models.items():
+            state = optimizers[fused].state_dict()["state"]
+            if not math.isfinite(scale):  # untouched: weights, moments and Adam's step count
+                torch.testing.assert_close(model.state_dict(), before[fused][0], rtol=0, atol=0)
+                torch.testing.assert_close(state, before[fused][1]["state"], rtol=0, atol=0)
+            else:
+                assert all(float(s["step"]) == 1 + step // 2 for s in state.values())
+        torch.testing.assert_close(models[True].state_dict(), models[False].state_dict(), rtol=1e-6, atol=1e-7)
+        if math.isfinite(scale):
+            assert results[True].loss == pytest.approx(results[False].loss, rel=1e-6)
+            assert results[True].grad_norm == pytest.approx(results[False].grad_norm, rel=1e-6)
+            assert results[True].grad_norm > 0.5  # clipped: the update used the clipped gradient in both

@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -171,13 +171,16 @@ class Prefetcher:
     beside the training thread saves nothing and can cost more (every torch op drops and retakes the GIL, and
     retaking it from a thread running Python waits up to the 5 ms switch interval). benchmarks/step.py on the tiny
     model, reading every batch from disk: ours/reference 1.14 with the thread, 1.06 without; with the batches in
-    RAM (EntriesInMemory) 1.045 either way."""
+    RAM (EntriesInMemory) 1.045 either way.
+
+    `then(args, batch)` adds to each batch what else its step needs (the loop: its sigmas and noise), in the same
+    thread, so that it is read ahead and pinned with the batch."""
 
     _END = object()
 
     def __init__(self, reader: CachedBatches, calls: Iterable[tuple], depth: int = 2, pin: bool = False,
-                 background: bool = True):
-        self.reader, self.pin = reader, pin
+                 background: bool = True, then: Callable[[tuple, dict], dict] | None = None):
+        self.reader, self.pin, self.then = reader, pin, then
         self._calls = iter(calls)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
@@ -198,7 +201,7 @@ class Prefetcher:
     def _run(self, calls) -> None:
         try:
             for args in calls:
-                batch = self.reader.micro_batch(*args)
+                batch = self._read(args)
                 if self.pin:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 if not self._put(batch):
@@ -207,12 +210,16 @@ class Prefetcher:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
             self._put(e)
 
+    def _read(self, args: tuple) -> dict[str, torch.Tensor]:
+        batch = self.reader.micro_batch(*args)
+        return self.then(args, batch) if self.then else batch
+
     def get(self) -> dict[str, torch.Tensor]:
         if self._thread is None:
             args = next(self._calls, None)
             if args is None:
                 raise StopIteration("no more micro-batches were scheduled")
-            return self.reader.micro_batch(*args)
+            return self._read(args)
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item

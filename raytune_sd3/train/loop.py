@@ -19,7 +19,7 @@ import torch
 from raytune_sd3.config import JobConfig
 from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
 from raytune_sd3.data.reader import CachedBatches, Prefetcher
-from raytune_sd3.flow import flow_loss, make_flow_batch
+from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import quantize_transformer
@@ -211,7 +211,7 @@ class WorkerRun:
         on_gpu = self.device.type == "cuda"  # a read-ahead thread pays on GPUs only (benchmarks/RESULTS.md)
         self.batches = Prefetcher(self.reader, [(s - 1, m, self.accum, self.rank, self.world, t.batch_size)
                                                 for s in steps for m in range(self.accum)], pin=on_gpu,
-                                  background=on_gpu)
+                                  background=on_gpu, then=self._with_noise)
         self.peak = peak_tflops(self.device, t.peak_tflops)  # MFU is logged where the card's peak is known
 
     # --- the steps -------------------------------------------------------------------------------------------------
@@ -252,29 +252,28 @@ class WorkerRun:
         for micro in range(self.accum):
             batch = self.batches.get()
             latents = batch["latents"].to(device, self.dtype, non_blocking=True)
-            noise_seed = _step_seed(t.seed, step, micro * world + self.rank)
-            fb = make_flow_batch(cfg.flow, latents, torch.Generator().manual_seed(noise_seed))
+            fb = make_flow_batch(cfg.flow, latents, sigmas=batch["sigmas"], noise=batch["noise"])
             if self.peak:
                 c0 = time.perf_counter()
                 step_flops += self._train_flops(batch, latents, fb)
                 t0 += time.perf_counter() - c0  # the counting pass is not training time
             with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
                 pred = self._forward(self.strategy.wrapped, batch, fb)
-                mask = batch["mask"].to(device) if "mask" in batch else None
+                mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
                 per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
-                loss = (per_sample * batch["loss_weight"].to(device)).mean() / self.accum
+                loss = (per_sample * batch["loss_weight"].to(device, non_blocking=True)).mean() / self.accum
                 self.strategy.backward(loss)
             loss_sum += loss.detach()
         if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        loss_value = loss_sum.item()
         lr = self.lr_schedule.get_last_lr()[0]
-        grad_norm, stepped = self.strategy.step(math.isfinite(loss_value))
-        if not stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
+        result = self.strategy.step(loss_sum)  # the step's one host read of device values
+        if not result.stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
             self.nonfinite += 1
         self.lr_schedule.step()
         step_time = time.perf_counter() - t0
-        metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+        metrics = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                   "step_time_s": step_time,
                    "images_per_s": t.batch_size * self.accum * world / step_time,
                    "epoch": step / self.reader.steps_per_epoch, "nonfinite_steps": self.nonfinite, "workers": world}
         if self.peak:  # this rank's model FLOPs over its step time, against one card's peak
@@ -341,6 +340,14 @@ class WorkerRun:
         if self.log is not None:
             self.log.write(metrics)
             self.tracker.log(metrics)
+
+    def _with_noise(self, args: tuple, batch: dict) -> dict:
+        """Add its sigmas and noise to a micro-batch (Prefetcher's `then`, run in the read-ahead thread): drawn from
+        the seed of its step and place in the global batch, so the stream does not depend on where it is drawn."""
+        step, micro = args[0] + 1, args[1]
+        seed = _step_seed(self.t.seed, step, micro * self.world + self.rank)
+        sigmas, noise = draw_noise(self.cfg.flow, tuple(batch["latents"].shape), torch.Generator().manual_seed(seed))
+        return {**batch, "sigmas": sigmas, "noise": noise}
 
     def _forward(self, model, batch: dict, fb) -> torch.Tensor:
         return model(hidden_states=fb.noisy, timestep=fb.timesteps,

@@ -5,7 +5,8 @@ The loop calls the same things whatever the strategy:
                                    bare model inside it (eval, sampling, FLOP counting)
     accumulating(sync)             context for a micro-step (no gradient all-reduce until the last one)
     backward(loss)
-    step(loss_finite) -> (norm, stepped)   clip, then step unless the loss or the gradient is not finite
+    step(loss) -> StepResult       clip, then step unless the loss or the gradient is not finite; the step's loss,
+                                   gradient norm and whether it stepped, read from the device once
     lora_tensors()                 peft's LoRA tensors, complete on rank 0 (gathered under ZeRO-3)
     optimizer_state() / load_optimizer_state(state)   weights_only-loadable; per rank when sharded_optimizer
 and two flags: sharded_optimizer (each rank saves its own optimizer file) and sharded_params (ZeRO-3: a forward
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +41,45 @@ def clip_gradients(params: list[nn.Parameter], cfg: JobConfig) -> torch.Tensor:
     if t.max_grad_norm:
         torch.nn.utils.clip_grad_value_(params, t.max_grad_norm)
     return norm
+
+
+class StepResult(NamedTuple):
+    """What an optimizer step reports, as host values: the loss it was given, the gradient norm before clipping,
+    and whether the update was applied (False: a non-finite loss or gradient left weights and state untouched)."""
+
+    loss: float
+    grad_norm: float
+    stepped: bool
+
+
+def read_step(loss: torch.Tensor, norm: torch.Tensor, finite: torch.Tensor) -> StepResult:
+    """The step's three scalars in one device-to-host copy (each .item() would be a sync of its own)."""
+    loss_value, norm_value, finite_value = torch.stack([loss.float(), norm.float(), finite.float()]).cpu().tolist()
+    return StepResult(loss_value, norm_value, finite_value == 1.0)
+
+
+def decides_skip_on_device(optimizer) -> bool:
+    """Whether `optimizer` takes a `found_inf` tensor and skips its update on the device (torch's fused Adam/AdamW:
+    the flag GradScaler relies on), so the host need not read the loss before the update is queued."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def clip_and_step(params: list[nn.Parameter], optimizer, loss: torch.Tensor, cfg: JobConfig) -> StepResult:
+    """Clip, then update unless `loss` (0-d, equal on every rank) or the gradient norm is not finite; zero the
+    gradients. One host read per step: after the update is queued where the optimizer decides the skip on the
+    device, else before it."""
+    norm = clip_gradients(params, cfg)  # identical on every rank after the all-reduce
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    if decides_skip_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        result = read_step(loss, norm, finite)
+    else:
+        result = read_step(loss, norm, finite)
+        if result.stepped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
 
 
 def skip_frozen_sync(module: nn.Module) -> list[str]:
@@ -79,13 +120,8 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, loss_finite: bool) -> tuple[float, bool]:
-        norm = float(clip_gradients(self.params, self.cfg))  # identical on every rank after the all-reduce
-        stepped = loss_finite and math.isfinite(norm)
-        if stepped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, stepped
+    def step(self, loss: torch.Tensor) -> StepResult:
+        return clip_and_step(self.params, self.optimizer, loss, self.cfg)
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -210,14 +246,14 @@ class DeepSpeedStrategy:
         if not self._last_micro:
             self.wrapped.step()  # a no-op update that advances DeepSpeed's micro-step counter
 
-    def step(self, loss_finite: bool) -> tuple[float, bool]:
+    def step(self, loss: torch.Tensor) -> StepResult:
         if not self.wrapped.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's micro-step count disagrees with the loop's: accumulating(sync=True) "
                                "must mark the last micro-step of each optimizer step")
         self.wrapped.step()
         norm = self.wrapped.get_global_grad_norm()  # before clipping, over every rank's shard
         norm = math.nan if norm is None else float(norm)
-        return norm, self.wrapped.was_step_applied()
+        return StepResult(float(loss), norm, bool(self.wrapped.was_step_applied()))
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """peft's LoRA tensors from the optimizer's fp32 master weights, assembled from every rank's shard.
