@@ -295,7 +295,7 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
         out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels))
     if index is not None:
         for r in out:
-            for path, *facts, stat_ns in json.loads(str(r["learnt"]) or "[]"):
+            for path, *facts, stat_ns in json.loads(str(r["learnt"])) if r["learnt"] else []:
                 index.add_image(path, ImageFacts(*facts), stat_ns)
             if r["entry_bytes"]:
                 index.add_entry("latents", str(r["latent_key"]), int(r["entry_bytes"]))
