@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     ])
     print(body)
     if not args.no_write:
-        write_section("warm start: confirming a filled cache (2 CPU cores, no GPU)", body, args.results)
+        gpu = "no GPU" if info["gpu"] == "none" else info["gpu"]
+        write_section(f"warm start: confirming a filled cache ({info['cores']} CPU cores, {gpu})", body, args.results)
     return {"results": results, "per_image_s": per_image, "machine": info}
 
 
