@@ -68,3 +68,11 @@ def test_an_earlier_versions_json_manifest_still_reads(tmp_path):
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"format": b"0"}), tmp_path / MANIFEST)
     with pytest.raises(ValueError, match="another version.*raytune_sd3.cache"):
         read_manifest(tmp_path / MANIFEST)
+
+
+def test_the_file_is_typed_by_its_schema_whatever_the_rows_were_built_from(tmp_path):
+    from raytune_sd3.data.manifest import SCHEMA
+
+    write_manifest(tmp_path / MANIFEST, Rows.of(_rows(8)), "u", [], "/c")  # types inferred: int64 sizes
+    assert pq.read_schema(tmp_path / MANIFEST).remove_metadata() == SCHEMA
+    assert list(read_manifest(tmp_path / MANIFEST)["rows"]) == _rows(8)

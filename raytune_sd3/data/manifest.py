@@ -87,8 +87,12 @@ def _slice(s: slice, n: int) -> tuple[int, int]:
 
 def write_manifest(path: Path, rows: Rows | Sequence[dict], uncond_key: str, validation: list[dict],
                    cache_dir: str) -> None:
-    """Write the manifest whole (temp file, then rename)."""
-    table = rows.table if isinstance(rows, Rows) else pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    """Write the manifest whole (temp file, then rename), typed as SCHEMA when its rows have those fields."""
+    table = Rows.of(rows).table
+    if not table.num_columns:
+        table = SCHEMA.empty_table()
+    elif set(table.column_names) == set(SCHEMA.names):
+        table = table.select(SCHEMA.names).cast(SCHEMA)
     meta = {"cache_dir": cache_dir, "uncond_key": uncond_key, "validation": validation}
     table = table.replace_schema_metadata({"format": MANIFEST_FORMAT, "raytune_sd3": json.dumps(meta)})
     tmp = path.with_name(f".{path.name}.tmp")
