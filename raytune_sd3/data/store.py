@@ -5,9 +5,9 @@ encoder, T5 length or padding mode is a different key (recomputed), never a stal
     latents/<k[:2]>/<k>.safetensors  {"latents": (16, H/8, W/8), "mask": (1, H/8, W/8) with masked loss}
     text/<k[:2]>/<k>.safetensors     {"prompt_embeds": (77 + L, D), "pooled": (P,)}
     index/                           what a warm start need not read again (data/index.py)
-Each entry carries the sha256 of its tensor bytes in its safetensors metadata. `has` (every run, for every item)
-checks cheaply that an entry is whole (header readable, file as long as the header says); `verify` (the cache
-CLI's --verify) recomputes the checksum.
+Each entry carries the sha256 of its tensor bytes in its safetensors metadata. `has`/`whole_size` check cheaply
+that an entry is whole (header readable, file as long as the header says; a warm run reads no header for an entry
+the index saw whole at its present length); `verify` (the cache CLI's --verify) recomputes the checksum.
 """
 
 from __future__ import annotations
