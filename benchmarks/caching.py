@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import RESULTS, command, machine, machine_line, median, table, write_section
 
-CPU_NOTE = ("On a CPU the Ray Data side is dominated by fixed costs the loop does not pay: Ray Data's executor and the encoder actors' start (each imports torch, diffusers and transformers and loads its models in a fresh process), 25-50 s on this 2-core machine, against seconds of encoding with the tiny model; the first run also starts the worker processes. A warm cache skips Ray Data altogether (headers and hashes of up to 4096 images are checked in threads on the driver). The figure that matters, the scaling of the actor pools over GPUs, needs a GPU machine.")
+CPU_NOTE = ("On a CPU the Ray Data side is dominated by fixed costs the loop does not pay: Ray Data's executor and the encoder actors' start (each imports torch, diffusers and transformers and loads its models in a fresh process), 25-50 s on this 2-core machine, against seconds of encoding with the tiny model; the first run also starts the worker processes. A warm cache skips Ray Data altogether (images whose stat the cache's index knows are not opened; warmstart.py measures it). The figure that matters, the scaling of the actor pools over GPUs, needs a GPU machine.")
 SHAPES = [(4, 3), (3, 4), (1, 1), (16, 9), (9, 16), (3, 2), (2, 3)]
 
 

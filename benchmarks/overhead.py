@@ -117,7 +117,9 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
 def time_bare(workdir: Path, extra: list[str]) -> float:
     """Seconds from starting reference.py (one step) to the end of its first step."""
     cfg = bench_job(workdir, extra)
-    manifest = Path(cfg.output_dir) / "manifest.json"
+    from raytune_sd3.data.manifest import MANIFEST
+
+    manifest = Path(cfg.output_dir) / MANIFEST
     if not manifest.exists():
         raise RuntimeError(f"{manifest} is missing: run the job first")
     job, out = workdir / "reference-job.json", workdir / "reference.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", type=Path, help="the resolved job as JSON")
-    p.add_argument("manifest", type=Path, help="the cache manifest the job trains on (output_dir/manifest.json)")
+    p.add_argument("manifest", type=Path, help="the cache manifest the job trains on (output_dir/manifest.parquet)")
     p.add_argument("pretrained", help="the diffusers folder of the model")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads (match one Ray Train worker's)")
@@ -67,7 +67,9 @@ class ReferenceLoop:
                                           num_training_steps=train["max_steps"])
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
 
-        manifest = json.loads(Path(manifest_path).read_text())
+        from raytune_sd3.data.manifest import read_manifest  # parquet (or an earlier version's JSON)
+
+        manifest = read_manifest(manifest_path)
         root = Path(manifest["cache_dir"])
 
         def entry(kind: str, key: str) -> dict:

@@ -1,7 +1,7 @@
 """python -m raytune_sd3.cache JOB.yaml [--data DIR] [--set key=value ...] [--verify]
 
 The caching stage alone: discover the job's images, encode what the cache lacks (Ray Data), write
-`<output_dir>/manifest.json` and `cache_report.json`, and print the summary. Training runs it too; run it alone to
+`<output_dir>/manifest.parquet` and `cache_report.json`, and print the summary. Training runs it too; run it alone to
 fill a cache before booting GPUs for training, or to see which images were skipped and why.
 
 --verify encodes nothing: it reads every entry of the job's cache, recomputes its checksum, and removes the bad
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def verify(cfg) -> int:
     """--verify: every entry's checksum; bad ones removed for the next run to encode again. 1 when any was bad."""
-    from raytune_sd3.data.remote import is_uri
+    from raytune_sd3.data.files import is_uri
 
     if not is_uri(cfg.cache_dir) and not Path(cfg.cache_dir).is_dir():
         raise ConfigError(f"{cfg.cache_dir} is not a cache folder (data.cache_dir, default <output_dir>/cache)")

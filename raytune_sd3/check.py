@@ -237,16 +237,16 @@ def _buckets(rows: list[dict], dataset_id: str) -> str:
 
 def check_storage(cfg: JobConfig, report: Report) -> None:
     """output_dir and the cache must be writable from here (on a cluster: shared storage every node mounts)."""
-    from raytune_sd3.data.remote import UriFiles, is_uri, redacted
+    from raytune_sd3.data.files import CacheFiles, is_uri, redacted
 
     for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)):
         if is_uri(str(path)):
             try:  # a small probe object, written and read back as the encoders and the reader will
-                files = UriFiles(str(path))
+                files = CacheFiles(str(path))
                 probe = files.join(".raytune_sd3-write-probe")
                 files.write(probe, b"ok")
                 assert files.read(probe) == b"ok"
-                files.fs.delete_file(probe)
+                files.delete(probe)
                 report.ok("storage", f"{key}: {redacted(str(path))} (written and read back)")
             except Exception as e:  # noqa: BLE001 - any failure: say which and why, without the URI's options
                 report.fail("storage", f"{key}: cannot write to {redacted(str(path))} from here: {type(e).__name__} "

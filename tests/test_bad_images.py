@@ -13,6 +13,7 @@ from PIL import Image
 from raytune_sd3.config import DatasetConfig
 from raytune_sd3.data.buckets import Sizing
 from raytune_sd3.data.discovery import discover
+from raytune_sd3.data.manifest import MANIFEST, read_manifest
 from raytune_sd3.data.pixels import decode, image_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path, ra
     assert report["items"] == report["latents_encoded"] == 9
     for name in bad:
         assert name in stderr  # printed too, not only in the file
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())  # (a rerun's reuse: test_train_e2e)
+    manifest = read_manifest(tmp_path / "out" / MANIFEST)  # (a rerun's reuse: test_train_e2e)
     assert sorted(row["caption"] for row in manifest["rows"])[:2] == ["a blue square", "a red rectangle"]
     two = next(row for row in manifest["rows"] if row["path"].endswith("two_captions.png"))
     assert len(set(two["text_keys"])) == 2 and two["text_keys"][0] == two["text_key"]  # both encoded, first first

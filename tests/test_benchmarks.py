@@ -148,6 +148,14 @@ def test_caching_benchmark_runs(tmp_path):
 
 
 @pytest.mark.bench
+def test_warmstart_benchmark_runs(tmp_path):
+    out = run_script("warmstart.py", "--sizes", "200,400", "--repeats", "1", "--results", str(tmp_path / "R.md"),
+                     timeout=300)
+    assert "| 400 |" in out and "1,000,000 images" in out and "old/new" in out
+    assert "## warm start" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.bench
 def test_gpu_product_loop_beside_the_bare_step_cpu_smoke(tmp_path):
     """gpu.py --product at --cpu-smoke size: the product's loop runs on a shaped pipeline of the bare step's
     architecture for the same steps, and the table of both is written (figures are not checked)."""

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_trainer_keeps_the_configured_checkpoints_and_failures(tmp_path):
     cfg = load_job(ROOT / "jobs" / "tiny.yaml", [f"output_dir={tmp_path / 'run'}", "train.keep_checkpoints=3",
                                                    "train.max_failures=4", "train.num_workers=2"])
-    trainer = build_trainer(cfg, tmp_path / "manifest.json", str(tmp_path / "model"))
+    trainer = build_trainer(cfg, tmp_path / "manifest.parquet", str(tmp_path / "model"))
     run = trainer.run_config
     assert run.checkpoint_config.num_to_keep == 3 and run.failure_config.max_failures == 4
     assert run.name == "run" and Path(run.storage_path) == tmp_path / "run" / "ray"

@@ -69,7 +69,7 @@ def test_two_workers_on_one_gpu_stop_in_seconds(one_gpu_head, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "train.num_workers 2 needs 2 x {CPU: 1, GPU: 1}" in r.stderr
     assert "1 GPU, 4 CPUs on 1 node" in r.stderr and "--set train.num_workers=1 (or auto)" in r.stderr
-    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "demo").exists()  # nothing cached
+    assert not (tmp_path / "out" / "manifest.parquet").exists() and not (tmp_path / "demo").exists()  # nothing cached
     print(f"\nrefused in {seconds:.1f} s")
     assert seconds < 120
 

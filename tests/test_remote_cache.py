@@ -13,8 +13,8 @@ import torch
 from raytune_sd3.config import DatasetConfig, load_job
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
+from raytune_sd3.data.files import is_uri, redacted
 from raytune_sd3.data.reader import CachedBatches
-from raytune_sd3.data.remote import is_uri, redacted
 from raytune_sd3.data.store import CacheStore
 
 pytest.importorskip("moto")
@@ -75,12 +75,12 @@ def test_entries_are_written_whole_checked_and_listed(s3_uri):
     torch.testing.assert_close(store.read("latents", "ab" * 16), entry)
     assert store.entries() == [("latents", "ab" * 16)]
 
-    data = store.remote.read(store.path("latents", "ab" * 16))
-    store.remote.write(store.path("latents", "cd" * 16), data[:-10])  # a truncated object
+    data = store.files.read(store.path("latents", "ab" * 16))
+    store.files.write(store.path("latents", "cd" * 16), data[:-10])  # a truncated object
     assert not store.has("latents", "cd" * 16) and store.verify("latents", "cd" * 16) == "truncated or unreadable"
     flipped = bytearray(data)
     flipped[-1] ^= 0xFF
-    store.remote.write(store.path("latents", "ef" * 16), bytes(flipped))  # whole, but other bytes
+    store.files.write(store.path("latents", "ef" * 16), bytes(flipped))  # whole, but other bytes
     assert store.has("latents", "ef" * 16) and store.verify("latents", "ef" * 16) == "checksum mismatch"
 
     assert is_uri(s3_uri) and not is_uri("/data/cache") and not is_uri("file:///data/cache")

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from raytune_sd3.config import ConfigError, dump_job, load_job
+from raytune_sd3.data.manifest import MANIFEST
 from raytune_sd3.tune.config import check_study, job_for_params, study_base
 from raytune_sd3.tune.report import TrialRecord, best_trial, trial_record, write_report
 
@@ -373,7 +374,7 @@ def test_study_encodes_the_data_set_once(study):
     trials = sorted((out / "trials").iterdir())
     assert len(trials) == 3
     # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
-    assert not any((t / "cache_report.json").exists() or (t / "manifest.json").exists() for t in trials)
+    assert not any((t / "cache_report.json").exists() or (t / MANIFEST).exists() for t in trials)
     assert all(Path(load_job(t / "job.yaml").cache_dir) == out / "cache" for t in trials)
     # and wrote nothing into the cache: every entry predates the first trial (its job.yaml is its first file)
     first_trial = min((t / "job.yaml").stat().st_mtime for t in trials)

@@ -105,7 +105,9 @@ def _choose_aspect(aspect: float, s: Sizing, rng: np.random.Generator) -> float:
 def plan(width: int, height: int, s: Sizing, seed: int) -> Plan:
     """The resize and crop of a `width` x `height` image (EXIF orientation applied) under `s`; `seed` (from the
     image's bytes) makes random aspects and crops the same on every run."""
-    rng = np.random.default_rng(seed)
+    # Drawn from only for a random aspect or crop (in that order); a warm start plans every image, and making a
+    # generator costs more than the rest of the plan.
+    rng = np.random.default_rng(seed) if s.crop and "random" in (s.crop_aspect, s.crop_style) else None
     downsample = None
     if s.maximum_image_size and s.target_downsample_size:
         m = measure(width, height, s.resolution_type)

@@ -107,17 +107,21 @@ def find_mask(image: Path, suffix: str) -> Path | None:
 def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[dict]]:
     """Every image under ds.instance_data_dir (recursive, sorted) with its captions, one Item per resolution, and
     the files skipped (with the reason) because they have no usable caption or no mask."""
-    root = Path(ds.instance_data_dir)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    given = Path(ds.instance_data_dir)
+    root = given.resolve()
+    # Under a resolved root only a file itself can be a link (rglob does not enter linked folders), so a path is
+    # resolved only when it is one: resolving each costs a stat per path component. Sorted by parts, as Paths sort.
+    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()),
+                   key=lambda p: p.parts)
     if ds.mask_suffix:
         files = [p for p in files if not p.stem.endswith(ds.mask_suffix)]
     if not files:
-        raise ValueError(f"data set '{ds.id}': no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
+        raise ValueError(f"data set '{ds.id}': no images ({', '.join(sorted(IMAGE_EXTS))}) under {given}")
     metadata = read_metadata(ds.metadata_file, root) if ds.caption_strategy == "metadata" else {}
     sizings = [s.to_json() for s in sizings_of(ds, alignment)]
     items, skipped = [], []
     for p in files:
-        path = str(p.resolve())
+        path = str(p.resolve() if p.is_symlink() else p)
         try:
             captions = _captions(p, path, ds, metadata)
         except CaptionError as e:
@@ -132,7 +136,7 @@ def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[d
                        ds.is_regularisation_data, ds.repeats) for sizing in sizings]
     if metadata:
         found = {it.path for it in items} | {s["path"] for s in skipped}
-        skipped += [{"path": m, "reason": f"listed in {ds.metadata_file.name} but not an image under {root}"}
+        skipped += [{"path": m, "reason": f"listed in {ds.metadata_file.name} but not an image under {given}"}
                     for m in sorted(set(metadata) - found)]
     return items, skipped
 

@@ -8,24 +8,30 @@ CLIP-G, T5) in actor pools, writing entries into the CacheStore. Entries already
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from raytune_sd3.data.buckets import Sizing, seed_from_key
+from raytune_sd3.data.buckets import Sizing, plan, seed_from_key
 from raytune_sd3.data.discovery import Item
-from raytune_sd3.data.pixels import decode_batch, image_problem, image_size, plan_of
+from raytune_sd3.data.index import ImageFacts, StatIndex
+from raytune_sd3.data.pixels import decode_batch, image_size, size_problem
 from raytune_sd3.data.store import CacheStore, latent_key, text_key
 from raytune_sd3.models.loading import DTYPES
 from raytune_sd3.progress import Progress
 
 VAE_FACTOR = 8
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ class CacheReport:
     latents_reused: int = 0
     texts_encoded: int = 0
     texts_reused: int = 0
+    files_hashed: int = 0
+    """Images and masks opened and hashed: new or changed since the stat index (data/index.py) recorded them."""
+    files_from_index: int = 0
+    """Images and masks whose stat matched the index: not opened."""
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -100,31 +110,70 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int) -> dict:
-    """CPU task: check each image's header (and its mask's), hash their bytes, derive the cache key, the bucket
-    size and whether the cache already has a whole entry."""
+def _image_facts(path: str, known: ImageFacts | None) -> tuple[ImageFacts, int]:
+    """The facts of an image file: `known` ones (from the stat index), or read now (stat, header, sha256 of the
+    bytes) with the time of the stat, which the index needs to tell a racy record; 0 for known ones."""
+    if known is not None:
+        return known, 0
+    st = os.stat(path)
+    stat_ns = time.time_ns()
+    w, h = image_size(path)
+    return ImageFacts(hashlib.sha256(Path(path).read_bytes()).hexdigest(), w, h, st.st_size, st.st_mtime_ns), stat_ns
+
+
+def _whole_entry(store: CacheStore, kind: str, key: str, index: StatIndex | None) -> int:
+    """The entry's length when it is whole, else 0. An entry the index saw whole at its present length is not
+    opened (one stat); any other has its header read."""
+    recorded = index.entry_size(kind, key) if index is not None else None
+    if recorded is not None and store.files.size(store.entry_path(kind, key)) == recorded:
+        return recorded
+    return store.whole_size(kind, key) or 0
+
+
+def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatIndex | None = None) -> dict:
+    """Check each image's size (and its mask's), hash their bytes, derive the cache key, the bucket size and
+    whether the cache already has a whole entry. A Ray task for a large data set (no index: what it read goes back
+    in `learnt`, JSON, for the driver to record), or on the driver for rows whose facts the index held (`known`)."""
     store = CacheStore(spec.cache_dir)
-    out = {k: [] for k in ("latent_key", "hit", "error", "orig_width", "orig_height", "width", "height")}
-    for path, sizing, mask in zip(batch["path"], batch["sizing"], batch["mask_path"], strict=True):
-        sizing, key, size, orig, problem = str(sizing), "", (0, 0), (0, 0), ""
+    known = batch.get("known")
+    out = {k: [] for k in ("latent_key", "hit", "error", "orig_width", "orig_height", "width", "height", "learnt",
+                           "entry_bytes")}
+    for i, (path, sizing, mask) in enumerate(zip(batch["path"], batch["sizing"], batch["mask_path"], strict=True)):
+        image_known, mask_known = known[i] if known is not None else (None, None)
+        path, sizing, mask = str(path), str(sizing), str(mask)
+        key, size, orig, problem, learnt, entry = "", (0, 0), (0, 0), "", [], 0
         try:
-            problem = image_problem(path, Sizing.from_json(sizing), max_pixels)
+            try:
+                image, stat_ns = _image_facts(path, image_known)
+            except Exception as e:  # noqa: BLE001 - not an image PIL can read: skip and report
+                problem = f"not a readable image: {type(e).__name__}: {e}"
+            else:
+                learnt += [[path, *astuple(image), stat_ns]] if stat_ns else []
+                problem = size_problem(image.width, image.height, _sizing(sizing), max_pixels)
             if not problem:
-                orig = image_size(path)
+                orig = (image.width, image.height)
                 mask_sha = ""
                 if mask:
-                    if image_size(mask) != orig:
-                        problem = f"mask {Path(mask).name} is {image_size(mask)}, its image {orig}: they must match"
-                    mask_sha = hashlib.sha256(Path(mask).read_bytes()).hexdigest()
-                key = spec.latent_key(hashlib.sha256(Path(path).read_bytes()).hexdigest(), sizing, mask_sha)
-                size = plan_of({"orig_width": orig[0], "orig_height": orig[1], "sizing": sizing,
-                                "latent_key": key}).size
+                    m, stat_ns = _image_facts(mask, mask_known)
+                    learnt += [[mask, *astuple(m), stat_ns]] if stat_ns else []
+                    if (m.width, m.height) != orig:
+                        problem = f"mask {Path(mask).name} is {(m.width, m.height)}, its image {orig}: they must match"
+                    mask_sha = m.sha256
+                key = spec.latent_key(image.sha256, sizing, mask_sha)
+                size = plan(*orig, _sizing(sizing), seed_from_key(key)).size
         except Exception as e:  # noqa: BLE001 - an unreadable file or mask: skip and report
             problem = problem or f"unreadable: {type(e).__name__}: {e}"
-        for name, value in zip(out, (key if not problem else "", not problem and store.has("latents", key),
-                                     problem, *orig, *size), strict=True):
+        if not problem:
+            entry = _whole_entry(store, "latents", key, index)
+        for name, value in zip(out, (key if not problem else "", bool(entry), problem, *orig, *size,
+                                     json.dumps(learnt) if learnt else "", entry), strict=True):
             out[name].append(value)
-    return {**batch, **{k: np.array(v) for k, v in out.items()}}
+    return {**{k: v for k, v in batch.items() if k != "known"}, **{k: np.array(v) for k, v in out.items()}}
+
+
+@functools.lru_cache(maxsize=64)
+def _sizing(text: str) -> Sizing:
+    return Sizing.from_json(text)
 
 
 class VaeEncoder:
@@ -139,7 +188,7 @@ class VaeEncoder:
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, e in enumerate(batch["error"]) if e == ""]
-        encoded = np.zeros(len(batch["error"]), dtype=bool)
+        encoded = np.zeros(len(batch["error"]), dtype=np.int64)  # the entry's length: the stat index records it
         sizes = {i: batch["pixels"][i].shape for i in ok}
         for size in sorted(set(sizes.values())):  # one VAE call per image size
             group = [i for i in ok if sizes[i] == size]
@@ -150,8 +199,7 @@ class VaeEncoder:
             for i, k, t in zip(group, keys, lat, strict=True):
                 has_mask = bool(batch["mask_path"][i])
                 entry = {"latents": t, **({"mask": latent_mask(batch["mask"][i]).to(t.dtype)} if has_mask else {})}
-                self.store.write("latents", k, entry)
-            encoded[group] = True
+                encoded[i] = self.store.write("latents", k, entry)
         return {"uid": batch["uid"], "path": batch["path"], "latent_key": batch["latent_key"], "error": batch["error"],
                 "encoded": encoded}
 
@@ -172,9 +220,9 @@ class TextEncoder:
         captions = [str(c) for c in batch["caption"]]
         embeds, pooled = encode_prompts(self.enc, captions, self.spec.t5_max_length, self.spec.t5_padding)
         dt = DTYPES[self.spec.dtype]
-        for k, e, p in zip(batch["text_key"], embeds, pooled, strict=True):
-            self.store.write("text", str(k), {"prompt_embeds": e.to(dt), "pooled": p.to(dt)})
-        return {"text_key": batch["text_key"]}
+        lengths = [self.store.write("text", str(k), {"prompt_embeds": e.to(dt), "pooled": p.to(dt)})
+                   for k, e, p in zip(batch["text_key"], embeds, pooled, strict=True)]
+        return {"text_key": batch["text_key"], "entry_bytes": np.array(lengths, dtype=np.int64)}
 
 
 def _actor_options(n_actors: int | None, pools: int = 1) -> tuple[int, dict]:
@@ -193,22 +241,65 @@ def _actor_options(n_actors: int | None, pools: int = 1) -> tuple[int, dict]:
     return n_actors or max(1, int(ray.cluster_resources().get("CPU", 0)) // 8), {"num_cpus": 0.5}
 
 
-LOCAL_HASHING = 4096  # up to this many images, the header checks and hashes run in threads here, not Ray tasks
+def _save(index: StatIndex) -> None:
+    try:
+        index.save()
+    except Exception as e:  # noqa: BLE001 - a side feature: the next run hashes again, the cache is whole
+        log.warning("could not save the cache's stat index (%s: %s); the next run re-hashes the images",
+                    type(e).__name__, e)
 
 
-def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict) -> list[dict]:
-    """`_hash_and_key` over every row: Ray tasks across the cluster for a large data set; threads in this process
-    for a small one, where starting Ray Data costs more than the hashing (hashlib and PIL release the GIL)."""
-    if len(rows) > LOCAL_HASHING:
+LOCAL_HASHING = 4096  # up to this many images to read, the hashing runs in threads here, not Ray tasks
+
+
+def _indexed(row: dict, index: StatIndex) -> tuple[ImageFacts, ImageFacts | None] | None:
+    """The index's facts of the row's image (and mask) when their stat still matches, else None (read them)."""
+    try:
+        st = os.stat(row["path"])
+        image = index.image(row["path"], st.st_size, st.st_mtime_ns)
+        if image is None or not row["mask_path"]:
+            return None if image is None else (image, None)
+        st = os.stat(row["mask_path"])
+        mask = index.image(row["mask_path"], st.st_size, st.st_mtime_ns)
+        return None if mask is None else (image, mask)
+    except OSError:
+        return None  # gone or unreadable since discovery: the hashing path reports why
+
+
+def _in_threads(rows: list[dict], fn, chunk: int = 16) -> list[dict]:
+    """`fn` over chunks of `rows` in threads (hashlib, PIL and pyarrow release the GIL); rows back in order."""
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    with ThreadPoolExecutor(8) as pool:
+        batches = pool.map(lambda c: fn({k: [r[k] for r in c] for k in c[0]}), chunks)
+        return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["path"]))]
+
+
+def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
+           index: StatIndex | None = None) -> list[dict]:
+    """`_hash_and_key` over every row, in input order. Rows whose image the index knows (stat unchanged) are keyed
+    here without opening the image. The others are read: in Ray tasks across the cluster when there are many, in
+    threads here when few, where starting Ray Data costs more than the hashing. What was read goes into `index`."""
+    known, unknown = [], []
+    for r in rows:
+        facts = _indexed(r, index) if index is not None else None
+        (known if facts else unknown).append({**r, "known": facts} if facts else r)
+    # Known rows cost a stat each: large chunks, as the per-chunk overhead would weigh more than the work.
+    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index), 1024) if known else []
+    if len(unknown) > LOCAL_HASHING:
         import ray
 
-        return ray.data.from_items(rows).map_batches(
+        out += ray.data.from_items(unknown).map_batches(
             _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels}, batch_size=64, **task_opts
         ).take_all()
-    chunks = [rows[i:i + 16] for i in range(0, len(rows), 16)]
-    with ThreadPoolExecutor(8) as pool:
-        batches = pool.map(lambda c: _hash_and_key({k: [r[k] for r in c] for k in c[0]}, spec, max_pixels), chunks)
-        return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["path"]))]
+    elif unknown:
+        out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels))
+    if index is not None:
+        for r in out:
+            for path, *facts, stat_ns in json.loads(str(r["learnt"])) if r["learnt"] else []:
+                index.add_image(path, ImageFacts(*facts), stat_ns)
+            if r["entry_bytes"]:
+                index.add_entry("latents", str(r["latent_key"]), int(r["entry_bytes"]))
+    return sorted(out, key=lambda r: int(r["uid"]))
 
 
 def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], batch_size: int = 8,
@@ -220,8 +311,12 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     report = CacheReport()
     task_opts = {"num_cpus": 0.25}
 
+    store = CacheStore(spec.cache_dir)
+    index = StatIndex.load(store.files)
     rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
-    keyed = _keyed(rows, spec, max_pixels, task_opts)
+    keyed = _keyed(rows, spec, max_pixels, task_opts, index)
+    report.files_hashed = sum(len(json.loads(str(r["learnt"]))) for r in keyed if r["learnt"])
+    report.files_from_index = index.hits
     todo = [r for r in keyed if not r["hit"] and not r["error"]]
     done = {int(r["uid"]): r for r in keyed if r["hit"]}
     report.latents_reused = len(done)
@@ -232,14 +327,20 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     captions = sorted({c for r in keyed if not r["error"] for c in items[int(r["uid"])].captions}
                       | set(extra_captions))
     report.text_keys = {c: spec.text_key(c) for c in captions}
-    store = CacheStore(spec.cache_dir)
-    with ThreadPoolExecutor(8) as pool:  # header reads; many at once on an object store
-        present = list(pool.map(lambda k: store.has("text", k), report.text_keys.values()))
+    keys = list(report.text_keys.values())
+    with ThreadPoolExecutor(8) as pool:  # stats or header reads; many at once on an object store
+        chunks = pool.map(lambda c: [_whole_entry(store, "text", k, index) for k in c],
+                          [keys[i:i + 256] for i in range(0, len(keys), 256)])
+        present = [length for c in chunks for length in c]
+    for k, length in zip(report.text_keys.values(), present, strict=True):
+        if length:
+            index.add_entry("text", k, length)
     missing = [{"caption": c, "text_key": k} for (c, k), hit in zip(report.text_keys.items(), present, strict=True)
                if not hit]
     report.texts_reused = len(captions) - len(missing)
-    size, opts = _actor_options(n_actors, pools=bool(todo) + bool(missing))
-    compute = ray.data.ActorPoolStrategy(size=size)
+    if todo or missing:  # a warm cache needs no encoder (nor Ray, unless many images were new)
+        size, opts = _actor_options(n_actors, pools=bool(todo) + bool(missing))
+        compute = ray.data.ActorPoolStrategy(size=size)
     with ThreadPoolExecutor(1) as background:  # waits for the caption pool on the way out, error or not
         texts = background.submit(lambda: ray.data.from_items(missing).map_batches(
             TextEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute, **opts).take_all()
@@ -261,12 +362,15 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
             for r in out:
                 if r["encoded"]:
                     done[int(r["uid"])] = r
+                    index.add_entry("latents", str(r["latent_key"]), int(r["encoded"]))
                     report.latents_encoded += 1
                 else:
                     report.skipped.append({"path": r["path"], "reason": r["error"]})
         if texts is not None:
-            texts.result()
+            for r in texts.result():
+                index.add_entry("text", str(r["text_key"]), int(r["entry_bytes"]))
             report.texts_encoded = len(missing)
+    _save(index)
 
     for uid, it in enumerate(items):  # manifest rows in discovery order
         if uid in done:

@@ -41,6 +41,11 @@ def image_problem(path: str, sizing: Sizing, max_pixels: int) -> str:
         w, h = image_size(path)
     except Exception as e:  # noqa: BLE001 - not an image PIL can read: skip and report
         return f"not a readable image: {type(e).__name__}: {e}"
+    return size_problem(w, h, sizing, max_pixels)
+
+
+def size_problem(w: int, h: int, sizing: Sizing, max_pixels: int) -> str:
+    """Why an image of `w` x `h` (as displayed) cannot be used under `sizing`, or ""."""
     if w * h > max_pixels:
         return (f"too large: {w}x{h} = {w * h} pixels > data.max_image_pixels {max_pixels} (a guard against "
                 "decompression bombs; raise it to use this image)")

@@ -14,7 +14,8 @@ from raytune_sd3.config import JobConfig
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
-from raytune_sd3.data.reader import MANIFEST, BucketError, bucket_of, plan_buckets, split_eval, write_manifest
+from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST, Rows, split_eval, write_manifest
+from raytune_sd3.data.reader import BucketError, bucket_of, plan_buckets
 from raytune_sd3.driver.placement import ensure_resolved
 from raytune_sd3.models.loading import component_identity, vae_scaling
 
@@ -38,7 +39,7 @@ def cache_spec(cfg: JobConfig, pretrained: str) -> CacheSpec:
 
 
 def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) -> tuple[Path, CacheReport]:
-    """Fill the cache for this job and write `<output_dir>/manifest.json` and `cache_report.json`; then, before
+    """Fill the cache for this job and write `<output_dir>/manifest.parquet` and `cache_report.json`; then, before
     any worker starts, a bucket too small for a global batch raises BucketError (`check_buckets`; the cache-only
     command logs it instead)."""
     ensure_resolved(cfg)  # model.dtype (the entries' dtype) and the encoders' dtype are in the cache keys
@@ -62,9 +63,10 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     if empty:  # after cache_report.json is written: it says why each image was skipped
         raise RuntimeError(f"data set(s) {', '.join(empty)}: no usable image; {out / 'cache_report.json'} lists "
                            "each skipped file and why")
+    rows = Rows.of(report.rows)  # one table: the bucket check below and the manifest file
     # Before any worker starts: a bucket that cannot fill a global batch is an error naming it (or the policy).
     try:
-        _, notes = plan_buckets(split_eval(report.rows, cfg.data.eval_samples)[0], cfg.train.global_batch,
+        _, notes = plan_buckets(split_eval(rows, cfg.data.eval_samples)[0], cfg.train.global_batch,
                                 cfg.data.small_buckets)
     except BucketError as e:
         if check_buckets:
@@ -74,7 +76,10 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
         log.warning("data.small_buckets=%s: %s", cfg.data.small_buckets, line)
     validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]
     manifest = out / MANIFEST
-    write_manifest(manifest, report.rows, report.text_keys[""], validation, spec.cache_dir)
+    write_manifest(manifest, rows, report.text_keys[""], validation, spec.cache_dir)
+    if (out / LEGACY_MANIFEST).exists():  # an earlier version's manifest.json: superseded, so nothing reads it
+        (out / LEGACY_MANIFEST).unlink()
+        log.info("%s replaced by %s (columnar; an earlier version wrote JSON)", out / LEGACY_MANIFEST, manifest)
     log.debug("cache: %s", json.dumps(summary))
     return manifest, report
 

@@ -4,24 +4,24 @@ An entry's key hashes everything that changes its content, so a changed image, r
 encoder, T5 length or padding mode is a different key (recomputed), never a stale hit:
     latents/<k[:2]>/<k>.safetensors  {"latents": (16, H/8, W/8), "mask": (1, H/8, W/8) with masked loss}
     text/<k[:2]>/<k>.safetensors     {"prompt_embeds": (77 + L, D), "pooled": (P,)}
-Each entry carries the sha256 of its tensor bytes in its safetensors metadata. `has` (every run, for every item)
-checks cheaply that an entry is whole (header readable, file as long as the header says); `verify` (the cache
-CLI's --verify) recomputes the checksum.
+    index/                           what a warm start need not read again (data/index.py)
+Each entry carries the sha256 of its tensor bytes in its safetensors metadata. `has`/`whole_size` check cheaply
+that an entry is whole (header readable, file as long as the header says; a warm run reads no header for an entry
+the index saw whole at its present length); `verify` (the cache CLI's --verify) recomputes the checksum.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, save
 
-from raytune_sd3.data.remote import UriFiles, is_uri, redacted
+from raytune_sd3.data.files import CacheFiles, redacted
 
 CACHE_FORMAT = 3  # bump when the meaning of an entry changes (2: checksummed entries; 3: buckets, masks)
 CHECKSUM = "sha256"
@@ -67,84 +67,62 @@ def _parse_header(read) -> tuple[dict, int] | None:
     return header, 8 + n + max(ends, default=0)
 
 
-def _header(path: Path) -> tuple[dict, int] | None:
-    try:
-        with open(path, "rb") as f:
-            return _parse_header(lambda start, length: (f.seek(start), f.read(length))[1])
-    except OSError:
-        return None
-
-
 class CacheStore:
     """Reads and atomically writes entries under one cache location: a folder (every node must see it on a
-    cluster) or a URI such as s3://bucket/cache (data/remote.py)."""
+    cluster) or a URI such as s3://bucket/cache, both through one pyarrow filesystem (data/files.py)."""
 
     def __init__(self, root: str | Path):
-        self.remote = UriFiles(str(root)) if is_uri(str(root)) else None
-        self.root = None if self.remote else Path(root)
-        self.name = redacted(str(root)) if self.remote else str(root)
+        self.files = CacheFiles(str(root))
+        self.name = redacted(str(root))
 
     def path(self, kind: str, key: str) -> Path | str:
-        rel = f"{kind}/{key[:2]}/{key}.safetensors"
-        return self.remote.join(rel) if self.remote else self.root / rel
+        """Where the entry lives: a Path for a local cache (for people and tests), else the filesystem's path."""
+        path = self.entry_path(kind, key)
+        return Path(path) if self.files.local else path
+
+    def entry_path(self, kind: str, key: str) -> str:
+        """The entry's path in the cache's filesystem."""
+        return self.files.join(kind, key[:2], f"{key}.safetensors")
 
     def has(self, kind: str, key: str) -> bool:
         """True for a whole entry: a truncated or unreadable one counts as missing (and is encoded again)."""
-        path = self.path(kind, key)
-        try:
-            if self.remote:
-                size = self.remote.size(path)
-                parsed = None if size is None else _parse_header(lambda s, n: self.remote.read_range(path, s, n))
-            else:
-                parsed = _header(path)
-                size = path.stat().st_size if parsed else None
-        except OSError:
-            return False
-        if parsed is None:
-            return False
-        header, length = parsed
-        return CHECKSUM in (header.get("__metadata__") or {}) and size == length
+        return self.whole_size(kind, key) is not None
 
-    def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        metadata = {CHECKSUM: tensors_digest(tensors)}
-        if self.remote:  # one upload: the object appears whole or not at all
-            self.remote.write(self.path(kind, key), save(tensors, metadata=metadata))
-            return
-        dest = self.path(kind, key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
+    def whole_size(self, kind: str, key: str) -> int | None:
+        """The entry's length when it is whole (header readable, file as long as the header says), else None."""
+        path = self.entry_path(kind, key)
         try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, dest)  # atomic: readers see the old state or the whole entry
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            size = self.files.size(path)
+            parsed = None if size is None else _parse_header(lambda s, n: self.files.read_range(path, s, n))
+        except OSError:
+            return None
+        if parsed is None:
+            return None
+        header, length = parsed
+        return size if CHECKSUM in (header.get("__metadata__") or {}) and size == length else None
+
+    def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> int:
+        """Whole or not at all: readers see no entry or the whole one (CacheFiles.write). Returns its length."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        data = save(tensors, metadata={CHECKSUM: tensors_digest(tensors)})
+        self.files.write(self.entry_path(kind, key), data)
+        return len(data)
 
     def read(self, kind: str, key: str) -> dict[str, torch.Tensor]:
-        if self.remote:
-            return load(self.remote.read(self.path(kind, key)))
-        return load_file(self.path(kind, key))
+        return load(self.files.read(self.entry_path(kind, key)))
 
     def remove(self, kind: str, key: str) -> None:
-        path = self.path(kind, key)
-        if self.remote:
-            if self.remote.size(path) is not None:
-                self.remote.fs.delete_file(path)
-        else:
-            path.unlink(missing_ok=True)
+        self.files.delete(self.entry_path(kind, key))
 
     def verify(self, kind: str, key: str) -> str | None:
         """What is wrong with an entry ("missing", "truncated", "checksum mismatch", ...), or None when it is good."""
-        path = self.path(kind, key)
-        exists = self.remote.size(path) is not None if self.remote else path.exists()
-        if not exists:
+        path = self.entry_path(kind, key)
+        if self.files.size(path) is None:
             return "missing"
         if not self.has(kind, key):
             return "truncated or unreadable"
         try:
-            data = self.remote.read(path) if self.remote else Path(path).read_bytes()
+            data = self.files.read(path)
             header, _ = _parse_header(lambda s, n: data[s:s + n])
             expected = (header.get("__metadata__") or {}).get(CHECKSUM)
             tensors = load(data)
@@ -154,26 +132,31 @@ class CacheStore:
 
     def entries(self) -> list[tuple[str, str]]:
         """(kind, key) of every entry stored."""
-        if self.remote:
-            return [(kind, p.rsplit("/", 1)[-1].removesuffix(".safetensors")) for kind in ("latents", "text")
-                    for p in self.remote.files(kind, ".safetensors")]
-        return [(p.parent.parent.name, p.stem) for kind in ("latents", "text")
-                for p in sorted((self.root / kind).glob("*/*.safetensors"))]
+        return [(kind, p.rsplit("/", 1)[-1].removesuffix(".safetensors")) for kind in ("latents", "text")
+                for p in self.files.files(kind, ".safetensors") if _is_entry(p, kind, self.files.join(kind))]
 
     def remove_stale_temporaries(self, older_than_s: float = 3600) -> int:
         """Delete half-written files that a process killed mid-write left behind (older than `older_than_s`, so a
-        job writing into the same cache right now keeps its own); returns how many. A URI cache has none: an
+        job writing into the same cache right now keeps its own); returns how many. An object store has none: an
         upload that did not finish leaves no object."""
-        import time
-
-        if self.remote:
-            return 0
+        if self.files.uploads_whole:
+            return 0  # and a listing of every object would cost a request per thousand entries
+        cutoff = time.time() - older_than_s
         removed = 0
-        for tmp in self.root.glob("*/*/.*.tmp"):
-            try:
-                if time.time() - tmp.stat().st_mtime > older_than_s:
-                    tmp.unlink()
-                    removed += 1
-            except OSError:
-                pass
+        for kind in ("latents", "text"):
+            for info in self.files.listing(kind):
+                name = info.path.rsplit("/", 1)[-1]
+                if name.startswith(".") and name.endswith(".tmp") and info.mtime is not None \
+                        and info.mtime.timestamp() < cutoff:
+                    try:
+                        self.files.delete(info.path)
+                        removed += 1
+                    except OSError:
+                        pass
         return removed
+
+
+def _is_entry(path: str, kind: str, folder: str) -> bool:
+    """<folder>/<k[:2]>/<k>.safetensors, as `path` writes them (not a temp file, nothing deeper)."""
+    rel = path[len(folder) + 1:].split("/")
+    return len(rel) == 2 and not rel[1].startswith(".")

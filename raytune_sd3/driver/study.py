@@ -39,8 +39,8 @@ def report(cfg: JobConfig) -> dict:
 def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry_failed: bool = False,
               verbose: bool = False) -> int:
     """The whole study command on a validated job; returns the exit status."""
+    from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST
     from raytune_sd3.data.prepare import prepare_data
-    from raytune_sd3.data.reader import MANIFEST
     from raytune_sd3.driver.cli import connect
     from raytune_sd3.driver.placement import WaitReporter
     from raytune_sd3.models.loading import resolve_pretrained
@@ -54,6 +54,8 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(dump_job(cfg))
     manifest = out / MANIFEST
+    if resume and not manifest.exists() and (out / LEGACY_MANIFEST).exists():
+        manifest = out / LEGACY_MANIFEST  # a study begun by an earlier version: its JSON manifest is read as it is
     if resume and manifest.exists():
         # The study's trials were compared on this cache and eval set: a resumed study keeps them as they were.
         log.info("resume: reusing %s (the cache is not touched)", manifest)

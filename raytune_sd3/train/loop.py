@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from raytune_sd3.config import JobConfig
-from raytune_sd3.data.reader import CachedBatches, Prefetcher, read_manifest, split_eval
+from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
+from raytune_sd3.data.reader import CachedBatches, Prefetcher
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
@@ -210,7 +211,7 @@ class WorkerRun:
     def _setup_data(self) -> None:
         """The cache reader (this rank's micro-batches, read ahead), the eval set, metrics.jsonl and W&B."""
         cfg, t = self.cfg, self.t
-        self.manifest = read_manifest(self.config["manifest"])
+        self.manifest = read_manifest(self.config["manifest"], READER_COLUMNS)  # only the columns it trains with
         train_rows, eval_rows = split_eval(self.manifest["rows"], cfg.data.eval_samples)
         self.reader = CachedBatches(self.manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
                                     t.global_batch, cfg.data.small_buckets, t.prior_loss_weight,

@@ -1,0 +1,110 @@
+"""The cache's files on one pyarrow FileSystem: a local folder, or a URI (s3://, gs://, hdfs://, or any fsspec
+protocol). CacheStore and the stat index speak only to this class, so a folder and a bucket take the same path.
+
+Writes are whole or absent. Object stores (S3, GCS, Azure) publish an object only when its upload completes, so an
+entry is uploaded once under its name (a temp name + move would be a server-side copy and a delete). Elsewhere (a
+folder, HDFS, ...) a file is visible while it is written, so it is written under a temp name beside its
+destination and moved into place: a rename, atomic on POSIX filesystems. Options of a URI's filesystem go in its
+query (`s3://bucket/cache?endpoint_override=host:port&scheme=http` for MinIO or another S3-compatible store);
+credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never from the job file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from raytune_sd3.config import is_uri  # noqa: F401 - the cache's URI test lives with the config that names URIs
+
+# fsspec protocols whose objects appear only when their upload completes.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+
+
+def redacted(uri: str) -> str:
+    """The URI without its query (which may name an endpoint or options) and any user:password@, for messages;
+    a local path as it is."""
+    if not is_uri(uri):
+        return uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path in it, whether an upload publishes a file whole) for a folder or a URI."""
+    if not is_uri(location):
+        # pyarrow's local paths are absolute; a relative cache_dir means this process's working directory.
+        return pafs.LocalFileSystem(), os.path.abspath(location), False
+    try:
+        fs, root = pafs.FileSystem.from_uri(location)
+        return fs, root, fs.type_name in ("s3", "gcs", "abfs")
+    except Exception:  # noqa: BLE001 - pyarrow only knows its own schemes: try fsspec for the rest
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(location)
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root, bool(protocols & _OBJECT_STORES)
+
+
+class CacheFiles:
+    """The few file operations the cache needs, on the filesystem a folder or URI names. Paths are the
+    filesystem's own ("/abs/cache/latents/ab/ab...safetensors", "bucket/cache/latents/...")."""
+
+    def __init__(self, location: str):
+        self.fs, root, self.uploads_whole = _filesystem(str(location))
+        self.root = root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def size(self, path: str) -> int | None:
+        """The file's length, or None when there is no file at `path`."""
+        info = self.fs.get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def read_range(self, path: str, start: int, length: int) -> bytes:
+        with self.fs.open_input_file(path) as f:
+            return f.read_at(length, start)
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_file(path) as f:
+            return f.readall()
+
+    def write(self, path: str, data: bytes) -> None:
+        """Whole or not at all (see the module's docstring). Neither path fsyncs (pyarrow's local streams do not,
+        and the plain-file writes before them did not either): a power cut may lose a recent entry, which the next
+        run then finds missing and encodes again, but no reader sees half of one."""
+        folder, name = path.rsplit("/", 1)
+        self.fs.create_dir(folder, recursive=True)
+        if self.uploads_whole:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)  # LocalFileSystem: rename(2), which replaces `path` atomically on POSIX
+        finally:
+            if self.size(tmp) is not None:
+                self.fs.delete_file(tmp)
+
+    def delete(self, path: str) -> None:
+        """Remove the file at `path`; nothing when there is none."""
+        if self.size(path) is not None:
+            self.fs.delete_file(path)
+
+    def listing(self, folder: str) -> list[pafs.FileInfo]:
+        """Every file under `folder` (recursive; sizes and modification times included), sorted by path."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.join(folder), recursive=True))
+        except FileNotFoundError:
+            return []
+        return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+    def files(self, folder: str, suffix: str) -> list[str]:
+        return [i.path for i in self.listing(folder) if i.path.endswith(suffix)]
