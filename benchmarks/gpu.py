@@ -198,7 +198,7 @@ class Trainer:
             return flow_loss(self.flow, pred, latents, fb.noise, fb.sigmas).mean()
 
     def step(self) -> None:
-        from raytune_sd3.train.loop import attention_kernel
+        from raytune_sd3.train.attention import attention_kernel
 
         with attention_kernel(self.attention)():
             self.forward_loss().backward()

@@ -560,6 +560,9 @@ class ValidationConfig(Section):
     """Fraction of the steps where SLG stops."""
     skip_layer_scale: float = 2.8
     """SLG scale."""
+    attention: Literal["auto", "sage"] = "auto"
+    """The sampler's attention kernel: auto (torch's choice) or sage (SageAttention's 8-bit kernel, CUDA only, where
+    the sageattention package is installed: faster sampling, images a little different from auto's)."""
 
     @field_validator("resolution")
     @classmethod

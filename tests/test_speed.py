@@ -97,29 +97,3 @@ def test_compiled_blocks_match_eager_share_graphs_and_keep_names(tiny_sd3):
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
     assert 2 <= counters["stats"]["unique_graphs"] <= 3  # the joint kind (the first block may get its own), the last
 
-
-def test_train_attention_picks_the_kernel():
-    """train.attention math runs torch's reference attention where auto lets torch pick its fused CPU kernel (on
-    GPUs: flash, cudnn or efficient by name); seen in the ops the call dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from raytune_sd3.train.loop import attention_kernel
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.__name__)
-            return func(*args, **(kwargs or {}))
-
-    q = torch.randn(1, 2, 8, 16)
-    seen = {}
-    for name in ("auto", "math"):
-        with attention_kernel(name)(), Ops() as ops:
-            seen[name] = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        seen[name + "_ops"] = ops.names
-    assert any("flash_attention" in n for n in seen["auto_ops"])
-    assert not any("flash_attention" in n for n in seen["math_ops"]) and "bmm.default" in seen["math_ops"]
-    torch.testing.assert_close(seen["math"], seen["auto"], rtol=1e-5, atol=1e-6)

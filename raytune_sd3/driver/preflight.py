@@ -1,5 +1,6 @@
 """What must exist before Ray starts, checked in seconds on the driver: data folders, metadata files, the model
-folder, a DeepSpeed JSON and its rules, W&B and Hub credentials, bitsandbytes and CUDA for what needs them. Demo
+folder, a DeepSpeed JSON and its rules, W&B and Hub credentials, bitsandbytes, SageAttention and CUDA for what
+needs them. Demo
 data sets and tiny models are made later."""
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
     if (hub_problem := token_problem(cfg)) is not None:
         problems.append(hub_problem)
     problems += bitsandbytes_problems(cfg, cuda)
+    if cfg.validation.attention == "sage" and cfg.validation.prompts:
+        from raytune_sd3.train.attention import SAGE_FIX, sage_available
+
+        if not sage_available():
+            problems.append(f"validation.attention sage: the sageattention package is not installed here: {SAGE_FIX}")
+        elif cfg.train.use_gpu is False:
+            problems.append("validation.attention sage runs on CUDA GPUs only, and train.use_gpu is false: "
+                            "set validation.attention: auto")
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 

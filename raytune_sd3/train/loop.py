@@ -23,6 +23,7 @@ from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
+from raytune_sd3.train.attention import attention_kernel, sampling_attention
 from raytune_sd3.train.flops import count_flops, peak_tflops
 from raytune_sd3.train.optim import make_optimizer
 from raytune_sd3.train.state import (
@@ -83,18 +84,6 @@ def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int,
     if t.grad_norm_limit and gn is not None and math.isfinite(gn) and gn > t.grad_norm_limit:
         return f"gradient norm {gn:.4g} above train.grad_norm_limit={t.grad_norm_limit}"
     return None
-
-
-def attention_kernel(name: str):
-    """A factory of contexts that run scaled_dot_product_attention with train.attention's kernel (auto: torch's
-    choice)."""
-    if name == "auto":
-        return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-    return lambda: sdpa_kernel([backend])
 
 
 def _step_seed(seed: int, step: int, slot: int) -> int:
@@ -315,8 +304,9 @@ class WorkerRun:
         if cfg.text.uncond == "zero":
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
         folder = self.out_dir / "validation" / f"step_{step:06d}"
-        sample_images(self.strategy.transformer, self.vae, load_sampler(self.pretrained, cfg.model.revision), embeds,
-                      uncond, cfg.validation, folder, self.device, save=self.rank == 0)
+        with sampling_attention(cfg.validation.attention, self.device):
+            sample_images(self.strategy.transformer, self.vae, load_sampler(self.pretrained, cfg.model.revision),
+                          embeds, uncond, cfg.validation, folder, self.device, save=self.rank == 0)
         self.tracker.log_images(folder, step, cfg.validation.prompts)
 
     def report(self, metrics: dict, with_checkpoint: bool) -> None:
