@@ -356,9 +356,10 @@ class TrainConfig(Section):
                 raise ValueError("train.batch_size auto keeps a global batch that you give: set "
                                  "train.global_batch_size (images per optimizer step over all workers, e.g. 12), or "
                                  "give train.batch_size a number")
-            if "grad_accum" in self.model_fields_set:
-                raise ValueError("train.grad_accum is chosen by train.batch_size auto (global_batch_size / (workers "
-                                 "x batch_size)): leave it out, or give train.batch_size a number")
+            if self.grad_accum != 1:  # 1, the default, is what an unresolved job's dump holds (a Tune trial's)
+                raise ValueError(f"train.grad_accum {self.grad_accum}: with train.batch_size auto it is chosen "
+                                 "(global_batch_size / (workers x batch_size)): leave it out, or give "
+                                 "train.batch_size a number")
         if n is not None and self.num_workers != "auto":
             check_global_batch(self)
         return self

@@ -75,8 +75,8 @@ def resolve_micro_batch(cfg: JobConfig, card: tuple[str, float] | str | None) ->
     if card is None:
         b, why = options[0], "CPU workers: no memory limit is modelled"
     elif isinstance(card, str):
-        b, why = 1, (f"{card}; 1 is the smallest and fits wherever anything does: set train.batch_size by hand, or see "
-                     "what fits a card with python -m raytune_sd3.check JOB --gpu CARD")
+        b, why = 1, (f"{card}; 1 is the smallest and fits wherever anything does: set train.batch_size by hand, "
+                     "or see what fits a card with python -m raytune_sd3.check JOB --gpu CARD")
     else:
         b, why = _largest_that_fits(cfg, options, *card)
     t.batch_size, t.grad_accum = b, n // (top * b)
