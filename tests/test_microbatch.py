@@ -204,3 +204,21 @@ def test_the_check_shows_what_auto_becomes(tmp_path):
     assert runs[1].returncode == 0, runs[1].stdout + runs[1].stderr
     assert "train.batch_size auto -> 2 (estimate" in runs[1].stdout and "of 79.6 GiB on H100-80GB" in runs[1].stdout
     assert "3 workers x batch 2 x accum 2" in runs[1].stdout
+
+
+def test_the_check_resolves_auto_for_the_cluster_files_gpu(tmp_path):
+    from raytune_sd3.check import run_checks
+
+    cfg = sd35(tmp_path, 24, "train.num_workers=8", "train.use_gpu=true")
+    report = run_checks(cfg, cluster=str(ROOT / "cluster" / "aws-a100.yaml"), skip_paths=True)
+    auto = next(line for line in report.lines if "train.batch_size auto" in line)
+    assert "of 39.4 GiB on A100-40GB" in auto or "even batch 1 is estimated" in auto and "A100-40GB" in auto
+    assert cfg.train.batch_size * cfg.train.grad_accum * 8 == 24
+
+
+def test_a_study_checks_trials_of_an_auto_job_before_ray(tmp_path):
+    """A Tune study's trials are built from the unresolved job's dump (grad_accum 1 beside auto) before Ray."""
+    from raytune_sd3.tune.config import check_study
+
+    check_study(load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path}", "train.batch_size=auto",
+                                                            "train.global_batch_size=8"]))
