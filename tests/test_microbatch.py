@@ -222,3 +222,29 @@ def test_a_study_checks_trials_of_an_auto_job_before_ray(tmp_path):
 
     check_study(load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path}", "train.batch_size=auto",
                                                             "train.global_batch_size=8"]))
+
+
+@pytest.mark.slow  # starts a Ray (about 10-35 s on 2 cores)
+def test_a_real_ray_node_names_its_card_to_the_driver(tmp_path):
+    """A local Ray whose node advertises a GPU and the resource Ray's NVIDIA manager adds on an H100 node
+    (`accelerator_type:H100`, ray/_private/resource_and_label_spec.py): the driver reads the card off ray.nodes()."""
+    script = f"""
+import ray, yaml
+from raytune_sd3.config import load_job
+from raytune_sd3.driver.placement import read_cluster, resolve_auto
+ray.init(num_cpus=1, num_gpus=1, resources={{"accelerator_type:H100": 1}}, include_dashboard=False,
+         log_to_driver=False)
+try:
+    raw = yaml.safe_load(open({str(ROOT / "jobs" / "sd35.yaml")!r}))
+    for key in ("grad_accum", "use_gpu", "batch_size"):
+        raw["train"].pop(key)
+    raw["output_dir"] = {str(tmp_path)!r}
+    cfg = load_job(raw=raw, overrides=["train.num_workers=auto", "train.batch_size=auto",
+                                       "train.global_batch_size=24"])
+    print(resolve_auto(cfg, read_cluster(cfg))[-1])
+finally:
+    ray.shutdown()
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "train.batch_size auto -> 2 (estimate 56.1 of 79.6 GiB on H100-80GB" in run.stdout
