@@ -21,12 +21,11 @@ import yaml
 
 from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job
 from raytune_sd3.data.buckets import sizings_of
+from raytune_sd3.driver.microbatch import TIGHT, job_estimator
 from raytune_sd3.driver.placement import Cluster, resolve_auto
 from raytune_sd3.driver.preflight import check_paths
 from raytune_sd3.hardware import GIB, GPU_GIB, gpu_memory, gpu_of_node_type
-from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, estimate
-
-TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
+from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, transformer_config
 
 
 @dataclass
@@ -263,8 +262,6 @@ def check_storage(cfg: JobConfig, report: Report) -> None:
 
 def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_name: str, strategy: str,
                  quantization: str | None, config_dir: str | None) -> None:
-    from raytune_sd3.memory import transformer_config, vae_channels, vae_params
-
     try:
         config, source = transformer_config(config_dir or cfg.model.pretrained, cfg.model.revision)
     except ValueError as e:
@@ -272,18 +269,10 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
         return
     shape = TransformerShape.from_config(config)
     t, ds0 = cfg.train, max(cfg.data.datasets, key=lambda d: d.max_resolution)
-    val_res = max((max(w, h) for w, h in cfg.validation.sizes), default=0) if cfg.validation.prompts else 0
+    estimator = job_estimator(cfg, config, config_dir or cfg.model.pretrained, strategy, quantization or "none")
 
-    model = config_dir or cfg.model.pretrained
-
-    def at(batch: int = t.batch_size, strat: str = strategy, quant: str | None = quantization,
-           ckpt: bool = t.gradient_checkpointing):
-        return estimate(shape, dtype=cfg.model.dtype, targets=cfg.lora.targets, rank=cfg.lora.rank, batch=batch,
-                        resolution=ds0.max_resolution, t5_tokens=cfg.text.t5_max_length, num_workers=t.max_workers,
-                        strategy=strat, mixed_precision=t.mixed_precision, quantization=quant,
-                        blocks=cfg.lora.blocks, vae_params=vae_params(model) if cfg.validation.prompts else None,
-                        validation_resolution=val_res, vae_channels=vae_channels(model), gradient_checkpointing=ckpt,
-                        lora_dtype=cfg.lora.dtype, optimizer=t.optimizer)
+    def at(batch: int = t.batch_size, **what_if):
+        return estimator(batch, **what_if)
 
     est = at()
     report.block(f"         estimate from {source}: {shape.num_layers} blocks x width {shape.width}, "
@@ -333,10 +322,13 @@ def target_cluster(cfg: JobConfig, cluster: str | None, gpu: str | None) -> Clus
     if cluster:
         try:
             c = cluster_gpus(cluster)
-            return Cluster(({"GPU": c.gpus_per_node, "CPU": 8.0 * c.gpus_per_node},) * c.max_nodes, autoscaling=True)
+            return Cluster(({"GPU": c.gpus_per_node, "CPU": 8.0 * c.gpus_per_node},) * c.max_nodes, autoscaling=True,
+                           card=(c.gpu, GPU_GIB[c.gpu]))
         except (OSError, ValueError, KeyError):
             pass  # run_checks reports the unreadable file
-    if gpu or cfg.model.pretrained not in TINY_MODELS:
+    if gpu:
+        return Cluster(({"GPU": 1, "CPU": 8.0},), card=gpu_memory(gpu))
+    if cfg.model.pretrained not in TINY_MODELS:  # a GPU of unknown memory: train.batch_size auto says so
         return Cluster(({"GPU": 1, "CPU": 8.0},))
     return Cluster(({"CPU": 8.0},))
 

@@ -8,6 +8,7 @@ Unknown keys, wrong types and impossible combinations raise `ConfigError` naming
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -247,10 +248,16 @@ class TrainConfig(Section):
     """How Ray places the workers: PACK (fewest nodes), SPREAD (across nodes), STRICT_SPREAD (one per node)."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs each training worker reserves."""
-    batch_size: int = Field(4, ge=1)
-    """Images per worker per micro-step."""
+    batch_size: int | Literal["auto"] = 4
+    """Images per worker per micro-step. auto: the largest that fits the cluster's GPU by the memory estimate (under
+    the preflight's 90% margin) and divides the global batch evenly; needs global_batch_size, and sets grad_accum.
+    Resolved once, when the job starts, and written into job.yaml (python -m raytune_sd3.check --gpu shows it)."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step (with batch_size auto it is chosen: leave it out)."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Images per optimizer step over all workers: required with batch_size auto, which keeps it by setting
+    grad_accum = global_batch_size / (workers x batch_size). With a number for batch_size it is optional and must
+    equal batch_size x grad_accum x workers (the largest count when elastic)."""
     max_steps: int = Field(100, ge=1)
     """Optimizer steps to train."""
     learning_rate: float = Field(1e-4, gt=0)
@@ -334,6 +341,29 @@ class TrainConfig(Section):
             raise ValueError(f"an elastic range is [min, max] with 1 <= min <= max, got {v}")
         return v[0] if v[0] == v[1] else v
 
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1 (or auto, with train.global_batch_size)")
+        return v
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainConfig:
+        n = self.global_batch_size
+        if self.batch_size == "auto":
+            if n is None:
+                raise ValueError("train.batch_size auto keeps a global batch that you give: set "
+                                 "train.global_batch_size (images per optimizer step over all workers, e.g. 12), or "
+                                 "give train.batch_size a number")
+            if self.grad_accum != 1:  # 1, the default, is what an unresolved job's dump holds (a Tune trial's)
+                raise ValueError(f"train.grad_accum {self.grad_accum}: with train.batch_size auto it is chosen "
+                                 "(global_batch_size / (workers x batch_size)): leave it out, or give "
+                                 "train.batch_size a number")
+        if n is not None and self.num_workers != "auto":
+            check_global_batch(self)
+        return self
+
     @model_validator(mode="after")
     def _elastic(self) -> TrainConfig:
         if not self.elastic:
@@ -341,6 +371,8 @@ class TrainConfig(Section):
         if self.strategy != "ddp":
             raise ValueError(f"train.num_workers {self.num_workers} (elastic) works with train.strategy ddp only: "
                              "ZeRO's optimizer state is sharded per worker and cannot be resumed on another count")
+        if self.batch_size == "auto":
+            return self  # check_global_batch: batch 1 must share on every count; auto picks one that does
         per_step = self.grad_accum * self.max_workers
         bad = [w for w in range(self.min_workers, self.max_workers + 1) if per_step % w]
         if bad:
@@ -372,12 +404,34 @@ class TrainConfig(Section):
 
     @property
     def global_batch(self) -> int:
-        """Samples per optimizer step (fixed, also when elastic): batch_size x grad_accum x the largest worker count."""
+        """Samples per optimizer step (fixed, also when elastic): batch_size x grad_accum x the largest worker count
+        (global_batch_size while batch_size is still auto)."""
+        if self.batch_size == "auto":
+            return self.global_batch_size  # type: ignore[return-value]  # required with auto
         return self.batch_size * self.grad_accum * self.max_workers
 
     def accum_for(self, world: int) -> int:
         """Micro-steps per optimizer step with `world` workers: the global batch is fixed by the largest size."""
         return self.grad_accum * self.max_workers // world if self.elastic else self.grad_accum
+
+
+def check_global_batch(t: TrainConfig) -> None:
+    """train.global_batch_size against the (resolved) worker count: every worker trains the same images per step;
+    with a number for batch_size it must be batch_size x grad_accum x workers. Raises ValueError naming the fix."""
+    n, top = t.global_batch_size, t.max_workers
+    if n is None:
+        return
+    counts = range(t.min_workers, top + 1)
+    bad = [w for w in counts if n % w]
+    if bad and t.batch_size == "auto":
+        step = math.lcm(*counts)
+        raise ValueError(f"train.global_batch_size {n} cannot be shared evenly by {bad} worker(s) "
+                         f"(train.num_workers {t.num_workers}): every worker trains the same number of images per "
+                         f"step; use a multiple of {step}, e.g. --set train.global_batch_size={-(-n // step) * step}")
+    if t.batch_size != "auto" and n != t.global_batch:
+        raise ValueError(f"train.global_batch_size {n} is not train.batch_size x grad_accum x workers = "
+                         f"{t.batch_size} x {t.grad_accum} x {top} = {t.global_batch}: fix one, leave "
+                         "global_batch_size out, or set train.batch_size: auto to choose the split")
 
 
 # --- the tune: section (a stability study) ---------------------------------------------------------------

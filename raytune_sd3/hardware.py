@@ -60,6 +60,30 @@ def peak_tflops_of(device_name: str) -> float | None:
     return next((c.bf16_tflops for c in CARDS if c.device_match in device_name), None)
 
 
+# Ray's `accelerator_type:<label>` node resource -> the cards it may be. Ray names a card by its model only
+# (ray/_private/accelerators/nvidia_gpu.py: "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA GeForce RTX 4090" ->
+# "GeForce-RTX-4090"), so a label that covers several memory sizes lists them all; "A100-40G"/"A100-80G" are the
+# labels Ray documents for adding by hand where the size matters.
+RAY_ACCELERATORS: dict[str, tuple[str, ...]] = {
+    "H100": ("H100-80GB", "H100-PCIe-80GB"), "H200": ("H200-141GB",),
+    "A100": ("A100-40GB", "A100-80GB"), "A100-40G": ("A100-40GB",), "A100-80G": ("A100-80GB",),
+    "L40S": ("L40S-48GB",), "L40": ("L40-48GB",), "L4": ("L4-24GB",), "A10G": ("A10G-24GB",),
+    "V100": ("V100-16GB", "V100-32GB"),
+    "GeForce-RTX-3060": ("RTX-3060-12GB",), "GeForce-RTX-4090": ("RTX-4090-24GB",),
+    "GeForce-RTX-5090": ("RTX-5090-32GB",),
+}
+
+
+def card_of_ray_accelerator(label: str) -> tuple[str, float, bool] | None:
+    """(card, GiB, whether larger variants exist) for Ray's accelerator label: the smallest memory the label may
+    mean, so what is planned for it fits every variant; None where no variant's memory is catalogued."""
+    known = sorted((GPU_GIB[c], c) for c in RAY_ACCELERATORS.get(label, ()) if c in GPU_GIB)
+    if not known:
+        return None
+    gib, card = known[0]
+    return card, gib, known[-1][0] > gib
+
+
 # Node type -> (GPU, GPUs per node): AWS instance types, GCP machine types, GKE accelerator labels.
 NODE_TYPES: dict[str, tuple[str, int]] = {
     "p5.48xlarge": ("H100-80GB", 8), "p5e.48xlarge": ("H200-141GB", 8), "p5en.48xlarge": ("H200-141GB", 8),

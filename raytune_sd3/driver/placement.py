@@ -1,7 +1,8 @@
 """Fitting a job to the Ray cluster it runs on, on the driver, before any model loads.
 
 - `auto` settings become values read off the cluster: one worker per GPU (or 2 CPU workers), bf16 weights and
-  autocast on GPUs, fp32 on CPUs (`resolve_auto`; job.yaml records the result).
+  autocast on GPUs, fp32 on CPUs, the largest micro-batch that fits the GPU (driver/microbatch.py)
+  (`resolve_auto`; job.yaml records the result).
 - A worker count the cluster can never place stops the job in seconds, naming what it needs, what the cluster has
   and the `--set` that fits (`check_placement`), unless an autoscaler may add nodes: then the job waits and says
   every 30 s what for (`WaitReporter`). Ray Train itself would wait without a word, forever.
@@ -15,8 +16,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from raytune_sd3.config import ConfigError, JobConfig
+from raytune_sd3.config import ConfigError, JobConfig, check_global_batch
 from raytune_sd3.driver.console import BackgroundLoop
+from raytune_sd3.hardware import card_of_ray_accelerator
 
 log = logging.getLogger(__name__)
 CPU_WORKERS = 2  # `auto` on a cluster without GPUs: enough to exercise DDP, little enough for a laptop
@@ -33,6 +35,31 @@ class Cluster:
 
     nodes: tuple[dict[str, float], ...]
     autoscaling: bool = False
+    card: tuple[str, float] | None = None
+    """(name, GiB) of the workers' GPU where known from elsewhere (the check's --gpu or cluster file); otherwise
+    `gpu_card` reads it from the GPU nodes' `accelerator_type:<label>` resources."""
+
+    def gpu_card(self) -> tuple[str, float] | str:
+        """(what to call it, GiB) of the smallest GPU a worker may land on, or why it is not known."""
+        if self.card:
+            return self.card
+        known, unknown = [], set()
+        for node in self.nodes:
+            if node.get("GPU", 0) <= 0:
+                continue  # a CPU head (`ray job submit` from a machine without a GPU) trains nothing
+            labels = [k.split(":", 1)[1] for k in node if k.startswith("accelerator_type:")]
+            cards = [(c[1], c, label) for label in labels if (c := card_of_ray_accelerator(label))]
+            if cards:  # "A100" beside a hand-added "A100-80G": the more specific (larger) one
+                known.append(max(cards))
+            else:
+                unknown.update(labels or ["(none)"])
+        if unknown:
+            return (f"Ray names the GPU {'/'.join(sorted(unknown))}, whose memory is not in raytune_sd3/hardware.py"
+                    if unknown != {"(none)"} else "the GPU nodes carry no accelerator_type resource")
+        if not known:
+            return "the cluster has no GPU node up yet"
+        gib, (name, _, smallest_of_several), label = min(known)
+        return (f"{name}, the smallest card Ray's {label} may be" if smallest_of_several else name), gib
 
     @property
     def gpus(self) -> int:
@@ -111,6 +138,14 @@ def resolve_auto(cfg: JobConfig, cluster: Cluster) -> list[str]:
     if m.text_encoder_dtype == "auto":  # the caching stage's encoders use the cluster's GPUs whoever trains
         m.text_encoder_dtype = "bf16" if cluster.gpus else "fp32"
         notes.append(f"model.text_encoder_dtype auto -> {m.text_encoder_dtype}")
+    try:  # the worker count is known only now
+        check_global_batch(t)
+    except ValueError as e:
+        raise ConfigError(f"{e} (train.num_workers resolved to {t.num_workers} on {cluster.describe()})") from None
+    if t.batch_size == "auto":  # last: the estimate needs the workers, dtype and precision chosen above
+        from raytune_sd3.driver.microbatch import resolve_micro_batch
+
+        notes.append(resolve_micro_batch(cfg, cluster.gpu_card() if t.use_gpu else None))
     return notes
 
 
@@ -122,6 +157,8 @@ def resolve_as_saved(cfg: JobConfig, saved: JobConfig) -> None:
                                          (m, saved.model, "dtype"), (m, saved.model, "text_encoder_dtype")):
         if getattr(section, name) == "auto":
             setattr(section, name, getattr(saved_section, name))
+    if t.batch_size == "auto":  # grad_accum was chosen with it
+        t.batch_size, t.grad_accum = saved.train.batch_size, saved.train.grad_accum
     if t.use_gpu is None:
         t.use_gpu = saved.train.use_gpu
 
@@ -234,5 +271,5 @@ def ensure_resolved(cfg: JobConfig) -> None:
     import ray
 
     t, m = cfg.train, cfg.model
-    if "auto" in (t.num_workers, t.mixed_precision, m.dtype, m.text_encoder_dtype) or t.use_gpu is None:
+    if "auto" in (t.num_workers, t.batch_size, t.mixed_precision, m.dtype, m.text_encoder_dtype) or t.use_gpu is None:
         resolve_auto(cfg, read_cluster(cfg) if ray.is_initialized() else Cluster(()))
