@@ -21,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        cfg = cli.read_job(args)  # a bad job stops here, before torch or Ray is imported
         from raytune_sd3.driver.training import train_job
 
-        return train_job(cli.read_job(args), restart=args.restart, verbose=args.verbose)
+        return train_job(cfg, restart=args.restart, verbose=args.verbose)
 
     return cli.run(body, args.verbose)
 

@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        from raytune_sd3.tune.config import check_study
+
+        cfg = cli.read_job(args)
+        check_study(cfg)  # no Ray or torch yet: a bad study fails in about a second
         from raytune_sd3.config import load_job
         from raytune_sd3.driver.placement import resolve_as_saved
         from raytune_sd3.driver.resume import guard_study
         from raytune_sd3.driver.study import report, study_job
-        from raytune_sd3.tune.config import check_study
 
-        cfg = cli.read_job(args)
-        check_study(cfg)  # no Ray yet: a bad study fails in about a second
         if args.report_only:
             guard_study(cfg, resume=False, restart=False, report_only=True)
             saved = Path(cfg.output_dir) / "job.yaml"
