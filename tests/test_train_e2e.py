@@ -93,6 +93,21 @@ def test_the_console_is_for_a_person(first_run):
 
 
 @pytest.mark.slow
+def test_a_finished_run_rerun_is_not_retrained(first_run):
+    """The same command again: it says the run is trained and exits 0 without starting Ray (no new ray.log lines,
+    metrics.jsonl and the LoRA untouched); with a larger max_steps it would train on (the normal path)."""
+    tmp = first_run[0]
+    out = tmp / "run1"
+    files = [out / "metrics.jsonl", out / "pytorch_lora_weights.safetensors", out / "ray.log"]
+    before = [(f.stat().st_mtime_ns, f.read_bytes()) for f in files]
+    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+                f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET})  # redact() knows the key by it
+    assert "already trained: step 40 of 40" in r.stdout + r.stderr
+    assert "Ray's own output" not in r.stdout + r.stderr  # Ray was never started
+    assert [(f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before
+
+
+@pytest.mark.slow
 def test_a_diverging_run_exits_3_with_the_reason(first_run):
     """An absurd learning rate on the demo's (already filled) cache: the gradient-norm guard stops the run as
     diverged, the CLI exits 3 and says why, metrics.jsonl ends with the reason, and no LoRA is copied out."""

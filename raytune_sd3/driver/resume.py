@@ -52,6 +52,33 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
     path.write_text(json.dumps(settings, indent=1))
 
 
+def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
+    """(step, LoRA file) of a finished run of this very job in output_dir, found without Ray: its settings are this
+    job's (`auto` read as that run resolved it), its newest complete checkpoint is at train.max_steps, and its LoRA
+    was copied out. None otherwise (a longer max_steps, other settings: the normal path decides)."""
+    from raytune_sd3.driver.placement import resolve_as_saved
+    from raytune_sd3.models.lora import LORA_FILE
+
+    out, folder = Path(cfg.output_dir), run_dir(cfg)
+    saved, settings, lora = out / "job.yaml", folder / SETTINGS_FILE, out / LORA_FILE
+    if not (saved.is_file() and settings.is_file() and lora.is_file()):
+        return None
+    from raytune_sd3.config import load_job
+
+    try:
+        resolved = cfg.model_copy(deep=True)
+        resolve_as_saved(resolved, load_job(saved))
+        same = json.loads(json.dumps(redact(run_settings(resolved)))) == json.loads(settings.read_text())
+    except (ConfigError, ValueError, OSError):  # an unreadable record: let the normal path say what is wrong
+        return None
+    if not same:
+        return None
+    from raytune_sd3.train.state import newest_on_storage
+
+    newest = newest_on_storage(folder)
+    return (newest[0], lora) if newest and newest[0] == cfg.train.max_steps else None
+
+
 STUDY_REPORT_FILES = ("trials.csv", "trials.md", "eval_loss.png", "stability.png", "best.yaml")
 
 

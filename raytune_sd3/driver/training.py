@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from raytune_sd3.config import JobConfig, dump_job
-from raytune_sd3.driver.resume import guard_resume
+from raytune_sd3.driver.resume import finished_run, guard_resume
 from raytune_sd3.models.lora import LORA_FILE
 
 log = logging.getLogger("raytune_sd3")
@@ -81,6 +81,10 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     from raytune_sd3.models.loading import resolve_pretrained
 
     t0 = time.perf_counter()
+    if not restart and (finished := finished_run(cfg)) is not None:  # seconds, not a Ray start and a worker group
+        log.info("already trained: step %d of %d, LoRA %s (raise train.max_steps to train on, or --restart to "
+                 "train again)", finished[0], cfg.train.max_steps, finished[1])
+        return 0
     # Before Ray, as the CLI always did: in test_cluster's two-node `ray job submit`, os.getcwd() failed after
     # ray.init() (the entrypoint's working directory was gone), and the tiny builder's imports read it.
     pretrained = resolve_pretrained(cfg.model.pretrained)
