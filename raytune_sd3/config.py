@@ -617,6 +617,35 @@ class ValidationConfig(Section):
     attention: Literal["auto", "sage"] = "auto"
     """The sampler's attention kernel: auto (torch's choice) or sage (SageAttention's 8-bit kernel, CUDA only, where
     the sageattention package is installed: faster sampling, images a little different from auto's)."""
+    clip_score: bool = False
+    """Score each validation image against its prompt with CLIP (100 x max(cosine, 0), as torchmetrics' CLIPScore):
+    the mean goes into metrics.jsonl as `clip_score`, each prompt's into W&B, both into curves.png."""
+    clip_model: str | None = None
+    """CLIP model for clip_score: a hub id in the local HF cache or a folder; default openai/clip-vit-large-patch14
+    (a tiny random CLIP, built offline, when model.pretrained is a tiny pipeline). Never downloaded by a run."""
+    preview_steps: int | None = Field(None, ge=1)
+    """Live previews: every N sampler steps decode the latents with a Tiny AutoEncoder and post the PNG to
+    webhook_url (in a background thread; a failing webhook never stops training); null: no previews."""
+    preview_model: str | None = None
+    """Tiny AutoEncoder (diffusers AutoencoderTiny) for previews: a hub id in the local HF cache or a folder; default
+    madebyollin/taesd3 (a tiny random one, built offline, when model.pretrained is a tiny pipeline)."""
+    webhook_url: str | None = None
+    """Discord-style webhook (multipart POST: payload_json + files[0]) that gets the previews and each validation
+    step's final images. It holds a token: never written to job.yaml, logs or errors (pass it again with --set)."""
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v == REDACTED:
+            raise ValueError("the URL was redacted when this job.yaml was written (it holds a token); give it again "
+                             "with --set validation.webhook_url=https://...")
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://discord.com/api/webhooks/ID/TOKEN")
+        JOB_SECRETS.add(v)  # from now on redact() strips it from anything this process writes
+        return v
 
     @field_validator("resolution")
     @classmethod
@@ -724,6 +753,9 @@ class JobConfig(Section):
             raise ValueError("train.grad_clip 'value' works with train.strategy ddp only (ZeRO clips by norm)")
         if self.validation.skip_layers is not None and self.validation.skip_layer_start >= self.validation.skip_layer_stop:
             raise ValueError("validation.skip_layer_start must be below validation.skip_layer_stop")
+        if self.validation.preview_steps is not None and self.validation.webhook_url is None:
+            raise ValueError("validation.preview_steps needs validation.webhook_url (the previews are posted there); "
+                             "set it, or remove preview_steps")
         return self
 
     @property
@@ -838,7 +870,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"  {key}: {msg}")
+            got = "<redacted>" if SECRET_KEY.search(str(e["loc"][-1]) if e["loc"] else "") else e.get("input")
+            lines.append(f"  {key}: {msg} (got {got!r})" if e["type"] != "value_error" else f"  {key}: {msg}")
     return "\n".join(lines)
 
 
@@ -912,13 +945,19 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET
 # Hugging Face token; credentials inside a URL). Used by redact() and by convert.py.
 SECRET_KEY = re.compile(r"token|secret|password|credential|api_?key|(^|_)(key|access_key_id|webhook_(config|url))$",
                         re.I)
-SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@")
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@"
+                          # Discord and Slack webhook URLs (their path is the token)
+                          r"|\bhttps?://[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?://hooks\.slack\.com/services/[^\s\"'<>]+")
+REDACTED = "<redacted>"
+# Secret values this process has read from a job (validation.webhook_url, which may be any URL): redact() strips
+# them wherever they appear, as it does the secrets of the environment.
+JOB_SECRETS: set[str] = set()
 
 
 def redact(obj: Any) -> Any:
     """A copy with secret-looking keys, values that look like a token or carry URL credentials, and any value
     equal to a secret from the environment replaced by <redacted>."""
-    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)} | JOB_SECRETS
     def walk(x: Any, key: str = "") -> Any:
         if isinstance(x, dict):
             return {k: walk(v, str(k)) for k, v in x.items()}

@@ -1,7 +1,7 @@
 """What must exist before Ray starts, checked in seconds on the driver: data folders, metadata files, the model
 folder, a DeepSpeed JSON and its rules, W&B and Hub credentials, bitsandbytes, SageAttention and CUDA for what
-needs them. Demo
-data sets and tiny models are made later."""
+needs them, validation's CLIP and preview models in the local HF cache. Demo data sets and tiny models are made
+later."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
         elif cfg.train.use_gpu is False:
             problems.append("validation.attention sage runs on CUDA GPUs only, and train.use_gpu is false: "
                             "set validation.attention: auto")
+    from raytune_sd3.models.loading import VALIDATION_MODELS, validation_model_problem
+
+    problems += [p for key in VALIDATION_MODELS if (p := validation_model_problem(cfg, key)) is not None]
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 

@@ -43,11 +43,12 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
     from raytune_sd3.data.prepare import prepare_data
     from raytune_sd3.driver.cli import connect
     from raytune_sd3.driver.placement import WaitReporter
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.models.loading import resolve_pretrained, resolve_validation_models
     from raytune_sd3.tune.study import run_study
 
     t0 = time.perf_counter()
     pretrained = resolve_pretrained(cfg.model.pretrained)  # before Ray, as in driver/training.py
+    resolve_validation_models(cfg)
     connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
     guard_study(cfg, resume, restart, report_only=False)
     out = Path(cfg.output_dir)

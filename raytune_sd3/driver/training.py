@@ -31,6 +31,7 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
     from raytune_sd3.driver.backend import WorkerTorchConfig
     from raytune_sd3.driver.faults import StopOnRepeatedError
     from raytune_sd3.driver.placement import ensure_resolved
+    from raytune_sd3.models.loading import resolve_validation_models
     from raytune_sd3.train.loop import train_loop_per_worker
 
     ensure_resolved(cfg)
@@ -41,7 +42,7 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained,
-                           "run_dir": run_dir},
+                           "run_dir": run_dir, **resolve_validation_models(cfg)},
         torch_config=WorkerTorchConfig(),
         scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
                                      use_gpu=bool(t.use_gpu), resources_per_worker={"CPU": t.cpus_per_worker},
@@ -78,7 +79,7 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     from raytune_sd3.driver.cli import connect, report_failure
     from raytune_sd3.driver.console import TrainingProgress
     from raytune_sd3.driver.placement import WaitReporter
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.models.loading import resolve_pretrained, resolve_validation_models
 
     t0 = time.perf_counter()
     if not restart and (finished := finished_run(cfg)) is not None:  # seconds, not a Ray start and a worker group
@@ -88,6 +89,7 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     # Before Ray, as the CLI always did: in test_cluster's two-node `ray job submit`, os.getcwd() failed after
     # ray.init() (the entrypoint's working directory was gone), and the tiny builder's imports read it.
     pretrained = resolve_pretrained(cfg.model.pretrained)
+    resolve_validation_models(cfg)  # the tiny CLIP / TAESD built now, for the same reason
     connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
     out = Path(cfg.output_dir)

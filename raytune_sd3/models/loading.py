@@ -13,16 +13,21 @@ from pathlib import Path
 
 import torch
 
-from raytune_sd3.config import TINY_MODELS
+from raytune_sd3.config import TINY_MODELS, JobConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def tiny_models_root() -> Path:
+    """Where tiny models are built: under RAYTUNE_SD3_HOME, else ~/.cache/raytune_sd3."""
+    return Path(os.environ.get("RAYTUNE_SD3_HOME", "~/.cache/raytune_sd3")).expanduser() / "models"
+
+
 def tiny_pipeline_dir(name: str) -> Path:
-    """Where the tiny pipeline `name` is built: under RAYTUNE_SD3_HOME, else ~/.cache/raytune_sd3."""
+    """Where the tiny pipeline `name` is built (tiny_models_root)."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny pipeline {name!r}; expected one of {TINY_MODELS}")
-    return Path(os.environ.get("RAYTUNE_SD3_HOME", "~/.cache/raytune_sd3")).expanduser() / "models" / name
+    return tiny_models_root() / name
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -149,3 +154,73 @@ def compile_blocks(transformer) -> int:
     for block in transformer.transformer_blocks:
         block.compile()
     return len(transformer.transformer_blocks)
+
+
+# --- validation's extra models (CLIP score, previews) ------------------------------------------------------------
+
+# validation key -> (the switch that needs it, the default hub id, the tiny stand-in used with a tiny pipeline)
+VALIDATION_MODELS = {
+    "clip_model": ("clip_score", "openai/clip-vit-large-patch14", "tiny-clip"),
+    "preview_model": ("preview_steps", "madebyollin/taesd3", "tiny-taesd3"),
+}
+
+
+def validation_model_name(cfg: JobConfig, key: str) -> str | None:
+    """What validation.<key> ("clip_model", "preview_model") names for this job: the configured value, else the
+    tiny stand-in with a tiny pipeline, else the default hub id; None when the feature that needs it is off."""
+    switch, default, tiny = VALIDATION_MODELS[key]
+    v = cfg.validation
+    if not getattr(v, switch) or not v.prompts:
+        return None
+    return getattr(v, key) or (tiny if cfg.model.pretrained in TINY_MODELS else default)
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The folder holding `name` (a folder, or a hub id already in the local HF cache); None when it is neither.
+    Tiny stand-ins are not looked up here (resolve_validation_model builds them)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:  # the cache only: a run never downloads these
+        found = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: either way not here
+        return None
+    return found if (found / "config.json").is_file() else None
+
+
+def validation_model_problem(cfg: JobConfig, key: str) -> str | None:
+    """Why validation.<key> cannot load on this machine (checked before Ray starts), or None."""
+    name = validation_model_name(cfg, key)
+    if name is None or name == VALIDATION_MODELS[key][2] or local_model_dir(name) is not None:
+        return None
+    switch = VALIDATION_MODELS[key][0]
+    return (f"validation.{key}: {name} is neither a folder nor in the local Hugging Face cache (validation.{switch} "
+            f"needs it, and a run never downloads it): download it once with `hf download {name}` (on every node, "
+            f"or into a shared HF_HOME), point validation.{key} at a folder, or turn validation.{switch} off")
+
+
+def resolve_validation_model(cfg: JobConfig, key: str) -> str | None:
+    """The folder workers load validation.<key> from (the tiny stand-in built on first use); None when off.
+    Raises FileNotFoundError when the model is not here (preflight says so earlier, with the fix)."""
+    name = validation_model_name(cfg, key)
+    if name is None:
+        return None
+    tiny = VALIDATION_MODELS[key][2]
+    if name == tiny:
+        built = tiny_models_root() / tiny
+        if (built / "config.json").exists():
+            return str(built)
+        from raytune_sd3.models.tiny_validation import build_tiny_clip, build_tiny_taesd
+
+        return str((build_tiny_clip if key == "clip_model" else build_tiny_taesd)(built))
+    folder = local_model_dir(name)
+    if folder is None:
+        raise FileNotFoundError(validation_model_problem(cfg, key))
+    return str(folder)
+
+
+def resolve_validation_models(cfg: JobConfig) -> dict[str, str | None]:
+    """{"clip_model": folder or None, "preview_model": folder or None} for the workers (resolve_validation_model)."""
+    return {key: resolve_validation_model(cfg, key) for key in VALIDATION_MODELS}

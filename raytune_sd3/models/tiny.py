@@ -136,6 +136,14 @@ def _t5_tokenizer(corpus: list[str]) -> T5Tokenizer:
     return tok
 
 
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """The tiny pipeline's CLIP-L tokenizer (also the tiny CLIP scorer's, models/tiny_validation.py)."""
+    vocab, merges = _clip_vocab(_corpus())
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = 77
+    return tok
+
+
 def _tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
     corpus = _corpus()
     vocab, merges = _clip_vocab(corpus)
@@ -250,13 +258,14 @@ def build_tiny_pipeline(out_dir: str | Path, sd35: bool = False, seed: int = 0) 
     return write_atomically(out_dir, write)
 
 
-def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+def write_atomically(out_dir: Path, write: Callable[[Path], None], marker: str = "model_index.json") -> Path:
     """Run ``write(tmp)`` on a temp dir next to ``out_dir``, then rename it into place; returns ``out_dir``.
+    ``marker`` is the file a finished folder holds.
 
     Readers never see a half-written folder, and of concurrent builders the loser of the rename discards its copy.
     """
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists, is not empty and holds no pipeline (no model_index.json)")
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no model (no {marker})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed build by a process with our pid
@@ -265,7 +274,7 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
         try:
             os.replace(tmp, out_dir)  # atomic; also succeeds over an empty directory
         except OSError:
-            if not (out_dir / "model_index.json").exists():
+            if not (out_dir / marker).exists():
                 raise
             # another process finished first: keep its copy
     finally:

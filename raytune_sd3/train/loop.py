@@ -39,6 +39,7 @@ from raytune_sd3.train.state import (
 from raytune_sd3.train.strategy import make_strategy
 from raytune_sd3.train.tracking import Tracker
 from raytune_sd3.train.validation import eval_loss, sample_images
+from raytune_sd3.train.validation_extras import ValidationExtras
 
 METRICS = "metrics.jsonl"
 
@@ -162,6 +163,7 @@ class WorkerRun:
         self.attention = attention_kernel(self.t.attention)
         self.step: int | None = None  # the step being trained (None during setup)
         self.batches = self.tracker = self.vae = None
+        self.validation_extras: ValidationExtras | None = None  # CLIP score and previews, on rank 0
         self.flops_of_shape: dict[tuple, int] = {}
 
     # --- setup ---------------------------------------------------------------------------------------------------
@@ -217,6 +219,9 @@ class WorkerRun:
                                                 for s in steps for m in range(self.accum)], pin=on_gpu,
                                   background=on_gpu, then=self._with_noise)
         self.peak = peak_tflops(self.device, t.peak_tflops)  # MFU is logged where the card's peak is known
+        if self.rank == 0:
+            self.validation_extras = ValidationExtras(cfg.validation, self.config.get("clip_model"),
+                                                      self.config.get("preview_model"), self.device, self.dtype)
 
     # --- the steps -------------------------------------------------------------------------------------------------
 
@@ -237,7 +242,7 @@ class WorkerRun:
             if reason:
                 metrics.update(diverged=1, diverged_reason=reason)
             elif last or (self.cfg.validation.every_steps and step % self.cfg.validation.every_steps == 0):
-                self.validate(step)
+                metrics.update(self.validate(step))
             self._log(metrics)
             checkpoint = not reason and (last or step % t.checkpoint_every == 0)
             # Decided from values equal on every rank: each report is a barrier that all ranks must reach.
@@ -292,11 +297,12 @@ class WorkerRun:
             return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
                              batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
 
-    def validate(self, step: int) -> None:
-        """Sample the validation prompts with the LoRA into validation/step_NNNNNN (and W&B)."""
+    def validate(self, step: int) -> dict:
+        """Sample the validation prompts with the LoRA into validation/step_NNNNNN (and W&B, and the webhook);
+        returns the metrics it measured (the mean `clip_score`, on rank 0, when validation.clip_score is on)."""
         cfg = self.cfg
         if not cfg.validation.prompts or not (self.rank == 0 or self.strategy.sharded_params):
-            return
+            return {}
         self.vae = self.vae or load_vae(self.pretrained, self.device, self.dtype, cfg.model.revision)
         store = self.reader.store
         embeds = [{"prompt": v["prompt"], **store.read("text", v["text_key"])} for v in self.manifest["validation"]]
@@ -304,10 +310,21 @@ class WorkerRun:
         if cfg.text.uncond == "zero":
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
         folder = self.out_dir / "validation" / f"step_{step:06d}"
+        extras = self.validation_extras  # rank 0's
         with sampling_attention(cfg.validation.attention, self.device):
-            sample_images(self.strategy.transformer, self.vae, load_sampler(self.pretrained, cfg.model.revision),
-                          embeds, uncond, cfg.validation, folder, self.device, save=self.rank == 0)
+            written = sample_images(self.strategy.transformer, self.vae,
+                                    load_sampler(self.pretrained, cfg.model.revision), embeds, uncond, cfg.validation,
+                                    folder, self.device, save=self.rank == 0,
+                                    step_callback=extras.step_callback(step) if extras else None)
         self.tracker.log_images(folder, step, cfg.validation.prompts)
+        if extras is None:
+            return {}
+        extras.post_final(written, [(e["prompt"], size) for e in embeds for size in cfg.validation.sizes], step)
+        scores = extras.clip_scores(folder, cfg.validation.prompts)
+        if not scores:
+            return {}
+        self.tracker.log_clip_scores(scores, step)
+        return {"clip_score": sum(scores.values()) / len(scores)}
 
     def report(self, metrics: dict, with_checkpoint: bool) -> None:
         """ray.train.report, with a checkpoint when asked: rank 0's LoRA and loop state, each rank's optimizer
@@ -338,6 +355,8 @@ class WorkerRun:
     def close(self) -> None:
         if self.batches is not None:
             self.batches.close()
+        if self.validation_extras is not None:
+            self.validation_extras.close()
         if self.tracker is not None:
             self.tracker.finish()
 

@@ -79,6 +79,11 @@ class Tracker:
         if images:
             self.run.log({"validation": images}, step=step)
 
+    def log_clip_scores(self, scores: dict[int, float], step: int) -> None:
+        """Each validation prompt's CLIP score, as clip_score/NN (NN: the prompt's index in validation.prompts)."""
+        if self.run is not None and scores:
+            self.run.log({f"clip_score/{i:02d}": s for i, s in scores.items()}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

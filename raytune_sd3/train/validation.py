@@ -7,6 +7,7 @@ trials that differ in those settings (Ray Tune) are compared on the same measure
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,10 +86,13 @@ def eval_loss(transformer, batches: dict[str, torch.Tensor] | list[dict[str, tor
 
 @torch.no_grad()
 def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict, cfg: ValidationConfig,
-                  out_dir: Path, device, save: bool = True) -> list[Path]:
+                  out_dir: Path, device, save: bool = True,
+                  step_callback: Callable[[str, tuple[int, int]], Callable] | None = None) -> list[Path]:
     """Sample each validation prompt at each resolution with diffusers' SD3 pipeline (SLG when configured).
 
     `embeds` are cached prompt embeddings ({"prompt", "prompt_embeds", "pooled"}), so no text encoder is loaded here.
+    `step_callback(prompt, (w, h))`, when given, makes the pipeline's `callback_on_step_end` for that image (live
+    previews: train/previews.py).
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -115,7 +119,8 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
                 negative_prompt_embeds=uncond["prompt_embeds"][None].to(device, dtype),
                 negative_pooled_prompt_embeds=uncond["pooled"][None].to(device, dtype),
                 height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                generator=torch.Generator().manual_seed(cfg.seed), **slg,
+                generator=torch.Generator().manual_seed(cfg.seed),
+                callback_on_step_end=step_callback(e["prompt"], (w, h)) if step_callback else None, **slg,
             ).images[0]
             path = out_dir / f"{i:02d}_{w}x{h}.png"
             if save:  # under ZeRO-3 every rank samples (each holds a shard); one writes
