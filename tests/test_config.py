@@ -145,3 +145,44 @@ def test_a_local_model_folder_becomes_absolute(tmp_path, monkeypatch):
     assert pretrained("~/models/sd35") == str(tmp_path / "home" / "models" / "sd35")
     for name in ("stabilityai/stable-diffusion-3.5-large", "tiny-sd3", "tiny-sd35", "othermodel"):
         assert pretrained(name) == name
+
+
+WEBHOOK = "https://discord.com/api/webhooks/1234567/AbCdEf-secret_TOKEN"
+
+
+def test_a_webhook_url_is_a_secret_everywhere():
+    raw = tiny_raw()
+    raw["validation"].update(webhook_url=WEBHOOK, preview_steps=2)
+    cfg = load_job(raw=raw)
+    assert cfg.validation.webhook_url == WEBHOOK  # the worker gets it whole
+    dumped = dump_job(cfg)
+    assert "AbCdEf-secret_TOKEN" not in dumped and "webhook_url: <redacted>" in dumped
+    # any URL given as validation.webhook_url is stripped from what this process writes, wherever it appears
+    other = "http://127.0.0.1:8080/hook/not-a-discord-path-token"
+    raw["validation"]["webhook_url"] = other
+    load_job(raw=raw)
+    assert redact(f"POST {other} failed") == "POST <redacted> failed"
+    # Discord and Slack webhooks look like secrets by themselves
+    assert redact({"note": f"see {WEBHOOK}"}) == {"note": "see <redacted>"}
+    # the redacted dump names the fix when run as a job file
+    with pytest.raises(ConfigError, match=r"--set validation.webhook_url="):
+        load_job(raw=yaml.safe_load(dumped))
+
+
+def test_webhook_errors_never_show_the_url():
+    raw = tiny_raw()
+    raw["validation"]["webhook_url"] = "ftp://example.com/api/hooks/s3cret"
+    with pytest.raises(ConfigError) as e:
+        load_job(raw=raw)
+    assert "validation.webhook_url: must be an http(s) URL" in str(e.value) and "s3cret" not in str(e.value)
+    raw["validation"]["webhook_url"] = ["https://example.com/s3cret"]  # a wrong type shows the input, redacted
+    with pytest.raises(ConfigError) as e:
+        load_job(raw=raw)
+    assert "validation.webhook_url" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_previews_need_a_webhook():
+    raw = tiny_raw()
+    raw["validation"]["preview_steps"] = 2
+    with pytest.raises(ConfigError, match="validation.preview_steps needs validation.webhook_url"):
+        load_job(raw=raw)

@@ -73,6 +73,17 @@ def last_metrics(out: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def write_curves(out: Path) -> Path | None:
+    """output_dir/curves.png (loss and CLIP score) from metrics.jsonl; a plot that fails is logged, never fatal."""
+    from raytune_sd3.driver.curves import CURVES, plot_training_curves
+
+    try:
+        return plot_training_curves(out / "metrics.jsonl", out / CURVES)
+    except Exception as e:  # noqa: BLE001 - a picture must not turn a finished run into a failed one
+        log.warning("could not draw %s: %s: %s", CURVES, type(e).__name__, e)
+        return None
+
+
 def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> int:
     """The whole training command on a validated job; returns the exit status."""
     from raytune_sd3.data.prepare import prepare_data
@@ -105,6 +116,7 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
         error = result.error
     except Exception as e:  # noqa: BLE001 - Ray Train raises what stopped the run; the user gets it in short
         error = e
+    write_curves(out)
     if error:
         return report_failure(error, out)
     # Train V2's result.metrics are those of the last checkpoint, and a diverged step writes none: read the log.
@@ -118,8 +130,8 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     with result.checkpoint.as_directory() as folder:
         lora = copy_final_lora(folder, out)
     images = sorted((out / "validation").glob("step_*"))
-    log.info("done in %.0f s. LoRA: %s\n  metrics: %s%s", time.perf_counter() - t0, lora, out / "metrics.jsonl",
-             f"\n  validation images: {images[-1]}" if images else "")
+    log.info("done in %.0f s. LoRA: %s\n  metrics: %s (curves.png)%s", time.perf_counter() - t0, lora,
+             out / "metrics.jsonl", f"\n  validation images: {images[-1]}" if images else "")
     from raytune_sd3.hub import publish
 
     return publish(cfg, out, last.get("step"))  # the model card, and the upload: 4 if that failed, never lost

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import queue
-import sys
 import threading
 import time
 import urllib.error
@@ -96,7 +95,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def _warn(message: str) -> None:
-    print(f"raytune_sd3: warning: {message}", file=sys.stderr, flush=True)
+    print(f"raytune_sd3: warning: {message}", flush=True)  # stdout, as the loop's lines (Ray doubled stderr ones)
 
 
 class WebhookPoster:
@@ -129,7 +128,7 @@ class WebhookPoster:
                                           "catches up")
             return False
 
-    def close(self, wait_s: float = 30.0) -> None:
+    def close(self, wait_s: float = 15.0) -> None:
         """Send what is queued, waiting at most `wait_s` seconds (a dead webhook does not hold the run's end)."""
         deadline = time.monotonic() + wait_s
         try:

@@ -7,7 +7,6 @@ the metrics and the LoRA go on. The models load on first use (the driver resolve
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,4 +89,4 @@ class ValidationExtras:
     def _off(self, attr: str, what: str, error: Exception) -> None:
         setattr(self, attr, None)
         print(redact(f"raytune_sd3: warning: validation {what} failed and are off for this run: "
-                     f"{type(error).__name__}: {error}"), file=sys.stderr, flush=True)
+                     f"{type(error).__name__}: {error}"), flush=True)
