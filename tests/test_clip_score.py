@@ -29,23 +29,44 @@ def _images(n: int) -> list[Image.Image]:
     return (solid + noise)[:n]
 
 
-def test_scores_equal_transformers_clipmodel_forward(clip_dir):
+@pytest.fixture(scope="module")
+def flipped_clip_dir(clip_dir, tmp_path_factory):
+    """The tiny CLIP with its text projection negated: every cosine changes sign, so the clamp decides the score."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    folder = tmp_path_factory.mktemp("flipped") / "clip"
+    shutil.copytree(clip_dir, folder)
+    model = CLIPModel.from_pretrained(clip_dir)
+    with torch.no_grad():
+        model.text_projection.weight.neg_()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("flipped", [False, True], ids=["tiny", "flipped"])
+def test_scores_equal_transformers_clipmodel_forward(clip_dir, flipped_clip_dir, flipped):
     from transformers import AutoProcessor, CLIPModel
 
+    folder = flipped_clip_dir if flipped else clip_dir
     images = _images(len(PROMPTS))
-    ours = ClipScorer(clip_dir).score(images, PROMPTS)
+    ours = ClipScorer(folder).score(images, PROMPTS)
 
     # the reference: CLIPModel's own forward (its normalised embeddings, logits = logit_scale * cosine) on the
     # processor's joint call
-    model = CLIPModel.from_pretrained(clip_dir).eval()
-    processor = AutoProcessor.from_pretrained(clip_dir)
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
     inputs = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True, truncation=True, max_length=77)
     with torch.no_grad():
         out = model(**inputs)
     cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
     ref = (100 * cosine.clamp(min=0)).tolist()
     assert ours == pytest.approx(ref, abs=1e-4)
-    assert any(s > 1 for s in ours) and any(c < 0 for c in cosine)  # both sides of the clamp are exercised
+    if flipped:  # negative cosines score 0
+        assert (cosine < 0).all() and ours == [0.0] * len(PROMPTS)
+    else:  # the tiny CLIP scores in the tens, and the score depends on the pair
+        assert all(10 < s < 100 for s in ours) and len({round(s, 3) for s in ours}) == len(ours)
 
 
 def test_score_folder_averages_each_prompt_over_its_sizes(clip_dir, tmp_path):

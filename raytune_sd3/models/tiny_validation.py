@@ -40,7 +40,19 @@ def tiny_clip_parts(seed: int = 0):
     # The PIL image processor: the default one needs torchvision, which we keep out (DESIGN.md).
     images = CLIPImageProcessorPil(size={"shortest_edge": CLIP_IMAGE_SIZE},
                                    crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE})
-    return _seeded(lambda: CLIPModel(config), seed), CLIPProcessor(image_processor=images, tokenizer=tok)
+    return _seeded(lambda: _aligned(CLIPModel(config)), seed), CLIPProcessor(image_processor=images, tokenizer=tok)
+
+
+@torch.no_grad()
+def _aligned(model):
+    """Give both towers one projection and one final-norm bias. A random CLIP's image-text cosines have a random
+    sign, so most scores would be the clamp's 0; with a shared offset they land in the tens and still move with
+    the image and the prompt (the demo's curve shows something)."""
+    bias = torch.randn(model.config.vision_config.hidden_size) * 1.5
+    model.vision_model.post_layernorm.bias.copy_(bias)
+    model.text_model.final_layer_norm.bias.copy_(bias)
+    model.text_projection.weight.copy_(model.visual_projection.weight)
+    return model
 
 
 def tiny_taesd(seed: int = 0):
