@@ -42,7 +42,7 @@ def plot_training_curves(metrics: Path, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     panels = 2 if clip[0] else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False, sharex=True)  # one step axis
     ax = axes[0][0]
     ax.plot(*loss, color="tab:blue", linewidth=0.8, alpha=0.8, label="training loss")
     if evals[0]:
