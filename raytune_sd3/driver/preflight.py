@@ -61,9 +61,10 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
         elif cfg.train.use_gpu is False:
             problems.append("validation.attention sage runs on CUDA GPUs only, and train.use_gpu is false: "
                             "set validation.attention: auto")
-    from raytune_sd3.models.loading import VALIDATION_MODELS, validation_model_problem
+    if cfg.validation.clip_score or cfg.validation.preview_steps:  # models.loading imports torch: only then
+        from raytune_sd3.models.loading import VALIDATION_MODELS, validation_model_problem
 
-    problems += [p for key in VALIDATION_MODELS if (p := validation_model_problem(cfg, key)) is not None]
+        problems += [p for key in VALIDATION_MODELS if (p := validation_model_problem(cfg, key)) is not None]
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 
