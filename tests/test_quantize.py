@@ -42,16 +42,7 @@ def test_quantised_base_trains_a_lora(tiny_sd3, tmp_path, kind, max_rel_err):
     params = add_lora(model, cfg)
     assert all(p.dtype == torch.float32 for p in params) and all(not p.requires_grad for p in model.parameters()
                                                                   if not any(p is q for q in params))
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    target = torch.zeros_like(ref)
-    losses = []
-    for _ in range(8):
-        loss = ((model(**_inputs())[0] - target) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.97 * losses[0]
+    _assert_trains(model, params)
 
     export_lora(tmp_path, lora_state_dict(model), cfg)
     from diffusers import StableDiffusion3Pipeline
@@ -60,6 +51,19 @@ def test_quantised_base_trains_a_lora(tiny_sd3, tmp_path, kind, max_rel_err):
     pipe.load_lora_weights(tmp_path)
     n_lora = sum(1 for k in pipe.transformer.state_dict() if "lora_" in k)
     assert n_lora == len(lora_state_dict(model)) == 2 * 2 * 4  # A and B x 2 blocks x 4 attention layers
+
+
+def _assert_trains(model, params) -> None:
+    """8 AdamW steps on the LoRA towards a zero output lower the loss by at least 3%."""
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = (model(**_inputs())[0] ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0]
 
 
 # --- nf4 (bitsandbytes) ---------------------------------------------------------------------------------------
@@ -89,15 +93,7 @@ def test_nf4_base_quantises_the_quanto_layers_and_trains_a_lora(tiny_sd3, tmp_pa
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     assert isinstance(model.transformer_blocks[0].attn.to_q, LoraLinear4bit)  # peft's 4-bit LoRA layer
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = (model(**_inputs())[0] ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.97 * losses[0]
+    _assert_trains(model, params)
     export_lora(tmp_path, lora_state_dict(model), cfg)
     from diffusers import StableDiffusion3Pipeline
 
