@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,84 @@ def test_trials_of_a_study_are_one_wandb_group(tmp_path):
     plain = job_for_params(study_base(load_job(ROOT / "jobs" / "tune-tiny.yaml", [f"output_dir={tmp_path}"])), {},
                            tmp_path / "trials" / "t2")
     assert plain.wandb.project is None and plain.wandb.group is None  # no W&B unless configured
+
+
+# A second study, smaller still: 2 trials, no ASHA (both would run to max_steps), train.max_failures=0 (the tiny
+# study's). The first trial's Ray Train worker is killed once its step-4 checkpoint is on storage, so that trial
+# errors while the other one finishes: a failed trial, which `--resume` keeps failed and `--resume --retry-failed`
+# continues from that checkpoint.
+
+def _metrics_lines(path: Path) -> dict[int, str]:
+    return {json.loads(line)["step"]: line for line in path.read_text().splitlines() if line.strip()}
+
+
+@pytest.mark.slow
+def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(tmp_path):
+    from raytune_sd3.train.state import newest_on_storage
+    from tests.test_fault import _our_train_workers
+
+    out, tag = tmp_path / "study", uuid.uuid4().hex
+    env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
+    sets = ["data.datasets.0.demo_images=8", "data.eval_samples=2", "tune.scheduler.type=none", "train.max_failures=0",
+            "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}]"]  # after SMALL: they win
+    cmd = tune_cmd(out, tmp_path, *(a for s in sets for a in ("--set", s)))
+    t0 = time.perf_counter()
+    log_path = tmp_path / "first-driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            victim, killed_at, deadline = None, None, time.time() + 600
+            while killed_at is None and driver.poll() is None and time.time() < deadline:
+                for trial in (out / "trials").glob("*") if (out / "trials").is_dir() else ():
+                    newest = newest_on_storage(trial / "ray" / trial.name) if (trial / "ray").is_dir() else None
+                    if newest and newest[0] >= 4:  # one trial at a time: the only worker with our tag is its own
+                        workers = _our_train_workers(tag)
+                        assert len(workers) == 1, workers
+                        os.kill(workers[0], signal.SIGKILL)
+                        victim, killed_at = trial.name, newest[0]
+                        break
+                time.sleep(0.005)
+            assert killed_at is not None, log_path.read_text()[-3000:]
+            assert driver.wait(timeout=600) == 0, log_path.read_text()[-3000:]  # the other trial is stable
+        finally:
+            driver.kill()
+            driver.wait()
+            _end_session(driver.pid)
+    print(f"study with a failed trial: {time.perf_counter() - t0:.0f}s")
+    rows = {r["trial"]: r for r in read_rows(out)}
+    assert len(rows) == 2 and rows[victim]["status"] == "failed" and rows[victim]["note"], rows
+    (other,) = set(rows) - {victim}
+    assert rows[other]["status"] == "stable" and rows[other]["steps"] == "8", rows
+    victim_metrics, other_metrics = out / "trials" / victim / "metrics.jsonl", out / "trials" / other / "metrics.jsonl"
+    assert killed_at == 4 and max(_metrics_lines(victim_metrics)) < 8, "the trial ended before it could be killed"
+    finished = (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns)
+    failed = (victim_metrics.read_bytes(), victim_metrics.stat().st_mtime_ns)
+    up_to_checkpoint = [line for step, line in sorted(_metrics_lines(victim_metrics).items()) if step <= killed_at]
+
+    # --resume alone: a failed trial is a result of the study as it stands; nothing trains
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    print(f"--resume: {time.perf_counter() - t0:.0f}s")
+    rows = {r["trial"]: r for r in read_rows(out)}
+    assert (rows[victim]["status"], rows[other]["status"]) == ("failed", "stable"), rows
+    assert "--retry-failed" in r.stdout + r.stderr  # the report says how to rerun it
+    assert (victim_metrics.read_bytes(), victim_metrics.stat().st_mtime_ns) == failed
+    assert (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns) == finished
+
+    # --resume --retry-failed: the failed trial continues from its checkpoint to the end; the finished one is kept
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd + ["--resume", "--retry-failed"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    print(f"--resume --retry-failed: {time.perf_counter() - t0:.0f}s")
+    rows = {r["trial"]: r for r in read_rows(out)}
+    # the same trial, in its own folder (Tune's restart_errored would replace it with a new trial from step 0)
+    assert set(rows) == {victim, other} == {p.name for p in (out / "trials").iterdir()}, rows
+    assert rows[victim]["status"] == "stable" and rows[victim]["steps"] == "8", rows
+    after = _metrics_lines(victim_metrics)
+    assert sorted(after) == list(range(9))
+    assert [after[s] for s in range(killed_at + 1)] == up_to_checkpoint  # kept as written (step times too): resumed
+    assert (out / "trials" / victim / "pytorch_lora_weights.safetensors").exists()
+    assert (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns) == finished

@@ -32,6 +32,9 @@ def report(cfg: JobConfig) -> dict:
         print(f"best job: {paths['best']}  (python -m raytune_sd3.train {paths['best']})")
     if any(r.status == "unfinished" for r in records):
         print("some trials are unfinished: run the same command with --resume to complete them")
+    if any(r.status == "failed" for r in records):  # --resume alone keeps them failed: say how to rerun them
+        print("some trials failed (see the note in the table): run the same command with --resume --retry-failed "
+              "to rerun them")
     return paths
 
 

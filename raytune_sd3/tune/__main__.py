@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="discard the study in output_dir (trials and Tune state; the cache stays) and start over")
     mode.add_argument("--report-only", action="store_true",
                       help="rewrite the table, plots and best.yaml from the study in output_dir; train nothing")
-    p.add_argument("--retry-failed", action="store_true", help="with --resume: also rerun failed trials")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: also rerun failed trials, each from its last checkpoint")
     args = p.parse_args(argv)
     if args.retry_failed and not args.resume:
         p.error("--retry-failed goes with --resume")

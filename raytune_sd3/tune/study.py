@@ -177,7 +177,10 @@ def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = Fa
     logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming the study in %s (finished trials are kept)", path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=retry_failed)
+        # resume_errored, not restart_errored: Tune's restart replaces a failed trial with a new one (new trial id,
+        # new folder, from step 0) and drops the failed one from the study; a resumed one keeps its id and folder,
+        # and its TorchTrainer continues from the trial's last checkpoint.
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
         concurrency = tc.max_concurrent_trials or default_concurrency(
             ray.cluster_resources(), _largest(tc, base, "train.num_workers"),
