@@ -140,31 +140,49 @@ def test_objective_carries_the_eval_loss_and_marks_divergence(monkeypatch):
     assert math.isnan(objective[0]) and objective[1:] == [0.5, 0.5, study.DIVERGED_OBJECTIVE]
 
 
+SEARCHER_STUDY = """
+import json, sys
+import ray, yaml
+from ray import tune
+
+from raytune_sd3.config import load_job
+from raytune_sd3.tune.config import check_study, study_base
+from raytune_sd3.tune.study import OBJECTIVE, make_asha, make_search_alg, search_space
+
+search, jobs, out = sys.argv[1], sys.argv[2], sys.argv[3]
+raw = yaml.safe_load(open(jobs + "/tune-sd35.yaml"))
+raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
+cfg = load_job(raw=raw)
+tc = check_study(cfg)
+
+
+def fake_trial(config):  # eval loss falls faster with a larger learning rate, as the objective the study uses
+    for step in range(50, 301, 50):
+        loss = 1.0 / (1 + step * config["train.learning_rate"] * 100)
+        tune.report({"step": step, "eval_loss": loss, OBJECTIVE: loss})
+
+
+ray.init(num_cpus=4, include_dashboard=False)
+results = tune.Tuner(
+    tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
+    tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
+                                scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
+    run_config=tune.RunConfig(name=search, storage_path=out, verbose=0)).fit()
+json.dump({"configs": [r.config for r in results], "errors": len(results.errors)}, open(out + "/result.json", "w"))
+"""
+
+
 @pytest.mark.parametrize("search", ["optuna", "hyperopt"])
-def test_optional_searchers_take_the_space_and_explicit_trials(search, ray_local, tmp_path):
-    """Optuna / HyperOpt (when installed) on the SD3.5 space, with an explicit first trial and ASHA."""
+def test_optional_searchers_take_the_space_and_explicit_trials(search, tmp_path):
+    """Optuna / HyperOpt (dev dependencies) on the SD3.5 space, with an explicit first trial and ASHA. In a Ray of
+    its own, as a study runs (in the suite's shared Ray, these trials once sat idle for 10 minutes under load)."""
     pytest.importorskip(search)
-    from ray import tune
-
-    from raytune_sd3.tune.study import OBJECTIVE, make_asha, make_search_alg, search_space
-
-    raw = yaml.safe_load((ROOT / "jobs" / "tune-sd35.yaml").read_text())
-    raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
-    cfg = load_job(raw=raw)
-    tc = check_study(cfg)
-
-    def fake_trial(config):  # eval loss falls faster with a larger learning rate, as the objective the study uses
-        for step in range(50, 301, 50):
-            tune.report({"step": step, "eval_loss": 1.0 / (1 + step * config["train.learning_rate"] * 100),
-                         OBJECTIVE: 1.0 / (1 + step * config["train.learning_rate"] * 100)})
-
-    results = tune.Tuner(
-        tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
-                                    scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
-        run_config=tune.RunConfig(name=search, storage_path=str(tmp_path), verbose=0)).fit()
-    configs = sorted((r.config for r in results), key=lambda c: c["train.learning_rate"] != 1e-4)
-    assert len(results) == 4 and not results.errors
+    r = subprocess.run([sys.executable, "-c", SEARCHER_STUDY, search, str(ROOT / "jobs"), str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    configs = sorted(result["configs"], key=lambda c: c["train.learning_rate"] != 1e-4)
+    assert len(configs) == 4 and not result["errors"]
     assert configs[0]["train.learning_rate"] == 1e-4 and configs[0]["flow.shift"] == "auto"
     assert all(5e-6 <= c["train.learning_rate"] <= 1e-4 and c["flow.shift"] in (1.0, 3.0, "auto") for c in configs)
 
