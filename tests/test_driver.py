@@ -49,6 +49,15 @@ def test_run_settings_file_has_no_secret(tmp_path, monkeypatch):
     guard_resume(load_job(tiny, [out, f"model.revision={secret}"]), restart=False)
     settings = (tmp_path / "run" / "ray" / "run" / SETTINGS_FILE).read_text()
     assert secret not in settings and json.loads(settings)["model"]["revision"] == "<redacted>"
-    with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> 'main'") as refused:
+    with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> another value") as refused:
         guard_resume(load_job(tiny, [out, "model.revision=main"]), restart=False)
     assert secret not in str(refused.value)
+    # A secret known only by its environment variable (a W&B key looks like any hex string), rerun from a shell
+    # without that variable: the refusal must not print it either.
+    key, out2 = "0123456789abcdef0123456789abcdef01234567", f"output_dir={tmp_path / 'run2'}"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    guard_resume(load_job(tiny, [out2, f"model.revision={key}"]), restart=False)
+    monkeypatch.delenv("WANDB_API_KEY")
+    with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> another value") as refused:
+        guard_resume(load_job(tiny, [out2, f"model.revision={key}"]), restart=False)
+    assert key not in str(refused.value)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from raytune_sd3.config import ConfigError, JobConfig, dump_job, redact
+from raytune_sd3.config import REDACTED, ConfigError, JobConfig, dump_job, redact
 
 # Keys that may change between a run and its resumption; any other change means a different run.
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "eval_every",
@@ -42,7 +42,7 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
     path = folder / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, vals in settings.items()
+        diffs = [_change(f"{sec}.{k}", old.get(sec, {}).get(k), v) for sec, vals in settings.items()
                  for k, v in vals.items() if old.get(sec, {}).get(k) != v]
         if diffs:
             raise ConfigError(
@@ -77,6 +77,14 @@ def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
 
     newest = newest_on_storage(folder)
     return (newest[0], lora) if newest and newest[0] == cfg.train.max_steps else None
+
+
+def _change(key: str, old, new) -> str:
+    """One line of a refused resume. Where the old value held a secret, the new one is not shown either: it may be
+    the same secret, no longer known as one (its environment variable is not set in this shell)."""
+    if REDACTED in str(old):
+        return f"{key}: {old!r} -> another value (or the same secret, not marked as one here by its variable)"
+    return f"{key}: {old!r} -> {new!r}"
 
 
 STUDY_REPORT_FILES = ("trials.csv", "trials.md", "eval_loss.png", "stability.png", "best.yaml")
