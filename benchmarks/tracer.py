@@ -12,13 +12,12 @@ import contextlib
 import weakref
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from raytune_sd3.memory import TEXT_CLIP_TOKENS
+from raytune_sd3.train.attention import RouteAttention
 
 
 def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int, batch: int, resolution: int,
@@ -67,7 +66,7 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
         tracker.track(t)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    flash = FlashAttentionOnMeta() if device == "meta" else contextlib.nullcontext()
+    flash = RouteAttention(flash_on_meta) if device == "meta" else contextlib.nullcontext()
     with tracker, flash:
         pred = model(hidden_states=noisy_input(latents, noise, sigmas), timestep=sigmas * 1000,
                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
@@ -81,6 +80,11 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
     if device.startswith("cuda"):
         out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return out
+
+
+def flash_on_meta(q, k, v, scale):
+    """On meta tensors SDPA falls back to the math kernel (which keeps the S x S matrix); real runs use flash."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[0]
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -108,16 +112,3 @@ class PeakTensorMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self.track, out)
         return out
-
-
-class FlashAttentionOnMeta(TorchFunctionMode):
-    """On meta tensors SDPA falls back to the math kernel (which keeps the S x S matrix); real runs use flash."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and args[0].device.type == "meta" and (
-                kwargs.get("attn_mask") is None):
-            q, k, v = args[:3]
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
-        return func(*args, **kwargs)

@@ -119,15 +119,10 @@ def make_flow_batch(
     sigmas: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> FlowBatch:
-    """Shift the unshifted `sigmas` and build the noisy input from `latents` and `noise` (fp32, any device).
-
-    Without `noise`, sigmas (unless given) and noise are drawn from the CPU `generator` as draw_noise does.
-    """
-    if noise is None:
-        if sigmas is None:
-            sigmas, noise = draw_noise(cfg, tuple(latents.shape), generator)
-        else:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    """Shift the unshifted `sigmas` and build the noisy input from `latents` and `noise` (fp32, any device), both
+    as draw_noise makes them (the loop draws them ahead); without them, they are drawn here from `generator`."""
+    if noise is None or sigmas is None:
+        sigmas, noise = draw_noise(cfg, tuple(latents.shape), generator)
     noise = noise.to(latents.device, latents.dtype, non_blocking=True)
     sigmas = shift_sigmas(sigmas.to(latents.device, non_blocking=True),
                           resolve_shift(cfg, latents.shape[-2], latents.shape[-1]))
