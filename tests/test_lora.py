@@ -12,6 +12,7 @@ from raytune_sd3.models.loading import load_transformer
 from raytune_sd3.models.lora import (
     LORA_FILE,
     PRESETS,
+    LoraAutocast,
     add_lora,
     export_lora,
     lora_state_dict,
@@ -94,3 +95,48 @@ def test_presets_and_block_selection(tiny_sd3):
     assert set(PRESETS) == {"attention", "attention+context", "all"}
     with pytest.raises(ValueError, match="matches no linear layer"):
         target_modules(transformer, LoraConfig(targets=["nonexistent_proj"]))
+
+
+def _casts_and_grads(transformer, params, context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Output, LoRA gradients and the number of dtype casts of one forward + backward in `context`."""
+    from torch.profiler import profile
+
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and k != "timestep" else v for k, v in _inputs().items()}
+    for p in params:
+        p.grad = None
+    with profile() as prof, context:
+        out = transformer(**inputs)[0]
+        (out.float() - 1).pow(2).mean().backward()
+    casts = sum(1 for e in prof.events() if e.name == "aten::_to_copy")
+    return out, [p.grad.clone() for p in params], casts
+
+
+def test_lora_autocast_drops_peft_casts_and_changes_nothing(tiny_sd3):
+    """On a bf16 base with fp32 LoRA weights, the loop's autocast context skips peft's cast of each LoRA input to
+    fp32 (autocast casts it straight back): bitwise the same output and LoRA gradients, fewer casts."""
+    transformer = load_transformer(tiny_sd3, torch.bfloat16)
+    targets = target_modules(transformer, LoraConfig(targets="attention+context"))
+    params = add_lora(transformer, LoraConfig(rank=4, targets="attention+context"), seed=0)
+    with torch.no_grad():  # B != 0, so the LoRA branch (and its input casts) carry values and gradients
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    assert {p.dtype for p in params} == {torch.float32}
+    ours = LoraAutocast(transformer, "cpu")
+    n_layers = len(ours.layers)
+    assert n_layers == len(targets)
+
+    out_ref, grads_ref, casts_ref = _casts_and_grads(transformer, params, torch.autocast("cpu", dtype=torch.bfloat16))
+    out, grads, casts = _casts_and_grads(transformer, params, ours)
+    assert torch.equal(out, out_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
+    # peft's cast in the forward, autocast's back, and both again in the backward where the input needs a gradient
+    assert 2 * n_layers <= casts_ref - casts <= 4 * n_layers
+
+    # outside the context (validation sampling: no autocast) peft casts again, so a bf16 base with fp32 LoRA runs
+    assert all(layer.cast_input_dtype_enabled for layer in ours.layers)
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and k != "timestep" else v for k, v in _inputs().items()}
+    with torch.no_grad():
+        assert transformer(**inputs)[0].dtype == torch.bfloat16
+    _, grads_again, _ = _casts_and_grads(transformer, params, ours)  # reusable
+    assert all(torch.equal(a, b) for a, b in zip(grads_again, grads_ref, strict=True))

@@ -21,7 +21,7 @@ from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
 from raytune_sd3.data.reader import CachedBatches, Prefetcher
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
-from raytune_sd3.models.lora import add_lora
+from raytune_sd3.models.lora import LoraAutocast, add_lora
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
 from raytune_sd3.train.flops import count_flops, peak_tflops
@@ -158,8 +158,7 @@ class WorkerRun:
             torch.cuda.set_device(self.device)  # device: on a node of eight, each rank's own, never all on cuda:0
         self.out_dir = Path(cfg.output_dir)
         self.dtype = DTYPES[cfg.model.dtype]
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.t.mixed_precision == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = contextlib.nullcontext()  # the forwards' precision context: bf16 autocast once the LoRA is on
         self.attention = attention_kernel(self.t.attention)
         self.step: int | None = None  # the step being trained (None during setup)
         self.batches = self.tracker = self.vae = None
@@ -183,6 +182,8 @@ class WorkerRun:
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         params = add_lora(transformer, cfg.lora, seed=t.seed)
+        if t.mixed_precision == "bf16":
+            self.autocast = LoraAutocast(transformer, self.device.type)
         transformer.to(self.device)
         if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
             compile_blocks(transformer)
