@@ -270,6 +270,17 @@ class JobRun:
         calls = [c for c in self.ranks[0][name] if marks[0] <= c[0] < marks[-1]]
         return sum(c[3] - c[2] if cpu else c[1] - c[0] for c in calls) / (len(marks) - 1)
 
+    def startup(self) -> dict[str, float]:
+        """Seconds of the fit's start on rank 0: workers start (fit() called to the train function's entry), model
+        load (load_transformer: the frozen base read from its files), setup (the rest until the first batch read:
+        quantisation, LoRA, the copy to the device, DDP, optimizer, reader) and first step (first read to first
+        ray.train.report)."""
+        w = self.ranks[0]
+        load_start, load_end = w["load"][0][:2]
+        first_read, first_report = w["data"][0][0], w["report"][0][0]
+        return {"workers start": w["entry"] - self.fit_called, "model load": load_end - load_start,
+                "setup": first_read - w["entry"] - (load_end - load_start), "first step": first_report - first_read}
+
     def durations(self, name: str, skip: int, cpu: bool = False) -> list[float]:
         """Seconds (wall, or the thread's CPU) of each timed call `name` on rank 0, after the first `skip`."""
         return [c[3] - c[2] if cpu else c[1] - c[0] for c in self.ranks[0].get(name, [])][skip:]

@@ -66,6 +66,8 @@ SD35 = {
                    sample_size=128),
 }
 CLIP_TOKENS = 77
+STARTUP = ["workers start", "model load", "setup", "first step"]
+LEVERS = ["skip-lora-casts", "cudnn", "flash", "efficient", "math", "compile"]
 DEFAULT_BATCH = {1024: 2, 512: 8}  # halved on out-of-memory until it fits (or batch 1 does not)
 
 
@@ -89,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "warmup step's extra time is reported as the compile time)")
     p.add_argument("--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                    help="the attention kernel (train.attention; default auto: torch's choice)")
+    p.add_argument("--skip-lora-casts", action="store_true",
+                   help="run the forward in the loop's LoraAutocast (peft's LoRA input casts off, as the product does "
+                   "under bf16); default: peft's casts, as diffusers' training script")
+    p.add_argument("--levers", nargs="+", default=[], choices=LEVERS,
+                   help="after each model's first row, time it again with each lever on, one at a time, on the "
+                   "same model (compile last: it is in place) and print a table of on/off")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if raytune_sd3/hardware.py does not know the card")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
@@ -168,6 +176,7 @@ class Trainer:
     autocast: bool
     optimizer_name: str = "adamw"
     attention: str = "auto"
+    skip_casts: bool = False
 
     def __post_init__(self):
         from raytune_sd3.config import FlowConfig, TrainConfig
@@ -183,8 +192,13 @@ class Trainer:
         self.model.train()
 
     def _autocast(self):
-        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
-                else contextlib.nullcontext())
+        if not self.autocast:
+            return contextlib.nullcontext()
+        if self.skip_casts:
+            from raytune_sd3.models.lora import LoraAutocast
+
+            return LoraAutocast(self.model, self.device.type)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def forward_loss(self) -> torch.Tensor:
         from raytune_sd3.flow import flow_loss, make_flow_batch
@@ -245,7 +259,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype) -> dict:
     trainer = Trainer(model, params, make_batch(spec, resolution, batch, args.t5_tokens, device, dtype),
                       autocast=dtype == torch.bfloat16, optimizer_name=args.optimizer,
-                      attention=args.attention)
+                      attention=args.attention, skip_casts=args.skip_lora_casts)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first = time_calls(trainer.step, 1, warmup=0)[0]  # with --compile: compiles this shape
@@ -258,6 +272,24 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
             "peak_memory_gib": memory, "memory_kind": memory_kind, "forward_flops": flops.forward,
             "train_flops": flops.training(), "counted_step_flops": counted_step, "breakdown": flops.breakdown(),
             "tflops_per_s": flops.training() / step_s / 1e12, "first_step_extra_s": first - step_s}
+
+
+def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) -> list[dict]:
+    """`row`'s step again with each of --levers on alone, on the same model (compile last: it is in place)."""
+    from raytune_sd3.models.loading import compile_blocks
+
+    out = []
+    for lever in sorted(args.levers, key=lambda name: name == "compile"):
+        changed = {"skip-lora-casts": {"skip_lora_casts": True}, "compile": {}}.get(lever, {"attention": lever})
+        if lever == "compile":
+            compile_blocks(model)
+        r = measure(model, params, spec, row["resolution"], row["batch"], argparse.Namespace(**{**vars(args), **changed}),
+                    device, dtype)
+        out.append({"lever": lever, "images_per_s": r["images_per_s"], "ratio": r["images_per_s"] / row["images_per_s"],
+                    "peak_memory_gib": r["peak_memory_gib"], "first_step_extra_s": r["first_step_extra_s"]})
+        print(f"{row['model']} {row['resolution']}px batch {row['batch']}, {lever}: {r['images_per_s']:.3g} images/s "
+              f"({out[-1]['ratio']:.3f} x without), peak memory {r['peak_memory_gib']:.2f} GiB", flush=True)
+    return out
 
 
 def run_model(name: str, args, device, dtype) -> list[dict]:
@@ -290,6 +322,8 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
               f"{r['images_per_s']:.3g} images/s, peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory_kind']}), "
               f"forward {r['forward_flops']:.4g} FLOPs, training {r['train_flops']:.4g} FLOPs/step "
               f"(counted fwd+bwd {r['counted_step_flops']:.4g}), {r['tflops_per_s']:.3g} TFLOP/s"), flush=True)
+    if args.levers and not out[0].get("oom"):
+        out[0]["levers"] = measure_levers(model, params, spec, out[0], args, device, dtype)
     del model, params
     gc.collect()
     if device.type == "cuda":
@@ -365,13 +399,28 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
         f"{f', {args.quantize} base' if args.quantize != 'none' else ''}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
         f"{', compiled blocks (first step +' + format(rows[0].get('first_step_extra_s', 0), '.1f') + ' s)' if args.compile else ''}"
-        f"{', attention ' + args.attention if args.attention != 'auto' else ''}; median of {args.steps} steps. "
+        f"{', attention ' + args.attention if args.attention != 'auto' else ''}"
+        f"{', peft LoRA input casts skipped' if args.skip_lora_casts else ''}; median of {args.steps} steps. "
         f"Peak memory: {kind}. Training FLOPs by the formula in gpu.py (in brackets: FlopCounterMode's count of a "
         f"whole forward+backward over it). Baseline: dense matmul {base / 1e12:.3g} TFLOP/s in the same process; "
         f"card peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}.",
         table(["model", "params (B)", "res", "batch", "images/s", "peak mem (GiB)", "forward FLOPs",
                "training FLOPs/step (counted/formula)", "MFU", "x matmul"], lines),
-        *product_report(rows, args)])
+        *lever_report(rows), *product_report(rows, args)])
+
+
+def lever_report(rows: list[dict]) -> list[str]:
+    """Each --levers lever on alone against the row without it (the first row of each model), or nothing."""
+    lines = [[r["model"], f"{r['resolution']}px", r["batch"], lv["lever"], f"{r['images_per_s']:.3g}",
+              f"{lv['images_per_s']:.3g}", f"**{lv['ratio']:.3f}**", f"{lv['peak_memory_gib']:.2f}",
+              f"{lv['first_step_extra_s']:.1f}"] for r in rows for lv in r.get("levers", [])]
+    if not lines:
+        return []
+    return ["Levers, each on alone on the same model, steps and batch as the row above it (peft's LoRA input casts "
+            "skipped = the product's LoraAutocast; cudnn/flash/efficient/math = train.attention; compile = "
+            "train.compile, regional). First step extra: the first step's time beyond the median (compile time).",
+            table(["model", "res", "batch", "lever", "images/s off", "images/s on", "on/off", "peak mem on (GiB)",
+                   "first step extra (s)"], lines)]
 
 
 def product_report(rows: list[dict], args) -> list[str]:
@@ -391,7 +440,13 @@ def product_report(rows: list[dict], args) -> list[str]:
             f"{args.warmup} (the checkpoint step left out). In-step: the loop's step_time_s; step to step adds "
             "metrics.jsonl and ray.train.report. Target: product/bare >= 0.97.",
             table(["model", "res", "batch", "bare images/s", "product images/s (in-step)",
-                   "product/bare, in-step", "product/bare, step to step", "bare MFU", "product MFU"], lines)]
+                   "product/bare, in-step", "product/bare, step to step", "bare MFU", "product MFU"], lines),
+            "The product's start with a warm cache (the demo images were cached just before, through Ray Data: "
+            "'prepare' is Ray's start plus that caching), fit() to the first step on rank 0 by phase (common.py's "
+            "JobRun.startup; 'setup' holds the frozen base's copy to the device):",
+            table(["model", "prepare (s)", *STARTUP, "fit() to first step (s)"],
+                  [[r["model"], f"{r['product_prepare_s']:.1f}", *(f"{r['product_startup'][k]:.1f}" for k in STARTUP),
+                    f"{sum(r['product_startup'].values()):.1f}"] for r in rows])]
 
 
 if __name__ == "__main__":

@@ -1,36 +1,51 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (15 minutes of device time a session, 10 per command): the product's loop
-# beside the bare step, then the speed levers, each stage under its own timeout, logs and JSON under $OUT.
+# beside the bare step with its start-up, the speed levers, caching throughput, each stage under its own timeout,
+# logs and JSON under $OUT.
 #   here, once:   bash ../shared/gpu/pack-for-gpu.sh          # .device/bundle.tar.xz: Ray, diffusers, quanto, DeepSpeed
 #   device tool:  run command="bash benchmarks/gpu_lease.sh 2>&1 | tail -c 11000" carry=[".device"] timeout_s=590
 # Then copy the tables (each stage's .md) into benchmarks/RESULTS.md with the card's name.
+#   rehearsal:    SMOKE=1 bash benchmarks/gpu_lease.sh       # on a CPU at reduced size (gpu.py --cpu-smoke): checks
+#                                                            # every stage runs before device minutes are spent on it
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled RAY_DEDUP_LOGS=0
 OUT=${OUT:-/tmp/gpu-lease}; mkdir -p "$OUT"
+SMOKE=${SMOKE:-0}
 T0=$(date +%s); DEADLINE=${DEADLINE:-570}
+(( SMOKE == 1 )) && DEADLINE=${DEADLINE_SMOKE:-1500}  # a 2-core CPU takes longer than the GPU will
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-stage() {  # stage NAME SECONDS ARGS...: run benchmarks/gpu.py ARGS under a timeout that fits what is left
-  local name=$1 limit=$2; shift 2
+stage() {  # stage NAME SECONDS SCRIPT ARGS...: run benchmarks/SCRIPT ARGS under a timeout that fits what is left
+  local name=$1 limit=$2 script=$3; shift 3
   local t=$(( $(left) - 10 < limit ? $(left) - 10 : limit ))
   if (( t < 30 )); then echo "=== $name: skipped, ${t}s left"; return; fi
   echo "=== t=$(( $(date +%s) - T0 ))s $name (timeout ${t}s)"
-  timeout "$t" python3 benchmarks/gpu.py "$@" --json "$OUT/$name.json" --results "$OUT/$name.md" \
-    > "$OUT/$name.log" 2>&1; echo "$name rc=$?"
-  grep -E "images/s|x the bare|baseline" "$OUT/$name.log" | tail -4 | cut -c1-240
-  ray stop --force > /dev/null 2>&1  # a killed stage's Ray would keep the GPU
+  local extra=(); [[ $script == gpu.py ]] && extra=(--json "$OUT/$name.json")
+  [[ $script == gpu.py && $SMOKE == 1 ]] && extra+=(--cpu-smoke)
+  timeout "$t" python3 "benchmarks/$script" "$@" "${extra[@]}" --results "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$?"
+  grep -E "images/s|x the bare|baseline|\| (Ray Data|single)|fit\(\)" "$OUT/$name.log" | tail -8 | cut -c1-240
+  # A killed stage's Ray would keep the GPU. Not in a rehearsal: it would also stop any other Ray on the machine.
+  [[ $SMOKE == 1 ]] || ray stop --force > /dev/null 2>&1
 }
 if [[ -f .device/bundle.tar.xz ]]; then
   mkdir -p ~/site && tar xJf .device/bundle.tar.xz -C ~/site && export PYTHONPATH=~/site:$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-W=$HOME/bench-gpu
-stage medium-product 200 --models medium --resolutions 1024 --batch 2 --steps 10 --warmup 3 --product --workdir "$W"
-stage large-product 230 --models large --resolutions 1024 --batch 2 --steps 10 --warmup 3 --product --workdir "$W"
-stage large-cudnn 60 --models large --resolutions 1024 --batch 2 --steps 8 --warmup 2 --attention cudnn
-stage large-flash 60 --models large --resolutions 1024 --batch 2 --steps 8 --warmup 2 --attention flash
-stage large-compile 120 --models large --resolutions 1024 --batch 2 --steps 8 --warmup 2 --compile
+W=${BENCH_DIR:-$HOME/bench-gpu}  # shaped pipelines, caches and runs
+SIZE="--resolutions 1024 --batch 2" ATTN="cudnn flash" LARGE_PIPE=$W/pipeline-large-38x38 CACHE_RES=1024 CACHE_IMAGES=64
+if [[ $SMOKE == 1 ]]; then  # gpu.py --cpu-smoke's own sizes (2 layers x 4 heads, 256 px, batch 1)
+  W=${BENCH_DIR:-$HOME/bench-gpu-smoke} SIZE="" ATTN=math CACHE_RES=256 CACHE_IMAGES=8; LARGE_PIPE=$W/pipeline-large-2x4
+else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
+# Large first: the bare step, three levers on the same model, then the product's loop on a Large-shaped pipeline
+# (product/bare, MFU, and the start-up of a Large run with a warm cache).
+stage large 280 gpu.py --models large $SIZE --steps 10 --warmup 3 --product --workdir "$W" \
+  --levers skip-lora-casts $ATTN
+stage medium 170 gpu.py --models medium $SIZE --steps 10 --warmup 3 --product --workdir "$W" \
+  --levers skip-lora-casts
+# Caching throughput through Ray Data's pools on the Large-shaped pipeline (SD3's VAE, T5-XXL-wide encoders).
+stage caching 100 caching.py --model "$LARGE_PIPE" --resolution $CACHE_RES --images $CACHE_IMAGES --repeats 1
+stage compile 100 gpu.py --models large $SIZE --steps 8 --warmup 2 --levers compile
 if python3 -c "import bitsandbytes" 2>/dev/null; then  # not in the bundle (43 MB): only where the image has it
-  stage lowvram 120 --models large --resolutions 512 --batch 1 --quantize nf4 --optimizer lion8bit_paged \
+  [[ $SMOKE == 1 ]] || stage lowvram 90 gpu.py --models large --resolutions 512 --batch 1 --quantize nf4 --optimizer lion8bit_paged \
     --gradient-checkpointing --steps 6 --warmup 2
 else echo "=== lowvram: skipped, no bitsandbytes on this machine"; fi
 echo "=== done at t=$(( $(date +%s) - T0 ))s"

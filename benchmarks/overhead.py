@@ -106,12 +106,7 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
     t3 = time.time()
     run = run_job(cfg, manifest, pretrained)
     ray.shutdown()
-    w = run.ranks[0]
-    load_start, load_end = w["load"][0][:2]
-    first_read, first_report = w["data"][0][0], w["report"][0][0]
-    return {"config": t1 - t0, "Ray start": t2 - t1, "data": t3 - t2, "workers start": w["entry"] - run.fit_called,
-            "model load": load_end - load_start, "setup": first_read - w["entry"] - (load_end - load_start),
-            "first step": first_report - first_read}
+    return {"config": t1 - t0, "Ray start": t2 - t1, "data": t3 - t2, **run.startup()}
 
 
 def time_bare(workdir: Path, extra: list[str]) -> float:

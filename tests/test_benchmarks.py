@@ -2,6 +2,7 @@
 RESULTS.md writer, and (slow) the CPU benchmarks end to end. Speed is measured by the benchmarks, never asserted."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,8 +37,8 @@ def run_script(name: str, *args: str, timeout: int) -> str:
 def test_gpu_cpu_smoke_prints_figures_and_counts_the_forward_like_flopcountermode(bench, tmp_path):
     gpu, _ = bench
     out, results = tmp_path / "gpu.json", tmp_path / "RESULTS.md"
-    stdout = run_script("gpu.py", "--cpu-smoke", "--steps", "2", "--json", str(out), "--results", str(results),
-                        timeout=300)
+    stdout = run_script("gpu.py", "--cpu-smoke", "--steps", "2", "--levers", "skip-lora-casts", "math", "--json",
+                        str(out), "--results", str(results), timeout=300)
     assert "images/s" in stdout and "peak memory" in stdout and "forward" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["resolution"], r["layers"], r["heads"]) for r in rows] == [
@@ -57,8 +58,13 @@ def test_gpu_cpu_smoke_prints_figures_and_counts_the_forward_like_flopcountermod
         assert r["breakdown"]["attention"] > 0 and r["breakdown"]["lora"] > 0
         # the formula = FlopCounterMode over a whole forward + backward (math attention: backward = 2x forward)
         assert r["counted_step_flops"] == r["train_flops"]
+        # each lever timed on its own on the same model, against this row
+        assert [lv["lever"] for lv in r["levers"]] == ["skip-lora-casts", "math"]
+        assert all(lv["images_per_s"] > 0 and lv["ratio"] == lv["images_per_s"] / r["images_per_s"]
+                   for lv in r["levers"])
     text = results.read_text()
     assert "## gpu: smoke run on the CPU (reduced size)" in text and "Pending a GPU machine" in text
+    assert "| large | 256px | 1 | math |" in text
 
 
 @pytest.mark.parametrize("input_needs_grad, expected", [(False, 528), (True, 816)])
@@ -165,4 +171,18 @@ def test_gpu_product_loop_beside_the_bare_step_cpu_smoke(tmp_path):
     assert "x the bare step" in stdout
     (row,) = json.loads(out.read_text())["rows"]
     assert row["product_steps_timed"] == 2 and row["product_ratio"] > 0 and row["product_images_per_s"] > 0
-    assert "product/bare, in-step" in results.read_text()
+    assert set(row["product_startup"]) == {"workers start", "model load", "setup", "first step"}
+    assert all(v > 0 for v in row["product_startup"].values()) and row["product_prepare_s"] > 0
+    assert "product/bare, in-step" in results.read_text() and "fit() to first step" in results.read_text()
+
+
+@pytest.mark.bench
+def test_gpu_lease_script_rehearses_every_stage_on_the_cpu(tmp_path):
+    """SMOKE=1 runs the lease script's stages at --cpu-smoke size: each exits 0 and writes its table."""
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "BENCH_DIR": str(tmp_path / "work")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_lease.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = ["large", "medium", "caching", "compile"]
+    assert all(f"{name} rc=0" in proc.stdout for name in stages), proc.stdout[-3000:]
+    assert all((tmp_path / "out" / f"{name}.md").exists() for name in stages)

@@ -9,8 +9,9 @@ transformer's size without downloading (or accepting the licence of) Stability's
   neither the device nor host RAM holds more than one block: SD3.5 Large is 16 GB of bf16 on disk.
 - The text encoders are narrow (3 layers, small feed-forward, few T5 heads) with the real output widths: CLIP-L
   768 and CLIP-G 1280 (penultimate states concatenate to 2048, pooled 768 + 1280 = 2048) and T5 4096, so prompt
-  embeddings are (77 + L) x 4096 as with SD3.5. Tokenizers and the small 16-channel VAE (SD3's latent shift and
-  scale) are the tiny pipeline's. These small parts are made on the CPU and kept in fp32.
+  embeddings are (77 + L) x 4096 as with SD3.5. The VAE is SD3's architecture (83.8M parameters, 16 latent
+  channels, its latent shift and scale), so caching and validation decode cost what they do with the real one;
+  the tokenizers are the tiny pipeline's. These parts are made on the CPU and kept in fp32.
 - `--device meta` is a dry run: every file but the transformer's weight shards (its index still lists them).
 
 The folder has the diffusers layout of the tiny pipeline: models/loading.py and StableDiffusion3Pipeline load it.
@@ -22,14 +23,14 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
 from raytune_sd3.memory import KNOWN_TRANSFORMERS
-from raytune_sd3.models.tiny import _clip, _tokenizers, _vae, write_atomically
+from raytune_sd3.models.tiny import _clip, _tokenizers, write_atomically
 
 SHAPES = {"sd35-large": "stabilityai/stable-diffusion-3.5-large",
           "sd35-medium": "stabilityai/stable-diffusion-3.5-medium"}
@@ -43,6 +44,14 @@ def transformer_config(shape: str) -> dict:
     return dict(KNOWN_TRANSFORMERS[SHAPES[shape]])
 
 
+def sd3_vae() -> AutoencoderKL:
+    """SD3's (and SD3.5's) VAE architecture with random weights: memory.SD3_VAE_PARAMS parameters."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=2, norm_num_groups=32, sample_size=1024, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+
+
 def _small_components(seed: int) -> dict:
     """Tokenizers, narrow text encoders of the real widths, the small VAE and the scheduler (fp32: small)."""
     clip_l_tok, clip_g_tok, t5_tok = _tokenizers()
@@ -53,7 +62,7 @@ def _small_components(seed: int) -> dict:
             d_model=4096, d_kv=64, d_ff=256, num_layers=2, num_heads=4,  # T5-XXL's width, little else
             vocab_size=len(t5_tok), relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
             decoder_start_token_id=0, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)),
-        "vae": _vae,
+        "vae": sd3_vae,
     }
     models = {}
     with torch.device("cpu"):
