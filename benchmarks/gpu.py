@@ -256,6 +256,18 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"  # ru_maxrss is KiB
 
 
+def estimated_gib(spec: dict, resolution: int, batch: int, args, dtype) -> float:
+    """What `python -m raytune_sd3.check` estimates for this step (one worker, no VAE, no runtime margin: the
+    tensors torch.cuda.max_memory_allocated counts), to set beside the measured peak."""
+    from raytune_sd3.memory import TransformerShape, estimate
+
+    return estimate(TransformerShape.from_config(spec), dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                    targets=args.targets, rank=args.rank, batch=batch, resolution=resolution, t5_tokens=args.t5_tokens,
+                    mixed_precision="bf16" if dtype == torch.bfloat16 else "no", quantization=args.quantize,
+                    vae_params=None, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                    runtime=False).total / 2**30
+
+
 def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype) -> dict:
     trainer = Trainer(model, params, make_batch(spec, resolution, batch, args.t5_tokens, device, dtype),
                       autocast=dtype == torch.bfloat16, optimizer_name=args.optimizer,
@@ -269,7 +281,8 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
     counted_step = count_step_flops(trainer)
     step_s = median(times)
     return {"resolution": resolution, "batch": batch, "step_s": step_s, "images_per_s": batch / step_s,
-            "peak_memory_gib": memory, "memory_kind": memory_kind, "forward_flops": flops.forward,
+            "peak_memory_gib": memory, "memory_kind": memory_kind,
+            "estimate_gib": estimated_gib(spec, resolution, batch, args, dtype), "forward_flops": flops.forward,
             "train_flops": flops.training(), "counted_step_flops": counted_step, "breakdown": flops.breakdown(),
             "tflops_per_s": flops.training() / step_s / 1e12, "first_step_extra_s": first - step_s}
 
@@ -382,10 +395,11 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
     lines = []
     for r in rows:
         if r.get("oom"):
-            lines.append([r["model"], f"{r['params_b']:.2f}", f"{r['resolution']}px", 1, "OOM", "", "", "", ""])
+            lines.append([r["model"], f"{r['params_b']:.2f}", f"{r['resolution']}px", 1, "OOM", *[""] * 6])
             continue
         lines.append([r["model"], f"{r['params_b']:.2f}", f"{r['resolution']}px", r["batch"],
-                      f"{r['images_per_s']:.3g}", f"{r['peak_memory_gib']:.2f}", f"{r['forward_flops']:.4g}",
+                      f"{r['images_per_s']:.3g}", f"{r['peak_memory_gib']:.2f}", f"{r['estimate_gib']:.2f}",
+                      f"{r['forward_flops']:.4g}",
                       f"{r['train_flops']:.4g} ({r['counted_step_flops'] / r['train_flops']:.3f})",
                       f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['x_matmul']:.2f}"])
     size = ("" if not (args.layers or args.heads) else
@@ -401,10 +415,12 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
         f"{', compiled blocks (first step +' + format(rows[0].get('first_step_extra_s', 0), '.1f') + ' s)' if args.compile else ''}"
         f"{', attention ' + args.attention if args.attention != 'auto' else ''}"
         f"{', peft LoRA input casts skipped' if args.skip_lora_casts else ''}; median of {args.steps} steps. "
-        f"Peak memory: {kind}. Training FLOPs by the formula in gpu.py (in brackets: FlopCounterMode's count of a "
+        f"Peak memory: {kind}; beside it what raytune_sd3.check estimates for the step (one worker, no VAE, "
+        f"no runtime margin). Training FLOPs by the formula in gpu.py (in brackets: FlopCounterMode's count of a "
         f"whole forward+backward over it). Baseline: dense matmul {base / 1e12:.3g} TFLOP/s in the same process; "
         f"card peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}.",
-        table(["model", "params (B)", "res", "batch", "images/s", "peak mem (GiB)", "forward FLOPs",
+        table(["model", "params (B)", "res", "batch", "images/s", "peak mem (GiB)", "check's estimate (GiB)",
+               "forward FLOPs",
                "training FLOPs/step (counted/formula)", "MFU", "x matmul"], lines),
         *lever_report(rows), *product_report(rows, args)])
 
