@@ -299,7 +299,8 @@ def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) ->
         r = measure(model, params, spec, row["resolution"], row["batch"], argparse.Namespace(**{**vars(args), **changed}),
                     device, dtype)
         out.append({"lever": lever, "images_per_s": r["images_per_s"], "ratio": r["images_per_s"] / row["images_per_s"],
-                    "peak_memory_gib": r["peak_memory_gib"], "first_step_extra_s": r["first_step_extra_s"]})
+                    "peak_memory_gib": r["peak_memory_gib"], "first_step_extra_s": r["first_step_extra_s"],
+                    "tflops_per_s": r["tflops_per_s"]})
         print(f"{row['model']} {row['resolution']}px batch {row['batch']}, {lever}: {r['images_per_s']:.3g} images/s "
               f"({out[-1]['ratio']:.3f} x without), peak memory {r['peak_memory_gib']:.2f} GiB", flush=True)
     return out
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         if not r.get("oom"):
             r["mfu"] = r["tflops_per_s"] / peak if peak else None
+            for lever in r.get("levers", []):
+                lever["mfu"] = lever["tflops_per_s"] / peak if peak else None
             r["x_matmul"] = r["tflops_per_s"] * 1e12 / base
     if args.product:  # after the bare models are freed: the product's worker gets the whole card
         for r in rows:
@@ -428,14 +431,15 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
 def lever_report(rows: list[dict]) -> list[str]:
     """Each --levers lever on alone against the row without it (the first row of each model), or nothing."""
     lines = [[r["model"], f"{r['resolution']}px", r["batch"], lv["lever"], f"{r['images_per_s']:.3g}",
-              f"{lv['images_per_s']:.3g}", f"**{lv['ratio']:.3f}**", f"{lv['peak_memory_gib']:.2f}",
+              f"{lv['images_per_s']:.3g}", f"**{lv['ratio']:.3f}**",
+              f"{r['mfu']:.1%} -> {lv['mfu']:.1%}" if lv.get("mfu") is not None else "n/a", f"{lv['peak_memory_gib']:.2f}",
               f"{lv['first_step_extra_s']:.1f}"] for r in rows for lv in r.get("levers", [])]
     if not lines:
         return []
     return ["Levers, each on alone on the same model, steps and batch as the row above it (peft's LoRA input casts "
             "skipped = the product's LoraAutocast; cudnn/flash/efficient/math = train.attention; compile = "
             "train.compile, regional). First step extra: the first step's time beyond the median (compile time).",
-            table(["model", "res", "batch", "lever", "images/s off", "images/s on", "on/off", "peak mem on (GiB)",
+            table(["model", "res", "batch", "lever", "images/s off", "images/s on", "on/off", "MFU", "peak mem on (GiB)",
                    "first step extra (s)"], lines)]
 
 
