@@ -67,7 +67,7 @@ SD35 = {
 }
 CLIP_TOKENS = 77
 STARTUP = ["workers start", "model load", "setup", "first step"]
-LEVERS = ["skip-lora-casts", "cudnn", "flash", "efficient", "math", "compile"]
+LEVERS = ["skip-lora-casts", "cudnn", "flash", "efficient", "math", "compile", "compile-graphs"]
 DEFAULT_BATCH = {1024: 2, 512: 8}  # halved on out-of-memory until it fits (or batch 1 does not)
 
 
@@ -288,14 +288,16 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
 
 
 def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) -> list[dict]:
-    """`row`'s step again with each of --levers on alone, on the same model (compile last: it is in place)."""
+    """`row`'s step again with each of --levers on alone, on the same model (the compiles last: they are in place;
+    compile-graphs after compile recompiles the blocks with CUDA graphs)."""
     from raytune_sd3.models.loading import compile_blocks
 
     out = []
-    for lever in sorted(args.levers, key=lambda name: name == "compile"):
-        changed = {"skip-lora-casts": {"skip_lora_casts": True}, "compile": {}}.get(lever, {"attention": lever})
-        if lever == "compile":
-            compile_blocks(model)
+    for lever in sorted(args.levers, key=lambda name: name.startswith("compile")):
+        changed = {"skip-lora-casts": {"skip_lora_casts": True}}.get(lever, {"attention": lever})
+        if lever.startswith("compile"):  # in place; compile-graphs recompiles with CUDA graphs (reduce-overhead)
+            compile_blocks(model, mode="reduce-overhead" if lever == "compile-graphs" else None)
+            changed = {}
         r = measure(model, params, spec, row["resolution"], row["batch"], argparse.Namespace(**{**vars(args), **changed}),
                     device, dtype)
         out.append({"lever": lever, "images_per_s": r["images_per_s"], "ratio": r["images_per_s"] / row["images_per_s"],
@@ -438,7 +440,7 @@ def lever_report(rows: list[dict]) -> list[str]:
         return []
     return ["Levers, each on alone on the same model, steps and batch as the row above it (peft's LoRA input casts "
             "skipped = the product's LoraAutocast; cudnn/flash/efficient/math = train.attention; compile = "
-            "train.compile, regional). First step extra: the first step's time beyond the median (compile time).",
+            "train.compile, regional; compile-graphs = the same with mode reduce-overhead, CUDA graphs). First step extra: the first step's time beyond the median (compile time).",
             table(["model", "res", "batch", "lever", "images/s off", "images/s on", "on/off", "MFU", "peak mem on (GiB)",
                    "first step extra (s)"], lines)]
 

@@ -43,7 +43,7 @@ stage medium 170 gpu.py --models medium $SIZE --steps 10 --warmup 3 --product --
   --levers skip-lora-casts
 # Caching throughput through Ray Data's pools on the Large-shaped pipeline (SD3's VAE, T5-XXL-wide encoders).
 stage caching 100 caching.py --model "$LARGE_PIPE" --resolution $CACHE_RES --images $CACHE_IMAGES --repeats 1
-stage compile 100 gpu.py --models large $SIZE --steps 8 --warmup 2 --levers compile
+stage compile 130 gpu.py --models large $SIZE --steps 8 --warmup 2 --levers compile compile-graphs
 if python3 -c "import bitsandbytes" 2>/dev/null; then  # not in the bundle (43 MB): only where the image has it
   [[ $SMOKE == 1 ]] || stage lowvram 90 gpu.py --models large --resolutions 512 --batch 1 --quantize nf4 --optimizer lion8bit_paged \
     --gradient-checkpointing --steps 6 --warmup 2

@@ -144,7 +144,7 @@ def vae_scaling(pretrained: str, revision: str | None = None) -> tuple[float, fl
     return float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"])
 
 
-def compile_blocks(transformer) -> int:
+def compile_blocks(transformer, mode: str | None = None) -> int:
     """torch.compile each transformer block in place (regional compilation); returns how many.
 
     The blocks of a kind share one compiled graph (torch >= 2.5 treats a module's parameters as graph inputs), so
@@ -152,7 +152,7 @@ def compile_blocks(transformer) -> int:
     eager. In place: parameter names, checkpoints and the saved LoRA are unchanged. Each bucket shape compiles once.
     """
     for block in transformer.transformer_blocks:
-        block.compile()
+        block.compile(mode=mode)  # mode "reduce-overhead": CUDA graphs (benchmarks/gpu.py's compile-graphs lever)
     return len(transformer.transformer_blocks)
 
 
