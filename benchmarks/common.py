@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from itertools import count, pairwise
 from pathlib import Path
 
+from profiler import StepProfile
 from reference import ReferenceLoop
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are local; a hub lookup without network hangs
@@ -144,6 +145,10 @@ def bench_job(workdir: Path, overrides: list[str], job: Path = TINY_JOB):
     return cfg
 
 
+# "FIRST,COUNT" in a worker's environment: rank 0 profiles optimizer steps FIRST .. FIRST+COUNT-1 (profiler.py)
+PROFILE_ENV = "RAYTUNE_SD3_BENCH_PROFILE"
+
+
 def timed_train_loop(config: dict, with_reference: bool = False) -> None:
     """The project's train_loop_per_worker, with its data reads, reports, model load and optimizer creation timed:
     each call's (start, end) in time.time() and in time.thread_time() (the training thread's CPU seconds), written
@@ -180,10 +185,21 @@ def timed_train_loop(config: dict, with_reference: bool = False) -> None:
     reference = ReferenceLoop(config["job"], Path(config["manifest"]), config["pretrained"]) if with_reference else None
     grad_accum, reads = config["job"]["train"]["grad_accum"], count()
     timed_get, timed_reference = timed("data", loop.Prefetcher.get), timed("reference", lambda: reference.step())
+    profile, (first, n_profiled) = None, (int(v) for v in os.environ.get(PROFILE_ENV, "0,0").split(","))
+    if n_profiled and ray.train.get_context().get_world_rank() == 0:
+        import ray.train.torch
+
+        profile = StepProfile(ray.train.torch.get_device())
 
     def get(self):
-        if reference is not None and next(reads) % grad_accum == 0:  # once per optimizer step, at its start
-            timed_reference()
+        n = next(reads)
+        if n % grad_accum == 0:  # optimizer step n // grad_accum + 1 starts
+            if profile is not None and n // grad_accum + 1 == first:
+                profile.start()
+            elif profile is not None and n // grad_accum + 1 == first + n_profiled:
+                record["profile"] = profile.stop(n_profiled)
+            if reference is not None:  # once per optimizer step, at its start
+                timed_reference()
         return timed_get(self)
 
     originals = (loop.load_transformer, loop.Prefetcher.get, ray.train.report, loop.make_optimizer)
@@ -294,7 +310,7 @@ def _timed_loop_in_build_trainer(with_reference: bool):
 
     from raytune_sd3.train import loop
 
-    for module in (sys.modules[__name__], sys.modules[ReferenceLoop.__module__]):
+    for module in (sys.modules[__name__], sys.modules[ReferenceLoop.__module__], sys.modules[StepProfile.__module__]):
         ray.cloudpickle.register_pickle_by_value(module)
     original = loop.train_loop_per_worker
     loop.train_loop_per_worker = timed_train_loop_with_reference if with_reference else timed_train_loop

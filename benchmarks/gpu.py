@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, command, machine, machine_line, median, table, time_calls, write_section
 from product import product_step
+from profiler import profile_calls
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -102,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
     p.add_argument("--layers", type=int, help="override the number of layers")
     p.add_argument("--heads", type=int, help="override the number of heads (width = heads x 64)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, N more under torch.profiler (profiler.py), for the bare step and, with "
+                   "--product, the product's loop: device busy, kernel launches, syncs and reads per step, top kernels")
     p.add_argument("--product", action="store_true",
                    help="also run the product's own loop on a shaped pipeline of each model (product.py)")
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-gpu"),
@@ -277,12 +281,14 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
     first = time_calls(trainer.step, 1, warmup=0)[0]  # with --compile: compiles this shape
     times = time_calls(trainer.step, args.steps, warmup=max(args.warmup - 1, 0))
     memory, memory_kind = peak_memory_gib(device)
+    profile = profile_calls(trainer.step, args.profile, device) if args.profile else None
     flops = count_flops(model, trainer.forward_loss, device)
     counted_step = count_step_flops(trainer)
     step_s = median(times)
     return {"resolution": resolution, "batch": batch, "step_s": step_s, "images_per_s": batch / step_s,
             "peak_memory_gib": memory, "memory_kind": memory_kind,
-            "estimate_gib": estimated_gib(spec, resolution, batch, args, dtype), "forward_flops": flops.forward,
+            "estimate_gib": estimated_gib(spec, resolution, batch, args, dtype),
+            "profile": profile, "forward_flops": flops.forward,
             "train_flops": flops.training(), "counted_step_flops": counted_step, "breakdown": flops.breakdown(),
             "tflops_per_s": flops.training() / step_s / 1e12, "first_step_extra_s": first - step_s}
 
@@ -294,10 +300,10 @@ def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) ->
 
     out = []
     for lever in sorted(args.levers, key=lambda name: name.startswith("compile")):
-        changed = {"skip-lora-casts": {"skip_lora_casts": True}}.get(lever, {"attention": lever})
+        changed = {"skip-lora-casts": {"skip_lora_casts": True}}.get(lever, {"attention": lever}) | {"profile": 0}
         if lever.startswith("compile"):  # in place; compile-graphs recompiles with CUDA graphs (reduce-overhead)
             compile_blocks(model, mode="reduce-overhead" if lever == "compile-graphs" else None)
-            changed = {}
+            changed = {"profile": 0}
         r = measure(model, params, spec, row["resolution"], row["batch"], argparse.Namespace(**{**vars(args), **changed}),
                     device, dtype)
         out.append({"lever": lever, "images_per_s": r["images_per_s"], "ratio": r["images_per_s"] / row["images_per_s"],
@@ -427,7 +433,32 @@ def report(rows, args, argv, info, device, dtype, base, peak) -> str:
         table(["model", "params (B)", "res", "batch", "images/s", "peak mem (GiB)", "check's estimate (GiB)",
                "forward FLOPs",
                "training FLOPs/step (counted/formula)", "MFU", "x matmul"], lines),
-        *lever_report(rows), *product_report(rows, args)])
+        *lever_report(rows), *product_report(rows, args), *profile_report(rows)])
+
+
+def profile_report(rows: list[dict]) -> list[str]:
+    """--profile's figures, bare step and product loop side by side, and each one's top kernels; or nothing."""
+    runs = [(r, who, r.get(key)) for r in rows for who, key in (("bare", "profile"), ("product", "product_profile"))
+            if r.get(key)]
+    if not runs:
+        return []
+
+    def opt(v, fmt):
+        return format(v, fmt) if v is not None else "n/a"
+
+    lines = [[r["model"], f"{r['resolution']}px", r["batch"], who, f"{p['wall_s'] * 1e3:.1f}",
+              opt(p["kernel_s"] and p["kernel_s"] * 1e3, ".1f"), opt(p["device_busy"], ".1%"), f"{p['launches']:.0f}",
+              f"{p['syncs']:.1f}", f"{p['reads']:.1f}"] for r, who, p in runs]
+    kernels = [[r["model"], who, k["name"], f"{k['s'] * 1e3:.2f}", f"{k['share']:.1%}"]
+               for r, who, p in runs for k in p["top_kernels"]]
+    out = [f"Where the time goes: {runs[0][2]['steps']} more steps of each under torch.profiler (benchmarks/profiler.py; "
+           "its own overhead slows the host a little). Device busy = GPU kernel time / wall: below 100% the GPU waits "
+           "on the host. Syncs = cuda*Synchronize calls; reads = tensor values read into Python (.item() and kin).",
+           table(["model", "res", "batch", "loop", "wall ms/step", "kernel ms/step", "device busy", "launches/step",
+                  "syncs/step", "reads/step"], lines)]
+    if kernels:
+        out.append(table(["model", "loop", "kernel (top by time)", "ms/step", "share of kernel time"], kernels))
+    return out
 
 
 def lever_report(rows: list[dict]) -> list[str]:

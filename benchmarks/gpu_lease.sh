@@ -23,7 +23,8 @@ stage() {  # stage NAME SECONDS SCRIPT ARGS...: run benchmarks/SCRIPT ARGS under
   [[ $script == gpu.py && $SMOKE == 1 ]] && extra+=(--cpu-smoke)
   timeout "$t" python3 "benchmarks/$script" "$@" "${extra[@]}" --results "$OUT/$name.md" > "$OUT/$name.log" 2>&1
   echo "$name rc=$?"
-  grep -E "images/s|x the bare|baseline|\| (Ray Data|single)|fit\(\)" "$OUT/$name.log" | tail -8 | cut -c1-240
+  grep -E "images/s|x the bare|baseline|\| (Ray Data|single)|fit\(\)|\| (bare|product) \|" "$OUT/$name.log" | tail -10 |
+    cut -c1-240
   # A killed stage's Ray would keep the GPU. Not in a rehearsal: it would also stop any other Ray on the machine.
   [[ $SMOKE == 1 ]] || ray stop --force > /dev/null 2>&1
 }
@@ -36,10 +37,11 @@ if [[ $SMOKE == 1 ]]; then  # gpu.py --cpu-smoke's own sizes (2 layers x 4 heads
   W=${BENCH_DIR:-$HOME/bench-gpu-smoke} SIZE="" ATTN=math CACHE_RES=256 CACHE_IMAGES=8; LARGE_PIPE=$W/pipeline-large-2x4
 else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
 # Large first: the bare step, three levers on the same model, then the product's loop on a Large-shaped pipeline
-# (product/bare, MFU, and the start-up of a Large run with a warm cache).
-stage large 280 gpu.py --models large $SIZE --steps 10 --warmup 3 --product --workdir "$W" \
+# (product/bare, MFU, and the start-up of a Large run with a warm cache); 3 steps of each profiled (device busy,
+# syncs, top kernels).
+stage large 280 gpu.py --models large $SIZE --steps 10 --warmup 3 --product --profile 3 --workdir "$W" \
   --levers skip-lora-casts $ATTN
-stage medium 170 gpu.py --models medium $SIZE --steps 10 --warmup 3 --product --workdir "$W" \
+stage medium 170 gpu.py --models medium $SIZE --steps 10 --warmup 3 --product --profile 3 --workdir "$W" \
   --levers skip-lora-casts
 # Caching throughput through Ray Data's pools on the Large-shaped pipeline (SD3's VAE, T5-XXL-wide encoders).
 stage caching 100 caching.py --model "$LARGE_PIPE" --resolution $CACHE_RES --images $CACHE_IMAGES --repeats 1

@@ -13,15 +13,18 @@ pipeline, the start-up a real SD3.5 Large run pays.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
-from common import bench_job, median, prepare, run_job
+from common import PROFILE_ENV, bench_job, median, prepare, run_job
 
 
 def product_overrides(spec_name: str, resolution: int, batch: int, args) -> list[str]:
     """--set values that make jobs/tiny.yaml train like gpu.py's Trainer on the shaped pipeline."""
-    steps = args.warmup + args.steps + 1  # the last step writes the checkpoint: left out
+    # warmup, timed steps, then the profiled ones (profiler.py; not timed), and the last, which writes the checkpoint
+    steps = args.warmup + args.steps + args.profile + 1
     images = max(4 * batch, 8)  # one bucket; enough for several distinct batches
     sets = [f"data.datasets.0.resolution={resolution}", f"data.datasets.0.demo_images={images}",
             "data.caption_dropout=0", f"text.t5_max_length={args.t5_tokens}", "flow.shift=1.0",
@@ -51,13 +54,17 @@ def product_step(spec: dict, spec_name: str, resolution: int, batch: int, args, 
     run_dir = workdir / f"{spec_name}-{resolution}-{batch}"
     overrides = [f"model.pretrained={pipeline}", *product_overrides(spec_name, resolution, batch, args)]
     prepared = bench_job(run_dir, overrides)
+    shutil.rmtree(prepared.output_dir, ignore_errors=True)  # a fit would resume from an earlier run's checkpoint
+    if args.profile:  # read by the workers' timed_train_loop: Ray is started below, in this environment
+        os.environ[PROFILE_ENV] = f"{args.warmup + args.steps + 1},{args.profile}"
     t0 = time.time()
     manifest, pretrained = prepare(prepared)  # Ray start and the caching of the demo images (once per run_dir)
     prepare_s = time.time() - t0
     run = run_job(prepared, manifest, pretrained)
-    in_step, periods = run.in_step(args.warmup), run.periods(args.warmup)
-    mfus = [m["mfu"] for m in run.metrics if "mfu" in m][args.warmup:-1]
+    in_step, periods = run.in_step(args.warmup)[:args.steps], run.periods(args.warmup)[:args.steps]
+    mfus = [m["mfu"] for m in run.metrics if "mfu" in m][args.warmup:args.warmup + args.steps]
     step_s = median(in_step)
     return {"product_step_s": step_s, "product_period_s": median(periods), "product_images_per_s": batch / step_s,
             "product_mfu": median(mfus) if mfus else None, "product_steps_timed": len(in_step),
-            "product_step_times": in_step, "product_prepare_s": prepare_s, "product_startup": run.startup()}
+            "product_step_times": in_step, "product_prepare_s": prepare_s, "product_startup": run.startup(),
+            "product_profile": run.ranks[0].get("profile")}

@@ -37,8 +37,8 @@ def run_script(name: str, *args: str, timeout: int) -> str:
 def test_gpu_cpu_smoke_prints_figures_and_counts_the_forward_like_flopcountermode(bench, tmp_path):
     gpu, _ = bench
     out, results = tmp_path / "gpu.json", tmp_path / "RESULTS.md"
-    stdout = run_script("gpu.py", "--cpu-smoke", "--steps", "2", "--levers", "skip-lora-casts", "math", "--json",
-                        str(out), "--results", str(results), timeout=300)
+    stdout = run_script("gpu.py", "--cpu-smoke", "--steps", "2", "--levers", "skip-lora-casts", "math", "--profile", "1",
+                        "--json", str(out), "--results", str(results), timeout=300)
     assert "images/s" in stdout and "peak memory" in stdout and "forward" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["resolution"], r["layers"], r["heads"]) for r in rows] == [
@@ -58,6 +58,8 @@ def test_gpu_cpu_smoke_prints_figures_and_counts_the_forward_like_flopcountermod
         assert r["breakdown"]["attention"] > 0 and r["breakdown"]["lora"] > 0
         # the formula = FlopCounterMode over a whole forward + backward (math attention: backward = 2x forward)
         assert r["counted_step_flops"] == r["train_flops"]
+        # one more step under the profiler: no GPU kernels here, and CPU AdamW reads each parameter's step count
+        assert r["profile"]["steps"] == 1 and r["profile"]["device_busy"] is None and r["profile"]["reads"] > 0
         # each lever timed on its own on the same model, against this row
         assert [lv["lever"] for lv in r["levers"]] == ["skip-lora-casts", "math"]
         assert all(lv["images_per_s"] > 0 and lv["ratio"] == lv["images_per_s"] / r["images_per_s"]
@@ -166,11 +168,12 @@ def test_gpu_product_loop_beside_the_bare_step_cpu_smoke(tmp_path):
     """gpu.py --product at --cpu-smoke size: the product's loop runs on a shaped pipeline of the bare step's
     architecture for the same steps, and the table of both is written (figures are not checked)."""
     out, results = tmp_path / "gpu.json", tmp_path / "RESULTS.md"
-    stdout = run_script("gpu.py", "--cpu-smoke", "--models", "medium", "--steps", "2", "--product", "--workdir",
-                        str(tmp_path / "work"), "--json", str(out), "--results", str(results), timeout=600)
+    stdout = run_script("gpu.py", "--cpu-smoke", "--models", "medium", "--steps", "2", "--product", "--profile", "2",
+                        "--workdir", str(tmp_path / "work"), "--json", str(out), "--results", str(results), timeout=600)
     assert "x the bare step" in stdout
     (row,) = json.loads(out.read_text())["rows"]
     assert row["product_steps_timed"] == 2 and row["product_ratio"] > 0 and row["product_images_per_s"] > 0
+    assert row["product_profile"]["steps"] == 2 and row["profile"]["steps"] == 2  # profiled after the timed steps
     assert set(row["product_startup"]) == {"workers start", "model load", "setup", "first step"}
     assert all(v > 0 for v in row["product_startup"].values()) and row["product_prepare_s"] > 0
     assert "product/bare, in-step" in results.read_text() and "fit() to first step" in results.read_text()
