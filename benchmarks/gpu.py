@@ -458,6 +458,9 @@ def profile_report(rows: list[dict]) -> list[str]:
                   "syncs/step", "reads/step"], lines)]
     if kernels:
         out.append(table(["model", "loop", "kernel (top by time)", "ms/step", "share of kernel time"], kernels))
+    out.append(table(["model", "loop", "host op (top by self time)", "ms/step", "calls/step"],
+                     [[r["model"], who, o["name"], f"{o['s'] * 1e3:.2f}", f"{o['calls']:.0f}"]
+                      for r, who, p in runs for o in p["top_host_ops"]]))
     return out
 
 

@@ -5,7 +5,8 @@ the GPU busy (issue 14), for gpu.py's bare step (`profile_calls`) and the produc
 Per step: wall seconds (under the profiler, which adds a few microseconds per op), the GPU's kernel seconds and
 their share of the wall (device busy: below 1 the GPU waits on the host), kernel launches, host-device
 synchronisations (cuda*Synchronize calls) and tensor reads into Python (aten::_local_scalar_dense: .item(),
-float(), bool() of a tensor), and the kernels that take most of the time. On a CPU there are no kernels: device
+float(), bool() of a tensor), the kernels that take most of the time and the host ops that take most of the
+host's (self time). On a CPU there are no kernels: device
 figures are None, the op counts still hold.
 """
 
@@ -63,7 +64,10 @@ def summarize(averages, wall_s: float, steps: int, top: int = 8) -> dict:
             "device_busy": kernel_s / wall_s if kernels else None,
             "launches": per_step(LAUNCHES), "syncs": per_step(SYNCS), "reads": per_step(READS),
             "top_kernels": [{"name": e.key[:90], "s": e.self_device_time_total / 1e6 / steps,
-                             "share": e.self_device_time_total / 1e6 / kernel_s} for e in kernels[:top]]}
+                             "share": e.self_device_time_total / 1e6 / kernel_s} for e in kernels[:top]],
+            "top_host_ops": [{"name": e.key[:90], "s": e.self_cpu_time_total / 1e6 / steps, "calls": e.count / steps}
+                             for e in sorted((e for e in averages if e.device_type == DeviceType.CPU),
+                                             key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]}
 
 
 def profile_calls(fn, steps: int, device: torch.device) -> dict:
