@@ -22,13 +22,15 @@ TOKEN = "webhook-token-that-must-not-leak-42"
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]  # jobs/tiny.yaml's
 
 
-def run_demo(tmp: Path, webhook_url: str, *more: str) -> subprocess.CompletedProcess:
-    """jobs/tiny.yaml, shortened to 6 steps with validation at steps 3 and 6 (8 sampler steps, previews every 4)."""
-    sets = [*more, f"output_dir={tmp / 'out'}", f"data.cache_dir={tmp / 'cache'}",
-            f"data.datasets.0.instance_data_dir={tmp / 'demo'}", "data.datasets.0.demo_images=16",
+def run_demo(tmp: Path, webhook_url: str, *more: str, data: Path | None = None) -> subprocess.CompletedProcess:
+    """jobs/tiny.yaml, shortened to 6 steps with validation at steps 3 and 6 (8 sampler steps, previews every 4);
+    `more` --set values last. The demo images and their cache in `data` (default `tmp`): another run's are warm."""
+    data = data or tmp
+    sets = [f"output_dir={tmp / 'out'}", f"data.cache_dir={data / 'cache'}",
+            f"data.datasets.0.instance_data_dir={data / 'demo'}", "data.datasets.0.demo_images=16",
             "data.eval_samples=4", "train.max_steps=6", "train.lr_warmup_steps=1", "train.checkpoint_every=6",
             "train.eval_every=6", "validation.every_steps=3", "validation.clip_score=true",
-            "validation.preview_steps=4", f"validation.webhook_url={webhook_url}"]
+            "validation.preview_steps=4", f"validation.webhook_url={webhook_url}", *more]
     cmd = [sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
 
@@ -103,14 +105,19 @@ def test_the_webhook_token_is_in_no_file_and_not_on_the_console(run):
 
 
 @pytest.mark.slow
-def test_a_failing_webhook_costs_one_warning_not_the_run(tmp_path):
+def test_a_failing_webhook_costs_one_warning_not_the_run(run, tmp_path):
+    """On the warm cache of the run above (no caching pass), validating once, at the end, without CLIP scores."""
     with WebhookServer(statuses=[503]) as server:
-        r = run_demo(tmp_path, server.url(f"/api/webhooks/99/{TOKEN}"))
+        r = run_demo(tmp_path, server.url(f"/api/webhooks/99/{TOKEN}"), "validation.every_steps=6",
+                     "validation.clip_score=false", data=run[0].parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     out = tmp_path / "out"
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-    # 8 images, 3 attempts each, as far as the end of the run lets the retries go (the poster waits 15 s at most)
-    assert server.received == [] and 3 <= server.requests <= 8 * 3
+    report = json.loads((out / "cache_report.json").read_text())
+    assert report["latents_encoded"] == report["texts_encoded"] == 0  # the cache was warm
+    # 2 previews and 2 final images, 3 attempts each, as far as the end of the run lets the retries go (the poster
+    # waits 15 s at most)
+    assert server.received == [] and 3 <= server.requests <= 4 * 3
     log = (out / "ray.log").read_text()
     # one warning for the kind, not one per image (Ray Train's worker-output capture may write the background
     # thread's line to both the worker's .out and .err, so ray.log can hold it twice: one distinct line)
