@@ -3,10 +3,15 @@ resolution, with SLG."""
 
 import contextlib
 import math
+import os
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 from raytune_sd3.config import FlowConfig, LoraConfig, ValidationConfig
@@ -157,3 +162,53 @@ def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, tiny_pip
                         skip_guidance_layers=[1], skip_layer_guidance_scale=1.7, skip_layer_guidance_start=0.2,
                         skip_layer_guidance_stop=0.8).images[0]
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(ref)), path.name
+
+
+def _sample_rank(rank: int, port: int, tiny_sd3: str, embeds: list[dict], folder: Path, out: dict) -> None:
+    """One of two gloo ranks: the same LoRA'd tiny model on both, each sampling its share of the images."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    transformer = _lora_model(tiny_sd3)
+    forwards = []
+    transformer.register_forward_hook(lambda *_: forwards.append(1))
+    paths = sample_images(transformer, load_vae(tiny_sd3), load_sampler(tiny_sd3), embeds[:2], embeds[2],
+                          SHARED_CFG, folder, "cpu", save=rank == 0, rank=rank, world=2)
+    out[rank] = {"paths": [p.name for p in paths], "forwards": len(forwards)}
+    dist.destroy_process_group()
+
+
+def _lora_model(tiny_sd3: str):
+    transformer = load_transformer(tiny_sd3)
+    params = add_lora(transformer, LoraConfig(rank=4), seed=0)
+    with torch.no_grad():  # B != 0: the images depend on the LoRA
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return transformer
+
+
+SHARED_CFG = ValidationConfig(prompts=["x", "y"], resolution="64x64,96x64", steps=3, guidance=3.0, seed=7)
+
+
+def test_ranks_share_the_validation_images_and_rank_0_writes_what_one_rank_would(tiny_sd3, embeds, tmp_path):
+    """Two real gloo ranks each sample half of the 4 images (half the forwards each); rank 0 writes all of them,
+    byte for byte the files one process sampling everything writes."""
+    alone = _lora_model(tiny_sd3)
+    forwards = []
+    alone.register_forward_hook(lambda *_: forwards.append(1))
+    expected = sample_images(alone, load_vae(tiny_sd3), load_sampler(tiny_sd3), embeds[:2], embeds[2], SHARED_CFG,
+                             tmp_path / "alone", "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_sample_rank, args=(port, tiny_sd3, embeds, tmp_path / "shared", out), nprocs=2,
+                           start_method="spawn")
+        r0, r1 = out[0], out[1]
+    names = ["00_64x64.png", "00_96x64.png", "01_64x64.png", "01_96x64.png"]
+    assert [p.name for p in expected] == r0["paths"] == names and r1["paths"] == []
+    assert r0["forwards"] == r1["forwards"] == len(forwards) // 2 > 0
+    for name in names:
+        assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == names  # no temporary file left

@@ -208,8 +208,7 @@ class WorkerRun:
         self.reader = CachedBatches(self.manifest, train_rows, t.seed, cfg.data.caption_dropout, cfg.text.uncond,
                                     t.global_batch, cfg.data.small_buckets, t.prior_loss_weight,
                                     memory_budget=int(cfg.data.memory_cache_gb * 2**30))
-        # Every rank runs a share of the eval forwards; sampling runs on rank 0 alone, except under ZeRO-3, where a
-        # forward pass needs every rank.
+        # Every rank runs a share of the eval forwards (and of the validation images: validate).
         self.eval_batches = self.reader.load_buckets(eval_rows) if eval_rows else []
         self.log = MetricsLog(self.out_dir / METRICS, self.start_step) if self.rank == 0 else None
         self.tracker = Tracker(cfg, active=self.rank == 0)
@@ -302,7 +301,10 @@ class WorkerRun:
         """Sample the validation prompts with the LoRA into validation/step_NNNNNN (and W&B, and the webhook);
         returns the metrics it measured (the mean `clip_score`, on rank 0, when validation.clip_score is on)."""
         cfg = self.cfg
-        if not cfg.validation.prompts or not (self.rank == 0 or self.strategy.sharded_params):
+        # Ranks that hold the whole model share the images out (1/N of the time each), unless live previews are on:
+        # those are posted by rank 0 alone. Under ZeRO-3 every forward needs every rank: each samples every image.
+        shared = self.world > 1 and not self.strategy.sharded_params and not cfg.validation.preview_steps
+        if not cfg.validation.prompts or not (self.rank == 0 or self.strategy.sharded_params or shared):
             return {}
         self.vae = self.vae or load_vae(self.pretrained, self.device, self.dtype, cfg.model.revision)
         store = self.reader.store
@@ -316,7 +318,8 @@ class WorkerRun:
             written = sample_images(self.strategy.transformer, self.vae,
                                     load_sampler(self.pretrained, cfg.model.revision), embeds, uncond, cfg.validation,
                                     folder, self.device, save=self.rank == 0,
-                                    step_callback=extras.step_callback(step) if extras else None)
+                                    step_callback=extras.step_callback(step) if extras else None,
+                                    rank=self.rank if shared else 0, world=self.world if shared else 1)
         self.tracker.log_images(folder, step, cfg.validation.prompts)
         if extras is None:
             return {}

@@ -103,7 +103,7 @@ class DDPStrategy:
 
     name = "ddp"
     sharded_optimizer = False  # every rank holds the same optimizer state: rank 0 saves it, all load it
-    sharded_params = False  # every rank holds the whole model: rank 0 alone may sample validation images
+    sharded_params = False  # every rank holds the whole model: each can sample validation images alone
 
     def __init__(self, transformer: nn.Module, params: list[nn.Parameter], optimizer, cfg: JobConfig, world: int):
         import ray.train.torch

@@ -7,6 +7,7 @@ trials that differ in those settings (Ray Tune) are compared on the same measure
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,12 +88,19 @@ def eval_loss(transformer, batches: dict[str, torch.Tensor] | list[dict[str, tor
 @torch.no_grad()
 def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict, cfg: ValidationConfig,
                   out_dir: Path, device, save: bool = True,
-                  step_callback: Callable[[str, tuple[int, int]], Callable] | None = None) -> list[Path]:
-    """Sample each validation prompt at each resolution with diffusers' SD3 pipeline (SLG when configured).
+                  step_callback: Callable[[str, tuple[int, int]], Callable] | None = None,
+                  rank: int = 0, world: int = 1) -> list[Path]:
+    """Sample each validation prompt at each resolution with diffusers' SD3 pipeline (SLG when configured); write
+    them as NN_WxH.png (when `save`) and return their paths.
 
     `embeds` are cached prompt embeddings ({"prompt", "prompt_embeds", "pooled"}), so no text encoder is loaded here.
     `step_callback(prompt, (w, h))`, when given, makes the pipeline's `callback_on_step_end` for that image (live
     previews: train/previews.py).
+
+    With `world` > 1 the images are shared out: rank r samples images r, r + world, ... (each from its own seed, so
+    an image does not depend on who samples it) and rank 0 gathers their PNG bytes and writes them all, so N ranks
+    that each hold the whole model take 1/N of the time. Every rank must call it then (a collective); only rank 0's
+    return value lists the images.
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -106,27 +114,38 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
     if cfg.skip_layers:
         slg = {"skip_guidance_layers": cfg.skip_layers, "skip_layer_guidance_scale": cfg.skip_layer_scale,
                "skip_layer_guidance_start": cfg.skip_layer_start, "skip_layer_guidance_stop": cfg.skip_layer_stop}
-    if save:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    images = [(i, e, size) for i, e in enumerate(embeds) for size in cfg.sizes]
+    pngs: dict[str, bytes] = {}
     was_training = transformer.training
     transformer.eval()
-    for i, e in enumerate(embeds):
-        for w, h in cfg.sizes:
-            image = pipe(
-                prompt_embeds=e["prompt_embeds"][None].to(device, dtype),
-                pooled_prompt_embeds=e["pooled"][None].to(device, dtype),
-                negative_prompt_embeds=uncond["prompt_embeds"][None].to(device, dtype),
-                negative_pooled_prompt_embeds=uncond["pooled"][None].to(device, dtype),
-                height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                generator=torch.Generator().manual_seed(cfg.seed),
-                callback_on_step_end=step_callback(e["prompt"], (w, h)) if step_callback else None, **slg,
-            ).images[0]
-            path = out_dir / f"{i:02d}_{w}x{h}.png"
-            if save:  # under ZeRO-3 every rank samples (each holds a shard); one writes
-                tmp = path.with_suffix(".tmp.png")
-                image.save(tmp)
-                tmp.replace(path)
-            written.append(path)
+    for i, e, (w, h) in images[rank::world]:
+        image = pipe(
+            prompt_embeds=e["prompt_embeds"][None].to(device, dtype),
+            pooled_prompt_embeds=e["pooled"][None].to(device, dtype),
+            negative_prompt_embeds=uncond["prompt_embeds"][None].to(device, dtype),
+            negative_pooled_prompt_embeds=uncond["pooled"][None].to(device, dtype),
+            height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            callback_on_step_end=step_callback(e["prompt"], (w, h)) if step_callback else None, **slg,
+        ).images[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pngs[f"{i:02d}_{w}x{h}.png"] = buffer.getvalue()
     transformer.train(was_training)
+    if world > 1:
+        shares = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(pngs, shares, dst=0)
+        if rank != 0:
+            return []
+        pngs = {name: png for share in shares for name, png in share.items()}
+    if save:  # under ZeRO-3 every rank samples every image (each holds a shard); one writes
+        out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, _, (w, h) in images:
+        path = out_dir / f"{i:02d}_{w}x{h}.png"
+        if save:
+            tmp = path.with_suffix(".tmp.png")
+            tmp.write_bytes(pngs[path.name])
+            tmp.replace(path)
+        written.append(path)
     return written
