@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (15 minutes of device time a session, 10 per command): the product's loop
-# beside the bare step with its start-up, the speed levers, caching throughput, each stage under its own timeout,
-# logs and JSON under $OUT.
+# beside the bare step with its start-up, the speed levers, caching throughput, each stage under its own timeout.
+# The device tool returns at most 8 files: $OUT gets two, rewritten after every stage (so a cut run keeps what
+# finished): results.md (every stage's tables) and lease.tar.gz (each stage's .md, .json and log).
 #   here, once:   bash ../shared/gpu/pack-for-gpu.sh          # .device/bundle.tar.xz: Ray, diffusers, quanto, DeepSpeed
 #   device tool:  run command="bash benchmarks/gpu_lease.sh 2>&1 | tail -c 11000" carry=[".device"] timeout_s=590
-# Then copy the tables (each stage's .md) into benchmarks/RESULTS.md with the card's name.
+# Then copy the tables of results.md into benchmarks/RESULTS.md with the card's name.
 #   rehearsal:    SMOKE=1 bash benchmarks/gpu_lease.sh       # on a CPU at reduced size (gpu.py --cpu-smoke): checks
 #                                                            # every stage runs before device minutes are spent on it
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled RAY_DEDUP_LOGS=0
 OUT=${OUT:-/tmp/gpu-lease}; mkdir -p "$OUT"
+RUN=$(mktemp -d)  # each stage's files; packed into $OUT after each stage
 SMOKE=${SMOKE:-0}
 T0=$(date +%s); DEADLINE=${DEADLINE:-570}
 (( SMOKE == 1 )) && DEADLINE=${DEADLINE_SMOKE:-1500}  # a 2-core CPU takes longer than the GPU will
@@ -19,12 +21,13 @@ stage() {  # stage NAME SECONDS SCRIPT ARGS...: run benchmarks/SCRIPT ARGS under
   local t=$(( $(left) - 10 < limit ? $(left) - 10 : limit ))
   if (( t < 30 )); then echo "=== $name: skipped, ${t}s left"; return; fi
   echo "=== t=$(( $(date +%s) - T0 ))s $name (timeout ${t}s)"
-  local extra=(); [[ $script == gpu.py ]] && extra=(--json "$OUT/$name.json")
+  local extra=(); [[ $script == gpu.py ]] && extra=(--json "$RUN/$name.json")
   [[ $script == gpu.py && $SMOKE == 1 ]] && extra+=(--cpu-smoke)
-  timeout "$t" python3 "benchmarks/$script" "$@" "${extra[@]}" --results "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+  timeout "$t" python3 "benchmarks/$script" "$@" "${extra[@]}" --results "$RUN/$name.md" > "$RUN/$name.log" 2>&1
   echo "$name rc=$?"
-  grep -E "images/s|x the bare|baseline|\| (Ray Data|single)|fit\(\)|\| (bare|product) \|" "$OUT/$name.log" | tail -10 |
+  grep -E "images/s|x the bare|baseline|\| (Ray Data|single)|fit\(\)|\| (bare|product) \|" "$RUN/$name.log" | tail -10 |
     cut -c1-240
+  cat "$RUN"/*.md > "$OUT/results.md" 2>/dev/null; tar czf "$OUT/lease.tar.gz" -C "$RUN" .
   # A killed stage's Ray would keep the GPU. Not in a rehearsal: it would also stop any other Ray on the machine.
   [[ $SMOKE == 1 ]] || ray stop --force > /dev/null 2>&1
 }

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -188,4 +189,9 @@ def test_gpu_lease_script_rehearses_every_stage_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ["large", "medium", "caching", "compile"]
     assert all(f"{name} rc=0" in proc.stdout for name in stages), proc.stdout[-3000:]
-    assert all((tmp_path / "out" / f"{name}.md").exists() for name in stages)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lease.tar.gz", "results.md"]  # <= 8 come back
+    results = (tmp_path / "out" / "results.md").read_text()
+    assert "## gpu: smoke run" in results and "## caching" in results
+    with tarfile.open(tmp_path / "out" / "lease.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert all(f"./{name}.log" in names and f"./{name}.md" in names for name in stages), names
