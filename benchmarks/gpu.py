@@ -68,7 +68,7 @@ SD35 = {
 }
 CLIP_TOKENS = 77
 STARTUP = ["workers start", "model load", "setup", "first step"]
-LEVERS = ["skip-lora-casts", "cudnn", "flash", "efficient", "math", "compile", "compile-graphs"]
+LEVERS = ["skip-lora-casts", "cudnn", "flash", "efficient", "math", "compile", "compile-graphs", "fp8"]
 DEFAULT_BATCH = {1024: 2, 512: 8}  # halved on out-of-memory until it fits (or batch 1 does not)
 
 
@@ -293,19 +293,46 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
             "tflops_per_s": flops.training() / step_s / 1e12, "first_step_extra_s": first - step_s}
 
 
-def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) -> list[dict]:
-    """`row`'s step again with each of --levers on alone, on the same model (the compiles last: they are in place;
-    compile-graphs after compile recompiles the blocks with CUDA graphs)."""
+IN_PLACE = ["compile", "compile-graphs", "fp8"]  # levers that change the model for good: run last, in this order
+
+
+def apply_lever(model, lever: str) -> dict:
+    """Turn `lever` on: in place on `model` (IN_PLACE), else the measure() arguments that turn it on."""
     from raytune_sd3.models.loading import compile_blocks
 
+    if lever == "skip-lora-casts":
+        return {"skip_lora_casts": True}
+    if lever in ("compile", "compile-graphs"):  # compile-graphs recompiles with CUDA graphs (reduce-overhead)
+        compile_blocks(model, mode="reduce-overhead" if lever == "compile-graphs" else None)
+        return {}
+    if lever == "fp8":  # the frozen base's linears in float8 (torchao), regionally compiled as torchao needs
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(model, module_filter_fn=lambda m, name: (
+            "lora_" not in name and isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0))
+        compile_blocks(model)
+        return {}
+    return {"attention": lever}
+
+
+def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) -> list[dict]:
+    """`row`'s step again with each of --levers on alone, on the same model (IN_PLACE ones last, in that order:
+    each on top of the ones before it). A lever that fails is reported and the others still run."""
     out = []
-    for lever in sorted(args.levers, key=lambda name: name.startswith("compile")):
-        changed = {"skip-lora-casts": {"skip_lora_casts": True}}.get(lever, {"attention": lever}) | {"profile": 0}
-        if lever.startswith("compile"):  # in place; compile-graphs recompiles with CUDA graphs (reduce-overhead)
-            compile_blocks(model, mode="reduce-overhead" if lever == "compile-graphs" else None)
-            changed = {"profile": 0}
-        r = measure(model, params, spec, row["resolution"], row["batch"], argparse.Namespace(**{**vars(args), **changed}),
-                    device, dtype)
+    order = sorted(args.levers, key=lambda name: IN_PLACE.index(name) + 1 if name in IN_PLACE else 0)
+    for lever in order:
+        try:
+            changed = apply_lever(model, lever) | {"profile": 0}
+            r = measure(model, params, spec, row["resolution"], row["batch"],
+                        argparse.Namespace(**{**vars(args), **changed}), device, dtype)
+        except Exception as e:  # noqa: BLE001 - a lease must not lose the other figures to one lever
+            out.append({"lever": lever, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(f"{row['model']} {row['resolution']}px batch {row['batch']}, {lever}: failed: {out[-1]['error']}",
+                  flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         out.append({"lever": lever, "images_per_s": r["images_per_s"], "ratio": r["images_per_s"] / row["images_per_s"],
                     "peak_memory_gib": r["peak_memory_gib"], "first_step_extra_s": r["first_step_extra_s"],
                     "tflops_per_s": r["tflops_per_s"]})
@@ -370,7 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not r.get("oom"):
             r["mfu"] = r["tflops_per_s"] / peak if peak else None
             for lever in r.get("levers", []):
-                lever["mfu"] = lever["tflops_per_s"] / peak if peak else None
+                lever["mfu"] = lever["tflops_per_s"] / peak if peak and "error" not in lever else None
             r["x_matmul"] = r["tflops_per_s"] * 1e12 / base
     if args.product:  # after the bare models are freed: the product's worker gets the whole card
         for r in rows:
@@ -469,12 +496,16 @@ def lever_report(rows: list[dict]) -> list[str]:
     lines = [[r["model"], f"{r['resolution']}px", r["batch"], lv["lever"], f"{r['images_per_s']:.3g}",
               f"{lv['images_per_s']:.3g}", f"**{lv['ratio']:.3f}**",
               f"{r['mfu']:.1%} -> {lv['mfu']:.1%}" if lv.get("mfu") is not None else "n/a", f"{lv['peak_memory_gib']:.2f}",
-              f"{lv['first_step_extra_s']:.1f}"] for r in rows for lv in r.get("levers", [])]
+              f"{lv['first_step_extra_s']:.1f}"] if "error" not in lv else
+             [r["model"], f"{r['resolution']}px", r["batch"], lv["lever"], f"{r['images_per_s']:.3g}",
+              f"failed: {lv['error'][:100]}", "", "", "", ""] for r in rows for lv in r.get("levers", [])]
     if not lines:
         return []
     return ["Levers, each on alone on the same model, steps and batch as the row above it (peft's LoRA input casts "
             "skipped = the product's LoraAutocast; cudnn/flash/efficient/math = train.attention; compile = "
-            "train.compile, regional; compile-graphs = the same with mode reduce-overhead, CUDA graphs). First step extra: the first step's time beyond the median (compile time).",
+            "train.compile, regional; compile-graphs = the same with mode reduce-overhead, CUDA graphs; fp8 = the frozen "
+            "base's linears in float8 through torchao, compiled; compile, compile-graphs and fp8 change the model for "
+            "good, so each is measured on top of the ones before it). First step extra: the first step's time beyond the median (compile time).",
             table(["model", "res", "batch", "lever", "images/s off", "images/s on", "on/off", "MFU", "peak mem on (GiB)",
                    "first step extra (s)"], lines)]
 

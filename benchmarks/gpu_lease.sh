@@ -4,6 +4,8 @@
 # The device tool returns at most 8 files: $OUT gets two, rewritten after every stage (so a cut run keeps what
 # finished): results.md (every stage's tables) and lease.tar.gz (each stage's .md, .json and log).
 #   here, once:   bash ../shared/gpu/pack-for-gpu.sh          # .device/bundle.tar.xz: Ray, diffusers, quanto, DeepSpeed
+#   optional:     pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#                   -d .device torchao==0.17.0               # 3 MB; the fp8 stage runs only with it (torch 2.11 there)
 #   device tool:  run command="bash benchmarks/gpu_lease.sh 2>&1 | tail -c 11000" carry=[".device"] timeout_s=590
 # Then copy the tables of results.md into benchmarks/RESULTS.md with the card's name.
 #   rehearsal:    SMOKE=1 bash benchmarks/gpu_lease.sh       # on a CPU at reduced size (gpu.py --cpu-smoke): checks
@@ -34,6 +36,7 @@ stage() {  # stage NAME SECONDS SCRIPT ARGS...: run benchmarks/SCRIPT ARGS under
 if [[ -f .device/bundle.tar.xz ]]; then
   mkdir -p ~/site && tar xJf .device/bundle.tar.xz -C ~/site && export PYTHONPATH=~/site:$PWD
 fi
+for wheel in .device/torchao-*.whl; do [[ -f $wheel ]] && python3 -m zipfile -e "$wheel" ~/site; done
 W=${BENCH_DIR:-$HOME/bench-gpu}  # shaped pipelines, caches and runs
 SIZE="--resolutions 1024 --batch 2" ATTN="cudnn flash" LARGE_PIPE=$W/pipeline-large-38x38 CACHE_RES=1024 CACHE_IMAGES=64
 if [[ $SMOKE == 1 ]]; then  # gpu.py --cpu-smoke's own sizes (2 layers x 4 heads, 256 px, batch 1)
@@ -53,4 +56,8 @@ if python3 -c "import bitsandbytes" 2>/dev/null; then  # not in the bundle (43 M
   [[ $SMOKE == 1 ]] || stage lowvram 90 gpu.py --models large --resolutions 512 --batch 1 --quantize nf4 --optimizer lion8bit_paged \
     --gradient-checkpointing --steps 6 --warmup 2
 else echo "=== lowvram: skipped, no bitsandbytes on this machine"; fi
+# FP8 for the frozen base (torchao float8, compiled) against compile alone, on top of it: last, as it may not pay.
+if python3 -c "import torchao" 2>/dev/null; then
+  stage fp8 120 gpu.py --models large $SIZE --steps 8 --warmup 2 --levers compile fp8
+else echo "=== fp8: skipped, no torchao (see the header)"; fi
 echo "=== done at t=$(( $(date +%s) - T0 ))s"
