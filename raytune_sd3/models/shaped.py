@@ -53,7 +53,7 @@ def sd3_vae() -> AutoencoderKL:
 
 
 def _small_components(seed: int) -> dict:
-    """Tokenizers, narrow text encoders of the real widths, the small VAE and the scheduler (fp32: small)."""
+    """Tokenizers, narrow text encoders of the real widths, SD3's VAE and the scheduler (fp32)."""
     clip_l_tok, clip_g_tok, t5_tok = _tokenizers()
     builders = {
         "text_encoder": lambda: _clip(clip_l_tok, hidden=768, intermediate=256, heads=12),  # CLIP-L: 768
