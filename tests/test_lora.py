@@ -140,3 +140,26 @@ def test_lora_autocast_drops_peft_casts_and_changes_nothing(tiny_sd3):
         assert transformer(**inputs)[0].dtype == torch.bfloat16
     _, grads_again, _ = _casts_and_grads(transformer, params, ours)  # reusable
     assert all(torch.equal(a, b) for a, b in zip(grads_again, grads_ref, strict=True))
+
+
+def test_lora_autocast_under_gradient_checkpointing(tiny_sd3):
+    """The recomputing backward runs inside the loop's context too (strategy.backward sits in it): the checkpointed
+    blocks recompute without peft's casts and give the gradients of the plain run."""
+    runs = []
+    for checkpointing in (False, True):
+        transformer = load_transformer(tiny_sd3, torch.bfloat16)
+        params = add_lora(transformer, LoraConfig(rank=4, targets="attention+context"), seed=0)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        attention_calls = []
+        transformer.transformer_blocks[0].attn.register_forward_hook(lambda *_, c=attention_calls: c.append(1))
+        runs.append((*_casts_and_grads(transformer, params, LoraAutocast(transformer, "cpu")), len(attention_calls)))
+    (out, grads, _, calls), (out_ckpt, grads_ckpt, _, calls_ckpt) = runs
+    assert (calls, calls_ckpt) == (1, 2)  # the checkpointed block ran again in the backward
+    assert torch.equal(out, out_ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ckpt, strict=True))
