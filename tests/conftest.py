@@ -47,3 +47,20 @@ def ray_local():
             "HF_HUB_OFFLINE": "1", "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"], **LOCAL_RAY_ENV_VARS}})
     yield ray
     ray.shutdown()
+
+
+def run_gloo_ranks(fn, *args, world: int = 2) -> dict:
+    """Run fn(rank, port, *args, out) in `world` spawned processes that form a gloo group on a free local port;
+    returns `out`, the dict each rank fills in (fn must live in a test module: the processes import it)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(fn, args=(port, *args, out), nprocs=world, start_method="spawn")
+        return dict(out)

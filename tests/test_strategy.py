@@ -3,19 +3,17 @@ nor at each forward), while the LoRA's parameters are broadcast once and its gra
 
 import copy
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytune_sd3.config import load_job
 from raytune_sd3.train.strategy import clip_gradients, decides_skip_on_device, read_step, skip_frozen_sync
+from tests.conftest import run_gloo_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,14 +47,8 @@ def _rank(rank: int, port: int, out: dict) -> None:
 
 
 def test_ddp_sends_the_lora_but_never_the_frozen_base():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_rank, args=(port, out), nprocs=2, start_method="spawn")
-        r0, r1 = out[0], out[1]
+    out = run_gloo_ranks(_rank)
+    r0, r1 = out[0], out[1]
     assert r0["skipped"] == ["frozen.bias", "frozen.weight", "pos"]
     # Frozen weights and buffers stay each rank's own: nothing of them crossed.
     assert not torch.equal(r0["frozen"], r1["frozen"])

@@ -3,15 +3,12 @@ resolution, with SLG."""
 
 import contextlib
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from raytune_sd3.config import FlowConfig, LoraConfig, ValidationConfig
@@ -19,6 +16,7 @@ from raytune_sd3.models.loading import load_sampler, load_text_encoders, load_tr
 from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.text import encode_prompts
 from raytune_sd3.train.validation import EVAL_SEED, eval_loss, eval_sums, sample_images
+from tests.conftest import run_gloo_ranks
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +195,8 @@ def test_ranks_share_the_validation_images_and_rank_0_writes_what_one_rank_would
     alone.register_forward_hook(lambda *_: forwards.append(1))
     expected = sample_images(alone, load_vae(tiny_sd3), load_sampler(tiny_sd3), embeds[:2], embeds[2], SHARED_CFG,
                              tmp_path / "alone", "cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_sample_rank, args=(port, tiny_sd3, embeds, tmp_path / "shared", out), nprocs=2,
-                           start_method="spawn")
-        r0, r1 = out[0], out[1]
+    out = run_gloo_ranks(_sample_rank, tiny_sd3, embeds, tmp_path / "shared")
+    r0, r1 = out[0], out[1]
     names = ["00_64x64.png", "00_96x64.png", "01_64x64.png", "01_96x64.png"]
     assert [p.name for p in expected] == r0["paths"] == names and r1["paths"] == []
     assert r0["forwards"] == r1["forwards"] == len(forwards) // 2 > 0
