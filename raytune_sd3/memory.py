@@ -1,6 +1,6 @@
 """Per-GPU memory of one LoRA training step, estimated in milliseconds before any GPU is rented.
 
-    total = base weights (+ VAE on rank 0) + LoRA params, grads and optimizer state + activations + runtime
+    total = base weights (+ VAE for validation) + LoRA params, grads and optimizer state + activations + runtime
 
 Everything comes from the transformer's diffusers config.json (read from the model folder or the local HF cache;
 a built-in table covers the SD3 / SD3.5 models on the hub) and the job: dtype and model.quantize, LoRA targets,
@@ -304,7 +304,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              runtime: bool = True) -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
-    `vae_params`: rank 0 keeps the VAE loaded once it has made validation images (None: no validation).
+    `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
+    validation).
     `runtime`: add the CUDA context / NCCL / fragmentation margin (off for CPU comparisons).
     `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
     `quantization`: model.quantize (None or "none": unquantised).
@@ -344,7 +345,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         est.add(f"nf4 weight dequantised for a matmul (the largest linear, {dtype})",
                 max(i * o for i, o in quantised) * wb)
     if vae_params:
-        est.add(f"VAE {_count(vae_params)} params ({dtype}, rank 0, for validation images)", vae_params * wb)
+        est.add(f"VAE {_count(vae_params)} params ({dtype}, for validation images)", vae_params * wb)
 
     p_lora = lora_params(shape, targets, rank, blocks)
     lb = BYTES[lora_dtype]
@@ -379,7 +380,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         decode = 6 * vae_channels * validation_resolution**2 * wb
         if decode > act and decode - act > 0.01 * est.total:
             est.notes.append(f"the validation decode at {validation_resolution}px (~{decode / GIB:.1f} GiB) sets "
-                             "the peak on rank 0")
+                             "the peak")
             est.add("validation VAE decode beyond the training activations", decode - act)
     return est
 
