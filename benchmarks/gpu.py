@@ -272,7 +272,10 @@ def estimated_gib(spec: dict, resolution: int, batch: int, args, dtype) -> float
                     runtime=False).total / 2**30
 
 
-def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype) -> dict:
+def measure(model, params, spec: dict, resolution: int, batch: int, args, device, dtype,
+            counted: dict | None = None) -> dict:
+    """Time the step; `counted`: a row of the same model and batch whose FLOP counts to reuse (a lever changes
+    how the step runs, not its model FLOPs; counting a forward and a step of SD3.5 Large costs seconds)."""
     trainer = Trainer(model, params, make_batch(spec, resolution, batch, args.t5_tokens, device, dtype),
                       autocast=dtype == torch.bfloat16, optimizer_name=args.optimizer,
                       attention=args.attention, skip_casts=args.skip_lora_casts)
@@ -282,15 +285,16 @@ def measure(model, params, spec: dict, resolution: int, batch: int, args, device
     times = time_calls(trainer.step, args.steps, warmup=max(args.warmup - 1, 0))
     memory, memory_kind = peak_memory_gib(device)
     profile = profile_calls(trainer.step, args.profile, device) if args.profile else None
-    flops = count_flops(model, trainer.forward_loss, device)
-    counted_step = count_step_flops(trainer)
+    if counted is None:
+        flops = count_flops(model, trainer.forward_loss, device)
+        counted = {"forward_flops": flops.forward, "train_flops": flops.training(),
+                   "counted_step_flops": count_step_flops(trainer), "breakdown": flops.breakdown()}
+    counted = {k: counted[k] for k in ("forward_flops", "train_flops", "counted_step_flops", "breakdown")}
     step_s = median(times)
     return {"resolution": resolution, "batch": batch, "step_s": step_s, "images_per_s": batch / step_s,
             "peak_memory_gib": memory, "memory_kind": memory_kind,
-            "estimate_gib": estimated_gib(spec, resolution, batch, args, dtype),
-            "profile": profile, "forward_flops": flops.forward,
-            "train_flops": flops.training(), "counted_step_flops": counted_step, "breakdown": flops.breakdown(),
-            "tflops_per_s": flops.training() / step_s / 1e12, "first_step_extra_s": first - step_s}
+            "estimate_gib": estimated_gib(spec, resolution, batch, args, dtype), "profile": profile, **counted,
+            "tflops_per_s": counted["train_flops"] / step_s / 1e12, "first_step_extra_s": first - step_s}
 
 
 IN_PLACE = ["compile", "compile-graphs", "fp8"]  # levers that change the model for good: run last, in this order
@@ -324,7 +328,7 @@ def measure_levers(model, params, spec: dict, row: dict, args, device, dtype) ->
         try:
             changed = apply_lever(model, lever) | {"profile": 0}
             r = measure(model, params, spec, row["resolution"], row["batch"],
-                        argparse.Namespace(**{**vars(args), **changed}), device, dtype)
+                        argparse.Namespace(**{**vars(args), **changed}), device, dtype, counted=row)
         except Exception as e:  # noqa: BLE001 - a lease must not lose the other figures to one lever
             out.append({"lever": lever, "error": f"{type(e).__name__}: {e}"[:300]})
             print(f"{row['model']} {row['resolution']}px batch {row['batch']}, {lever}: failed: {out[-1]['error']}",
