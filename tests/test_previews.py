@@ -2,17 +2,19 @@
 PNG; a failing, refusing, unreachable or slow webhook costs bounded retries and one warning per kind, never an
 exception or the URL's token; the Tiny AutoEncoder decodes the sampler's latents as diffusers' pipeline would."""
 
+import io
 import socket
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from raytune_sd3.config import ValidationConfig
 from raytune_sd3.models.loading import load_sampler, load_transformer, load_vae
 from raytune_sd3.models.tiny_validation import build_tiny_taesd
-from raytune_sd3.train.previews import Caption, PreviewDecoder, WebhookPoster
+from raytune_sd3.train.previews import Caption, PreviewDecoder, WebhookPoster, png_bytes
 from raytune_sd3.train.validation import sample_images
 from tests.webhook_server import WebhookServer
 
@@ -27,13 +29,17 @@ def test_poster_sends_the_png_and_a_discord_payload():
     with WebhookServer() as server:
         poster = WebhookPoster(server.url())
         sent = [_image(0), _image(1)]
+        # a final image goes as the PNG file validation wrote: its bytes as they are, not decoded and encoded again
+        written = io.BytesIO()
+        Image.fromarray(sent[1]).save(written, format="PNG", compress_level=1)  # not png_bytes' own encoding
         assert poster.post(sent[0], Caption("a red circle", 20, 4, 8, (32, 24)))
-        assert poster.post(sent[1], Caption("a blue square", 20, 8, 8, (32, 24), final=True))
+        assert poster.post(written.getvalue(), Caption("a blue square", 20, 8, 8, (32, 24), final=True))
         poster.close()
     assert server.errors == [] and poster.sent == 2 and len(server.received) == 2
     first, final = server.received
     assert first.path == f"/api/webhooks/1234/{TOKEN}"
     assert np.array_equal(first.image, sent[0]) and np.array_equal(final.image, sent[1])  # PNG is lossless
+    assert final.png == written.getvalue() != png_bytes(sent[1])
     assert first.payload["content"] == "step 20, preview at sampler step 4/8 (32x24): a red circle"
     assert final.payload["content"] == "step 20, final image (32x24): a blue square"
     embed = first.payload["embeds"][0]

@@ -22,6 +22,7 @@ class Received:
     payload: dict
     filename: str
     image: np.ndarray  # (H, W, 3) uint8, decoded from the PNG
+    png: bytes  # the file as it arrived
 
 
 @dataclass
@@ -81,4 +82,4 @@ def decode(path: str, content_type: str, body: bytes) -> Received:
     with Image.open(io.BytesIO(png)) as im:
         assert im.format == "PNG"
         image = np.asarray(im.convert("RGB"))
-    return Received(path, payload, parts["files[0]"].get_filename(), image)
+    return Received(path, payload, parts["files[0]"].get_filename(), image, png)

@@ -115,8 +115,9 @@ class WebhookPoster:
         self._thread = threading.Thread(target=self._run, name="raytune-sd3-webhook", daemon=True)
         self._thread.start()
 
-    def post(self, image: np.ndarray, caption: Caption) -> bool:
-        """Queue an (H, W, 3) uint8 image; False when it was dropped (queue full, or the webhook refused us)."""
+    def post(self, image: np.ndarray | bytes, caption: Caption) -> bool:
+        """Queue an (H, W, 3) uint8 image, or a PNG file's bytes (sent as they are); False when it was dropped
+        (queue full, or the webhook refused us)."""
         if self.given_up:
             return False
         try:
@@ -145,7 +146,8 @@ class WebhookPoster:
                 continue
             image, caption = item
             try:
-                body, content_type = multipart_body(caption.payload(), caption.filename, png_bytes(image))
+                png = image if isinstance(image, bytes) else png_bytes(image)
+                body, content_type = multipart_body(caption.payload(), caption.filename, png)
             except Exception as e:  # noqa: BLE001 - a bad image is this image's problem, not the run's
                 self.failed += 1
                 self._warn_once(f"encoding ({type(e).__name__})", "an image could not be encoded as PNG")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from raytune_sd3.config import ValidationConfig, redact
@@ -57,16 +56,14 @@ class ValidationExtras:
         return make
 
     def post_final(self, paths: list[Path], captions: list[tuple[str, tuple[int, int]]], step: int) -> None:
-        """Queue each written validation image (the full VAE's) for the webhook, captioned as final."""
+        """Queue each written validation image (the full VAE's) for the webhook, captioned as final: the PNG file's
+        bytes as they are (no decode and encode again)."""
         if self.poster is None:
             return
-        from PIL import Image
-
         for path, (prompt, size) in zip(paths, captions, strict=True):
             if path.is_file():
-                with Image.open(path) as im:
-                    image = np.asarray(im.convert("RGB"))
-                self.poster.post(image, Caption(prompt, step, self.cfg.steps, self.cfg.steps, size, final=True))
+                self.poster.post(path.read_bytes(), Caption(prompt, step, self.cfg.steps, self.cfg.steps, size,
+                                                            final=True))
 
     def clip_scores(self, folder: Path, prompts: list[str]) -> dict[int, float]:
         """Each prompt's CLIP score over the images in `folder` ({} when clip_score is off or failed)."""
