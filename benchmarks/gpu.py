@@ -67,7 +67,6 @@ SD35 = {
                    sample_size=128),
 }
 CLIP_TOKENS = 77
-STARTUP = ["workers start", "model load", "setup", "first step"]
 LEVERS = ["skip-lora-casts", "cudnn", "flash", "efficient", "math", "compile", "compile-graphs", "fp8"]
 DEFAULT_BATCH = {1024: 2, 512: 8}  # halved on out-of-memory until it fits (or batch 1 does not)
 
@@ -96,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the forward in the loop's LoraAutocast (peft's LoRA input casts off, as the product does "
                    "under bf16); default: peft's casts, as diffusers' training script")
     p.add_argument("--levers", nargs="+", default=[], choices=LEVERS,
-                   help="after each model's first row, time it again with each lever on, one at a time, on the "
-                   "same model (compile last: it is in place) and print a table of on/off")
+                   help="after each model's first row, time it again with each lever on, on the same model (the "
+                   "in-place ones, compile, compile-graphs and fp8, last and on top of each other) and print on/off")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if raytune_sd3/hardware.py does not know the card")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="on the CPU at reduced size: 2 layers, 4 heads, fp32, 256px, batch 1, 3 steps")
@@ -509,7 +508,8 @@ def lever_report(rows: list[dict]) -> list[str]:
             "skipped = the product's LoraAutocast; cudnn/flash/efficient/math = train.attention; compile = "
             "train.compile, regional; compile-graphs = the same with mode reduce-overhead, CUDA graphs; fp8 = the frozen "
             "base's linears in float8 through torchao, compiled; compile, compile-graphs and fp8 change the model for "
-            "good, so each is measured on top of the ones before it). First step extra: the first step's time beyond the median (compile time).",
+            "good, so each is measured on top of the ones before it). First step extra: the first step's time "
+            "beyond the median (compile time).",
             table(["model", "res", "batch", "lever", "images/s off", "images/s on", "on/off", "MFU", "peak mem on (GiB)",
                    "first step extra (s)"], lines)]
 
@@ -533,10 +533,10 @@ def product_report(rows: list[dict], args) -> list[str]:
             table(["model", "res", "batch", "bare images/s", "product images/s (in-step)",
                    "product/bare, in-step", "product/bare, step to step", "bare MFU", "product MFU"], lines),
             "The product's start with a warm cache (the demo images were cached just before, through Ray Data: "
-            "'prepare' is Ray's start plus that caching), fit() to the first step on rank 0 by phase (common.py's "
-            "JobRun.startup; 'setup' holds the frozen base's copy to the device):",
-            table(["model", "prepare (s)", *STARTUP, "fit() to first step (s)"],
-                  [[r["model"], f"{r['product_prepare_s']:.1f}", *(f"{r['product_startup'][k]:.1f}" for k in STARTUP),
+            "'prepare' is that caching, plus Ray's start for the first model), fit() to the first step on rank 0 by "
+            "phase (common.py's JobRun.startup; 'setup' holds the frozen base's copy to the device):",
+            table(["model", "prepare (s)", *rows[0]["product_startup"], "fit() to first step (s)"],
+                  [[r["model"], f"{r['product_prepare_s']:.1f}", *(f"{v:.1f}" for v in r["product_startup"].values()),
                     f"{sum(r['product_startup'].values()):.1f}"] for r in rows])]
 
 

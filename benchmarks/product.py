@@ -2,7 +2,8 @@
 
 `product_step` builds (or reuses) a pipeline whose transformer has the bare step's architecture
 (raytune_sd3.models.shaped), caches a demo data set at the step's resolution and T5 length through the CLI's own
-path (`prepare_data`), then fits the CLI's TorchTrainer with one worker (`run_job`) for warmup + steps + 1 steps:
+path (`prepare_data`), then fits the CLI's TorchTrainer with one worker (`run_job`) for warmup + steps (+ profile,
+profiled in the worker after the timed ones) + 1 steps:
 the same batch, LoRA rank and targets, base dtype, autocast, AdamW and clipping as gpu.py's Trainer. Its figures
 are the loop's own: step_time_s from metrics.jsonl (data read, forward, backward, clip, AdamW, LR step) and step to
 step (the above plus metrics.jsonl and ray.train.report), medians over the same steps gpu.py times, the warmup and

@@ -27,8 +27,9 @@ def _inputs(seed: int = 0) -> dict:
             "pooled_projections": torch.randn(2, 80, generator=g), "return_dict": False}
 
 
-def _trained(tiny_sd3: str, cfg: LoraConfig):
-    transformer = load_transformer(tiny_sd3)
+def _trained(tiny_sd3: str, cfg: LoraConfig, dtype: torch.dtype = torch.float32):
+    """The tiny transformer (base in `dtype`) with a LoRA whose weights moved off their init (B != 0)."""
+    transformer = load_transformer(tiny_sd3, dtype)
     params = add_lora(transformer, cfg, seed=0)
     with torch.no_grad():  # stands in for training: B != 0, so the adapter changes the output
         g = torch.Generator().manual_seed(1)
@@ -114,13 +115,10 @@ def _casts_and_grads(transformer, params, context) -> tuple[torch.Tensor, list[t
 def test_lora_autocast_drops_peft_casts_and_changes_nothing(tiny_sd3):
     """On a bf16 base with fp32 LoRA weights, the loop's autocast context skips peft's cast of each LoRA input to
     fp32 (autocast casts it straight back): bitwise the same output and LoRA gradients, fewer casts."""
-    transformer = load_transformer(tiny_sd3, torch.bfloat16)
-    targets = target_modules(transformer, LoraConfig(targets="attention+context"))
-    params = add_lora(transformer, LoraConfig(rank=4, targets="attention+context"), seed=0)
-    with torch.no_grad():  # B != 0, so the LoRA branch (and its input casts) carry values and gradients
-        g = torch.Generator().manual_seed(1)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    targets = target_modules(load_transformer(tiny_sd3), LoraConfig(targets="attention+context"))
+    # B != 0, so the LoRA branch (and its input casts) carry values and gradients
+    transformer = _trained(tiny_sd3, LoraConfig(rank=4, targets="attention+context"), torch.bfloat16)
+    params = [p for p in transformer.parameters() if p.requires_grad]
     assert {p.dtype for p in params} == {torch.float32}
     ours = LoraAutocast(transformer, "cpu")
     n_layers = len(ours.layers)
@@ -147,12 +145,8 @@ def test_lora_autocast_under_gradient_checkpointing(tiny_sd3):
     blocks recompute without peft's casts and give the gradients of the plain run."""
     runs = []
     for checkpointing in (False, True):
-        transformer = load_transformer(tiny_sd3, torch.bfloat16)
-        params = add_lora(transformer, LoraConfig(rank=4, targets="attention+context"), seed=0)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for p in params:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        transformer = _trained(tiny_sd3, LoraConfig(rank=4, targets="attention+context"), torch.bfloat16)
+        params = [p for p in transformer.parameters() if p.requires_grad]
         if checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()

@@ -17,6 +17,7 @@ from raytune_sd3.models.lora import add_lora
 from raytune_sd3.models.text import encode_prompts
 from raytune_sd3.train.validation import EVAL_SEED, eval_loss, eval_sums, sample_images
 from tests.conftest import run_gloo_ranks
+from tests.test_lora import _trained
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_validation_images_per_prompt_and_resolution_with_slg(tiny_sd3, tiny_pip
 def _sample_rank(rank: int, port: int, tiny_sd3: str, embeds: list[dict], folder: Path, out: dict) -> None:
     """One of two gloo ranks: the same LoRA'd tiny model on both, each sampling its share of the images."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    transformer = _lora_model(tiny_sd3)
+    transformer = _trained(tiny_sd3, LoraConfig(rank=4))
     forwards = []
     transformer.register_forward_hook(lambda *_: forwards.append(1))
     paths = sample_images(transformer, load_vae(tiny_sd3), load_sampler(tiny_sd3), embeds[:2], embeds[2],
@@ -174,23 +175,13 @@ def _sample_rank(rank: int, port: int, tiny_sd3: str, embeds: list[dict], folder
     dist.destroy_process_group()
 
 
-def _lora_model(tiny_sd3: str):
-    transformer = load_transformer(tiny_sd3)
-    params = add_lora(transformer, LoraConfig(rank=4), seed=0)
-    with torch.no_grad():  # B != 0: the images depend on the LoRA
-        g = torch.Generator().manual_seed(1)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return transformer
-
-
 SHARED_CFG = ValidationConfig(prompts=["x", "y"], resolution="64x64,96x64", steps=3, guidance=3.0, seed=7)
 
 
 def test_ranks_share_the_validation_images_and_rank_0_writes_what_one_rank_would(tiny_sd3, embeds, tmp_path):
     """Two real gloo ranks each sample half of the 4 images (half the forwards each); rank 0 writes all of them,
     byte for byte the files one process sampling everything writes."""
-    alone = _lora_model(tiny_sd3)
+    alone = _trained(tiny_sd3, LoraConfig(rank=4))
     forwards = []
     alone.register_forward_hook(lambda *_: forwards.append(1))
     expected = sample_images(alone, load_vae(tiny_sd3), load_sampler(tiny_sd3), embeds[:2], embeds[2], SHARED_CFG,
