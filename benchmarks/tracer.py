@@ -4,11 +4,17 @@
 as train/loop.py does (forward, flow loss, backward, clip, AdamW), tracking every tensor storage it makes. On the
 "meta" device nothing is computed (seconds, any model size: SD3.5 Large included) and attention is routed to the
 flash kernel real runs use; on "cpu" or "cuda" it is a real run. tests/test_check.py and memory.py here use it.
+
+With `mixed_precision="bf16"` the step runs as the loop runs it on a GPU by default: under bf16 autocast with
+peft's input casts off (models.lora.LoraAutocast). Autocast does not run on meta, and CPU autocast runs other ops
+in fp32 than CUDA's (CUDA keeps layer_norm, pow, sum and more in fp32), so on "cpu" `cuda_autocast_policy` gives
+CPU autocast CUDA's policy: the bytes that step keeps are those a GPU's would keep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 
 import torch
@@ -21,19 +27,24 @@ from raytune_sd3.train.attention import RouteAttention
 
 
 def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int, batch: int, resolution: int,
-               t5_tokens: int, device: str = "meta", blocks: list[int] | None = None) -> dict[str, int]:
+               t5_tokens: int, device: str = "meta", blocks: list[int] | None = None,
+               mixed_precision: str = "no") -> dict[str, int]:
     """Run one LoRA training step as train/loop.py does (random weights) and return its tensor memory in bytes.
 
     Keys: `static` (weights + LoRA + AdamW state), `forward` (after the loss), `peak` (a whole step after the first).
     "meta" computes nothing (any model size, seconds) and routes attention to the flash kernel PyTorch uses on
-    CPU and GPU; "cpu" runs the real step; "cuda" also reports `cuda_max_allocated`. No autocast (see memory.py).
+    CPU and GPU; "cpu" runs the real step; "cuda" also reports `cuda_max_allocated`. `mixed_precision` "bf16":
+    under the loop's bf16 autocast, on "cpu" (with CUDA's autocast policy) or "cuda".
     """
     from diffusers import SD3Transformer2DModel
 
     from raytune_sd3.config import FlowConfig, LoraConfig
     from raytune_sd3.flow import flow_loss, noisy_input
     from raytune_sd3.models.loading import DTYPES
-    from raytune_sd3.models.lora import add_lora
+    from raytune_sd3.models.lora import LoraAutocast, add_lora
+
+    if mixed_precision == "bf16" and device == "meta":
+        raise ValueError("autocast does not run on the meta device: trace mixed precision on cpu or cuda")
 
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
@@ -67,7 +78,13 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     flash = RouteAttention(flash_on_meta) if device == "meta" else contextlib.nullcontext()
-    with tracker, flash:
+    autocast = contextlib.nullcontext()
+    if mixed_precision == "bf16":
+        policy = cuda_autocast_policy() if device == "cpu" else contextlib.nullcontext()
+        autocast = contextlib.ExitStack()
+        autocast.enter_context(policy)
+        autocast.enter_context(LoraAutocast(model, torch.device(device).type))
+    with tracker, flash, autocast:
         pred = model(hidden_states=noisy_input(latents, noise, sigmas), timestep=sigmas * 1000,
                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
         loss = flow_loss(FlowConfig(), pred, latents, noise, sigmas).mean()
@@ -85,6 +102,63 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
 def flash_on_meta(q, k, v, scale):
     """On meta tensors SDPA falls back to the math kernel (which keeps the S x S matrix); real runs use flash."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[0]
+
+
+# CUDA's autocast policy where CPU's differs, for the ops a training step can reach (ATen's autocast_mode.cpp):
+# ops CUDA runs in fp32 (CPU's list keeps only losses and linear algebra there), and reductions whose output CUDA
+# makes fp32 when no dtype is given. Both run linear, conv, matmul and attention in the low precision.
+CUDA_FP32_OPS = ("layer_norm", "native_layer_norm", "group_norm", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "rsqrt",
+                 "exp", "expm1", "log", "log1p", "reciprocal", "softplus", "logsumexp")
+CUDA_FP32_OUTPUT_OPS = ("sum", "sum.dim_IntList", "softmax.int", "log_softmax.int", "cumsum", "prod",
+                        "linalg_vector_norm")
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy():
+    """Inside it, CPU autocast casts as CUDA's does (kernels at the AutocastCPU key, above autograd, so the
+    casts are recorded and what autograd saves is what it saves on a GPU)."""
+    lib = torch.library.Library("aten", "IMPL")
+    below_autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def fp32(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+            return x.float()
+        return type(x)(fp32(i) for i in x) if isinstance(x, list | tuple) else x
+
+    def op_of(name: str):
+        base, _, overload = name.partition(".")
+        return getattr(getattr(torch.ops.aten, base), overload or "default")
+
+    def in_fp32(_op):
+        def kernel(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+                return _op(*fp32(args), **{k: fp32(v) for k, v in kwargs.items()})
+        return kernel
+
+    def with_fp32_output(_op):
+        at = next(i for i, a in enumerate(_op._schema.arguments) if a.name == "dtype")  # positional or keyword
+
+        def kernel(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+                x = args[0]
+                if x.is_floating_point() and x.dtype != torch.float64:
+                    if len(args) > at:
+                        args = (*args[:at], args[at] or torch.float32, *args[at + 1:])
+                    elif kwargs.get("dtype") is None:
+                        kwargs["dtype"] = torch.float32
+                return _op(*args, **kwargs)
+        return kernel
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        for name in CUDA_FP32_OPS:
+            lib.impl(name, in_fp32(op_of(name)), "AutocastCPU")
+        for name in CUDA_FP32_OUTPUT_OPS:
+            lib.impl(name, with_fp32_output(op_of(name)), "AutocastCPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
 
 
 class PeakTensorMemory(TorchDispatchMode):

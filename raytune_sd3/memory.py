@@ -13,7 +13,10 @@ Assumptions, each stated where it is used:
   and SD3.5 Large: within -0.2..+3.3% of the whole step's peak (benchmarks/RESULTS.md).
 - Attention is flash / memory-efficient SDPA (PyTorch picks it on Ampere and newer for these shapes): it keeps
   q, k, v, the output and the log-sum-exp, never the S x S matrix.
-- bf16 autocast over an fp32 base is counted at bf16 activation width (not traced: autocast does not run on meta).
+- Under bf16 autocast (train.mixed_precision bf16, the GPU default) the step runs as train/loop.py runs it:
+  LayerNorms keep fp32 inputs (CUDA's autocast runs layer_norm in fp32), matmuls and attention bf16, and each
+  LoRA layer keeps a bf16 copy of its input (models.lora.LoraAutocast turns peft's fp32 cast off). Checked against
+  a real CPU step given CUDA's autocast policy (benchmarks/tracer.py), since autocast does not run on meta.
 - `runtime` is the CUDA context, cuBLAS workspace and NCCL buffers (1.5 GiB) plus 10% of the activations for the
   caching allocator's fragmentation: a margin taken from common practice, not measured here (no GPU).
 - DDP keeps a second copy of the gradients in its reducer buckets; ZeRO-2 shards gradients and optimizer state
@@ -187,26 +190,32 @@ def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, bl
 # --- activations ------------------------------------------------------------------------------------------------
 
 
-def _lora_inputs(n_modules: int, shared_input: bool, act_bytes: int) -> float:
+def _lora_inputs(n_modules: int, shared_input: bool, act_bytes: int, autocast: bool) -> float:
     """Bytes per token per width unit that the LoRA branches of `n_modules` linears on one input keep.
 
     peft casts the input to the adapter's dtype (fp32) in every LoRA module: on a bf16/fp16 base each module keeps
-    its own fp32 copy; on an fp32 base the cast is a no-op and modules reading one tensor share it.
+    its own fp32 copy; on an fp32 base the cast is a no-op and modules reading one tensor share it. Under bf16
+    autocast peft's cast is off and autocast casts for each matmul: a bf16 copy per module (the inputs of q, k, v
+    and the feed-forward are fp32 LayerNorm outputs), or the bf16 tensor itself where one module reads it.
     """
     if n_modules == 0:
         return 0.0
+    if autocast:
+        return 2.0 * n_modules
     if act_bytes == 4:
         return 4.0 if shared_input else 4.0 * n_modules
     return 4.0 * n_modules
 
 
 def block_activation_bytes(shape: TransformerShape, targets: str | list[str], act_bytes: int,
-                           blocks: list[int] | None = None) -> tuple[float, float]:
+                           blocks: list[int] | None = None, autocast: bool = False) -> tuple[float, float]:
     """(image, text) bytes per token per unit of width that one training step keeps for backward, summed over blocks.
 
     What autograd keeps with a frozen base (frozen linears keep nothing; their LoRA branches keep their input):
     per stream and block, LayerNorm inputs (2 x act), flash-attention q, k, v and output (4 x act, over the joint
-    sequence), the tanh-GELU input (4 x act, 4x width), qk RMSNorm inputs (fp32), and the LoRA inputs.
+    sequence), the tanh-GELU input (4 x act, 4x width), qk RMSNorm inputs (fp32), and the LoRA inputs. Under
+    bf16 autocast (`act_bytes` 2) LayerNorm inputs are fp32 (autocast's cast copy, or the fp32 stream of an fp32
+    base)
     The last block only projects the text stream (no text feed-forward); dual-attention blocks (SD3.5 Medium) add
     an image-only attention. Checked against saved-tensor traces to within 1% (tests/test_check.py).
     """
@@ -218,6 +227,7 @@ def block_activation_bytes(shape: TransformerShape, targets: str | list[str], ac
         return sum(1 for s in names if s in suffixes)
 
     a = act_bytes
+    ln = 4 if autocast else a  # a LayerNorm's saved input
     # qk RMSNorm (SD3.5) computes in fp32: it keeps the fp32 input of q and k, and below fp32 also a cast copy.
     qk = (8.0 + (2 * a if a != 4 else 0)) if shape.qk_norm else 0.0
     img = txt = 0.0
@@ -226,31 +236,31 @@ def block_activation_bytes(shape: TransformerShape, targets: str | list[str], ac
         on = blocks is None or i in blocks
 
         def lora(*names: str, shared: bool = True, width: float = 1.0, _on: bool = on) -> float:
-            return _lora_inputs(n(*names), shared, a) * width if _on else 0.0
+            return _lora_inputs(n(*names), shared, a, autocast) * width if _on else 0.0
 
         # image stream
-        img += 2 * a + 4 * a + 4 * a + qk  # LN1, LN2 inputs; q k v out; GELU input
+        img += 2 * ln + 4 * a + 4 * a + qk  # LN1, LN2 inputs; q k v out; GELU input
         img += lora("attn.to_q", "attn.to_k", "attn.to_v") + lora("attn.to_out.0")
         img += lora("ff.net.0.proj") + lora("ff.net.2", width=4.0)
         if dual:
             img += 4 * a + qk + lora("attn2.to_q", "attn2.to_k", "attn2.to_v") + lora("attn2.to_out.0")
         # text stream
-        txt += a + 4 * a + qk  # LN1 input; q k v out
+        txt += ln + 4 * a + qk  # LN1 input; q k v out
         txt += lora("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
         if not last:
-            txt += a + 4 * a + lora("attn.to_add_out")  # LN2, GELU
+            txt += ln + 4 * a + lora("attn.to_add_out")  # LN2, GELU
             txt += lora("ff_context.net.0.proj") + lora("ff_context.net.2", width=4.0)
-    img += a  # final AdaLN's LayerNorm input
+    img += ln  # final AdaLN's LayerNorm input
     return img, txt
 
 
 def activation_bytes(shape: TransformerShape, targets: str | list[str], act_bytes: int, batch: int,
-                     resolution: int, t5_tokens: int, blocks: list[int] | None = None) -> int:
+                     resolution: int, t5_tokens: int, blocks: list[int] | None = None, autocast: bool = False) -> int:
     """Bytes kept for backward by one micro-batch: batch x width x (image tokens x img + text tokens x txt).
 
     Image tokens = (resolution / 8 / patch)^2; text tokens = 77 CLIP + t5_tokens T5.
     """
-    img, txt = block_activation_bytes(shape, targets, act_bytes, blocks)
+    img, txt = block_activation_bytes(shape, targets, act_bytes, blocks, autocast)
     s_img = (resolution // (8 * shape.patch_size)) ** 2
     s_txt = TEXT_CLIP_TOKENS + t5_tokens
     return int(batch * shape.width * (s_img * img + s_txt * txt))
@@ -262,6 +272,29 @@ def backward_transient_bytes(shape: TransformerShape, act_bytes: int, batch: int
     about 8 activations of the joint sequence at full width."""
     s = (resolution // (8 * shape.patch_size)) ** 2 + TEXT_CLIP_TOKENS + t5_tokens
     return int(batch * s * shape.width * 8 * act_bytes)
+
+
+def autocast_weight_copies(shape: TransformerShape, blocks: list[int] | None = None) -> int:
+    """Bytes of the bf16 weight copies that bf16 autocast over an fp32 base keeps for backward.
+
+    Autocast casts a frozen fp32 weight to bf16 at every call (its cache keeps only weights that need a gradient),
+    and a linear whose input needs a gradient keeps that copy for backward: the attention and feed-forward linears
+    from the first block with LoRA on, less that block's q/k/v projections, which read its gradient-free input
+    (the AdaLN linears read the timestep embedding, which needs none).
+    """
+    from raytune_sd3.models.quantize import quantised_linear  # the attention/feed-forward linears of the blocks
+
+    first = min(blocks) if blocks else 0
+    n = 0
+    for name, i, o in linear_layers(shape):
+        if not quantised_linear(name):
+            continue
+        block = int(name.split(".")[1])
+        reads_block_input = name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                        "add_v_proj")
+        if block > first or (block == first and not reads_block_input):
+            n += i * o
+    return 2 * n
 
 
 # --- the estimate -----------------------------------------------------------------------------------------------
@@ -314,9 +347,10 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     n = max(1, num_workers)
     wb = BYTES[dtype]
-    # bf16 autocast over an fp32 base: matmuls run in bf16, but the LoRA inputs stay fp32 casts; count the
-    # activations at bf16 width (upper bound for the bf16 parts; the fp32 parts are counted as such).
-    act_b = 2 if (mixed_precision == "bf16" or dtype in ("bf16", "fp16")) else 4
+    # bf16 autocast: matmul outputs and attention are bf16 whatever the base's dtype (block_activation_bytes counts
+    # its fp32 LayerNorm inputs); the residual stream, which checkpointing keeps, stays in the base's dtype.
+    autocast = mixed_precision == "bf16"
+    act_b = 2 if (autocast or dtype in ("bf16", "fp16")) else 4
     est = MemoryEstimate()
 
     p_base = transformer_params(shape)
@@ -359,12 +393,16 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     paged = " (paged: counted on the GPU, spills to RAM)" if "paged" in optimizer else ""
     est.add(f"{optimizer} state{part}{paged}", p_lora * OPTIMIZER_STATE_BYTES[optimizer] / shard)
 
-    act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks)
+    act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks, autocast)
+    if autocast and dtype == "fp32" and not quantization:
+        est.add("bf16 copies of the frozen attention/feed-forward weights, kept for backward (autocast, fp32 base)"
+                + (": one block's, recomputed" if gradient_checkpointing else ""),
+                autocast_weight_copies(shape, blocks) / (shape.num_layers if gradient_checkpointing else 1))
     s_img = (resolution // (8 * shape.patch_size)) ** 2
     s_all = s_img + TEXT_CLIP_TOKENS + t5_tokens
     if gradient_checkpointing:
         one_block = act / shape.num_layers
-        act = batch * s_all * shape.width * act_b * shape.num_layers + one_block
+        act = batch * s_all * shape.width * wb * shape.num_layers + one_block
         est.add(f"activations, checkpointed: block inputs x {shape.num_layers} + one block recomputed", act)
     else:
         est.add(f"activations: batch {batch} x ({s_img} image + {s_all - s_img} text tokens) x {shape.num_layers} "

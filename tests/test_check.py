@@ -27,6 +27,7 @@ from raytune_sd3.memory import (
     SD3_VAE_PARAMS,
     TransformerShape,
     activation_bytes,
+    autocast_weight_copies,
     estimate,
     lora_params,
     transformer_buffers,
@@ -35,7 +36,7 @@ from raytune_sd3.memory import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the tracer that checks the estimate lives beside the benchmarks
-from tracer import trace_peak  # noqa: E402
+from tracer import cuda_autocast_policy, trace_peak  # noqa: E402
 
 LARGE, MEDIUM35, MEDIUM3 = ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium",
                             "stabilityai/stable-diffusion-3-medium-diffusers")
@@ -54,6 +55,12 @@ def _meta_model(config: dict):
 
     with torch.device("meta"):
         return SD3Transformer2DModel.from_config(config)
+
+
+def _two_blocks(name: str) -> dict:
+    config = dict(KNOWN_TRANSFORMERS[name], num_layers=2)
+    config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < 2]
+    return config
 
 
 @pytest.mark.parametrize("name", [LARGE, MEDIUM35, MEDIUM3, "tiny-sd3", "tiny-sd35"])
@@ -100,12 +107,43 @@ def test_meta_trace_equals_a_real_cpu_step(tiny_configs):
 def test_activation_formula_at_real_width(name, targets, dtype):
     """Real widths and heads, 2 blocks (one dual for SD3.5 Medium), 512px, T5 154: within 5% (a 2-block slice is
     half last-block; full 38-block SD3.5 Large is within 1%, benchmarks/RESULTS.md)."""
-    config = dict(KNOWN_TRANSFORMERS[name], num_layers=2)
-    config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < 2]
+    config = _two_blocks(name)
     traced = trace_peak(config, dtype=dtype, targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154)
     measured = traced["forward"] - traced["static"]
     est = activation_bytes(TransformerShape.from_config(config), targets, {"bf16": 2, "fp32": 4}[dtype], 1, 512, 154)
     assert abs(est / measured - 1) < 0.05, (est, measured)
+
+
+@pytest.mark.parametrize("name,targets,dtype", [(LARGE, "attention", "bf16"), (MEDIUM35, "all", "bf16"),
+                                                (MEDIUM3, "attention+context", "fp32")])
+def test_activation_formula_under_bf16_autocast(name, targets, dtype):
+    """The GPU default: bf16 autocast with peft's casts off (LoraAutocast), traced as a real CPU step given CUDA's
+    autocast policy, at real widths (2 blocks, 512px, T5 154): activations, plus on an fp32 base the bf16 weight
+    copies autocast keeps for backward, within 5%. The formula without autocast counts +9..+24% too much on a
+    bf16 base (fp32 LoRA-input copies) and misses the weight copies (-40..-60%) on an fp32 one."""
+    config = _two_blocks(name)
+    traced = trace_peak(config, dtype=dtype, targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154,
+                        device="cpu", mixed_precision="bf16")
+    measured = traced["forward"] - traced["static"]
+    shape = TransformerShape.from_config(config)
+    est = activation_bytes(shape, targets, 2, 1, 512, 154, autocast=True)
+    if dtype == "fp32":
+        est += autocast_weight_copies(shape)
+    assert abs(est / measured - 1) < 0.05, (est, measured)
+
+
+def test_cuda_autocast_policy_on_cpu():
+    """Inside the tracer's policy, CPU autocast runs layer_norm, pow and sum in fp32 as CUDA's does (plain CPU
+    autocast keeps them bf16), matmuls stay bf16, and leaving it restores CPU's own policy."""
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.bfloat16
+        with cuda_autocast_policy():
+            assert [t.dtype for t in (torch.nn.functional.layer_norm(x, (8,)), x**2, x.sum(), x.sum(1))] == [
+                torch.float32] * 4
+            assert torch.nn.functional.linear(x.float(), x.float()).dtype == torch.bfloat16
+            assert torch.softmax(x, 1, dtype=torch.bfloat16).dtype == torch.bfloat16  # a dtype given is kept
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.bfloat16
 
 
 def test_estimate_against_the_measured_tiny_step(tiny_configs):

@@ -247,4 +247,4 @@ finally:
 """
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "train.batch_size auto -> 2 (estimate 56.1 of 79.6 GiB on H100-80GB" in run.stdout
+    assert "train.batch_size auto -> 3 (estimate 71.3 of 79.6 GiB on H100-80GB" in run.stdout
