@@ -160,6 +160,13 @@ def test_caching_benchmark_runs(tmp_path):
 
 
 @pytest.mark.bench
+def test_estimate_benchmark_runs(tmp_path):
+    out = run_script("estimate.py", "--results", str(tmp_path / "R.md"), timeout=600)
+    assert "| SD3.5 Large | 4 | 81.7 |" in out and out.count("| SD3 Medium | all |") == 2
+    assert "## memory estimate under bf16 autocast" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.bench
 def test_warmstart_benchmark_runs(tmp_path):
     out = run_script("warmstart.py", "--sizes", "200,400", "--repeats", "1", "--results", str(tmp_path / "R.md"),
                      timeout=300)
