@@ -167,6 +167,20 @@ def test_estimate_benchmark_runs(tmp_path):
 
 
 @pytest.mark.bench
+def test_load_benchmark_runs(tmp_path):
+    from raytune_sd3.memory import KNOWN_TRANSFORMERS
+    from raytune_sd3.models.shaped import build_shaped_pipeline
+
+    small = dict(KNOWN_TRANSFORMERS["stabilityai/stable-diffusion-3.5-medium"], num_layers=2, num_attention_heads=2,
+                 caption_projection_dim=128, dual_attention_layers=[0], pos_embed_max_size=96, sample_size=8)
+    pipeline = build_shaped_pipeline(tmp_path / "pipeline", small, device="cpu")
+    out = run_script("load.py", "--pipeline", str(pipeline), "--repeats", "1", "--results", str(tmp_path / "R.md"),
+                     timeout=300)
+    assert "| diffusers |" in out and "| ours |" in out and "pos_embed_max_size 96" in out
+    assert "## model load" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.bench
 def test_warmstart_benchmark_runs(tmp_path):
     out = run_script("warmstart.py", "--sizes", "200,400", "--repeats", "1", "--results", str(tmp_path / "R.md"),
                      timeout=300)
