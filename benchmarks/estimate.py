@@ -1,13 +1,15 @@
 """The memory estimate under bf16 autocast (the GPU default) against a traced step, and against the first GPU peaks.
 
-    python benchmarks/estimate.py            # SD3.5 Large, SD3.5 Medium, SD3 Medium; about 2 minutes here
+    python benchmarks/estimate.py                  # SD3.5 Large, SD3.5 Medium, SD3 Medium; under a minute here
+    python benchmarks/estimate.py --device cuda    # on a GPU: real CUDA autocast, and torch's max allocated
 
 Each row traces one real training step on the CPU (benchmarks/tracer.py `trace_peak`, mixed_precision bf16: the
 loop's LoraAutocast, with CPU autocast given CUDA's policy) of the model's first 2 blocks at its real width (512 px,
 batch 1, T5 154, LoRA rank 16), and sets `raytune_sd3.memory` beside it: the activations the step keeps for
 backward (with an fp32 base, plus the bf16 weight copies autocast keeps) and the whole step's peak (estimate
 without the GPU runtime margin and the VAE). "formula without autocast" is what the estimate counted before it
-knew autocast: an fp32 copy of every LoRA input, bf16 LayerNorm inputs, no weight copies.
+knew autocast: an fp32 copy of every LoRA input, bf16 LayerNorm inputs, no weight copies. With `--device cuda` the
+steps run on the GPU under CUDA's own autocast, and torch.cuda.max_memory_allocated is set beside the traced peak.
 
 Then the three peaks torch.cuda.max_memory_allocated reported on an H200 on 2026-11-28 (../shared/gpu/README.md:
 benchmarks/gpu.py's step, bf16 base under bf16 autocast, peft's casts on, 1024 px) beside today's estimate of the
@@ -33,6 +35,8 @@ MIB = 1 << 20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the traced steps run (default cpu, with CUDA's autocast policy)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where to write the section (default RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
@@ -46,7 +50,7 @@ def two_blocks(hub_id: str) -> dict:
     return config
 
 
-def traced_row(model: str, targets: str, dtype: str) -> list:
+def traced_row(model: str, targets: str, dtype: str, device: str) -> list:
     from tracer import trace_peak
 
     from raytune_sd3.memory import TransformerShape, activation_bytes, autocast_weight_copies, estimate
@@ -54,16 +58,19 @@ def traced_row(model: str, targets: str, dtype: str) -> list:
     config = two_blocks(MODELS[model])
     shape = TransformerShape.from_config(config)
     kw = dict(dtype=dtype, targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154)
-    traced = trace_peak(config, device="cpu", mixed_precision="bf16", **kw)
+    traced = trace_peak(config, device=device, mixed_precision="bf16", **kw)
     kept = traced["forward"] - traced["static"]
     formula = activation_bytes(shape, targets, 2, 1, 512, 154, autocast=True)
     if dtype == "fp32":
         formula += autocast_weight_copies(shape)
     before = activation_bytes(shape, targets, 2, 1, 512, 154)
     est = estimate(shape, vae_params=None, runtime=False, mixed_precision="bf16", **kw).total
-    return [model, targets, dtype, f"{kept / MIB:.1f}", f"{formula / MIB:.1f}", f"{formula / kept - 1:+.1%}",
-            f"{before / kept - 1:+.1%}", f"{traced['peak'] / MIB:.1f}", f"{est / MIB:.1f}",
-            f"{est / traced['peak'] - 1:+.1%}"]
+    row = [model, targets, dtype, f"{kept / MIB:.1f}", f"{formula / MIB:.1f}", f"{formula / kept - 1:+.1%}",
+           f"{before / kept - 1:+.1%}", f"{traced['peak'] / MIB:.1f}", f"{est / MIB:.1f}",
+           f"{est / traced['peak'] - 1:+.1%}"]
+    if "cuda_max_allocated" in traced:
+        row.append(f"{traced['cuda_max_allocated'] / MIB:.1f}")
+    return row
 
 
 def gpu_row(model: str, batch: int, measured_gib: float) -> list:
@@ -79,11 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = machine()
     t0 = time.perf_counter()
-    rows = [traced_row(model, targets, dtype) for model in MODELS for targets in ("attention", "all")
+    rows = [traced_row(model, targets, dtype, args.device) for model in MODELS for targets in ("attention", "all")
             for dtype in ("bf16", "fp32")]
-    traced = table(["model (2 blocks)", "LoRA targets", "base", "kept for backward, traced (MiB)", "formula (MiB)",
-                    "error", "formula without autocast: error", "peak, traced (MiB)", "estimate (MiB)", "error"],
-                   rows)
+    header = ["model (2 blocks)", "LoRA targets", "base", f"kept for backward, traced on {args.device} (MiB)",
+              "formula (MiB)", "error", "formula without autocast: error", "peak, traced (MiB)", "estimate (MiB)",
+              "error"]
+    traced = table(header + (["torch.cuda.max_memory_allocated (MiB)"] if args.device == "cuda" else []), rows)
     gpu = table(["model", "batch", "H200 max allocated (GiB)", "estimate (GiB)", "error"],
                 [gpu_row(*r) for r in H200_PEAKS])
     body = (f"Measured {machine_line(info)}. Command: {command('estimate.py', argv)} "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (15 minutes of device time a session, 10 per command): the product's loop
-# beside the bare step with its start-up, the speed levers, caching throughput, each stage under its own timeout.
+# beside the bare step with its start-up, the memory estimate under CUDA autocast, the speed levers, caching
+# throughput, each stage under its own timeout.
 # The device tool returns at most 8 files: $OUT gets two, rewritten after every stage (so a cut run keeps what
 # finished): results.md (every stage's tables) and lease.tar.gz (each stage's .md, .json and log).
 #   here, once:   bash ../shared/gpu/pack-for-gpu.sh          # .device/bundle.tar.xz: Ray, diffusers, quanto, DeepSpeed
@@ -27,7 +28,7 @@ stage() {  # stage NAME SECONDS SCRIPT ARGS...: run benchmarks/SCRIPT ARGS under
   [[ $script == gpu.py && $SMOKE == 1 ]] && extra+=(--cpu-smoke)
   timeout "$t" python3 "benchmarks/$script" "$@" "${extra[@]}" --results "$RUN/$name.md" > "$RUN/$name.log" 2>&1
   echo "$name rc=$?"
-  grep -E "images/s|x the bare|baseline|\| (Ray Data|single)|fit\(\)|\| (bare|product) \|" "$RUN/$name.log" | tail -10 |
+  grep -E "images/s|x the bare|baseline|SD3.5 Large \\| (attention|4) |\| (Ray Data|single)|fit\(\)|\| (bare|product) \|" "$RUN/$name.log" | tail -10 |
     cut -c1-240
   cat "$RUN"/*.md > "$OUT/results.md" 2>/dev/null; tar czf "$OUT/lease.tar.gz" -C "$RUN" .
   # A killed stage's Ray would keep the GPU. Not in a rehearsal: it would also stop any other Ray on the machine.
@@ -47,6 +48,9 @@ else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohead
 # syncs, top kernels).
 stage large 280 gpu.py --models large $SIZE --steps 10 --warmup 3 --product --profile 3 --workdir "$W" \
   --levers skip-lora-casts $ATTN
+# The memory estimate under CUDA's own autocast (2 blocks of each model, seconds): what the CPU checks emulate.
+ESTIMATE_DEVICE=cuda; [[ $SMOKE == 1 ]] && ESTIMATE_DEVICE=cpu
+stage estimate 60 estimate.py --device $ESTIMATE_DEVICE
 stage medium 170 gpu.py --models medium $SIZE --steps 10 --warmup 3 --product --profile 3 --workdir "$W" \
   --levers skip-lora-casts
 # Caching throughput through Ray Data's pools on the Large-shaped pipeline (SD3's VAE, T5-XXL-wide encoders).

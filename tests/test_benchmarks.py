@@ -211,7 +211,7 @@ def test_gpu_lease_script_rehearses_every_stage_on_the_cpu(tmp_path):
     proc = subprocess.run(["bash", str(BENCH / "gpu_lease.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = ["large", "medium", "caching", "compile"]
+    stages = ["large", "estimate", "medium", "caching", "compile"]
     assert all(f"{name} rc=0" in proc.stdout for name in stages), proc.stdout[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lease.tar.gz", "results.md"]  # <= 8 come back
     results = (tmp_path / "out" / "results.md").read_text()
