@@ -756,6 +756,8 @@ class JobConfig(Section):
         if self.validation.preview_steps is not None and self.validation.webhook_url is None:
             raise ValueError("validation.preview_steps needs validation.webhook_url (the previews are posted there); "
                              "set it, or remove preview_steps")
+        if (problem := quantised_precision_problem(self)) is not None:
+            raise ValueError(problem)
         return self
 
     @property
@@ -766,6 +768,24 @@ class JobConfig(Section):
     def cache_dir(self) -> str:
         """A local folder (absolute) or a URI."""
         return self.data.cache_dir or str(Path(self.output_dir) / "cache")
+
+
+QUANTO_KINDS = ("int8", "int4", "int2", "fp8")  # model.quantize kinds made by optimum-quanto
+
+
+def quantised_precision_problem(cfg: JobConfig) -> str | None:
+    """Why model.quantize cannot train in the job's precision, or None (also checked once `auto`s resolve).
+
+    optimum-quanto's weights keep the dtype they were quantised from: under bf16 autocast an fp32 or fp16 base
+    stops at its first step (quanto's CPU matmul rejects the mix; its weights refuse autocast's bf16 cast in
+    backward).
+    """
+    m, t = cfg.model, cfg.train
+    if m.quantize in QUANTO_KINDS and t.mixed_precision == "bf16" and m.dtype in ("fp32", "fp16"):
+        return (f"model.quantize {m.quantize} with model.dtype {m.dtype} under train.mixed_precision bf16 cannot "
+                f"train: optimum-quanto's {m.dtype} weights do not run under bf16 autocast (the run would stop at its "
+                "first step); set model.dtype: bf16 (auto gives it on GPUs), or train.mixed_precision: no")
+    return None
 
 
 def is_uri(location: str) -> bool:

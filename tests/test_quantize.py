@@ -2,6 +2,7 @@
 and its file loads into an unquantised pipeline with every key matched."""
 
 import fnmatch
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from raytune_sd3.config import LoraConfig
 from raytune_sd3.models.loading import load_transformer
 from raytune_sd3.models.lora import add_lora, export_lora, lora_state_dict
 from raytune_sd3.models.quantize import KEEP_FULL_PRECISION, quantize_transformer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _inputs() -> dict:
@@ -64,6 +67,34 @@ def _assert_trains(model, params) -> None:
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.97 * losses[0]
+
+
+def test_a_quanto_base_trains_under_bf16_autocast_from_bf16_weights_only(tiny_sd3, tmp_path):
+    """Under the loop's bf16 autocast (LoraAutocast) a quanto base trains when quantised from bf16 weights; from
+    fp32 ones it fails (its matmul, or its weights refusing autocast's cast in backward), so such a job is refused
+    at the door, and after `auto`s resolve, naming the keys."""
+    from raytune_sd3.config import ConfigError, load_job
+    from raytune_sd3.driver.placement import Cluster, resolve_auto
+    from raytune_sd3.models.lora import LoraAutocast
+
+    for dtype, trains in ((torch.bfloat16, True), (torch.float32, False)):
+        model = quantize_transformer(load_transformer(tiny_sd3, dtype), "int8")
+        params = add_lora(model, LoraConfig(rank=4, targets="attention"))
+        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in _inputs().items()}
+        with LoraAutocast(model, "cpu"):
+            if trains:
+                model(**inputs)[0].float().square().mean().backward()
+                assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+            else:
+                with pytest.raises((RuntimeError, ValueError)):  # quanto's matmul, or its cast in backward
+                    model(**inputs)[0].float().square().mean().backward()
+
+    job = ROOT / "jobs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="model.quantize int8 with model.dtype fp32 under train.mixed_precision bf16"):
+        load_job(job, ["model.dtype=fp32", "train.mixed_precision=bf16", "model.quantize=int8"])
+    cfg = load_job(job, [f"output_dir={tmp_path}", "train.mixed_precision=bf16", "model.quantize=int4"])
+    with pytest.raises(ConfigError, match=r"model.dtype: bf16 .*\(model.dtype auto -> fp32\)"):
+        resolve_auto(cfg, Cluster(({"CPU": 4.0},)))  # no GPU: model.dtype auto becomes fp32
 
 
 # --- nf4 (bitsandbytes) ---------------------------------------------------------------------------------------
@@ -130,3 +161,4 @@ def test_nf4_layer_format_and_size_match_the_estimate():
     state = layer.weight.quant_state
     stored = layer.weight.data.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes
     assert state.nested and stored == pytest.approx(w.numel() * QUANT_BYTES["nf4"], rel=0.01)
+
