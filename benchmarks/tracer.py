@@ -18,7 +18,7 @@ import warnings
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -28,7 +28,7 @@ from raytune_sd3.train.attention import RouteAttention
 
 def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int, batch: int, resolution: int,
                t5_tokens: int, device: str = "meta", blocks: list[int] | None = None,
-               mixed_precision: str = "no") -> dict[str, int]:
+               mixed_precision: str = "no", quantization: str = "none") -> dict[str, int]:
     """Run one LoRA training step as train/loop.py does (random weights) and return its tensor memory in bytes.
 
     Keys: `static` (weights + LoRA + AdamW state), `forward` (after the loss), `peak` (a whole step after the first).
@@ -55,6 +55,10 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
         finally:
             torch.set_default_dtype(previous)
         model.requires_grad_(False)
+        if quantization != "none":  # as the loop does: quantise the base, then add the LoRA
+            from raytune_sd3.models.quantize import quantize_transformer
+
+            quantize_transformer(model, quantization)
         params = add_lora(model, LoraConfig(rank=rank, targets=targets, blocks=blocks))
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         h = w = resolution // 8
@@ -174,6 +178,10 @@ class PeakTensorMemory(TorchDispatchMode):
         self.live -= nbytes
 
     def track(self, t) -> None:
+        if is_traceable_wrapper_subclass(t):  # e.g. quanto's quantised weights: the bytes are in their inner tensors
+            for name in t.__tensor_flatten__()[0]:
+                self.track(getattr(t, name))
+            return
         st = t.untyped_storage()
         if st in self._seen:
             return

@@ -258,7 +258,8 @@ def activation_bytes(shape: TransformerShape, targets: str | list[str], act_byte
                      resolution: int, t5_tokens: int, blocks: list[int] | None = None, autocast: bool = False) -> int:
     """Bytes kept for backward by one micro-batch: batch x width x (image tokens x img + text tokens x txt).
 
-    Image tokens = (resolution / 8 / patch)^2; text tokens = 77 CLIP + t5_tokens T5.
+    Image tokens = (resolution / 8 / patch)^2; text tokens = 77 CLIP + t5_tokens T5. A quantised base keeps what
+    an unquantised one keeps (models/quantize.py: its linears keep no input).
     """
     img, txt = block_activation_bytes(shape, targets, act_bytes, blocks, autocast)
     s_img = (resolution // (8 * shape.patch_size)) ** 2
@@ -375,8 +376,9 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         est.add(what + f", ZeRO-3 shard 1/{n} + 2 gathered blocks", base_bytes / n + 2 * per_block)
     else:
         est.add(what, base_bytes)
-    if quantization == "nf4":  # bitsandbytes dequantises a layer's weight for each matmul, one layer at a time
-        est.add(f"nf4 weight dequantised for a matmul (the largest linear, {dtype})",
+    if quantization in ("nf4", "int2"):  # bitsandbytes' nf4 and quanto's int2 (no int4-style fused kernel)
+        # dequantise a layer's weight for each matmul, one layer at a time (traced: benchmarks/tracer.py)
+        est.add(f"{quantization} weight dequantised for a matmul (the largest linear, {dtype})",
                 max(i * o for i, o in quantised) * wb)
     if vae_params:
         est.add(f"VAE {_count(vae_params)} params ({dtype}, for validation images)", vae_params * wb)

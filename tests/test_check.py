@@ -132,6 +132,19 @@ def test_activation_formula_under_bf16_autocast(name, targets, dtype):
     assert abs(est / measured - 1) < 0.05, (est, measured)
 
 
+@pytest.mark.parametrize("name,targets,quantization,mixed_precision", [(LARGE, "attention", "int8", "bf16"),
+                                                                       (MEDIUM3, "all", "int2", "no")])
+def test_estimate_of_a_quantised_base_against_its_traced_step(name, targets, quantization, mixed_precision):
+    """A quanto base (2 blocks at real width, a real CPU step): its weights at their quantised size, activations as
+    the unquantised base's (our quanto linears keep no input), int2's dequantised weight in flight; within 5%."""
+    kw = dict(dtype="bf16", targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154,
+              mixed_precision=mixed_precision, quantization=quantization)
+    config = _two_blocks(name)
+    measured = trace_peak(config, device="cpu", **kw)["peak"]
+    est = estimate(TransformerShape.from_config(config), vae_params=None, runtime=False, **kw).total
+    assert abs(est / measured - 1) < 0.05, (est, measured)
+
+
 def test_cuda_autocast_policy_on_cpu():
     """Inside the tracer's policy, CPU autocast runs layer_norm, pow and sum in fp32 as CUDA's does (plain CPU
     autocast keeps them bf16), matmuls stay bf16, and leaving it restores CPU's own policy."""

@@ -69,6 +69,40 @@ def _assert_trains(model, params) -> None:
     assert losses[-1] < 0.97 * losses[0]
 
 
+def _saved_bytes_and_grads(model, params) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of the tensors autograd keeps for backward (weights aside), and the LoRA gradients, of one step."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters() if not hasattr(p, "__tensor_flatten__")}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if not hasattr(t, "__tensor_flatten__") and t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (model(**_inputs())[0] ** 2).mean()
+    loss.backward()
+    return sum(kept.values()), [p.grad.clone() for p in params]
+
+
+def test_quanto_linears_keep_no_input_and_give_quantos_gradients(tiny_sd3):
+    """quanto's own linear keeps its input for a weight gradient a frozen base never takes; ours keeps none: a
+    step keeps what it keeps on the unquantised base, with the LoRA gradients of quanto's path bit for bit."""
+    from optimum.quanto.nn import QLinear
+
+    lora = LoraConfig(rank=4, targets="attention")
+    full = load_transformer(tiny_sd3)
+    full_bytes, _ = _saved_bytes_and_grads(full, add_lora(full, lora))
+    ours = quantize_transformer(load_transformer(tiny_sd3), "int8")
+    ours_bytes, ours_grads = _saved_bytes_and_grads(ours, add_lora(ours, lora))
+    quantos = quantize_transformer(load_transformer(tiny_sd3), "int8")
+    for module in quantos.modules():
+        if isinstance(module, QLinear):
+            del module.forward  # back to QLinear.forward: quanto's QuantizedLinearFunction
+    quantos_bytes, quantos_grads = _saved_bytes_and_grads(quantos, add_lora(quantos, lora))
+    assert ours_bytes == full_bytes < quantos_bytes
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, quantos_grads, strict=True))
+
 def test_a_quanto_base_trains_under_bf16_autocast_from_bf16_weights_only(tiny_sd3, tmp_path):
     """Under the loop's bf16 autocast (LoraAutocast) a quanto base trains when quantised from bf16 weights; from
     fp32 ones it fails (its matmul, or its weights refusing autocast's cast in backward), so such a job is refused
