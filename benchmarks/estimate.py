@@ -11,6 +11,9 @@ without the GPU runtime margin and the VAE). "formula without autocast" is what 
 knew autocast: an fp32 copy of every LoRA input, bf16 LayerNorm inputs, no weight copies. With `--device cuda` the
 steps run on the GPU under CUDA's own autocast, and torch.cuda.max_memory_allocated is set beside the traced peak.
 
+A second table traces the same step on a quanto base of each kind (bf16 weights, with and without autocast):
+what it keeps for backward beside the unquantised base's, and its peak against the estimate.
+
 Then the three peaks torch.cuda.max_memory_allocated reported on an H200 on 2026-11-28 (../shared/gpu/README.md:
 benchmarks/gpu.py's step, bf16 base under bf16 autocast, peft's casts on, 1024 px) beside today's estimate of the
 same step. Under CUDA's policy peft's casts cost no memory: the LoRA inputs of q/k/v are fp32 LayerNorm outputs
@@ -73,6 +76,27 @@ def traced_row(model: str, targets: str, dtype: str, device: str) -> list:
     return row
 
 
+def quantised_row(model: str, quantization: str, mixed_precision: str, device: str) -> list:
+    from tracer import trace_peak
+
+    from raytune_sd3.memory import TransformerShape, estimate
+
+    config = two_blocks(MODELS[model])
+    kw = dict(dtype="bf16", targets="attention", rank=16, batch=1, resolution=512, t5_tokens=154,
+              mixed_precision=mixed_precision)
+    plain = trace_peak(config, device=device, **kw)
+    try:
+        quantised = trace_peak(config, device=device, quantization=quantization, **kw)
+    except Exception as e:  # noqa: BLE001 - a kind that fails on this device is a finding: reported in its row
+        return [model, quantization, mixed_precision, f"{(plain['forward'] - plain['static']) / MIB:.1f}",
+                f"failed: {type(e).__name__}: {str(e)[:120]}", "", "", ""]
+    est = estimate(TransformerShape.from_config(config), vae_params=None, runtime=False, quantization=quantization,
+                   **kw).total
+    return [model, quantization, mixed_precision, f"{(plain['forward'] - plain['static']) / MIB:.1f}",
+            f"{(quantised['forward'] - quantised['static']) / MIB:.1f}", f"{quantised['peak'] / MIB:.1f}",
+            f"{est / MIB:.1f}", f"{est / quantised['peak'] - 1:+.1%}"]
+
+
 def gpu_row(model: str, batch: int, measured_gib: float) -> list:
     from raytune_sd3.memory import GIB, KNOWN_TRANSFORMERS, TransformerShape, estimate
 
@@ -92,11 +116,17 @@ def main(argv: list[str] | None = None) -> None:
               "formula (MiB)", "error", "formula without autocast: error", "peak, traced (MiB)", "estimate (MiB)",
               "error"]
     traced = table(header + (["torch.cuda.max_memory_allocated (MiB)"] if args.device == "cuda" else []), rows)
+    quantised = table(["model (2 blocks)", "model.quantize", "mixed precision", "kept, unquantised (MiB)",
+                       "kept, quantised (MiB)", "peak, traced (MiB)", "estimate (MiB)", "error"],
+                      [quantised_row("SD3.5 Large", q, mp, args.device) for q in ("int8", "int4", "int2", "fp8")
+                       for mp in ("bf16", "no")])
     gpu = table(["model", "batch", "H200 max allocated (GiB)", "estimate (GiB)", "error"],
                 [gpu_row(*r) for r in H200_PEAKS])
     body = (f"Measured {machine_line(info)}. Command: {command('estimate.py', argv)} "
             f"({time.perf_counter() - t0:.0f} s). See the script's docstring for what each column is.\n\n"
-            f"{traced}\n\nThe first GPU peaks (1024 px, LoRA rank 16 `attention`, AdamW, bf16 base under bf16 "
+            f"{traced}\n\nA quanto base (bf16 weights, LoRA rank 16 `attention`): models/quantize.py's linears keep "
+            f"no input for backward, so a step keeps what it keeps unquantised (quanto's own linears kept about a "
+            f"third more); its peak against the estimate.\n\n{quantised}\n\nThe first GPU peaks (1024 px, LoRA rank 16 `attention`, AdamW, bf16 base under bf16 "
             f"autocast, no checkpointing) beside today's estimate of the same step (no VAE, no runtime margin); "
             f"the estimate of 11-28 said 51.0, 86.4 and 24.8 GiB (+4.7%, +5.8%, +10.7%).\n\n{gpu}\n")
     print(body)
