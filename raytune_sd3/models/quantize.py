@@ -45,7 +45,6 @@ def quantize_transformer(transformer: nn.Module, kind: str, device=None) -> nn.M
     if kind == "nf4":
         return quantize_nf4(transformer, device)
     from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
-
     from optimum.quanto.nn import QLinear
 
     weights = {"int8": qint8, "int4": qint4, "int2": qint2, "fp8": qfloat8}[kind]
