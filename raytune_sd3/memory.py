@@ -22,8 +22,8 @@ Assumptions, each stated where it is used:
 - DDP keeps a second copy of the gradients in its reducer buckets; ZeRO-2 shards gradients and optimizer state
   over the workers, ZeRO-3 the base weights too (plus two gathered blocks in flight); DeepSpeed's own buckets are
   not modelled. Quantised linears (model.quantize; the AdaLN, embedding and output linears stay in `dtype`)
-  cost QUANT_BYTES per weight; nf4 adds one dequantised weight in flight; paged optimizer state is counted on
-  the GPU.
+  cost QUANT_BYTES per weight, and their activations are the unquantised base's (models/quantize.py); nf4 and
+  int2 add one dequantised weight in flight; paged optimizer state is counted on the GPU.
 
 The tracer that checks these figures (one real training step's peak tensor memory, on "meta" in seconds for any
 size) lives beside the benchmarks: benchmarks/tracer.py.
