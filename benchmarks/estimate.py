@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the traced steps run (default cpu, with CUDA's autocast policy)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} (default all)")
+    p.add_argument("--kinds", default="int8,int4,int2,fp8", help="model.quantize kinds of the quanto table (default all)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where to write the section (default RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
@@ -110,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = machine()
     t0 = time.perf_counter()
-    rows = [traced_row(model, targets, dtype, args.device) for model in MODELS for targets in ("attention", "all")
+    models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(MODELS)}")
+    rows = [traced_row(model, targets, dtype, args.device) for model in models for targets in ("attention", "all")
             for dtype in ("bf16", "fp32")]
     header = ["model (2 blocks)", "LoRA targets", "base", f"kept for backward, traced on {args.device} (MiB)",
               "formula (MiB)", "error", "formula without autocast: error", "peak, traced (MiB)", "estimate (MiB)",
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     traced = table(header + (["torch.cuda.max_memory_allocated (MiB)"] if args.device == "cuda" else []), rows)
     quantised = table(["model (2 blocks)", "model.quantize", "mixed precision", "kept, unquantised (MiB)",
                        "kept, quantised (MiB)", "peak, traced (MiB)", "estimate (MiB)", "error"],
-                      [quantised_row("SD3.5 Large", q, mp, args.device) for q in ("int8", "int4", "int2", "fp8")
+                      [quantised_row(models[0], q, mp, args.device) for q in args.kinds.split(",")
                        for mp in ("bf16", "no")])
     gpu = table(["model", "batch", "H200 max allocated (GiB)", "estimate (GiB)", "error"],
                 [gpu_row(*r) for r in H200_PEAKS])

@@ -49,8 +49,8 @@ else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohead
 stage large 280 gpu.py --models large $SIZE --steps 10 --warmup 3 --product --profile 3 --workdir "$W" \
   --levers skip-lora-casts $ATTN
 # The memory estimate under CUDA's own autocast (2 blocks of each model, seconds): what the CPU checks emulate.
-ESTIMATE_DEVICE=cuda; [[ $SMOKE == 1 ]] && ESTIMATE_DEVICE=cpu
-stage estimate 60 estimate.py --device $ESTIMATE_DEVICE
+ESTIMATE=(--device cuda); [[ $SMOKE == 1 ]] && ESTIMATE=(--device cpu --models "SD3 Medium" --kinds int8)
+stage estimate 60 estimate.py "${ESTIMATE[@]}"
 stage medium 170 gpu.py --models medium $SIZE --steps 10 --warmup 3 --product --profile 3 --workdir "$W" \
   --levers skip-lora-casts
 # Caching throughput through Ray Data's pools on the Large-shaped pipeline (SD3's VAE, T5-XXL-wide encoders).

@@ -397,8 +397,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
 
     act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks, autocast)
     if autocast and dtype == "fp32" and not quantization:
-        est.add("bf16 copies of the frozen attention/feed-forward weights, kept for backward (autocast, fp32 base)"
-                + (": one block's, recomputed" if gradient_checkpointing else ""),
+        est.add("bf16 weight copies kept for backward (autocast, fp32 base)"
+                + (", one block's" if gradient_checkpointing else ""),
                 autocast_weight_copies(shape, blocks) / (shape.num_layers if gradient_checkpointing else 1))
     s_img = (resolution // (8 * shape.patch_size)) ** 2
     s_all = s_img + TEXT_CLIP_TOKENS + t5_tokens
