@@ -158,12 +158,12 @@ def _position_table_from_checkpoint(folder: Path | None):
     from diffusers.models import embeddings
     from safetensors import safe_open
 
+    def holds_table(file: Path) -> bool:
+        with safe_open(file, "pt") as weights:  # reads the header only
+            return POSITION_TABLE in weights.keys()
+
     compute = getattr(embeddings, "get_2d_sincos_pos_embed", None)
-    has_table = False
-    for f in folder.glob("*.safetensors") if folder is not None else ():
-        with safe_open(f, "pt") as weights:  # reads the header only
-            has_table = has_table or POSITION_TABLE in weights.keys()
-    if compute is None or not has_table:
+    if compute is None or folder is None or not any(holds_table(f) for f in folder.glob("*.safetensors")):
         yield
         return
 

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytune_sd3.config import QUANTO_KINDS  # noqa: F401  # the kinds made by optimum-quanto
-
 KEEP_FULL_PRECISION = ["*norm*", "proj_out", "norm_out*", "pos_embed*", "context_embedder", "time_text_embed*"]
 NF4_BLOCKSIZE = 64  # weights per absmax scale (bitsandbytes' 4-bit default)
 BNB_INSTALL = "pip install bitsandbytes (or pip install 'raytune_sd3[lowvram]')"
