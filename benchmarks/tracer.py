@@ -34,14 +34,15 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
     Keys: `static` (weights + LoRA + AdamW state), `forward` (after the loss), `peak` (a whole step after the first).
     "meta" computes nothing (any model size, seconds) and routes attention to the flash kernel PyTorch uses on
     CPU and GPU; "cpu" runs the real step; "cuda" also reports `cuda_max_allocated`. `mixed_precision` "bf16":
-    under the loop's bf16 autocast, on "cpu" (with CUDA's autocast policy) or "cuda".
+    under the loop's bf16 autocast, on "cpu" (with CUDA's autocast policy) or "cuda". `quantization`: the base
+    quantised as model.quantize does it, before the LoRA (quanto kinds on any device).
     """
     from diffusers import SD3Transformer2DModel
 
     from raytune_sd3.config import FlowConfig, LoraConfig
     from raytune_sd3.flow import flow_loss, noisy_input
     from raytune_sd3.models.loading import DTYPES
-    from raytune_sd3.models.lora import LoraAutocast, add_lora
+    from raytune_sd3.models.lora import add_lora
 
     if mixed_precision == "bf16" and device == "meta":
         raise ValueError("autocast does not run on the meta device: trace mixed precision on cpu or cuda")
@@ -82,12 +83,7 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     flash = RouteAttention(flash_on_meta) if device == "meta" else contextlib.nullcontext()
-    autocast = contextlib.nullcontext()
-    if mixed_precision == "bf16":
-        policy = cuda_autocast_policy() if device == "cpu" else contextlib.nullcontext()
-        autocast = contextlib.ExitStack()
-        autocast.enter_context(policy)
-        autocast.enter_context(LoraAutocast(model, torch.device(device).type))
+    autocast = loop_autocast(model, device) if mixed_precision == "bf16" else contextlib.nullcontext()
     with tracker, flash, autocast:
         pred = model(hidden_states=noisy_input(latents, noise, sigmas), timestep=sigmas * 1000,
                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
@@ -101,6 +97,16 @@ def trace_peak(config: dict, *, dtype: str, targets: str | list[str], rank: int,
     if device.startswith("cuda"):
         out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return out
+
+
+@contextlib.contextmanager
+def loop_autocast(model, device: str):
+    """The loop's bf16 autocast (LoraAutocast), with CUDA's policy on a CPU."""
+    from raytune_sd3.models.lora import LoraAutocast
+
+    with cuda_autocast_policy() if device == "cpu" else contextlib.nullcontext():
+        with LoraAutocast(model, torch.device(device).type):
+            yield
 
 
 def flash_on_meta(q, k, v, scale):
