@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job
+from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job, quantised_base_problem
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.microbatch import TIGHT, job_estimator
 from raytune_sd3.driver.placement import Cluster, resolve_auto
@@ -270,6 +270,10 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     shape = TransformerShape.from_config(config)
     t, ds0 = cfg.train, max(cfg.data.datasets, key=lambda d: d.max_resolution)
     estimator = job_estimator(cfg, config, config_dir or cfg.model.pretrained, strategy, quantization or "none")
+    refused = quantised_base_problem(quantization or cfg.model.quantize, cfg.model.dtype, strategy or t.strategy,
+                                     t.mixed_precision)
+    if refused is not None:  # only a what-if can get here: the job itself was validated
+        report.warn("memory", f"estimated, but the trainer refuses it: {refused}")
 
     def at(batch: int = t.batch_size, **what_if):
         return estimator(batch, **what_if)

@@ -756,7 +756,8 @@ class JobConfig(Section):
         if self.validation.preview_steps is not None and self.validation.webhook_url is None:
             raise ValueError("validation.preview_steps needs validation.webhook_url (the previews are posted there); "
                              "set it, or remove preview_steps")
-        if (problem := quantised_precision_problem(self)) is not None:
+        if (problem := quantised_base_problem(self.model.quantize, self.model.dtype, self.train.strategy,
+                                              self.train.mixed_precision)) is not None:
             raise ValueError(problem)
         return self
 
@@ -773,17 +774,21 @@ class JobConfig(Section):
 QUANTO_KINDS = ("int8", "int4", "int2", "fp8")  # model.quantize kinds made by optimum-quanto
 
 
-def quantised_precision_problem(cfg: JobConfig) -> str | None:
-    """Why model.quantize cannot train in the job's precision, or None (also checked once `auto`s resolve).
+def quantised_base_problem(quantize: str, dtype: str, strategy: str, mixed_precision: str) -> str | None:
+    """Why a base quantised as `quantize` cannot train with this strategy and precision, or None (the job config
+    checks it at the door and once `auto`s resolve; the preflight for its what-ifs).
 
-    optimum-quanto's weights keep the dtype they were quantised from: under bf16 autocast an fp32 or fp16 base
-    stops at its first step (quanto's CPU matmul rejects the mix; its weights refuse autocast's bf16 cast in
-    backward).
+    optimum-quanto's weights refuse DeepSpeed's tensor swap when it moves the model, and keep the dtype they were
+    quantised from: under bf16 autocast an fp32 or fp16 base stops at its first step (quanto's CPU matmul rejects
+    the mix; its weights refuse autocast's bf16 cast in backward).
     """
-    m, t = cfg.model, cfg.train
-    if m.quantize in QUANTO_KINDS and t.mixed_precision == "bf16" and m.dtype in ("fp32", "fp16"):
-        return (f"model.quantize {m.quantize} with model.dtype {m.dtype} under train.mixed_precision bf16 cannot "
-                f"train: optimum-quanto's {m.dtype} weights do not run under bf16 autocast (the run would stop at its "
+    if quantize in QUANTO_KINDS and strategy != "ddp":
+        return (f"model.quantize {quantize} with train.strategy {strategy} cannot train: DeepSpeed moves the "
+                "model with a tensor swap that optimum-quanto's weights refuse (the run would stop before its first "
+                "step); use train.strategy: ddp, which also reduces only the LoRA's gradients")
+    if quantize in QUANTO_KINDS and mixed_precision == "bf16" and dtype in ("fp32", "fp16"):
+        return (f"model.quantize {quantize} with model.dtype {dtype} under train.mixed_precision bf16 cannot "
+                f"train: optimum-quanto's {dtype} weights do not run under bf16 autocast (the run would stop at its "
                 "first step); set model.dtype: bf16 (auto gives it on GPUs), or train.mixed_precision: no")
     return None
 

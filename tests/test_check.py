@@ -353,6 +353,10 @@ def test_job_keys_drive_the_estimate(capsys):
     plain = total()
     assert total("train.strategy=zero3") < plain
     assert total("model.quantize=int8") < plain - 4.9  # GiB: 5.3B linear weights at 1 byte instead of 2
+    # A what-if the trainer refuses (quanto under DeepSpeed) is estimated and said to be refused.
+    check_main(["jobs/sd35.yaml", "--skip-paths", "--strategy", "zero2", "--quantization", "int8"])
+    assert "[warn] memory   estimated, but the trainer refuses it: model.quantize int8 with train.strategy zero2" in (
+        capsys.readouterr().out)
 
 
 def test_the_lowvram_job_fits_a_12gb_card_and_not_a_10gb_one(capsys):

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from raytune_sd3.config import ConfigError, JobConfig, check_global_batch, quantised_precision_problem
+from raytune_sd3.config import ConfigError, JobConfig, check_global_batch, quantised_base_problem
 from raytune_sd3.driver.console import BackgroundLoop
 from raytune_sd3.hardware import card_of_ray_accelerator
 
@@ -138,7 +138,7 @@ def resolve_auto(cfg: JobConfig, cluster: Cluster) -> list[str]:
     if m.text_encoder_dtype == "auto":  # the caching stage's encoders use the cluster's GPUs whoever trains
         m.text_encoder_dtype = "bf16" if cluster.gpus else "fp32"
         notes.append(f"model.text_encoder_dtype auto -> {m.text_encoder_dtype}")
-    if (problem := quantised_precision_problem(cfg)) is not None:  # model.dtype may have been auto
+    if (problem := quantised_base_problem(m.quantize, m.dtype, t.strategy, t.mixed_precision)) is not None:
         chosen = [n for n in notes if n.startswith(("model.dtype", "train.mixed_precision"))]
         raise ConfigError(problem + (f" ({'; '.join(chosen)})" if chosen else ""))
     try:  # the worker count is known only now
