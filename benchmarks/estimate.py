@@ -47,16 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def two_blocks(hub_id: str) -> dict:
-    from raytune_sd3.memory import KNOWN_TRANSFORMERS
-
-    config = dict(KNOWN_TRANSFORMERS[hub_id], num_layers=2)
-    config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < 2]
-    return config
-
-
 def traced_row(model: str, targets: str, dtype: str, device: str) -> list:
-    from tracer import trace_peak
+    from tracer import trace_peak, two_blocks
 
     from raytune_sd3.memory import TransformerShape, activation_bytes, autocast_weight_copies, estimate
 
@@ -79,7 +71,7 @@ def traced_row(model: str, targets: str, dtype: str, device: str) -> list:
 
 
 def quantised_row(model: str, quantization: str, mixed_precision: str, device: str) -> list:
-    from tracer import trace_peak
+    from tracer import trace_peak, two_blocks
 
     from raytune_sd3.memory import TransformerShape, estimate
 

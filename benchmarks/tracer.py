@@ -109,6 +109,16 @@ def loop_autocast(model, device: str):
             yield
 
 
+def two_blocks(hub_id: str) -> dict:
+    """The transformer config of a hub model (memory.KNOWN_TRANSFORMERS) cut to its first 2 blocks, at full width:
+    a real step of it runs on a CPU in seconds."""
+    from raytune_sd3.memory import KNOWN_TRANSFORMERS
+
+    config = dict(KNOWN_TRANSFORMERS[hub_id], num_layers=2)
+    config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < 2]
+    return config
+
+
 def flash_on_meta(q, k, v, scale):
     """On meta tensors SDPA falls back to the math kernel (which keeps the S x S matrix); real runs use flash."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[0]

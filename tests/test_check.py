@@ -36,7 +36,7 @@ from raytune_sd3.memory import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the tracer that checks the estimate lives beside the benchmarks
-from tracer import cuda_autocast_policy, trace_peak  # noqa: E402
+from tracer import cuda_autocast_policy, trace_peak, two_blocks  # noqa: E402
 
 LARGE, MEDIUM35, MEDIUM3 = ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium",
                             "stabilityai/stable-diffusion-3-medium-diffusers")
@@ -55,12 +55,6 @@ def _meta_model(config: dict):
 
     with torch.device("meta"):
         return SD3Transformer2DModel.from_config(config)
-
-
-def _two_blocks(name: str) -> dict:
-    config = dict(KNOWN_TRANSFORMERS[name], num_layers=2)
-    config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < 2]
-    return config
 
 
 @pytest.mark.parametrize("name", [LARGE, MEDIUM35, MEDIUM3, "tiny-sd3", "tiny-sd35"])
@@ -107,7 +101,7 @@ def test_meta_trace_equals_a_real_cpu_step(tiny_configs):
 def test_activation_formula_at_real_width(name, targets, dtype):
     """Real widths and heads, 2 blocks (one dual for SD3.5 Medium), 512px, T5 154: within 5% (a 2-block slice is
     half last-block; full 38-block SD3.5 Large is within 1%, benchmarks/RESULTS.md)."""
-    config = _two_blocks(name)
+    config = two_blocks(name)
     traced = trace_peak(config, dtype=dtype, targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154)
     measured = traced["forward"] - traced["static"]
     est = activation_bytes(TransformerShape.from_config(config), targets, {"bf16": 2, "fp32": 4}[dtype], 1, 512, 154)
@@ -121,7 +115,7 @@ def test_activation_formula_under_bf16_autocast(name, targets, dtype):
     autocast policy, at real widths (2 blocks, 512px, T5 154): activations, plus on an fp32 base the bf16 weight
     copies autocast keeps for backward, within 5%. The formula without autocast counts +9..+24% too much on a
     bf16 base (fp32 LoRA-input copies) and misses the weight copies (-40..-60%) on an fp32 one."""
-    config = _two_blocks(name)
+    config = two_blocks(name)
     traced = trace_peak(config, dtype=dtype, targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154,
                         device="cpu", mixed_precision="bf16")
     measured = traced["forward"] - traced["static"]
@@ -139,7 +133,7 @@ def test_estimate_of_a_quantised_base_against_its_traced_step(name, targets, qua
     the unquantised base's (our quanto linears keep no input), int2's dequantised weight in flight; within 5%."""
     kw = dict(dtype="bf16", targets=targets, rank=16, batch=1, resolution=512, t5_tokens=154,
               mixed_precision=mixed_precision, quantization=quantization)
-    config = _two_blocks(name)
+    config = two_blocks(name)
     measured = trace_peak(config, device="cpu", **kw)["peak"]
     est = estimate(TransformerShape.from_config(config), vae_params=None, runtime=False, **kw).total
     assert abs(est / measured - 1) < 0.05, (est, measured)

@@ -147,8 +147,13 @@ def test_the_position_table_is_read_from_the_checkpoint_not_computed(tmp_path, m
     without.mkdir(parents=True)
     (without / "config.json").write_text((tiny_transformer / "config.json").read_text())
     weights = load_file(tiny_transformer / "diffusion_pytorch_model.safetensors")
-    table = weights.pop("pos_embed.pos_embed")
+    weights.pop("pos_embed.pos_embed")
     save_file(weights, without / "diffusion_pytorch_model.safetensors")
     calls.clear()
     model = load_transformer(str(without.parent))
-    assert len(calls) == 1 and torch.equal(model.pos_embed.pos_embed, table.float())
+    assert len(calls) == 1
+    # against diffusers' own load of that folder in this process: after other tests in the same process, a table
+    # computed now has differed in the last bit from the one the tiny build saved (1 run in 3; cause not found)
+    reference = SD3Transformer2DModel.from_pretrained(without.parent, subfolder="transformer")
+    assert torch.equal(model.pos_embed.pos_embed, reference.pos_embed.pos_embed)
+    assert model.pos_embed.pos_embed.abs().sum() > 0

@@ -54,12 +54,7 @@ def component_identity(pretrained: str, subfolder: str, revision: str | None = N
     Goes into cache keys: a different VAE or text encoder never reuses another's cached outputs.
     """
     h = hashlib.sha256(f"{subfolder}".encode())
-    root = _local_dir(pretrained)
-    if root is None:
-        from huggingface_hub import snapshot_download
-
-        root = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[f"{subfolder}/*"]))
-    folder = root / subfolder
+    folder = _component_dir(pretrained, subfolder, revision)
     for f in sorted(folder.iterdir()):
         if f.is_file():
             h.update(f.name.encode())
@@ -122,7 +117,7 @@ def load_vae(pretrained: str, device: str | torch.device = "cpu", dtype: torch.d
 def load_transformer(pretrained: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
     from diffusers import SD3Transformer2DModel
 
-    with _position_table_from_checkpoint(_component_dir(pretrained, "transformer", revision)):
+    with _position_table_from_checkpoint(_component_dir(pretrained, "transformer", revision, cached_only=True)):
         model = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", torch_dtype=dtype,
                                                       revision=revision)
     return model.requires_grad_(False)
@@ -131,19 +126,22 @@ def load_transformer(pretrained: str, dtype: torch.dtype = torch.float32, revisi
 POSITION_TABLE = "pos_embed.pos_embed"  # SD3's sin-cos position table: a buffer its checkpoints hold
 
 
-def _component_dir(pretrained: str, subfolder: str, revision: str | None) -> Path | None:
-    """The local folder of one component (a model folder, or the HF cache), without downloading; None if absent."""
+def _component_dir(pretrained: str, subfolder: str, revision: str | None, cached_only: bool = False) -> Path | None:
+    """The local folder of one component: in a model folder, or in the HF cache (downloaded there unless
+    `cached_only`, which gives None for a component not there)."""
     root = _local_dir(pretrained)
     if root is None:
         from huggingface_hub import snapshot_download
 
         try:
             root = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[f"{subfolder}/*"],
-                                          local_files_only=True))
-        except Exception:  # not in the cache yet: from_pretrained fetches it as usual
-            return None
+                                          local_files_only=cached_only))
+        except Exception:
+            if not cached_only:
+                raise
+            return None  # not in the cache yet: from_pretrained fetches it as usual
     folder = root / subfolder
-    return folder if folder.is_dir() else None
+    return folder if folder.is_dir() or not cached_only else None
 
 
 @contextlib.contextmanager
