@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from raytune_sd3.config import load_job
-from raytune_sd3.convert import ConvertError, convert_simpletuner, main
+from raytune_sd3.convert import SIMPLETUNER_DEFAULTS, ConvertError, convert_simpletuner, main
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_TOKEN = "hf_" + "Q7xkLmN2pRsT4uVwXyZ9aBcDeFgHiJ"  # fake, split so no scanner mistakes it for a real one
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
-# SimpleTuner's SD3 quickstart (config.json example, quantised training, stable values, SLG with `--` keys)
+# The SD3 quickstart's settings taken together (config.json example, quantised training, stable values, SLG with `--`
+# keys); the quickstart's own files, as printed, are in tests/data/simpletuner/
 QUICKSTART = {
     "model_type": "lora",
     "model_family": "sd3",
@@ -52,7 +53,7 @@ QUICKSTART = {
     "report_to": "wandb",
     "tracker_project_name": "sd35-lora",
     "tracker_run_name": "fox",
-    "snr_gamma": 5.0,
+    "validation_noise_scheduler": "euler",
     "push_to_hub": False,
     "validation_torch_compile": False,
     "hub_token": HF_TOKEN,
@@ -74,7 +75,8 @@ BACKENDS = [
     {"id": "subject", "type": "local", "instance_data_dir": "/data/subject", "caption_strategy": "instanceprompt",
      "instance_prompt": "a photo of sks dog", "resolution": 512, "resolution_type": "pixel", "crop": True,
      "crop_style": "center", "repeats": 5},
-    {"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET},
+    {"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET,
+     "disabled": True},
     {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
      "cache_dir": "cache/text/sd3/pseudo-camera-10k", "disabled": False, "write_batch_size": 128},
 ]
@@ -92,7 +94,8 @@ def write_setup(tmp_path: Path, config: dict | None = None, backends: list | Non
 
 
 def minimal(**extra) -> dict:
-    return {"model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35", "output_dir": "/out", **extra}
+    return {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35",
+            "output_dir": "/out", **extra}
 
 
 ONE_SQUARE_SET = [{"id": "photos", "type": "local", "instance_data_dir": "/data/photos", "caption_strategy": "textfile",
@@ -138,14 +141,14 @@ def test_cli_converts_the_quickstart(tmp_path):
     report = [line.strip() for line in run.stdout.splitlines() if line.startswith("  ")]
     comments = {line[2:] for line in text.splitlines() if line.startswith("# ")}
     assert report and set(report) <= comments
-    for expected in ['not converted: lr_scheduler = "sine"', "not converted: snr_gamma = 5.0",
-                     "not converted: multidatabackend.json[s3-photos] (dataset_type image, type aws",
+    for expected in ['not converted: lr_scheduler = "sine"', 'not converted: validation_noise_scheduler = "euler"',
+                     "ignored: multidatabackend.json[s3-photos] (disabled",
                      'ignored: multidatabackend.json[text-embeds].cache_dir = "cache/text/sd3/pseudo-camera-10k"',
                      'ignored: multidatabackend.json[pseudo-camera-10k-sd3].cache_dir_vae',
                      "dropped secret: hub_token",
                      "dropped secret: multidatabackend.json[s3-photos].aws_secret_access_key",
                      "note: false or null, so nothing to convert: validation_torch_compile",
-                     "note: lora_dropout not set: SimpleTuner's default is 0.1"]:
+                     "default: lora_dropout = 0.1 -> lora.dropout = 0.1"]:
         assert any(expected in line for line in report), expected
     assert not any("push_to_hub" in line for line in report)  # known now: off, so no upload (hub.repo_id unset)
 
@@ -173,10 +176,10 @@ def test_legacy_names_and_a_repeated_key(tmp_path):
     assert any(line.startswith("ignored: validation_guidance = 3.0 (set again") for line in conv.report())
 
 
-def test_a_plain_square_setup_lists_nothing(tmp_path):
-    config = minimal(mixed_precision="no", num_processes=2, lora_dropout=0.0, max_grad_norm=1.0,
-                     grad_clip_method="norm", gradient_checkpointing=False, optimizer="torch-adamw",
-                     validation_guidance=4.0, validation_num_inference_steps=28)
+def test_a_setup_that_sets_everything_lists_nothing(tmp_path):
+    """Every setting SimpleTuner would default, set explicitly to a value we train: nothing to report."""
+    config = minimal(**{**SIMPLETUNER_DEFAULTS, "model_type": "lora", "num_train_epochs": 0, "max_train_steps": 500,
+                        "seed": 7})
     conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
     assert conv.report() == []
     assert conv.job["data"]["datasets"] == [{"id": "photos", "type": "local", "instance_data_dir": "/data/photos",
@@ -239,16 +242,20 @@ def test_buckets_and_data_set_weights_convert(tmp_path):
                  "crop_aspect_buckets": [0.75, 1.0, 1.5]},
                 {"id": "reg", "instance_data_dir": "/data/reg", "is_regularisation_data": True, "repeats": 2,
                  "probability": 0.5}]
-    conv = convert_simpletuner(*write_setup(tmp_path, minimal(aspect_bucket_alignment=32), backends))
+    with pytest.raises(ConvertError, match=r"refused, nothing written:\n  .*multidatabackend.json\[mp\].crop_style = "
+                                           r'"face" \(no face detection here'):
+        convert_simpletuner(*write_setup(tmp_path / "strict", minimal(), backends))
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(aspect_bucket_alignment=32), backends), lossy=True)
     job = load_job(raw=conv.job)
     photos, mp, reg = job.data.datasets
     assert (photos.caption_strategy, photos.resolution_type, photos.crop) == ("filename", "pixel_area", False)
     assert (mp.resolution, mp.resolution_type, mp.minimum_image_size) == (1000, "pixel_area", 500)  # megapixels
     assert (mp.crop, mp.crop_aspect, mp.crop_aspect_buckets) == (True, "closest", [0.75, 1.0, 1.5])
-    assert (reg.is_regularisation_data, reg.repeats, job.data.bucket_alignment) == (True, 2, 32)
+    assert (reg.is_regularisation_data, reg.repeats, job.data.bucket_alignment) == (True, 2, 64)  # forced for SD3
     report = "\n".join(conv.report())
-    assert 'not converted: multidatabackend.json[mp].crop_style = "face" (no face detection here' in report
-    assert "not converted: multidatabackend.json[reg].probability = 0.5" in report
+    assert "ignored: aspect_bucket_alignment = 32 (SimpleTuner's SD3 model forces 64" in report
+    assert 'multidatabackend.json[mp].crop_style = "face" (no face detection here' in report
+    assert f"lost: {tmp_path}/simpletuner/config/multidatabackend.json[reg].probability = 0.5" in report
     assert "crop_style = \"random\", SimpleTuner's default" not in report  # it only matters when SimpleTuner crops
 
 
@@ -267,12 +274,12 @@ def test_secrets_in_any_key_never_reach_the_output(tmp_path):
 
 
 @pytest.mark.parametrize(("which", "content", "message"), [
-    ("config", '{"model_family": "sd3",', "not valid JSON (line 1"),
-    ("config", '["model_family"]', "not a SimpleTuner config.json"),
-    ("config", '{"learning_rate": 1e-4}', "not a SimpleTuner config.json"),
-    ("config", '{"model_family": "flux", "pretrained_model_name_or_path": "x"}', "model_family 'flux'"),
+    ("config", '{"model_family": "sd3",', "neither JSON (line 1"),
+    ("config", '["model_family"]', "not a SimpleTuner config"),
+    ("config", '{"learning_rate": 1e-4}', "not a SimpleTuner config (it sets none of model_family"),
+    ("config", '{"model_family": "flux", "pretrained_model_name_or_path": "x"}', "model_family: 'flux' is not"),
     ("backends", '{"id": "photos"}', "not a SimpleTuner multidatabackend.json"),
-    ("backends", '[{"id": "embeds", "dataset_type": "text_embeds"}]', "no enabled local image data set"),
+    ("backends", '[{"id": "embeds", "dataset_type": "text_embeds"}]', "no enabled image data set"),
 ])
 def test_bad_input_exits_2_naming_the_file(tmp_path, capsys, which, content, message):
     cfg, mdb = write_setup(tmp_path, minimal(), ONE_SQUARE_SET)
