@@ -130,8 +130,19 @@ def _parse(path: Path, text: str, what: str) -> Any:
 
 
 def _is_env(path: Path, text: str) -> bool:
-    if path.suffix.lower() == ".env" or path.name.lower().endswith(".env"):
-        return True
+    """By its name (config.env), else by its lines when it is neither JSON nor TOML (a TOML `key = 1` looks alike)."""
+    if path.suffix.lower() in (".env", ".json", ".toml"):
+        return path.suffix.lower() == ".env"
+    try:
+        json.loads(text)
+        return False
+    except json.JSONDecodeError:
+        pass
+    try:
+        tomllib.loads(text)
+        return False
+    except tomllib.TOMLDecodeError:
+        pass
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     return bool(lines) and all(re.match(r"(export\s+)?[A-Za-z_][A-Za-z0-9_]*\s*\+?=", ln) for ln in lines)
 

@@ -313,3 +313,245 @@ def test_an_existing_job_is_replaced_only_with_force(tmp_path, capsys):
     assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--force"]) == 0
     assert load_job(out).model.pretrained == "/models/sd35"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "simpletuner"]
+
+
+# --- SimpleTuner's SD3 quickstart as printed (tests/data/simpletuner), end to end ------------------------------------
+
+DATA = ROOT / "tests" / "data" / "simpletuner"
+
+
+def test_the_quickstart_as_printed_converts_and_fits_an_h100(tmp_path, capsys):
+    """The quickstart's config.json sets 8 keys: everything else is SimpleTuner's default, and gradient
+    checkpointing (on by default there) is what makes SD3.5 Large fit an 80 GB card (89 GiB without it)."""
+    out = tmp_path / "quickstart.yaml"
+    assert main(["simpletuner", str(DATA / "sd3-quickstart.config.json"),
+                 str(DATA / "sd3-quickstart.multidatabackend.json"), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    job = load_job(out)
+    t = job.train
+    assert (t.gradient_checkpointing, t.max_grad_norm, t.grad_clip, t.optimizer, t.mixed_precision) == (
+        True, 2.0, "value", "adamw_bf16", "bf16")
+    assert (job.lora.dropout, job.lora.dtype, job.lora.rank, job.model.dtype) == (0.1, "bf16", 16, "bf16")
+    assert (t.learning_rate, t.checkpoint_every, t.keep_checkpoints, t.num_workers) == (4e-7, 500, 5, 1)
+    assert (job.validation.guidance, job.validation.every_steps, job.validation.steps) == (3.0, 100, 30)
+    assert (job.text.t5_max_length, job.data.bucket_alignment) == (154, 64)
+    assert "default: gradient_checkpointing = true -> train.gradient_checkpointing = true" in printed
+    assert "not converted: num_train_epochs = 1" in printed  # its images are not on this machine to count
+
+    from raytune_sd3.check import main as check_main
+    assert check_main([str(out), "--gpu", "H100-80GB", "--skip-paths"]) == 0
+    assert "[ok]   memory   fits:" in capsys.readouterr().out
+
+
+def test_one_epoch_is_counted_in_steps_where_the_images_are(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        (photos / f"p{i}.png").write_bytes(b"")  # counted by name only
+    backends = [{"id": "photos", "instance_data_dir": str(photos), "repeats": 1}]
+    one = convert_simpletuner(*write_setup(tmp_path / "one", minimal(), backends))
+    assert one.job["train"]["max_steps"] == 5  # 10 images x 2 (repeats 1) / batch 4 -> 5 steps
+    two = convert_simpletuner(*write_setup(tmp_path / "two", minimal(num_train_epochs=2, train_batch_size=2,
+                                                                     gradient_accumulation_steps=2), backends))
+    assert two.job["train"]["max_steps"] == 10
+    assert any("num_train_epochs = 2: 20 images per epoch" in line for line in two.report())
+
+
+def test_settings_left_out_take_simpletuners_defaults(tmp_path):
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(max_train_steps=1000), ONE_SQUARE_SET))
+    job = load_job(raw=conv.job)
+    assert (job.validation.resolution, job.validation.guidance, job.flow.shift) == ("256", 7.5, 3.0)
+    assert (job.train.lr_scheduler, job.train.lr_warmup_steps, job.train.adam_epsilon) == ("constant", 0, 1e-6)
+    defaults = [line for line in conv.report() if line.startswith("default: ")]
+    assert 'default: grad_clip_method = "value" -> train.grad_clip = "value"' in defaults
+    assert len(defaults) == len(SIMPLETUNER_DEFAULTS) - 2  # all but model_type (set) and num_train_epochs (steps set)
+
+
+# --- every form SimpleTuner reads ----------------------------------------------------------------------------------
+
+FORM_CONFIG = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35",
+               "output_dir": "/out", "max_train_steps": 300, "learning_rate": 1e-5, "lora_rank": 8,
+               "tokenizer_max_length": 77, "gradient_checkpointing": False}
+FORM_ENV = """# SimpleTuner config.env
+export MODEL_TYPE='lora'
+MODEL_FAMILY="sd3"
+export MODEL_NAME="/models/sd35"
+OUTPUT_DIR=/out
+MAX_NUM_STEPS=300
+LEARNING_RATE=1e-5
+USE_GRADIENT_CHECKPOINTING=false
+export TRAINER_EXTRA_ARGS="--lora_rank=8"
+export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --tokenizer_max_length 77"
+SOMETHING_ELSE=1
+"""
+
+
+def _forms(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    toml_lines = [f"{k} = {json.dumps(v)}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}"
+                  for k, v in FORM_CONFIG.items()]
+    files = {"config.json": json.dumps(FORM_CONFIG),
+             "dashed.json": json.dumps({f"--{k}": v for k, v in FORM_CONFIG.items()}),
+             "config.toml": "\n".join(toml_lines) + "\n",
+             "config.env": FORM_ENV,
+             "wrapped.json": json.dumps({"_metadata": {"name": "mine"}, "config": {f"--{k}": v for k, v in
+                                                                                   FORM_CONFIG.items()}}),
+             "flat.json": json.dumps({"_metadata": {"name": "mine"}, **FORM_CONFIG})}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return {name: folder / name for name in files}
+
+
+def test_every_config_form_converts_to_the_same_job(tmp_path):
+    forms = _forms(tmp_path / "forms")
+    backends = tmp_path / "multidatabackend.json"
+    backends.write_text(json.dumps({"_metadata": {"name": "data"}, "datasets": ONE_SQUARE_SET}))  # the web UI's
+    jobs = {name: convert_simpletuner(path, backends) for name, path in forms.items()}
+    reference = jobs["config.json"].job
+    assert (reference["train"]["max_steps"], reference["lora"]["rank"], reference["text"]["t5_max_length"]) == (
+        300, 8, 77)
+    assert reference["train"]["gradient_checkpointing"] is False
+    for name, conv in jobs.items():
+        assert conv.job == reference, name
+    assert "ignored: SOMETHING_ELSE (SimpleTuner's config.env loader does not read it)" in jobs["config.env"].report()
+
+
+def test_a_config_in_no_form_exits_2_naming_the_file(tmp_path, capsys):
+    cfg, mdb = write_setup(tmp_path, minimal(), ONE_SQUARE_SET)
+    cfg.write_text("model_family: sd3\nthis is yaml, not a SimpleTuner config\n")
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {cfg}: neither JSON" in err and "nor TOML nor KEY=value env lines" in err
+    assert not (tmp_path / "job.yaml").exists()
+
+
+# --- refusals: what would train something else ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"controlnet": True}, 'controlnet = true (raytune_sd3 trains no ControlNet'),
+    ({"twinflow_enabled": "true"}, 'twinflow_enabled = "true" (raytune_sd3 trains no TwinFlow'),
+    ({"distillation_method": "dmd"}, 'distillation_method = "dmd" (raytune_sd3 trains no distilled model'),
+    ({"model_type": "embedding"}, "model_type 'embedding': raytune_sd3 trains LoRA on SD3 only"),
+    ({"base_model_precision": "fp8-quanto"}, "does not train SD3 with fp8-quanto either"),
+])
+def test_what_we_never_train_is_refused_even_when_lossy(tmp_path, capsys, setting, message):
+    cfg, mdb = write_setup(tmp_path, minimal(**setting), ONE_SQUARE_SET)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 2
+    err = capsys.readouterr().err
+    assert f"refused, nothing written:\n  {cfg}: " in err and message in err and "--lossy" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("setting", "key"), [
+    ({"use_ema": True}, "use_ema = true"), ({"lora_type": "lycoris"}, 'lora_type = "lycoris"'),
+    ({"use_dora": "true"}, 'use_dora = "true"'), ({"loss_type": "huber"}, 'loss_type = "huber"'),
+    ({"snr_gamma": 5}, "snr_gamma = 5"), ({"model_type": None}, "model_type = \"full\", SimpleTuner's default"),
+])
+def test_what_changes_training_is_refused_unless_lossy(tmp_path, capsys, setting, key):
+    config = {k: v for k, v in minimal(**setting).items() if v is not None}
+    cfg, mdb = write_setup(tmp_path, config, ONE_SQUARE_SET)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"  {cfg}: {key} (" in err and "pass --lossy" in err and not out.exists()
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 0
+    assert f"# lost: {cfg}: {key} (" in out.read_text()
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET},
+     "[s3-photos] type aws: raytune_sd3 reads local (or mounted) folders only for now; sync the bucket"),
+    ({"id": "hub-photos", "type": "huggingface", "dataset_name": "bghira/pseudo-camera-10k"},
+     "[hub-photos] type huggingface: raytune_sd3 reads local (or mounted) folders only for now; download it"),
+    ({"id": "edges", "instance_data_dir": "/data/edges", "conditioning": [{"type": "canny"}]},
+     "multidatabackend.json[edges].conditioning = [{\"type\": \"canny\"}] (conditioning data are for ControlNet"),
+    ({"id": "clips", "dataset_type": "video", "instance_data_dir": "/data/clips"},
+     "[clips] dataset_type video: raytune_sd3 trains on images only"),
+    ({"id": "mp", "instance_data_dir": "/data/mp", "crop": True, "crop_aspect": "closest"},
+     "crop_aspect closest needs crop_aspect_buckets (SimpleTuner refuses it too)"),
+])
+def test_data_we_cannot_read_is_refused_naming_the_entry(tmp_path, capsys, entry, message):
+    cfg, mdb = write_setup(tmp_path, minimal(), [*ONE_SQUARE_SET, entry])
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "simpletuner" / "config" / "multidatabackend.json") in err and message in err, err
+    assert AWS_SECRET not in err and not out.exists()
+
+
+# --- one SimpleTuner setting at a time: the exact value in the job ---------------------------------------------------
+
+BARE_SET = [{"id": "photos", "instance_data_dir": "/data/photos"}]
+ONE_SETTING = [
+    ("pretrained_model_name_or_path", "/models/other", "model.pretrained", "/models/other"),
+    ("revision", "refs/pr/1", "model.revision", "refs/pr/1"),
+    ("mixed_precision", "no", "train.mixed_precision", "no"),
+    ("mixed_precision", "no", "model.dtype", "fp32"),
+    ("base_model_precision", "int8-quanto", "model.quantize", "int8"),
+    ("base_model_precision", "nf4-bnb", "model.quantize", "nf4"),
+    ("lora_rank", 8, "lora.rank", 8),
+    ("lora_alpha", 4, "lora.alpha", 4.0),
+    ("lora_dropout", 0.05, "lora.dropout", 0.05),
+    ("peft_lora_target_modules", ["to_q", "to_k"], "lora.targets", ["to_q", "to_k"]),
+    ("tokenizer_max_length", 77, "text.t5_max_length", 77),
+    ("tokenizer_max_length", 300, "text.t5_max_length", 154),
+    ("t5_padding", "zero", "text.t5_padding", "zero"),
+    ("sd3_clip_uncond_behaviour", "zero", "text.uncond", "zero"),
+    ("caption_dropout_probability", 0.2, "data.caption_dropout", 0.2),
+    ("vae_batch_size", 2, "data.encode_batch_size", 2),
+    ("aspect_bucket_alignment", 32, "data.bucket_alignment", 64),
+    ("flow_schedule_shift", 1.0, "flow.shift", 1.0),
+    ("flow_schedule_auto_shift", True, "flow.shift", "auto"),
+    ("flow_use_uniform_schedule", True, "flow.sigma_sampling", "uniform"),
+    ("flow_sigmoid_scale", 0.8, "flow.logit_std", 0.8),
+    ("flow_matching_loss", "diffusers", "flow.prediction", "x0"),
+    ("output_dir", "/elsewhere", "output_dir", "/elsewhere"),
+    ("num_processes", 4, "train.num_workers", 4),
+    ("train_batch_size", 2, "train.batch_size", 2),
+    ("gradient_accumulation_steps", 3, "train.grad_accum", 3),
+    ("max_train_steps", 1234, "train.max_steps", 1234),
+    ("learning_rate", 1e-5, "train.learning_rate", 1e-5),
+    ("lr_scheduler", "cosine", "train.lr_scheduler", "cosine"),
+    ("lr_warmup_steps", 10, "train.lr_warmup_steps", 10),
+    ("optimizer", "optimi-lion", "train.optimizer", "lion"),
+    ("optimizer_config", "eps=1e-7", "train.adam_epsilon", 1e-7),
+    ("optimizer_beta1", 0.8, "train.adam_beta1", 0.8),
+    ("optimizer_beta2", 0.95, "train.adam_beta2", 0.95),
+    ("max_grad_norm", 0.5, "train.max_grad_norm", 0.5),
+    ("max_grad_norm", 0, "train.max_grad_norm", None),
+    ("grad_clip_method", "norm", "train.grad_clip", "norm"),
+    ("gradient_checkpointing", False, "train.gradient_checkpointing", False),
+    ("seed", 42, "train.seed", 42),
+    ("checkpoint_step_interval", 250, "train.checkpoint_every", 250),
+    ("checkpointing_steps", 300, "train.checkpoint_every", 300),
+    ("checkpoints_total_limit", 3, "train.keep_checkpoints", 3),
+    ("validation_prompt", "a fox", "validation.prompts", ["a fox"]),
+    ("validation_step_interval", 50, "validation.every_steps", 50),
+    ("validation_resolution", "768x768,1024x512", "validation.resolution", "768x768,1024x512"),
+    ("validation_guidance", 5.0, "validation.guidance", 5.0),
+    ("validation_num_inference_steps", 20, "validation.steps", 20),
+    ("validation_seed", 9, "validation.seed", 9),
+    ("validation_guidance_skip_layers", "[7, 8]", "validation.skip_layers", [7, 8]),
+    ("validation_guidance_skip_layers_start", 0.1, "validation.skip_layer_start", 0.1),
+    ("validation_guidance_skip_layers_stop", 0.3, "validation.skip_layer_stop", 0.3),
+    ("validation_guidance_skip_scale", 3.0, "validation.skip_layer_scale", 3.0),
+    ("report_to", "wandb", "wandb.project", "simpletuner"),
+    ("model_card_private", False, "hub.private", False),
+    ("resolution", 512, "data.datasets.0.resolution", 512),
+    ("resolution_type", "pixel", "data.datasets.0.resolution_type", "pixel"),
+    ("caption_strategy", "textfile", "data.datasets.0.caption_strategy", "textfile"),
+    ("minimum_image_size", 256, "data.datasets.0.minimum_image_size", 256),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "ours", "expected"), ONE_SETTING,
+                         ids=[f"{o}={v}" for o, v, _, _ in ONE_SETTING])
+def test_one_setting_converts_to_its_exact_value(tmp_path, option, value, ours, expected):
+    config = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35",
+              "max_train_steps": 2000, option: value}
+    got = load_job(raw=convert_simpletuner(*write_setup(tmp_path, config, BARE_SET)).job).model_dump(mode="json")
+    for part in ours.split("."):
+        got = got[int(part)] if isinstance(got, list) else got[part]
+    assert got == expected
