@@ -295,6 +295,8 @@ def _t5_uncond(v: Any, s: Scope) -> dict[str, Any]:
 
 def _shift(v: Any, s: Scope) -> dict[str, Any]:
     if _bool(s.settings.get("flow_schedule_auto_shift", False)):
+        if "flow_schedule_shift" in s.defaults:
+            return {}
         raise Ignored("flow_schedule_auto_shift overrides it, as in SimpleTuner")
     return {"flow.shift": float(v) if float(v) > 0 else 1.0}  # SimpleTuner's 0 = no shift = our 1.0
 
@@ -809,6 +811,11 @@ def convert_simpletuner(config_path: str | Path, backends_path: str | Path, loss
                            "with an id)")
 
     config = _drop_secrets(config, "", conv)
+    for key in [k for k, v in config.items() if isinstance(v, str) and v.strip().lower() == "false"]:
+        # SimpleTuner's loaders pass no argument for the string "false" (a config.env's values are all strings), so
+        # the option keeps its default: gradient_checkpointing "false" still checkpoints there
+        conv.ignored.append(f"{key} = \"{config.pop(key)}\" (SimpleTuner passes nothing for the string \"false\": "
+                            "its default applies; write false, unquoted, in JSON or TOML to turn it off)")
     defaults = {k: v for k, v in SIMPLETUNER_DEFAULTS.items() if k not in config}
     scope = Scope({**defaults, **config}, conv, folder=config_path.parent, defaults=set(defaults),
                   source=config_path)

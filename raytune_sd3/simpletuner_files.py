@@ -69,7 +69,8 @@ def _env_pairs(path: Path, text: str) -> dict[str, str]:
 
 
 def _extra_args(path: Path, text: str) -> dict[str, Any]:
-    """TRAINER_EXTRA_ARGS: `--key=value`, `--key value` or a bare `--flag` (true)."""
+    """TRAINER_EXTRA_ARGS: `--key=value`, `--key value` or a bare `--flag` (true). They reach SimpleTuner's argument
+    parser as written, so `--flag=false` turns a flag off (unlike a config.env value "false")."""
     out: dict[str, Any] = {}
     words = shlex.split(text)
     i = 0
@@ -83,7 +84,7 @@ def _extra_args(path: Path, text: str) -> dict[str, Any]:
             key, value, i = word[2:], words[i + 1], i + 1
         else:
             key, value = word[2:], "true"
-        out[key] = value
+        out[key] = {"true": True, "false": False}.get(value.strip().lower(), value)
         i += 1
     return out
 

@@ -379,8 +379,7 @@ export MODEL_NAME="/models/sd35"
 OUTPUT_DIR=/out
 MAX_NUM_STEPS=300
 LEARNING_RATE=1e-5
-USE_GRADIENT_CHECKPOINTING=false
-export TRAINER_EXTRA_ARGS="--lora_rank=8"
+export TRAINER_EXTRA_ARGS="--lora_rank=8 --gradient_checkpointing=false"
 export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --tokenizer_max_length 77"
 SOMETHING_ELSE=1
 """
@@ -414,6 +413,19 @@ def test_every_config_form_converts_to_the_same_job(tmp_path):
     for name, conv in jobs.items():
         assert conv.job == reference, name
     assert "ignored: SOMETHING_ELSE (SimpleTuner's config.env loader does not read it)" in jobs["config.env"].report()
+
+
+def test_the_string_false_keeps_simpletuners_default_as_its_loaders_do(tmp_path):
+    """SimpleTuner passes no argument for "false" written as a string (every config.env value is one), so
+    gradient checkpointing stays on there: the job must checkpoint too."""
+    json_config, backends = write_setup(tmp_path, minimal(gradient_checkpointing="false"), ONE_SQUARE_SET)
+    env = tmp_path / "config.env"
+    env.write_text(FORM_ENV.replace("--gradient_checkpointing=false", "") + "USE_GRADIENT_CHECKPOINTING=false\n")
+    for config in (env, json_config):
+        conv = convert_simpletuner(config, backends)
+        assert conv.job["train"]["gradient_checkpointing"] is True, config
+        assert any(line.startswith('ignored: gradient_checkpointing = "false" (SimpleTuner passes nothing')
+                   for line in conv.report())
 
 
 def test_a_config_in_no_form_exits_2_naming_the_file(tmp_path, capsys):
