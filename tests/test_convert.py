@@ -428,6 +428,18 @@ def test_the_string_false_keeps_simpletuners_default_as_its_loaders_do(tmp_path)
                    for line in conv.report())
 
 
+def test_every_data_loader_form_converts_to_the_same_data_sets(tmp_path):
+    cfg, plain = write_setup(tmp_path, minimal(max_train_steps=100), ONE_SQUARE_SET)
+    wrapped, toml = tmp_path / "wrapped.json", tmp_path / "multidatabackend.toml"
+    wrapped.write_text(json.dumps({"_metadata": {"name": "data"}, "datasets": ONE_SQUARE_SET}))
+    toml.write_text('[[datasets]]\nid = "photos"\ntype = "local"\ninstance_data_dir = "/data/photos"\n'
+                    'caption_strategy = "textfile"\nresolution = 1024\nresolution_type = "pixel"\ncrop = true\n'
+                    'crop_style = "center"\n')
+    jobs = [convert_simpletuner(cfg, backends).job for backends in (plain, wrapped, toml)]
+    assert jobs[0]["data"]["datasets"][0]["instance_data_dir"] == "/data/photos"
+    assert jobs[0] == jobs[1] == jobs[2]
+
+
 def test_a_config_in_no_form_exits_2_naming_the_file(tmp_path, capsys):
     cfg, mdb = write_setup(tmp_path, minimal(), ONE_SQUARE_SET)
     cfg.write_text("model_family: sd3\nthis is yaml, not a SimpleTuner config\n")
