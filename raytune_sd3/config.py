@@ -967,9 +967,16 @@ def model_is_path(pretrained: str) -> bool:
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "RAY_AUTH_TOKEN")
 # One notion of a secret for the whole project: by its key (ours, W&B's, SimpleTuner's names) or by its value (a
-# Hugging Face token; credentials inside a URL). Used by redact() and by convert.py.
-SECRET_KEY = re.compile(r"token|secret|password|credential|api_?key|(^|_)(key|access_key_id|webhook_(config|url))$",
-                        re.I)
+# Hugging Face token; credentials inside a URL). Used by redact() and by convert.py. A key is a secret by its whole
+# name, never by a substring: tokenizer_max_length or num_tokens are settings, not credentials.
+SECRET_NAMES = ("hub_token", "hf_token", "huggingface_token", "hugging_face_hub_token", "webshart_hf_token",
+                "wandb_api_key", "comet_api_key", "neptune_api_token", "aws_access_key_id", "aws_secret_access_key",
+                "aws_session_token", "azure_storage_key", "google_application_credentials", "ray_auth_token",
+                "webhook_url", "webhook_config")
+SECRET_KEY = re.compile(rf"^-*(?:{'|'.join(SECRET_NAMES)})$"  # the credential names SimpleTuner and trackers use
+                        # any name that ends in a credential word: my_api_key, s3_secret, password, token
+                        r"|(^|_)(token|auth_token|access_token|api_?key|key|secret|secret_key|access_key(_id)?"
+                        r"|password|passwd|credentials?|private_key)$", re.I)
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@"
                           # Discord and Slack webhook URLs (their path is the token)
                           r"|\bhttps?://[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?://hooks\.slack\.com/services/[^\s\"'<>]+")

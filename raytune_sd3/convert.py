@@ -1,13 +1,17 @@
-"""python -m raytune_sd3.convert simpletuner CONFIG.json MULTIDATABACKEND.json -o job.yaml [--force]
+"""python -m raytune_sd3.convert simpletuner CONFIG MULTIDATABACKEND -o job.yaml [--lossy] [--force]
 
-Turns a SimpleTuner SD3 setup (its config.json, keys with or without a leading `--`, and the multidatabackend.json
-it trains on) into our job YAML. Every SimpleTuner setting ends in one of four places: converted to our key; "not
-converted" (no equivalent here, or a value we cannot express); "ignored" (meaningless here, e.g. SimpleTuner's own
-cache folders); or "dropped secret" (a token is never copied). The lists are printed and written as comments at the
-top of the job, which is validated like any job before it is written (atomically).
+Turns a SimpleTuner SD3 setup (its config in any form SimpleTuner reads: config.json with or without `--` keys,
+config.toml, config.env, the web UI's `_metadata` files; and the data sets it trains on) into our job YAML that
+trains what SimpleTuner would have trained. A setting the config leaves out takes SimpleTuner's default (listed as
+"default"). Every setting ends in one place: converted; "not converted" (validation or tracking we cannot express:
+ours is used); "ignored" (meaningless here, e.g. SimpleTuner's cache folders); "dropped secret" (never copied); or
+refused: a setting that changes what is trained (model type, adapter, EMA, loss, data) and has no equivalent here
+stops the conversion unless --lossy is given (then it is listed as "lost"); ControlNet, TwinFlow, distillation and
+data we cannot read are refused always. The lists are printed and written as comments atop the job, which is
+validated like any job before it is written (atomically).
 
-Exit status: 0 written (read the lists), 2 nothing written: an input is unreadable, not SimpleTuner's, or does not
-make a valid job.
+Exit status: 0 written (read the lists), 2 nothing written: an input is unreadable, not SimpleTuner's, refused, or
+does not make a valid job.
 """
 
 from __future__ import annotations
@@ -25,14 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from raytune_sd3.config import SECRET_KEY, SECRET_VALUE, ConfigError, JobConfig, dump_job, load_job, parse_resolutions
-
-
-class ConvertError(ValueError):
-    """An input that cannot be converted; the message names the file."""
+from raytune_sd3.data.discovery import IMAGE_EXTS
+from raytune_sd3.simpletuner_files import ConvertError, read_backends, read_config
 
 
 class NotConverted(Exception):
     """A setting we cannot express; the message says why."""
+
+
+class Refused(NotConverted):
+    """A setting that changes what is trained and cannot be expressed: the conversion stops unless --lossy."""
+
+
+class Never(Exception):
+    """Something we do not train (ControlNet, TwinFlow, data we cannot read): the conversion always stops."""
 
 
 class Ignored(Exception):
@@ -49,9 +59,14 @@ class Conversion:
     ignored: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    defaults: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # refused settings converted anyway (--lossy)
+    refused: list[str] = field(default_factory=list)  # "FILE: setting (why)"
+    never: list[str] = field(default_factory=list)
 
     def report(self) -> list[str]:
-        return ([f"not converted: {x}" for x in self.not_converted] + [f"ignored: {x}" for x in self.ignored]
+        return ([f"lost: {x}" for x in self.lost] + [f"not converted: {x}" for x in self.not_converted]
+                + [f"default: {x}" for x in self.defaults] + [f"ignored: {x}" for x in self.ignored]
                 + [f"dropped secret: {x}" for x in self.secrets] + [f"note: {x}" for x in self.notes])
 
 
@@ -66,6 +81,8 @@ class Scope:
     where: str = ""
     folder: Path = Path(".")
     defaults: set[str] = field(default_factory=set)
+    source: Path = Path(".")  # the file the settings come from, named in a refusal
+    data: bool = False  # a data set's settings: every one changes what is trained
 
     def label(self, key: str, value: Any) -> str:
         by_default = ", SimpleTuner's default" if key in self.defaults else ""
@@ -73,6 +90,10 @@ class Scope:
 
     def note(self, text: str) -> None:
         self.conv.notes.append(f"{self.where}{text}")
+
+    def refusal(self, label: str) -> str:
+        """FILE: KEY = value (a data set's label starts with the file's name already)."""
+        return f"{self.source.parent / label}" if self.data else f"{self.source}: {label}"
 
 
 Rule = Callable[[Any, Scope], dict[str, Any]]  # SimpleTuner value -> our keys; raises NotConverted / Ignored
@@ -154,6 +175,29 @@ def unsupported(why: str) -> Rule:
     return only(lambda v: False, why)
 
 
+def refuse_unless(ok: Callable[[Any], bool], why: str) -> Rule:
+    """A setting that changes what is trained: values where `ok` holds are what we train; any other is refused
+    (converted without it only with --lossy)."""
+    def rule(v: Any, s: Scope) -> dict[str, Any]:
+        if not ok(v):
+            raise Refused(why)
+        return {}
+    return rule
+
+
+def never_when_on(why: str) -> Rule:
+    """A switch (or any value) for something we do not train: on or set, the conversion stops, --lossy or not."""
+    def rule(v: Any, s: Scope) -> dict[str, Any]:
+        try:
+            on = _bool(v)
+        except ValueError:
+            on = not _is_off(v)  # a method name, a conditioning block
+        if on:
+            raise Never(why)
+        return {}
+    return rule
+
+
 def ignore(why: str) -> Rule:
     def rule(v: Any, s: Scope) -> dict[str, Any]:
         raise Ignored(why)
@@ -214,6 +258,29 @@ def _base_dtype(v: Any, s: Scope) -> dict[str, Any]:
     return {"model.dtype": v}
 
 
+def _model_type(v: Any, s: Scope) -> dict[str, Any]:
+    if str(v) == "lora":
+        return {}
+    if str(v) == "full":
+        raise Refused("SimpleTuner fine-tunes the whole transformer; raytune_sd3 trains LoRA only (--lossy: a LoRA)")
+    raise Never(f"model_type {v!r}: raytune_sd3 trains LoRA on SD3 only (model_type lora)")
+
+
+def _base_precision(v: Any, s: Scope) -> dict[str, Any]:
+    if str(v) == "fp8-quanto":  # SimpleTuner's SD3 class refuses it too
+        raise Never("SimpleTuner does not train SD3 with fp8-quanto either: use int8-quanto")
+    if str(v) not in BASE_PRECISION:
+        raise NotConverted("we quantise with optimum-quanto (int8-, int4- or int2-quanto) or bitsandbytes nf4 "
+                           "(nf4-bnb)")
+    return {"model.quantize": BASE_PRECISION[str(v)]}
+
+
+def _alignment(v: Any, s: Scope) -> dict[str, Any]:
+    if _int(v) != 64:
+        raise Ignored("SimpleTuner's SD3 model forces 64 (MM-DiT), and so does this job (data.bucket_alignment 64)")
+    return {"data.bucket_alignment": 64}
+
+
 def _t5_length(v: Any, s: Scope) -> dict[str, Any]:
     if _int(v) > 154:
         s.note(f"tokenizer_max_length {v} becomes 154, as SimpleTuner caps it for SD3")
@@ -228,20 +295,48 @@ def _t5_uncond(v: Any, s: Scope) -> dict[str, Any]:
 
 def _shift(v: Any, s: Scope) -> dict[str, Any]:
     if _bool(s.settings.get("flow_schedule_auto_shift", False)):
+        if "flow_schedule_shift" in s.defaults:
+            return {}
         raise Ignored("flow_schedule_auto_shift overrides it, as in SimpleTuner")
     return {"flow.shift": float(v) if float(v) > 0 else 1.0}  # SimpleTuner's 0 = no shift = our 1.0
 
 
 def _max_steps(v: Any, s: Scope) -> dict[str, Any]:
     if _int(v) <= 0:
-        raise NotConverted("0 makes SimpleTuner train by epochs; we train train.max_steps steps")
+        raise Ignored("0 makes SimpleTuner train by num_train_epochs, converted to steps below")
     return {"train.max_steps": _int(v)}
 
 
 def _epochs(v: Any, s: Scope) -> dict[str, Any]:
     if _int(s.settings.get("max_train_steps") or 0) > 0:
+        if _int(v) == 0 or "num_train_epochs" in s.defaults:
+            return {}  # SimpleTuner wants 0 beside max_train_steps
         raise Ignored("max_train_steps takes precedence, as in SimpleTuner")
-    raise NotConverted("we train by steps: set train.max_steps (epochs x images / global batch)")
+    return {}  # turned into train.max_steps once the data sets are counted (_epoch_steps)
+
+
+def _epoch_steps(epochs: int, datasets: list[dict[str, Any]], train: Any, conv: Conversion) -> int | None:
+    """SimpleTuner's epochs as our optimizer steps: every image x (repeats + 1) x resolutions, once per epoch, in
+    global batches; None when a data set's folder cannot be counted here."""
+    images = 0
+    for ds in datasets:
+        folder = Path(ds["instance_data_dir"]).expanduser()
+        if not folder.is_dir():
+            conv.not_converted.append(
+                f"num_train_epochs = {epochs} (SimpleTuner trains epochs when max_train_steps is not set; "
+                f"{folder} is not here to count its images, so this job trains train.max_steps = "
+                f"{train.max_steps}: set it to epochs x images x (repeats + 1) / global batch, or convert where "
+                "the images are)")
+            return None
+        count = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        sizes = ds.get("resolution", 1024)
+        images += count * (int(ds.get("repeats", 0)) + 1) * (len(sizes) if isinstance(sizes, list) else 1)
+    workers = train.num_workers if isinstance(train.num_workers, int) else 1
+    batch = (train.batch_size if isinstance(train.batch_size, int) else 1) * train.grad_accum * workers
+    steps = max(1, math.ceil(images / batch) * epochs)
+    conv.defaults.append(f"num_train_epochs = {epochs}: {images} images per epoch (repeats included) in global "
+                         f"batches of {batch} -> train.max_steps = {steps}")
+    return steps
 
 
 def _push_to_hub(v: Any, s: Scope) -> dict[str, Any]:
@@ -372,6 +467,25 @@ def _caption_strategy(v: Any, s: Scope) -> dict[str, Any]:
     return {"caption_strategy": v}
 
 
+def _crop_aspect(v: Any, s: Scope) -> dict[str, Any]:
+    if v in ("closest", "random") and not s.settings.get("crop_aspect_buckets"):
+        raise Never(f"crop_aspect {v} needs crop_aspect_buckets (SimpleTuner refuses it too): add e.g. "
+                    "\"crop_aspect_buckets\": [0.75, 1.0, 1.33]")
+    if v not in ("square", "preserve", "closest", "random"):
+        raise NotConverted("crop_aspect is square, preserve, closest or random")
+    return {"crop_aspect": v}
+
+
+def _aspect_buckets(v: Any, s: Scope) -> dict[str, Any]:
+    """Ratios, or SimpleTuner's weighted {"aspect_bucket": 1.0, "weight": 0.5} (weights are not used here)."""
+    ratios = []
+    for b in _list(v):
+        if isinstance(b, dict):
+            raise NotConverted("weighted aspect buckets: we pick among plain ratios, e.g. [0.75, 1.0, 1.33]")
+        ratios.append(float(b))
+    return {"crop_aspect_buckets": ratios}
+
+
 # --- the tables ------------------------------------------------------------------------------------------------
 
 # Legacy names SimpleTuner still accepts, read as the current ones
@@ -390,25 +504,34 @@ NO_CHANGE = "text encoders are not quantised here; model.text_encoder_dtype pick
 # Applied in this order, so a later rule may refine an earlier one (validation_disable after validation_prompt).
 CONFIG_RULES: dict[str, Rule] = {
     "model_family": lambda v, s: {},  # checked at the door: sd3 only
-    "model_type": only(lambda v: v == "lora", "raytune_sd3 trains LoRA only: this job trains a LoRA"),
+    "model_type": _model_type,
+    "controlnet": never_when_on("raytune_sd3 trains no ControlNet: a plain LoRA would ignore the conditioning"),
+    "twinflow_enabled": never_when_on("raytune_sd3 trains no TwinFlow model"),
+    "distillation_method": never_when_on("raytune_sd3 trains no distilled model"),
+    "use_ema": refuse_unless(lambda v: not _bool(v), "no EMA weights here: the job would save the plain LoRA"),
+    "loss_type": refuse_unless(lambda v: str(v) == "l2", "our loss is the mean squared error (SimpleTuner's l2)"),
+    "snr_gamma": refuse_unless(lambda v: float(v) == 0, "no min-SNR loss weighting here (flow.weighting none, "
+                               "sigma_sqrt or cosmap)"),
+    "train_text_encoder": refuse_unless(lambda v: not _bool(v), "the text encoders stay frozen here"),
     "pretrained_model_name_or_path": to("model.pretrained", str),
     "model_flavour": _flavour,
-    "aspect_bucket_alignment": to("data.bucket_alignment", _int),
+    "aspect_bucket_alignment": _alignment,
     "aspect_bucket_rounding": ignore("buckets here are exact sizes (width x height), not rounded aspect ratios"),
     "revision": to("model.revision", str),
     "mixed_precision": _mixed_precision,
-    "base_model_precision": choice("model.quantize", BASE_PRECISION, "we quantise with optimum-quanto (int8-, "
-                                   "int4-, int2- or fp8-quanto) or bitsandbytes nf4 (nf4-bnb)"),
+    "base_model_precision": _base_precision,
     "base_model_default_dtype": _base_dtype,
     **{f"text_encoder_{i}_precision": only(lambda v: v == "no_change", NO_CHANGE) for i in (1, 2, 3)},
-    "lora_type": only(lambda v: str(v).lower() == "standard", "LyCORIS is not supported: this job trains a LoRA"),
+    "lora_type": refuse_unless(lambda v: str(v).lower() == "standard", "LyCORIS is not supported: --lossy trains "
+                               "a plain LoRA"),
+    "lycoris_config": ignore("only read with lora_type lycoris"),
     "lora_rank": to("lora.rank", _int),
     "lora_alpha": to("lora.alpha", float),
     "lora_dropout": to("lora.dropout", float),
     "peft_lora_target_modules": to("lora.targets", lambda v: [str(x) for x in (json.loads(v) if isinstance(v, str)
                                                                                else v)]),  # JSON, as SimpleTuner
-    "lora_init_type": only(lambda v: v == "default", "LoRA starts with peft's default init here"),
-    "use_dora": only(lambda v: not _bool(v), "DoRA is not supported"),
+    "lora_init_type": refuse_unless(lambda v: v == "default", "LoRA starts with peft's default init here"),
+    "use_dora": refuse_unless(lambda v: not _bool(v), "DoRA is not supported: --lossy trains a plain LoRA"),
     "tokenizer_max_length": _t5_length,
     "t5_padding": choice("text.t5_padding", {"zero": "zero", "unmodified": "unmodified"}, "zero or unmodified"),
     "sd3_clip_uncond_behaviour": choice("text.uncond", {"empty_string": "empty_string", "zero": "zero"},
@@ -420,7 +543,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "flow_schedule_shift": _shift,
     "flow_schedule_auto_shift": flag("flow.shift", "auto"),
     "flow_use_uniform_schedule": flag("flow.sigma_sampling", "uniform"),
-    "flow_use_beta_schedule": only(lambda v: not _bool(v), "flow.sigma_sampling is logit_normal, uniform or mode"),
+    "flow_use_beta_schedule": refuse_unless(lambda v: not _bool(v), "flow.sigma_sampling is logit_normal, "
+                                            "uniform or mode"),
     "flow_sigmoid_scale": to("flow.logit_std", float),
     "flow_matching_loss": choice("flow.prediction", {"compatible": "velocity", "diffusers": "x0"},
                                  "flow.prediction is velocity (SimpleTuner's compatible) or x0 (its diffusers)"),
@@ -484,6 +608,8 @@ DATASET_DEFAULTS = {"resolution": 1024, "resolution_type": "pixel_area", "captio
 DATASET_RULES: dict[str, Rule] = {
     "id": to("id", str),
     "type": to("type", str),  # only local data sets get here
+    "conditioning": never_when_on("conditioning data are for ControlNet and edit models, which raytune_sd3 does "
+                                  "not train"),
     "dataset_type": lambda v, s: {},
     "disabled": lambda v, s: {},
     "instance_data_dir": path("instance_data_dir"),
@@ -495,9 +621,8 @@ DATASET_RULES: dict[str, Rule] = {
     "crop": to("crop", _bool),
     "crop_style": choice("crop_style", {"center": "center", "centre": "center", "corner": "corner",
                                         "random": "random"}, "no face detection here: center, corner or random"),
-    "crop_aspect": choice("crop_aspect", {a: a for a in ("square", "preserve", "closest", "random")},
-                          "crop_aspect is square, preserve, closest or random"),
-    "crop_aspect_buckets": to("crop_aspect_buckets", lambda v: [float(x) for x in _list(v)]),
+    "crop_aspect": _crop_aspect,
+    "crop_aspect_buckets": _aspect_buckets,
     "minimum_image_size": _size_key("minimum_image_size"),
     "maximum_image_size": _size_key("maximum_image_size"),
     "target_downsample_size": _size_key("target_downsample_size"),
@@ -507,16 +632,25 @@ DATASET_RULES: dict[str, Rule] = {
                                                  "data set by its number of images and repeats instead"),
     **{k: ignore(CACHE_WHY) for k in ("cache_dir_vae", "cache_dir", "text_embeds", "image_embeds", "hash_filenames",
                                       "preserve_data_backend_cache", "vae_cache_clear_each_epoch")},
-    **{k: ignore(LOADER_WHY) for k in ("metadata_backend", "skip_file_discovery", "write_batch_size")},
+    **{k: ignore(LOADER_WHY) for k in ("metadata_backend", "skip_file_discovery", "write_batch_size", "default",
+                                       "scan_for_errors", "read_batch_size", "max_workers", "vae_cache_ondemand",
+                                       "vae_cache_scan_behaviour", "image_processing_batch_size",
+                                       "metadata_update_interval", "compress_cache", "disable_validation")},
 }
 
-# SimpleTuner's defaults (current releases) that differ from ours: noted when config.json leaves the key out
-DEFAULT_DIFFERENCES = {"num_processes": (1, "train.num_workers"), "mixed_precision": ("bf16", "train.mixed_precision"),
-                       "optimizer": ("adamw_bf16", "train.optimizer"), "lora_dropout": (0.1, "lora.dropout"),
-                       "max_grad_norm": (2.0, "train.max_grad_norm"), "grad_clip_method": ("value", "train.grad_clip"),
-                       "gradient_checkpointing": (True, "train.gradient_checkpointing"),
-                       "validation_guidance": (7.5, "validation.guidance"),
-                       "validation_num_inference_steps": (30, "validation.steps")}
+# What SimpleTuner trains SD3 with when its config leaves a setting out (its option registry, and its SD3 model
+# class: T5 154 tokens, buckets aligned to 64), for every setting we have a knob for. Applied before the rules, so
+# each is converted like a value the user wrote, and listed as a default.
+SIMPLETUNER_DEFAULTS: dict[str, Any] = {
+    "model_type": "full", "mixed_precision": "bf16", "optimizer": "adamw_bf16", "learning_rate": 4e-7,
+    "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0, "train_batch_size": 4,
+    "gradient_accumulation_steps": 1, "num_processes": 1, "max_grad_norm": 2.0, "grad_clip_method": "value",
+    "gradient_checkpointing": True, "num_train_epochs": 1, "checkpoint_step_interval": 500,
+    "checkpoints_total_limit": 5, "lora_rank": 16, "lora_dropout": 0.1, "flow_schedule_shift": 3.0,
+    "flow_sigmoid_scale": 1.0, "tokenizer_max_length": 154, "t5_padding": "unmodified",
+    "sd3_clip_uncond_behaviour": "empty_string", "aspect_bucket_alignment": 64, "validation_step_interval": 100,
+    "validation_guidance": 7.5, "validation_num_inference_steps": 30, "validation_resolution": "256",
+}
 
 
 def _is_secret(key: str, value: Any) -> bool:
@@ -541,67 +675,89 @@ def _drop_secrets(settings: dict[str, Any], where: str, conv: Conversion) -> dic
 def _apply(rules: dict[str, Rule], scope: Scope) -> None:
     """List each key no rule knows, then run every rule whose key is set, in table order."""
     off = []
+    conv = scope.conv
     for key, value in scope.settings.items():
         if key not in rules and not _is_off(value):
-            scope.conv.not_converted.append(f"{scope.label(key, value)} (no equivalent in raytune_sd3)")
+            why = "no equivalent in raytune_sd3"
+            # a data set's settings all change what is trained
+            (conv.refused.append(f"{scope.refusal(scope.label(key, value))} ({why})") if scope.data
+             else conv.not_converted.append(f"{scope.label(key, value)} ({why})"))
         elif key not in rules:
             off.append(key)
     for key, rule in rules.items():
         value = scope.settings.get(key)
         if value is None or value == "":
             continue  # SimpleTuner passes no argument for null or empty
+        label = scope.label(key, value)
         try:
-            scope.out.update(rule(value, scope))
-            scope.conv.converted += 1
+            out = rule(value, scope)
+        except Never as e:
+            conv.never.append(f"{scope.refusal(label)} ({e})")
         except NotConverted as e:
-            scope.conv.not_converted.append(f"{scope.label(key, value)} ({e})")
+            if isinstance(e, Refused) or scope.data:
+                conv.refused.append(f"{scope.refusal(label)} ({e})")
+            else:
+                conv.not_converted.append(f"{label} ({e})")
         except Ignored as e:
-            scope.conv.ignored.append(f"{scope.label(key, value)} ({e})")
+            conv.ignored.append(f"{label} ({e})")
         except (ValueError, TypeError) as e:
-            scope.conv.not_converted.append(f"{scope.label(key, value)} (cannot use the value: {e})")
+            (conv.refused if scope.data else conv.not_converted).append(
+                f"{scope.refusal(label) if scope.data else label} (cannot use the value: {e})")
+        else:
+            scope.out.update(out)
+            conv.converted += 1
+            if key in scope.defaults and out and not scope.data:
+                conv.defaults.append(f"{key} = {_fmt(value)} -> " + ", ".join(f"{k} = {_fmt(v)}" for k, v in
+                                                                              out.items()))
     if off:
         scope.note(f"false or null, so nothing to convert: {', '.join(off)}")
 
 
-def convert_dataset(entry: dict[str, Any], config: dict[str, Any], conv: Conversion, where: str) -> dict | None:
-    """One multidatabackend.json entry -> our data set (a dict), or None for an entry that is not an image folder."""
+# Data-set types SimpleTuner reads that we cannot yet: what to do instead
+NOT_LOCAL = {
+    "aws": "sync the bucket to a folder every node mounts (e.g. aws s3 sync s3://BUCKET/PREFIX /data/ID, or mount it "
+           "with mountpoint-s3), then set type local and instance_data_dir",
+    "huggingface": "download it (huggingface-cli download --repo-type dataset NAME --local-dir /data/ID; images and "
+                   "captions as files), then set type local and instance_data_dir",
+}
+
+
+def convert_dataset(entry: dict[str, Any], config: dict[str, Any], conv: Conversion, source: Path) -> dict | None:
+    """One data-loader entry -> our data set (a dict), or None for an entry that is not an image folder."""
+    where = f"{source.name}[{entry['id']}]"
     entry = _drop_secrets(entry, f"{where}.", conv)
     kind, backend = str(entry.get("dataset_type", "image")), str(entry.get("type", "local"))
     if str(entry.get("disabled", entry.get("disable", False))).lower() in ("true", "1", "yes"):
         conv.ignored.append(f"{where} (disabled: SimpleTuner skips it too)")
         return None
-    if kind in ("text_embeds", "image_embeds"):
+    if kind in ("text_embeds", "image_embeds", "conditioning_image_embeds", "eval"):
         for key, value in entry.items():
             if key not in ("id", "type", "dataset_type", "disabled"):
-                conv.ignored.append(f"{where}.{key} = {_fmt(value)} (a setting of SimpleTuner's {kind} cache; "
-                                    "ours is data.cache_dir, keyed by everything that changes an entry)")
+                conv.ignored.append(f"{where}.{key} = {_fmt(value)} (a setting of SimpleTuner's {kind} data set; "
+                                    "ours: data.cache_dir (keyed by everything that changes an entry) and "
+                                    "data.eval_samples)")
         return None
-    if kind != "image" or backend != "local" or not entry.get("instance_data_dir"):
-        conv.not_converted.append(f"{where} (dataset_type {kind}, type {backend}: we train on local image folders "
-                                  "only, type local with instance_data_dir)")
+    if kind != "image":
+        conv.never.append(f"{source}: [{entry['id']}] dataset_type {kind}: raytune_sd3 trains on images only "
+                          "(dataset_type image)")
+        return None
+    if backend != "local":
+        todo = NOT_LOCAL.get(backend, "copy its images (and .txt captions) to a folder, then set type local and "
+                                      "instance_data_dir")
+        conv.never.append(f"{source}: [{entry['id']}] type {backend}: raytune_sd3 reads local (or mounted) folders "
+                          f"only for now; {todo}")
+        return None
+    if not entry.get("instance_data_dir"):
+        conv.never.append(f"{source}: [{entry['id']}] has no instance_data_dir: set the folder of its images")
         return None
     explicit = {**{k: config[k] for k in DATASET_GLOBALS if config.get(k) not in (None, "")}, **entry}
     settings = {**DATASET_DEFAULTS, **explicit}
     if settings["crop"] is False:  # SimpleTuner's crop style and aspect only matter when it crops
         settings = {k: v for k, v in settings.items() if k in explicit or k not in ("crop_style", "crop_aspect")}
-    scope = Scope(settings, conv, where=f"{where}.", defaults=set(DATASET_DEFAULTS) - set(explicit))
+    scope = Scope(settings, conv, where=f"{where}.", defaults=set(DATASET_DEFAULTS) - set(explicit), source=source,
+                  data=True)
     _apply(DATASET_RULES, scope)
     return scope.out
-
-
-def _read_json(path: Path, kind: type, what: str) -> Any:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e}); expected {what}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                           f"expected {what}") from None
-    if not isinstance(data, kind):
-        raise ConvertError(f"{path}: not {what}")
-    return data
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -616,15 +772,27 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def convert_simpletuner(config_path: str | Path, backends_path: str | Path) -> Conversion:
-    """SimpleTuner's config.json + multidatabackend.json -> a Conversion whose `job` validates as a JobConfig.
+def _stop_if_refused(conv: Conversion, lossy: bool) -> None:
+    """Never-converted things stop the conversion; refused settings too unless --lossy (then they are lost)."""
+    if conv.never or (conv.refused and not lossy):
+        lines = conv.never + ([] if lossy else conv.refused)
+        hint = ("\nThese change what is trained. To convert without them (listed as lost in the job), pass --lossy."
+                if conv.refused and not lossy else "")
+        raise ConvertError("refused, nothing written:\n" + "\n".join(f"  {x}" for x in lines) + hint)
+    conv.lost = list(conv.refused)
 
-    Raises ConvertError (naming the file) for an unreadable input, one that is not SimpleTuner's, or one that does
-    not make a valid job."""
+
+def convert_simpletuner(config_path: str | Path, backends_path: str | Path, lossy: bool = False) -> Conversion:
+    """SimpleTuner's config (JSON, TOML, env or the web UI's form) + data-loader file -> a Conversion whose `job`
+    validates as a JobConfig, trained as SimpleTuner would (its defaults applied).
+
+    Raises ConvertError (naming the file) for an unreadable input, one that is not SimpleTuner's, a refused setting
+    (unless lossy, for those that only lose something), or one that does not make a valid job."""
     config_path, backends_path = Path(config_path), Path(backends_path)
     conv = Conversion()
-    raw = _read_json(config_path, dict, "a SimpleTuner config.json (a JSON object of options such as model_family)")
-    backends = _read_json(backends_path, list, "a SimpleTuner multidatabackend.json (a JSON list of data sets)")
+    raw, unread = read_config(config_path)
+    conv.ignored += unread
+    backends = read_backends(backends_path)
     config: dict[str, Any] = {}
     for key, value in raw.items():
         name = ALIASES.get(str(key).lstrip("-"), str(key).lstrip("-"))  # "--key" or "key", current or legacy name
@@ -633,41 +801,49 @@ def convert_simpletuner(config_path: str | Path, backends_path: str | Path) -> C
                                 "SimpleTuner)")
         config[name] = value
     if not config.keys() & {"model_family", "pretrained_model_name_or_path", "model_flavour"}:
-        raise ConvertError(f"{config_path}: not a SimpleTuner config.json (it sets none of model_family, "
+        raise ConvertError(f"{config_path}: not a SimpleTuner config (it sets none of model_family, "
                            "pretrained_model_name_or_path, model_flavour)")
     if str(config.get("model_family", "sd3")).lower() != "sd3":
-        raise ConvertError(f"{config_path}: model_family {config['model_family']!r}: raytune_sd3 trains Stable "
-                           "Diffusion 3 / 3.5 only (model_family sd3)")
+        raise ConvertError(f"{config_path}: model_family: {config['model_family']!r} is not trained here: "
+                           "raytune_sd3 trains Stable Diffusion 3 / 3.5 only (model_family sd3)")
     if not all(isinstance(b, dict) and b.get("id") for b in backends):
         raise ConvertError(f"{backends_path}: not a SimpleTuner multidatabackend.json (every entry is an object "
                            "with an id)")
 
     config = _drop_secrets(config, "", conv)
-    scope = Scope(config, conv, folder=config_path.parent)
+    for key in [k for k, v in config.items() if isinstance(v, str) and v.strip().lower() == "false"]:
+        # SimpleTuner's loaders pass no argument for the string "false" (a config.env's values are all strings), so
+        # the option keeps its default: gradient_checkpointing "false" still checkpoints there
+        conv.ignored.append(f"{key} = \"{config.pop(key)}\" (SimpleTuner passes nothing for the string \"false\": "
+                            "its default applies; write false, unquoted, in JSON or TOML to turn it off)")
+    defaults = {k: v for k, v in SIMPLETUNER_DEFAULTS.items() if k not in config}
+    scope = Scope({**defaults, **config}, conv, folder=config_path.parent, defaults=set(defaults),
+                  source=config_path)
     _apply(CONFIG_RULES, scope)
     if "model.pretrained" not in scope.out:
         scope.out["model.pretrained"] = FLAVOURS["medium"]
-        scope.note(f"no model named: SimpleTuner's default flavour, medium ({FLAVOURS['medium']})")
+        conv.defaults.append(f"model_flavour = \"medium\" (no model named) -> model.pretrained = {FLAVOURS['medium']}")
     if "output_dir" not in scope.out:
         scope.out["output_dir"] = "simpletuner-results"
-        scope.note("output_dir not set: SimpleTuner's default, simpletuner-results (use shared storage on a cluster)")
-    datasets = [ds for b in backends if (ds := convert_dataset(b, config, conv, f"{backends_path.name}[{b['id']}]"))]
-    if not datasets:
-        raise ConvertError(f"{backends_path}: no enabled local image data set to convert (type local with "
-                           "instance_data_dir)")
+        conv.defaults.append("output_dir = \"simpletuner-results\" -> output_dir (use shared storage on a cluster)")
+    if "seed" not in config:
+        scope.note("seed not set: SimpleTuner runs unseeded, this job seeds with train.seed = 0 (reproducible)")
+    datasets = [ds for b in backends if (ds := convert_dataset(b, config, conv, backends_path))]
+    if not datasets and not conv.never:
+        raise ConvertError(f"{backends_path}: no enabled image data set to convert (SimpleTuner's data sets with "
+                           "dataset_type image)")
+    _stop_if_refused(conv, lossy)
     job = _nest(scope.out)
     job.setdefault("data", {})["datasets"] = datasets
     try:
         cfg = load_job(raw=copy.deepcopy(job))
+        if "train.max_steps" not in scope.out:
+            steps = _epoch_steps(_int(config.get("num_train_epochs", 1)), datasets, cfg.train, conv)
+            if steps is not None:
+                job["train"]["max_steps"] = steps
+                load_job(raw=copy.deepcopy(job))
     except ConfigError as e:
         raise ConvertError(f"{config_path} + {backends_path}: the converted job is not valid:\n{e}") from None
-    for key, (theirs, ours) in DEFAULT_DIFFERENCES.items():
-        value: Any = cfg
-        for part in ours.split("."):
-            value = getattr(value, part)
-        if key not in config and str(value).lower() != str(theirs).lower():
-            conv.notes.append(f"{key} not set: SimpleTuner's default is {_fmt(theirs)}, this job has "
-                              f"{ours} = {_fmt(value)}")
     conv.job = job
     return conv
 
@@ -703,15 +879,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raytune_sd3.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    st = sources.add_parser("simpletuner", help="SimpleTuner's config.json + multidatabackend.json")
-    st.add_argument("config", type=Path, metavar="CONFIG.json", help="SimpleTuner's config.json (keys with or "
-                    "without a leading --)")
-    st.add_argument("backends", type=Path, metavar="MULTIDATABACKEND.json", help="SimpleTuner's data sets")
+    st = sources.add_parser("simpletuner", help="SimpleTuner's config + multidatabackend.json")
+    st.add_argument("config", type=Path, metavar="CONFIG", help="SimpleTuner's config.json (keys with or without a "
+                    "leading --), config.toml, config.env, or a config saved by its web UI")
+    st.add_argument("backends", type=Path, metavar="MULTIDATABACKEND", help="SimpleTuner's data sets (JSON, or its "
+                    "web UI's saved form)")
+    st.add_argument("--lossy", action="store_true", help="convert even when a setting that changes what is trained "
+                    "has no equivalent here (listed as lost); ControlNet, TwinFlow and unreadable data still refuse")
     st.add_argument("-o", "--output", type=Path, required=True, help="the job YAML to write, e.g. jobs/mine.yaml")
     st.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     args = parser.parse_args(argv)
     try:
-        conv = convert_simpletuner(args.config, args.backends)
+        conv = convert_simpletuner(args.config, args.backends, lossy=args.lossy)
         if args.output.exists() and not args.force:
             raise ConvertError(f"{args.output}: exists; pass --force to overwrite it")
         write_atomic(args.output, render(conv, [args.config, args.backends]))
@@ -721,8 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {args.output}: cannot write it ({e.strerror or e})", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {conv.converted} settings converted, {len(conv.not_converted)} not converted, "
-          f"{len(conv.ignored)} ignored, {len(conv.secrets)} secrets dropped")
+    print(f"wrote {args.output}: {conv.converted} settings converted ({len(conv.defaults)} of them SimpleTuner's "
+          f"defaults), {len(conv.lost)} lost, {len(conv.not_converted)} not converted, {len(conv.ignored)} ignored, "
+          f"{len(conv.secrets)} secrets dropped")
     for line in conv.report():
         print(f"  {line}")
     print(f"next: python -m raytune_sd3.check {args.output}")

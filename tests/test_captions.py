@@ -33,7 +33,7 @@ def test_textfile_lines_are_alternative_captions(tmp_path):
     (data / "b.txt").write_text("one caption\n")
     items, skipped = discover(DatasetConfig(id="d", instance_data_dir=data))
     assert skipped == []
-    assert [it.captions for it in items] == [["a red square", "a crimson block"], ["one caption"], ["c d e"]]
+    assert [it.captions for it in items] == [["a red square", "a crimson block"], ["one caption"], ["c d-e"]]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from raytune_sd3.config import load_job
-from raytune_sd3.convert import ConvertError, convert_simpletuner, main
+from raytune_sd3.convert import SIMPLETUNER_DEFAULTS, ConvertError, convert_simpletuner, main
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_TOKEN = "hf_" + "Q7xkLmN2pRsT4uVwXyZ9aBcDeFgHiJ"  # fake, split so no scanner mistakes it for a real one
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
-# SimpleTuner's SD3 quickstart (config.json example, quantised training, stable values, SLG with `--` keys)
+# The SD3 quickstart's settings taken together (config.json example, quantised training, stable values, SLG with `--`
+# keys); the quickstart's own files, as printed, are in tests/data/simpletuner/
 QUICKSTART = {
     "model_type": "lora",
     "model_family": "sd3",
@@ -52,7 +53,7 @@ QUICKSTART = {
     "report_to": "wandb",
     "tracker_project_name": "sd35-lora",
     "tracker_run_name": "fox",
-    "snr_gamma": 5.0,
+    "validation_noise_scheduler": "euler",
     "push_to_hub": False,
     "validation_torch_compile": False,
     "hub_token": HF_TOKEN,
@@ -74,7 +75,8 @@ BACKENDS = [
     {"id": "subject", "type": "local", "instance_data_dir": "/data/subject", "caption_strategy": "instanceprompt",
      "instance_prompt": "a photo of sks dog", "resolution": 512, "resolution_type": "pixel", "crop": True,
      "crop_style": "center", "repeats": 5},
-    {"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET},
+    {"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET,
+     "disabled": True},
     {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
      "cache_dir": "cache/text/sd3/pseudo-camera-10k", "disabled": False, "write_batch_size": 128},
 ]
@@ -92,7 +94,8 @@ def write_setup(tmp_path: Path, config: dict | None = None, backends: list | Non
 
 
 def minimal(**extra) -> dict:
-    return {"model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35", "output_dir": "/out", **extra}
+    return {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35",
+            "output_dir": "/out", **extra}
 
 
 ONE_SQUARE_SET = [{"id": "photos", "type": "local", "instance_data_dir": "/data/photos", "caption_strategy": "textfile",
@@ -138,14 +141,14 @@ def test_cli_converts_the_quickstart(tmp_path):
     report = [line.strip() for line in run.stdout.splitlines() if line.startswith("  ")]
     comments = {line[2:] for line in text.splitlines() if line.startswith("# ")}
     assert report and set(report) <= comments
-    for expected in ['not converted: lr_scheduler = "sine"', "not converted: snr_gamma = 5.0",
-                     "not converted: multidatabackend.json[s3-photos] (dataset_type image, type aws",
+    for expected in ['not converted: lr_scheduler = "sine"', 'not converted: validation_noise_scheduler = "euler"',
+                     "ignored: multidatabackend.json[s3-photos] (disabled",
                      'ignored: multidatabackend.json[text-embeds].cache_dir = "cache/text/sd3/pseudo-camera-10k"',
                      'ignored: multidatabackend.json[pseudo-camera-10k-sd3].cache_dir_vae',
                      "dropped secret: hub_token",
                      "dropped secret: multidatabackend.json[s3-photos].aws_secret_access_key",
                      "note: false or null, so nothing to convert: validation_torch_compile",
-                     "note: lora_dropout not set: SimpleTuner's default is 0.1"]:
+                     "default: lora_dropout = 0.1 -> lora.dropout = 0.1"]:
         assert any(expected in line for line in report), expected
     assert not any("push_to_hub" in line for line in report)  # known now: off, so no upload (hub.repo_id unset)
 
@@ -173,10 +176,10 @@ def test_legacy_names_and_a_repeated_key(tmp_path):
     assert any(line.startswith("ignored: validation_guidance = 3.0 (set again") for line in conv.report())
 
 
-def test_a_plain_square_setup_lists_nothing(tmp_path):
-    config = minimal(mixed_precision="no", num_processes=2, lora_dropout=0.0, max_grad_norm=1.0,
-                     grad_clip_method="norm", gradient_checkpointing=False, optimizer="torch-adamw",
-                     validation_guidance=4.0, validation_num_inference_steps=28)
+def test_a_setup_that_sets_everything_lists_nothing(tmp_path):
+    """Every setting SimpleTuner would default, set explicitly to a value we train: nothing to report."""
+    config = minimal(**{**SIMPLETUNER_DEFAULTS, "model_type": "lora", "num_train_epochs": 0, "max_train_steps": 500,
+                        "seed": 7})
     conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
     assert conv.report() == []
     assert conv.job["data"]["datasets"] == [{"id": "photos", "type": "local", "instance_data_dir": "/data/photos",
@@ -239,16 +242,20 @@ def test_buckets_and_data_set_weights_convert(tmp_path):
                  "crop_aspect_buckets": [0.75, 1.0, 1.5]},
                 {"id": "reg", "instance_data_dir": "/data/reg", "is_regularisation_data": True, "repeats": 2,
                  "probability": 0.5}]
-    conv = convert_simpletuner(*write_setup(tmp_path, minimal(aspect_bucket_alignment=32), backends))
+    with pytest.raises(ConvertError, match=r"refused, nothing written:\n  .*multidatabackend.json\[mp\].crop_style = "
+                                           r'"face" \(no face detection here'):
+        convert_simpletuner(*write_setup(tmp_path / "strict", minimal(), backends))
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(aspect_bucket_alignment=32), backends), lossy=True)
     job = load_job(raw=conv.job)
     photos, mp, reg = job.data.datasets
     assert (photos.caption_strategy, photos.resolution_type, photos.crop) == ("filename", "pixel_area", False)
     assert (mp.resolution, mp.resolution_type, mp.minimum_image_size) == (1000, "pixel_area", 500)  # megapixels
     assert (mp.crop, mp.crop_aspect, mp.crop_aspect_buckets) == (True, "closest", [0.75, 1.0, 1.5])
-    assert (reg.is_regularisation_data, reg.repeats, job.data.bucket_alignment) == (True, 2, 32)
+    assert (reg.is_regularisation_data, reg.repeats, job.data.bucket_alignment) == (True, 2, 64)  # forced for SD3
     report = "\n".join(conv.report())
-    assert 'not converted: multidatabackend.json[mp].crop_style = "face" (no face detection here' in report
-    assert "not converted: multidatabackend.json[reg].probability = 0.5" in report
+    assert "ignored: aspect_bucket_alignment = 32 (SimpleTuner's SD3 model forces 64" in report
+    assert 'multidatabackend.json[mp].crop_style = "face" (no face detection here' in report
+    assert f"lost: {tmp_path}/simpletuner/config/multidatabackend.json[reg].probability = 0.5" in report
     assert "crop_style = \"random\", SimpleTuner's default" not in report  # it only matters when SimpleTuner crops
 
 
@@ -267,12 +274,12 @@ def test_secrets_in_any_key_never_reach_the_output(tmp_path):
 
 
 @pytest.mark.parametrize(("which", "content", "message"), [
-    ("config", '{"model_family": "sd3",', "not valid JSON (line 1"),
-    ("config", '["model_family"]', "not a SimpleTuner config.json"),
-    ("config", '{"learning_rate": 1e-4}', "not a SimpleTuner config.json"),
-    ("config", '{"model_family": "flux", "pretrained_model_name_or_path": "x"}', "model_family 'flux'"),
+    ("config", '{"model_family": "sd3",', "neither JSON (line 1"),
+    ("config", '["model_family"]', "not a SimpleTuner config"),
+    ("config", '{"learning_rate": 1e-4}', "not a SimpleTuner config (it sets none of model_family"),
+    ("config", '{"model_family": "flux", "pretrained_model_name_or_path": "x"}', "model_family: 'flux' is not"),
     ("backends", '{"id": "photos"}', "not a SimpleTuner multidatabackend.json"),
-    ("backends", '[{"id": "embeds", "dataset_type": "text_embeds"}]', "no enabled local image data set"),
+    ("backends", '[{"id": "embeds", "dataset_type": "text_embeds"}]', "no enabled image data set"),
 ])
 def test_bad_input_exits_2_naming_the_file(tmp_path, capsys, which, content, message):
     cfg, mdb = write_setup(tmp_path, minimal(), ONE_SQUARE_SET)
@@ -306,3 +313,269 @@ def test_an_existing_job_is_replaced_only_with_force(tmp_path, capsys):
     assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--force"]) == 0
     assert load_job(out).model.pretrained == "/models/sd35"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "simpletuner"]
+
+
+# --- SimpleTuner's SD3 quickstart as printed (tests/data/simpletuner), end to end ------------------------------------
+
+DATA = ROOT / "tests" / "data" / "simpletuner"
+
+
+def test_the_quickstart_as_printed_converts_and_fits_an_h100(tmp_path, capsys):
+    """The quickstart's config.json sets 8 keys: everything else is SimpleTuner's default, and gradient
+    checkpointing (on by default there) is what makes SD3.5 Large fit an 80 GB card (89 GiB without it)."""
+    out = tmp_path / "quickstart.yaml"
+    assert main(["simpletuner", str(DATA / "sd3-quickstart.config.json"),
+                 str(DATA / "sd3-quickstart.multidatabackend.json"), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    job = load_job(out)
+    t = job.train
+    assert (t.gradient_checkpointing, t.max_grad_norm, t.grad_clip, t.optimizer, t.mixed_precision) == (
+        True, 2.0, "value", "adamw_bf16", "bf16")
+    assert (job.lora.dropout, job.lora.dtype, job.lora.rank, job.model.dtype) == (0.1, "bf16", 16, "bf16")
+    assert (t.learning_rate, t.checkpoint_every, t.keep_checkpoints, t.num_workers) == (4e-7, 500, 5, 1)
+    assert (job.validation.guidance, job.validation.every_steps, job.validation.steps) == (3.0, 100, 30)
+    assert (job.text.t5_max_length, job.data.bucket_alignment) == (154, 64)
+    assert "default: gradient_checkpointing = true -> train.gradient_checkpointing = true" in printed
+    assert "not converted: num_train_epochs = 1" in printed  # its images are not on this machine to count
+
+    from raytune_sd3.check import main as check_main
+    assert check_main([str(out), "--gpu", "H100-80GB", "--skip-paths"]) == 0
+    assert "[ok]   memory   fits:" in capsys.readouterr().out
+
+
+def test_one_epoch_is_counted_in_steps_where_the_images_are(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        (photos / f"p{i}.png").write_bytes(b"")  # counted by name only
+    backends = [{"id": "photos", "instance_data_dir": str(photos), "repeats": 1}]
+    one = convert_simpletuner(*write_setup(tmp_path / "one", minimal(), backends))
+    assert one.job["train"]["max_steps"] == 5  # 10 images x 2 (repeats 1) / batch 4 -> 5 steps
+    two = convert_simpletuner(*write_setup(tmp_path / "two", minimal(num_train_epochs=2, train_batch_size=2,
+                                                                     gradient_accumulation_steps=2), backends))
+    assert two.job["train"]["max_steps"] == 10
+    assert any("num_train_epochs = 2: 20 images per epoch" in line for line in two.report())
+
+
+def test_settings_left_out_take_simpletuners_defaults(tmp_path):
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(max_train_steps=1000), ONE_SQUARE_SET))
+    job = load_job(raw=conv.job)
+    assert (job.validation.resolution, job.validation.guidance, job.flow.shift) == ("256", 7.5, 3.0)
+    assert (job.train.lr_scheduler, job.train.lr_warmup_steps, job.train.adam_epsilon) == ("constant", 0, 1e-6)
+    defaults = [line for line in conv.report() if line.startswith("default: ")]
+    assert 'default: grad_clip_method = "value" -> train.grad_clip = "value"' in defaults
+    assert len(defaults) == len(SIMPLETUNER_DEFAULTS) - 2  # all but model_type (set) and num_train_epochs (steps set)
+
+
+# --- every form SimpleTuner reads ----------------------------------------------------------------------------------
+
+FORM_CONFIG = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35",
+               "output_dir": "/out", "max_train_steps": 300, "learning_rate": 1e-5, "lora_rank": 8,
+               "tokenizer_max_length": 77, "gradient_checkpointing": False}
+FORM_ENV = """# SimpleTuner config.env
+export MODEL_TYPE='lora'
+MODEL_FAMILY="sd3"
+export MODEL_NAME="/models/sd35"
+OUTPUT_DIR=/out
+MAX_NUM_STEPS=300
+LEARNING_RATE=1e-5
+export TRAINER_EXTRA_ARGS="--lora_rank=8 --gradient_checkpointing=false"
+export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --tokenizer_max_length 77"
+SOMETHING_ELSE=1
+"""
+
+
+def _forms(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    toml_lines = [f"{k} = {json.dumps(v)}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}"
+                  for k, v in FORM_CONFIG.items()]
+    files = {"config.json": json.dumps(FORM_CONFIG),
+             "dashed.json": json.dumps({f"--{k}": v for k, v in FORM_CONFIG.items()}),
+             "config.toml": "\n".join(toml_lines) + "\n",
+             "config.env": FORM_ENV,
+             "wrapped.json": json.dumps({"_metadata": {"name": "mine"}, "config": {f"--{k}": v for k, v in
+                                                                                   FORM_CONFIG.items()}}),
+             "flat.json": json.dumps({"_metadata": {"name": "mine"}, **FORM_CONFIG})}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return {name: folder / name for name in files}
+
+
+def test_every_config_form_converts_to_the_same_job(tmp_path):
+    forms = _forms(tmp_path / "forms")
+    backends = tmp_path / "multidatabackend.json"
+    backends.write_text(json.dumps({"_metadata": {"name": "data"}, "datasets": ONE_SQUARE_SET}))  # the web UI's
+    jobs = {name: convert_simpletuner(path, backends) for name, path in forms.items()}
+    reference = jobs["config.json"].job
+    assert (reference["train"]["max_steps"], reference["lora"]["rank"], reference["text"]["t5_max_length"]) == (
+        300, 8, 77)
+    assert reference["train"]["gradient_checkpointing"] is False
+    for name, conv in jobs.items():
+        assert conv.job == reference, name
+    assert "ignored: SOMETHING_ELSE (SimpleTuner's config.env loader does not read it)" in jobs["config.env"].report()
+
+
+def test_the_string_false_keeps_simpletuners_default_as_its_loaders_do(tmp_path):
+    """SimpleTuner passes no argument for "false" written as a string (every config.env value is one), so
+    gradient checkpointing stays on there: the job must checkpoint too."""
+    json_config, backends = write_setup(tmp_path, minimal(gradient_checkpointing="false"), ONE_SQUARE_SET)
+    env = tmp_path / "config.env"
+    env.write_text(FORM_ENV.replace("--gradient_checkpointing=false", "") + "USE_GRADIENT_CHECKPOINTING=false\n")
+    for config in (env, json_config):
+        conv = convert_simpletuner(config, backends)
+        assert conv.job["train"]["gradient_checkpointing"] is True, config
+        assert any(line.startswith('ignored: gradient_checkpointing = "false" (SimpleTuner passes nothing')
+                   for line in conv.report())
+
+
+def test_every_data_loader_form_converts_to_the_same_data_sets(tmp_path):
+    cfg, plain = write_setup(tmp_path, minimal(max_train_steps=100), ONE_SQUARE_SET)
+    wrapped, toml = tmp_path / "wrapped.json", tmp_path / "multidatabackend.toml"
+    wrapped.write_text(json.dumps({"_metadata": {"name": "data"}, "datasets": ONE_SQUARE_SET}))
+    toml.write_text('[[datasets]]\nid = "photos"\ntype = "local"\ninstance_data_dir = "/data/photos"\n'
+                    'caption_strategy = "textfile"\nresolution = 1024\nresolution_type = "pixel"\ncrop = true\n'
+                    'crop_style = "center"\n')
+    jobs = [convert_simpletuner(cfg, backends).job for backends in (plain, wrapped, toml)]
+    assert jobs[0]["data"]["datasets"][0]["instance_data_dir"] == "/data/photos"
+    assert jobs[0] == jobs[1] == jobs[2]
+
+
+def test_a_config_in_no_form_exits_2_naming_the_file(tmp_path, capsys):
+    cfg, mdb = write_setup(tmp_path, minimal(), ONE_SQUARE_SET)
+    cfg.write_text("model_family: sd3\nthis is yaml, not a SimpleTuner config\n")
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {cfg}: neither JSON" in err and "nor TOML nor KEY=value env lines" in err
+    assert not (tmp_path / "job.yaml").exists()
+
+
+# --- refusals: what would train something else ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"controlnet": True}, 'controlnet = true (raytune_sd3 trains no ControlNet'),
+    ({"twinflow_enabled": "true"}, 'twinflow_enabled = "true" (raytune_sd3 trains no TwinFlow'),
+    ({"distillation_method": "dmd"}, 'distillation_method = "dmd" (raytune_sd3 trains no distilled model'),
+    ({"model_type": "embedding"}, "model_type 'embedding': raytune_sd3 trains LoRA on SD3 only"),
+    ({"base_model_precision": "fp8-quanto"}, "does not train SD3 with fp8-quanto either"),
+])
+def test_what_we_never_train_is_refused_even_when_lossy(tmp_path, capsys, setting, message):
+    cfg, mdb = write_setup(tmp_path, minimal(**setting), ONE_SQUARE_SET)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 2
+    err = capsys.readouterr().err
+    assert f"refused, nothing written:\n  {cfg}: " in err and message in err and "--lossy" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("setting", "key"), [
+    ({"use_ema": True}, "use_ema = true"), ({"lora_type": "lycoris"}, 'lora_type = "lycoris"'),
+    ({"use_dora": "true"}, 'use_dora = "true"'), ({"loss_type": "huber"}, 'loss_type = "huber"'),
+    ({"snr_gamma": 5}, "snr_gamma = 5"), ({"model_type": None}, "model_type = \"full\", SimpleTuner's default"),
+])
+def test_what_changes_training_is_refused_unless_lossy(tmp_path, capsys, setting, key):
+    config = {k: v for k, v in minimal(**setting).items() if v is not None}
+    cfg, mdb = write_setup(tmp_path, config, ONE_SQUARE_SET)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"  {cfg}: {key} (" in err and "pass --lossy" in err and not out.exists()
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 0
+    assert f"# lost: {cfg}: {key} (" in out.read_text()
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET},
+     "[s3-photos] type aws: raytune_sd3 reads local (or mounted) folders only for now; sync the bucket"),
+    ({"id": "hub-photos", "type": "huggingface", "dataset_name": "bghira/pseudo-camera-10k"},
+     "[hub-photos] type huggingface: raytune_sd3 reads local (or mounted) folders only for now; download it"),
+    ({"id": "edges", "instance_data_dir": "/data/edges", "conditioning": [{"type": "canny"}]},
+     "multidatabackend.json[edges].conditioning = [{\"type\": \"canny\"}] (conditioning data are for ControlNet"),
+    ({"id": "clips", "dataset_type": "video", "instance_data_dir": "/data/clips"},
+     "[clips] dataset_type video: raytune_sd3 trains on images only"),
+    ({"id": "mp", "instance_data_dir": "/data/mp", "crop": True, "crop_aspect": "closest"},
+     "crop_aspect closest needs crop_aspect_buckets (SimpleTuner refuses it too)"),
+])
+def test_data_we_cannot_read_is_refused_naming_the_entry(tmp_path, capsys, entry, message):
+    cfg, mdb = write_setup(tmp_path, minimal(), [*ONE_SQUARE_SET, entry])
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "simpletuner" / "config" / "multidatabackend.json") in err and message in err, err
+    assert AWS_SECRET not in err and not out.exists()
+
+
+# --- one SimpleTuner setting at a time: the exact value in the job ---------------------------------------------------
+
+BARE_SET = [{"id": "photos", "instance_data_dir": "/data/photos"}]
+ONE_SETTING = [
+    ("pretrained_model_name_or_path", "/models/other", "model.pretrained", "/models/other"),
+    ("revision", "refs/pr/1", "model.revision", "refs/pr/1"),
+    ("mixed_precision", "no", "train.mixed_precision", "no"),
+    ("mixed_precision", "no", "model.dtype", "fp32"),
+    ("base_model_precision", "int8-quanto", "model.quantize", "int8"),
+    ("base_model_precision", "nf4-bnb", "model.quantize", "nf4"),
+    ("lora_rank", 8, "lora.rank", 8),
+    ("lora_alpha", 4, "lora.alpha", 4.0),
+    ("lora_dropout", 0.05, "lora.dropout", 0.05),
+    ("peft_lora_target_modules", ["to_q", "to_k"], "lora.targets", ["to_q", "to_k"]),
+    ("tokenizer_max_length", 77, "text.t5_max_length", 77),
+    ("tokenizer_max_length", 300, "text.t5_max_length", 154),
+    ("t5_padding", "zero", "text.t5_padding", "zero"),
+    ("sd3_clip_uncond_behaviour", "zero", "text.uncond", "zero"),
+    ("caption_dropout_probability", 0.2, "data.caption_dropout", 0.2),
+    ("vae_batch_size", 2, "data.encode_batch_size", 2),
+    ("aspect_bucket_alignment", 32, "data.bucket_alignment", 64),
+    ("flow_schedule_shift", 1.0, "flow.shift", 1.0),
+    ("flow_schedule_auto_shift", True, "flow.shift", "auto"),
+    ("flow_use_uniform_schedule", True, "flow.sigma_sampling", "uniform"),
+    ("flow_sigmoid_scale", 0.8, "flow.logit_std", 0.8),
+    ("flow_matching_loss", "diffusers", "flow.prediction", "x0"),
+    ("output_dir", "/elsewhere", "output_dir", "/elsewhere"),
+    ("num_processes", 4, "train.num_workers", 4),
+    ("train_batch_size", 2, "train.batch_size", 2),
+    ("gradient_accumulation_steps", 3, "train.grad_accum", 3),
+    ("max_train_steps", 1234, "train.max_steps", 1234),
+    ("learning_rate", 1e-5, "train.learning_rate", 1e-5),
+    ("lr_scheduler", "cosine", "train.lr_scheduler", "cosine"),
+    ("lr_warmup_steps", 10, "train.lr_warmup_steps", 10),
+    ("optimizer", "optimi-lion", "train.optimizer", "lion"),
+    ("optimizer_config", "eps=1e-7", "train.adam_epsilon", 1e-7),
+    ("optimizer_beta1", 0.8, "train.adam_beta1", 0.8),
+    ("optimizer_beta2", 0.95, "train.adam_beta2", 0.95),
+    ("max_grad_norm", 0.5, "train.max_grad_norm", 0.5),
+    ("max_grad_norm", 0, "train.max_grad_norm", None),
+    ("grad_clip_method", "norm", "train.grad_clip", "norm"),
+    ("gradient_checkpointing", False, "train.gradient_checkpointing", False),
+    ("seed", 42, "train.seed", 42),
+    ("checkpoint_step_interval", 250, "train.checkpoint_every", 250),
+    ("checkpointing_steps", 300, "train.checkpoint_every", 300),
+    ("checkpoints_total_limit", 3, "train.keep_checkpoints", 3),
+    ("validation_prompt", "a fox", "validation.prompts", ["a fox"]),
+    ("validation_step_interval", 50, "validation.every_steps", 50),
+    ("validation_resolution", "768x768,1024x512", "validation.resolution", "768x768,1024x512"),
+    ("validation_guidance", 5.0, "validation.guidance", 5.0),
+    ("validation_num_inference_steps", 20, "validation.steps", 20),
+    ("validation_seed", 9, "validation.seed", 9),
+    ("validation_guidance_skip_layers", "[7, 8]", "validation.skip_layers", [7, 8]),
+    ("validation_guidance_skip_layers_start", 0.1, "validation.skip_layer_start", 0.1),
+    ("validation_guidance_skip_layers_stop", 0.3, "validation.skip_layer_stop", 0.3),
+    ("validation_guidance_skip_scale", 3.0, "validation.skip_layer_scale", 3.0),
+    ("report_to", "wandb", "wandb.project", "simpletuner"),
+    ("model_card_private", False, "hub.private", False),
+    ("resolution", 512, "data.datasets.0.resolution", 512),
+    ("resolution_type", "pixel", "data.datasets.0.resolution_type", "pixel"),
+    ("caption_strategy", "textfile", "data.datasets.0.caption_strategy", "textfile"),
+    ("minimum_image_size", 256, "data.datasets.0.minimum_image_size", 256),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "ours", "expected"), ONE_SETTING,
+                         ids=[f"{o}={v}" for o, v, _, _ in ONE_SETTING])
+def test_one_setting_converts_to_its_exact_value(tmp_path, option, value, ours, expected):
+    config = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/models/sd35",
+              "max_train_steps": 2000, option: value}
+    got = load_job(raw=convert_simpletuner(*write_setup(tmp_path, config, BARE_SET)).job).model_dump(mode="json")
+    for part in ours.split("."):
+        got = got[int(part)] if isinstance(got, list) else got[part]
+    assert got == expected

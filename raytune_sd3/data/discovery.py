@@ -154,4 +154,4 @@ def _captions(image: Path, path: str, ds: DatasetConfig, metadata: dict[str, lis
         txt = image.with_suffix(".txt")
         if txt.is_file():
             return read_caption_file(txt)
-    return [image.stem.replace("_", " ").replace("-", " ").strip()]
+    return [image.stem.replace("_", " ").strip()]  # underscores only, as SimpleTuner: "t-shirt" stays a word
