@@ -79,7 +79,7 @@ def test_launcher_yaml_passes_rays_validation(name):
     assert prepared["provider"]["type"] == provider
     workers = {k: v for k, v in prepared["available_node_types"].items() if k != prepared["head_node_type"]}
     key = "InstanceType" if provider == "aws" else "machineType"
-    assert [w["node_config"][key] for w in workers.values()] == [node_type]
+    assert [w["node_config"][key] for w in workers.values()] == [node_type, node_type]  # spot, on-demand
     assert NODE_TYPES[node_type][0] == gpu and cluster_gpus(CLUSTER / name).gpu == gpu
 
 
@@ -110,18 +110,28 @@ def test_launcher_yaml_runs_this_project(name):
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCHER))
-def test_launcher_yaml_spot_workers_on_demand_head(name):
+def test_launcher_yaml_spot_workers_beside_on_demand_ones_on_demand_head(name):
+    """An on-demand head; a spot GPU type, which the autoscaler uses (max_workers), that turns its cloud's reclaim
+    notice into Ray's drain notice; and the same GPUs on demand beside it (max_workers 0 until the user swaps)."""
     c = load(name)[0]
+    cloud = c["provider"]["type"]
     head = c["available_node_types"][c["head_node_type"]]["node_config"]
-    workers = [v["node_config"] for k, v in c["available_node_types"].items() if k != c["head_node_type"]]
+    workers = {k: v for k, v in c["available_node_types"].items() if k != c["head_node_type"]}
 
     def spot(node: dict) -> bool:
         return (node.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
                 or node.get("scheduling", {}).get("provisioningModel") == "SPOT")
 
-    assert not spot(head) and all(spot(w) for w in workers)
-    if c["provider"]["type"] == "gcp":  # GPUs need TERMINATE on host maintenance
-        assert all(w["scheduling"]["onHostMaintenance"] == "TERMINATE" for w in workers)
+    spot_types = [k for k, v in workers.items() if spot(v["node_config"])]
+    on_demand = [k for k, v in workers.items() if not spot(v["node_config"])]
+    assert not spot(head) and len(spot_types) == len(on_demand) == 1
+    assert workers[spot_types[0]]["max_workers"] == c["max_workers"] and workers[on_demand[0]]["max_workers"] == 0
+    assert cluster_gpus(CLUSTER / name).max_nodes == c["max_workers"]  # the preflight reads the type in use
+    assert workers[spot_types[0]]["worker_setup_commands"] == [
+        f"nohup python -m raytune_sd3.spot {cloud} > /tmp/raytune_sd3-spot.log 2>&1 &"]
+    assert "worker_setup_commands" not in workers[on_demand[0]]
+    if cloud == "gcp":  # GPUs need TERMINATE on host maintenance
+        assert all(w["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE" for w in workers.values())
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCHER))
