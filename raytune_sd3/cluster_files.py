@@ -123,7 +123,7 @@ def _launcher_problems(doc: dict) -> list[tuple[str, str]]:
     for e in errors[:5]:
         key = ".".join(str(p) for p in e.absolute_path)
         if e.validator == "type":
-            text = f"must be {kuberay.WORDS.get(e.validator_value, e.validator_value)}, not {kuberay._yaml_name(e.instance)}"
+            text = f"must be {kuberay.WORDS.get(e.validator_value, e.validator_value)}, not {kuberay.yaml_type_name(e.instance)}"
             if key == "available_node_types":
                 text += " (one entry a node type: `name: {node_config: ..., resources: ..., max_workers: N}`)"
         elif e.validator == "additionalProperties":

@@ -39,7 +39,7 @@ def _is(value, kind: str) -> bool:
     return isinstance(value, PYTHON_TYPES[kind])
 
 
-def _yaml_name(value) -> str:
+def yaml_type_name(value) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", int: "a number",
             float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)
 
@@ -68,14 +68,14 @@ def schema_problems(doc: dict) -> tuple[list[Problem], list[Problem]]:
             inner = kind_.removeprefix("map of ")
             if not isinstance(value, dict):
                 problems.append((key, f"must be a mapping of names to {WORDS[inner].split(' ', 1)[1]}s, not "
-                                      f"{_yaml_name(value)}"))
+                                      f"{yaml_type_name(value)}"))
                 return
             for k, v in value.items():
                 if not _is(v, inner):
-                    problems.append((f"{key}.{k}", f"must be {WORDS[inner]}, not {_yaml_name(v)}{_quote_hint(v, inner)}"))
+                    problems.append((f"{key}.{k}", f"must be {WORDS[inner]}, not {yaml_type_name(v)}{_quote_hint(v, inner)}"))
             return
         if not _is(value, kind_):
-            problems.append((key, f"must be {WORDS[kind_]}, not {_yaml_name(value)}{_quote_hint(value, kind_)}"))
+            problems.append((key, f"must be {WORDS[kind_]}, not {yaml_type_name(value)}{_quote_hint(value, kind_)}"))
             return
         if _version_key(since) > _version_key(outer):  # once, at the outermost field that needs it
             warnings.append((key, f"needs KubeRay operator >= {since} (older operators drop the field)"))
@@ -96,12 +96,12 @@ def schema_problems(doc: dict) -> tuple[list[Problem], list[Problem]]:
 
     spec = doc.get("spec")
     if not isinstance(spec, dict):
-        return [("spec", f"must be a mapping (the {kind}'s settings), not {_yaml_name(spec)}")], []
+        return [("spec", f"must be a mapping (the {kind}'s settings), not {yaml_type_name(spec)}")], []
     walk(spec, FIELDS[kind], "spec", "spec", False)
     inner = spec.get("rayClusterSpec")
     if kind == "RayJob" and inner is not None:
         if not isinstance(inner, dict):
-            problems.append(("spec.rayClusterSpec", f"must be a mapping, not {_yaml_name(inner)}"))
+            problems.append(("spec.rayClusterSpec", f"must be a mapping, not {yaml_type_name(inner)}"))
         else:
             walk(inner, FIELDS["RayCluster"], "spec", "spec.rayClusterSpec", False)
     return problems, warnings
