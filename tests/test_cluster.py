@@ -102,7 +102,7 @@ def test_launcher_yaml_runs_this_project(name):
     assert c["docker"]["image"] == image_of_the_dockerfile()  # Ray, torch and the project installed: starts ready
     # the repo goes to every node and is installed there over the image's copy, without reinstalling its dependencies
     assert c["file_mounts"]["~/raytune_sd3"] == "."
-    assert "pip install -q --no-deps -e ~/raytune_sd3" in c["setup_commands"]
+    assert "pip install -q --no-deps --no-build-isolation -e ~/raytune_sd3" in c["setup_commands"]  # no index
     assert ".gitignore" in c["rsync_filter"]
     # the token comes from the user's machine, the env in the container turns token auth on
     assert c["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
@@ -315,6 +315,9 @@ def test_dockerfile_builds_on_our_ray_with_a_cuda_torch_and_the_project():
     extras = set(re.search(r"\.\[(.*)\]", next(a for a in project if a.startswith(".["))).group(1).split(","))
     assert extras and extras <= set(pyproject["optional-dependencies"]) and "dev" not in extras
     assert "lowvram" in extras  # the GPU extra: bitsandbytes
+    # the build backend pyproject names, so the nodes' reinstall with --no-build-isolation needs no index
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert any(build == [a] for argv in installs for a in argv if a.startswith("setuptools")), build
     for c in commands:  # everything it copies exists, and the project's source is among it
         if c.cmd == "COPY":
             assert all((ROOT / src).exists() for src in c.value[:-1]), c.value
