@@ -6,7 +6,7 @@ buckets, and estimates per-GPU memory (model size, dtype, quantisation, DDP or Z
 length) against the GPU of the cluster's worker node type (or `--gpu`: a card, or a size such as 12GB): it says
 "fits", or what to change.
 
-Exit status: 0 all good, 1 something to fix (listed), 2 the job file itself is invalid.
+Exit status: 0 all good, 1 something to fix (listed), 2 the job file or the cluster file itself is invalid.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from raytune_sd3.cluster_files import ClusterFileError, cluster_gpus, read_cluster_file
 from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job, quantised_base_problem
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.microbatch import TIGHT, job_estimator
 from raytune_sd3.driver.placement import Cluster, resolve_auto
 from raytune_sd3.driver.preflight import check_paths
-from raytune_sd3.hardware import GIB, GPU_GIB, gpu_memory, gpu_of_node_type
+from raytune_sd3.hardware import GIB, GPU_GIB, gpu_memory
 from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, transformer_config
 
 
@@ -47,81 +46,6 @@ class Report:
 
     def block(self, text: str) -> None:
         self.lines.append(text)
-
-
-@dataclass
-class ClusterGPUs:
-    """The GPU workers a cluster file describes."""
-
-    source: str
-    node_type: str
-    gpu: str
-    gpus_per_node: int
-    max_nodes: int
-
-    @property
-    def gpu_bytes(self) -> float:
-        return GPU_GIB[self.gpu] * GIB
-
-
-# --- the cluster file ---------------------------------------------------------------------------------------------
-
-
-def cluster_gpus(path: str | Path) -> ClusterGPUs:
-    """The GPU worker type of a Ray cluster-launcher YAML or a KubeRay RayCluster/RayJob manifest."""
-    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if isinstance(d, dict)]
-    for doc in docs:
-        if "available_node_types" in doc:
-            return _launcher_gpus(doc, str(path))
-        if doc.get("kind") in ("RayCluster", "RayJob"):
-            return _kuberay_gpus(doc, str(path))
-    raise ValueError(f"{path}: neither a Ray cluster-launcher YAML (available_node_types) nor a KubeRay "
-                     "RayCluster/RayJob manifest")
-
-
-def _launcher_gpus(doc: dict, source: str) -> ClusterGPUs:
-    best = None
-    for name, spec in doc["available_node_types"].items():
-        node_cfg = spec.get("node_config", {})
-        node_type = node_cfg.get("InstanceType") or node_cfg.get("machineType") or ""
-        try:
-            gpu, per_node = gpu_of_node_type(node_type)
-        except ValueError:
-            continue
-        per_node = int(spec.get("resources", {}).get("GPU", per_node))
-        max_nodes = int(spec.get("max_workers", doc.get("max_workers", 0)))
-        if name == doc.get("head_node_type"):
-            max_nodes += 1
-        if per_node and (best is None or per_node * max_nodes > best.gpus_per_node * best.max_nodes):
-            best = ClusterGPUs(source, node_type, gpu, per_node, max_nodes)
-    if best is None:
-        raise ValueError(f"{source}: no node type with a known GPU instance/machine type")
-    return best
-
-
-def _kuberay_gpus(doc: dict, source: str) -> ClusterGPUs:
-    if doc["kind"] == "RayJob" and "rayClusterSpec" not in doc["spec"]:
-        # A job for an existing RayCluster: find that cluster's manifest beside the job's.
-        name = doc["spec"].get("clusterSelector", {}).get("ray.io/cluster")
-        for f in sorted(Path(source).parent.glob("*.y*ml")):
-            for other in yaml.safe_load_all(f.read_text()):
-                if isinstance(other, dict) and other.get("kind") == "RayCluster" and (
-                        other["metadata"]["name"] == name):
-                    return _kuberay_gpus(other, str(f))
-        raise ValueError(f"{source}: its RayCluster {name!r} is in no manifest beside it")
-    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
-    for group in spec.get("workerGroupSpecs", []):
-        pod = group["template"]["spec"]
-        limits = pod["containers"][0].get("resources", {}).get("limits", {})
-        per_node = int(limits.get("nvidia.com/gpu", 0))
-        if not per_node:
-            continue
-        selector = pod.get("nodeSelector", {})
-        node_type = (selector.get("node.kubernetes.io/instance-type")
-                     or selector.get("cloud.google.com/gke-accelerator") or "")
-        gpu, _ = gpu_of_node_type(node_type)
-        return ClusterGPUs(source, node_type, gpu, per_node, int(group.get("maxReplicas", group.get("replicas", 1))))
-    raise ValueError(f"{source}: no worker group requests nvidia.com/gpu")
 
 
 # --- the checks ---------------------------------------------------------------------------------------------------
@@ -367,6 +291,8 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
     gpu_bytes, gpu_name = None, ""
     if cluster:
         try:
+            for note in read_cluster_file(cluster).warnings:
+                report.warn("cluster", note)
             c = cluster_gpus(cluster)
         except (OSError, ValueError, KeyError) as e:
             report.fail("cluster", str(e))
@@ -421,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"[FAIL] config   {e}", file=sys.stderr)
         return 2
+    if args.cluster:  # a file Ray or the KubeRay operator would refuse: said before any other work
+        try:
+            read_cluster_file(args.cluster)
+        except ClusterFileError as e:
+            print("\n".join(f"[FAIL] cluster  {line}" for line in str(e).splitlines()), file=sys.stderr)
+            return 2
     print(f"raytune_sd3 preflight: {args.job}")
     report = run_checks(cfg, cluster=args.cluster, gpu=args.gpu, strategy=args.strategy,
                         quantization=args.quantization, skip_paths=args.skip_paths)

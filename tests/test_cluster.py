@@ -20,13 +20,16 @@ import pytest
 import ray
 import tomllib
 import yaml
+from packaging.requirements import Requirement
 
 from raytune_sd3.check import cluster_gpus
+from raytune_sd3.cluster_files import image_ray_version, read_cluster_file
 from raytune_sd3.config import load_job
 from raytune_sd3.hardware import NODE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
 LAUNCHER = {"aws-h100.yaml": ("aws", "p5.48xlarge", "H100-80GB"), "aws-a100.yaml": ("aws", "p4d.24xlarge", "A100-40GB"),
             "gcp-h100.yaml": ("gcp", "a3-highgpu-8g", "H100-80GB"), "gcp-a100.yaml": ("gcp", "a2-highgpu-8g", "A100-40GB")}
 SHARED = "/mnt/shared"
@@ -76,7 +79,7 @@ def test_launcher_yaml_passes_rays_validation(name):
     assert prepared["provider"]["type"] == provider
     workers = {k: v for k, v in prepared["available_node_types"].items() if k != prepared["head_node_type"]}
     key = "InstanceType" if provider == "aws" else "machineType"
-    assert [w["node_config"][key] for w in workers.values()] == [node_type]
+    assert [w["node_config"][key] for w in workers.values()] == [node_type, node_type]  # spot, on-demand
     assert NODE_TYPES[node_type][0] == gpu and cluster_gpus(CLUSTER / name).gpu == gpu
 
 
@@ -96,10 +99,10 @@ def test_launcher_yaml_runs_this_project(name):
     c = load(name)[0]
     pin = ray_pin()
     assert pin == ray.__version__
-    assert c["docker"]["image"] == f"rayproject/ray:{pin}-py311-gpu"  # not ray-ml (discontinued)
-    # the repo goes to every node and is installed there
+    assert c["docker"]["image"] == image_of_the_dockerfile()  # Ray, torch and the project installed: starts ready
+    # the repo goes to every node and is installed there over the image's copy, without reinstalling its dependencies
     assert c["file_mounts"]["~/raytune_sd3"] == "."
-    assert any(cmd.startswith("pip install") and "~/raytune_sd3" in cmd for cmd in c["setup_commands"])
+    assert "pip install -q --no-deps --no-build-isolation -e ~/raytune_sd3" in c["setup_commands"]  # no index
     assert ".gitignore" in c["rsync_filter"]
     # the token comes from the user's machine, the env in the container turns token auth on
     assert c["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
@@ -107,18 +110,28 @@ def test_launcher_yaml_runs_this_project(name):
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCHER))
-def test_launcher_yaml_spot_workers_on_demand_head(name):
+def test_launcher_yaml_spot_workers_beside_on_demand_ones_on_demand_head(name):
+    """An on-demand head; a spot GPU type, which the autoscaler uses (max_workers), that turns its cloud's reclaim
+    notice into Ray's drain notice; and the same GPUs on demand beside it (max_workers 0 until the user swaps)."""
     c = load(name)[0]
+    cloud = c["provider"]["type"]
     head = c["available_node_types"][c["head_node_type"]]["node_config"]
-    workers = [v["node_config"] for k, v in c["available_node_types"].items() if k != c["head_node_type"]]
+    workers = {k: v for k, v in c["available_node_types"].items() if k != c["head_node_type"]}
 
     def spot(node: dict) -> bool:
         return (node.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
                 or node.get("scheduling", {}).get("provisioningModel") == "SPOT")
 
-    assert not spot(head) and all(spot(w) for w in workers)
-    if c["provider"]["type"] == "gcp":  # GPUs need TERMINATE on host maintenance
-        assert all(w["scheduling"]["onHostMaintenance"] == "TERMINATE" for w in workers)
+    spot_types = [k for k, v in workers.items() if spot(v["node_config"])]
+    on_demand = [k for k, v in workers.items() if not spot(v["node_config"])]
+    assert not spot(head) and len(spot_types) == len(on_demand) == 1
+    assert workers[spot_types[0]]["max_workers"] == c["max_workers"] and workers[on_demand[0]]["max_workers"] == 0
+    assert cluster_gpus(CLUSTER / name).max_nodes == c["max_workers"]  # the preflight reads the type in use
+    assert workers[spot_types[0]]["worker_setup_commands"] == [
+        f"nohup python -m raytune_sd3.spot {cloud} > /tmp/raytune_sd3-spot.log 2>&1 &"]
+    assert "worker_setup_commands" not in workers[on_demand[0]]
+    if cloud == "gcp":  # GPUs need TERMINATE on host maintenance
+        assert all(w["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE" for w in workers.values())
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCHER))
@@ -219,7 +232,7 @@ def test_raycluster_structure():
     assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
     for pod in _pods(rc):
         c = pod["containers"][0]
-        assert c["image"] == f"rayproject/ray:{ray_pin()}-py311-gpu"
+        assert c["image"] == image_of_the_dockerfile()
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         for secret in ("RAY_AUTH_TOKEN", "HF_TOKEN"):  # from a Kubernetes secret, never a literal
@@ -243,8 +256,9 @@ def test_rayjob_runs_an_existing_job_on_enough_gpus():
     job_file = re.search(r"python -m raytune_sd3\.train (\S+\.yaml)", entry).group(1)
     assert (ROOT / job_file).is_file(), job_file
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
-    assert any("raytune_sd3 @ file:///mnt/shared/src/raytune_sd3" in p for p in runtime_env["pip"])
-    assert entry.startswith("cd /mnt/shared/src/raytune_sd3 ")
+    assert "pip" not in runtime_env  # the image holds the project: nothing installed at job start
+    assert entry.startswith(f"cd {dockerfile_workdir()} ")  # where the image put the project, jobs/ included
+    assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == image_of_the_dockerfile()
 
     cfg = load_job(ROOT / job_file)
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
@@ -254,6 +268,71 @@ def test_rayjob_runs_an_existing_job_on_enough_gpus():
         res = g["template"]["spec"]["containers"][0]["resources"]
         assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+
+def test_every_manifest_passes_the_operators_rules():
+    """What KubeRay 1.1 to 1.7 would refuse or fail with (raytune_sd3/kuberay.py, written from the operator's
+    validation.go and its CRDs): nothing, and no field newer than the oldest operator the files name."""
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
+        warnings = read_cluster_file(CLUSTER / name).warnings
+        assert all("is a placeholder" in w for w in warnings), warnings
+
+
+# --- the image ----------------------------------------------------------------------------------------------------
+
+
+def dockerfile() -> list:
+    import dockerfile as parser  # Docker's own (buildkit) parser
+
+    return list(parser.parse_file(str(DOCKERFILE)))
+
+
+def dockerfile_workdir() -> str:
+    return next(c.value[0] for c in dockerfile() if c.cmd == "WORKDIR")
+
+
+def image_of_the_dockerfile() -> str:
+    """The image the cluster files run: the tag its header builds, in the registry placeholder the user sets once."""
+    m = re.search(r"docker build -f docker/Dockerfile -t REGISTRY/(\S+) \.", DOCKERFILE.read_text())
+    return f"REGISTRY-CHANGE-ME/{m.group(1)}"
+
+
+def test_dockerfile_builds_on_our_ray_with_a_cuda_torch_and_the_project():
+    commands = dockerfile()
+    assert [c.value[0] for c in commands if c.cmd == "FROM"] == [f"rayproject/ray:{ray_pin()}-py311-gpu"]
+    assert image_ray_version(image_of_the_dockerfile()) == ray_pin()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {Requirement(d).name: Requirement(d) for d in pyproject["dependencies"]}
+    args = {c.value[0].split("=", 1)[0]: c.value[0].split("=", 1)[1] for c in commands if c.cmd == "ARG"}
+    installs = [shlex.split(c.value[0]) for c in commands if c.cmd == "RUN" and c.value[0].startswith("pip install")]
+    torch_line = next(argv for argv in installs if any(a.startswith("torch") for a in argv))
+    torch = Requirement(next(a for a in torch_line if a.startswith("torch")))
+    index = torch_line[torch_line.index("--index-url") + 1].replace("${TORCH_INDEX}", args["TORCH_INDEX"])
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index)  # a CUDA build, not PyPI's default
+    (pinned,) = [s.version for s in torch.specifier if s.operator == "=="]
+    assert pins["torch"].specifier.contains(pinned), (pinned, pins["torch"])  # the project's range keeps it
+    project = next(argv for argv in installs if any(a.startswith(".[") for a in argv))
+    extras = set(re.search(r"\.\[(.*)\]", next(a for a in project if a.startswith(".["))).group(1).split(","))
+    assert extras and extras <= set(pyproject["optional-dependencies"]) and "dev" not in extras
+    assert "lowvram" in extras  # the GPU extra: bitsandbytes
+    # the build backend pyproject names, so the nodes' reinstall with --no-build-isolation needs no index
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert any(build == [a] for argv in installs for a in argv if a.startswith("setuptools")), build
+    for c in commands:  # everything it copies exists, and the project's source is among it
+        if c.cmd == "COPY":
+            assert all((ROOT / src).exists() for src in c.value[:-1]), c.value
+    copied = {src for c in commands if c.cmd == "COPY" for src in c.value[:-1]}
+    assert {"pyproject.toml", "raytune_sd3", "jobs"} <= copied
+
+
+def test_every_file_that_runs_the_image_names_the_same_tag():
+    image = image_of_the_dockerfile()
+    for name in LAUNCHER:
+        assert load(name)[0]["docker"]["image"] == image
+    rc, job = kube("RayCluster"), kube("RayJob")
+    assert {c["image"] for pod in _pods(rc) for c in pod["containers"]} == {image}
+    assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == image
+    assert image in (CLUSTER / "README.md").read_text()
 
 
 # --- a simulated two-node cluster ---------------------------------------------------------------------------------

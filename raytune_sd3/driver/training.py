@@ -50,7 +50,9 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            # A node reclaimed after a drain notice (spot) restarts the run without using up max_failures, which is
+            # for real failures: Ray Train counts those restarts apart (train/loop.py checkpoints at the notice).
+            failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[StopOnRepeatedError(), *(callbacks or [])],
         ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -164,6 +165,9 @@ class WorkerRun:
         self.batches = self.tracker = self.vae = None
         self.validation_extras: ValidationExtras | None = None  # CLIP score and previews, on rank 0
         self.flops_of_shape: dict[tuple, int] = {}
+        # Ray Train's own switch for its preemption watcher (read by its controller from the same environment).
+        self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
+        self.notice_seen = False  # one checkpoint a notice: this attempt's workers go with the node
 
     # --- setup ---------------------------------------------------------------------------------------------------
 
@@ -244,12 +248,34 @@ class WorkerRun:
             elif last or (self.cfg.validation.every_steps and step % self.cfg.validation.every_steps == 0):
                 metrics.update(self.validate(step))
             self._log(metrics)
-            checkpoint = not reason and (last or step % t.checkpoint_every == 0)
+            notice = self._preemption_notice(step)  # a collective: every rank, every step
+            checkpoint = not reason and (last or step % t.checkpoint_every == 0 or notice)
             # Decided from values equal on every rank: each report is a barrier that all ranks must reach.
             if checkpoint or reason or "eval_loss" in metrics or step % t.report_every == 0:
                 self.report(metrics, with_checkpoint=checkpoint)
             if reason:
                 break
+
+    def _preemption_notice(self, step: int) -> bool:
+        """True at the first step after Ray said that a node of this run will be drained (a spot or preemptible node
+        being reclaimed): that step is checkpointed at once, so the restart, which Ray Train charges to
+        FailureConfig.max_preemption_failures and not max_failures, resumes from it rather than from the last
+        periodic checkpoint. Ray 2.60's preemption watcher (train/v2/_internal/execution/preemption.py) polls the
+        GCS's draining nodes and marks the workers; ray.train.get_preemption_info() broadcasts rank 0's view, so
+        every rank answers alike. Off where the watcher is off (a local Ray: driver/runtime.py)."""
+        import ray.train
+
+        if self.notice_seen or not self.watch_preemption:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        self.notice_seen = True
+        if self.rank == 0:
+            left = f", {info.deadline_ms / 1000 - time.time():.0f} s left" if info.deadline_ms else ""
+            print(f"raytune_sd3: preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
+                  f"{info.preempted_ranks}{left}): checkpoint at step {step}", flush=True)
+        return True
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over `accum` micro-batches: flow-matching loss, backward, clip, update. Returns its
