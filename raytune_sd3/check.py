@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job, quantised_base_problem
+from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job, one_screen, quantised_base_problem
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.microbatch import TIGHT, job_estimator
 from raytune_sd3.driver.placement import Cluster, resolve_auto
@@ -419,15 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_job(args.job, args.overrides, data_dir=args.data)
     except ConfigError as e:
-        print(f"[FAIL] config   {e}", file=sys.stderr)
+        print(f"[FAIL] config   {one_screen(str(e))}", file=sys.stderr)
         return 2
     print(f"raytune_sd3 preflight: {args.job}")
     report = run_checks(cfg, cluster=args.cluster, gpu=args.gpu, strategy=args.strategy,
                         quantization=args.quantization, skip_paths=args.skip_paths)
-    print("\n".join(report.lines))
+    print(one_screen("\n".join(report.lines), max_lines=500))  # no secret, no flood, whatever a check says
     if report.problems:
         print(f"\n{len(report.problems)} problem(s) to fix before spending GPU hours:")
-        print("\n".join(f"  - {p}" for p in report.problems))
+        print(one_screen("\n".join(f"  - {p}" for p in report.problems)))
         return 1
     print("\nall checks passed")
     return 0

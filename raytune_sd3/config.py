@@ -11,12 +11,15 @@ import difflib
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+
+from raytune_sd3.job_file import JobFileError, parse_yaml, read_yaml_file
 
 TINY_MODELS = ("tiny-sd3", "tiny-sd35")
 
@@ -856,11 +859,14 @@ def set_key(raw: dict, key: str, value: Any) -> None:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=c` strings (values parsed as YAML; `data.datasets.0.x` indexes a list) to a nested dict."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-5")
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)*", key.strip()):
+            raise ConfigError(f"--set {shorten(item, 80)}: expected KEY=VALUE with a dotted job key, e.g. "
+                              "--set train.learning_rate=1e-5")
         try:
-            set_key(raw, key.strip(), yaml.safe_load(value))
+            set_key(raw, key.strip(), parse_yaml(value))
+        except JobFileError as e:
+            raise ConfigError(f"--set {key.strip()}: the value is {e} (quote a string: --set 'KEY=\"...\"')") from None
         except ConfigError as e:
             raise ConfigError(f"--set {e}") from None
     return raw
@@ -886,9 +892,9 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid job config"]
+    lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = shorten(".".join(str(p) for p in e["loc"]) or "(top level)")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key{_suggest(JobConfig, e['loc'])}")
         elif e["type"] == "missing":
@@ -896,8 +902,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = "<redacted>" if SECRET_KEY.search(str(e["loc"][-1]) if e["loc"] else "") else e.get("input")
-            lines.append(f"  {key}: {msg} (got {got!r})" if e["type"] != "value_error" else f"  {key}: {msg}")
-    return "\n".join(lines)
+            lines.append(f"  {key}: {msg} (got {show(got)})" if e["type"] != "value_error" else f"  {key}: {msg}")
+    return one_screen(f"{source}: invalid job config\n" + "\n".join(lines))
 
 
 def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
@@ -921,9 +927,10 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"{p}: job file not found (jobs/tiny.yaml is a working example)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raw = read_yaml_file(p)
+        except JobFileError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job is a YAML mapping at the top level")
     if data_dir is not None:
@@ -972,31 +979,82 @@ SECRET_KEY = re.compile(r"token|secret|password|credential|api_?key|(^|_)(key|ac
                         re.I)
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@"
                           # Discord and Slack webhook URLs (their path is the token)
-                          r"|\bhttps?://[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?://hooks\.slack\.com/services/[^\s\"'<>]+")
+                          r"|\bhttps?://[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?://hooks\.slack\.com/services/[^\s\"'<>]+"
+                          # AWS access key ids; GitHub, Slack and OpenAI-style tokens
+                          r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\b(?:ghp|gho|ghs|ghu|github_pat)_\w{20,}"
+                          r"|\bxox[abpr]-[\w-]{10,}|\bsk-[\w-]{20,}")
+# A W&B API key is 40 hex digits, as is a git commit: redacted everywhere but a revision (model.revision's commit
+# must survive job.yaml) and never inside a path (a hub cache snapshot folder is named by its commit).
+HEX_KEY = re.compile(r"(?<![\w/.-])[0-9a-fA-F]{40}(?![\w/.-])")
+NOT_HEX_SECRETS = ("revision",)
+# Environment variables whose values are secrets besides SECRET_ENV: by the shape of their names (TOKENIZERS_...
+# is not a token); short values (flags, "1") are left alone.
+SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|SECRET_KEY|PRIVATE_KEY|KEY)(_|$)",
+                             re.I)
 REDACTED = "<redacted>"
 # Secret values this process has read from a job (validation.webhook_url, which may be any URL): redact() strips
 # them wherever they appear, as it does the secrets of the environment.
 JOB_SECRETS: set[str] = set()
 
 
+def secret_values() -> set[str]:
+    """The secrets of this process: the environment's tokens and keys (8 characters or more) and JOB_SECRETS."""
+    env = {v for k, v in os.environ.items() if k in SECRET_ENV or SECRET_ENV_NAME.search(k)}
+    return {v for v in env if len(v) >= 8} | {os.environ[k] for k in SECRET_ENV if os.environ.get(k)} | JOB_SECRETS
+
+
 def redact(obj: Any) -> Any:
-    """A copy with secret-looking keys, values that look like a token or carry URL credentials, and any value
-    equal to a secret from the environment replaced by <redacted>."""
-    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)} | JOB_SECRETS
+    """A copy with secret-looking keys, values that look like a token or key (SECRET_VALUE, HEX_KEY) or carry URL
+    credentials, and any value holding a secret of the environment replaced by <redacted>."""
+    secrets = sorted(secret_values(), key=len, reverse=True)  # a longer secret may contain a shorter one
+
+    def text(x: str, key: str) -> str:
+        x = SECRET_VALUE.sub(REDACTED, x)
+        if key not in NOT_HEX_SECRETS:
+            x = HEX_KEY.sub(REDACTED, x)
+        for s in secrets:
+            if s and s in x:
+                x = x.replace(s, REDACTED)
+        return x
+
     def walk(x: Any, key: str = "") -> Any:
         if isinstance(x, dict):
             return {k: walk(v, str(k)) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v, key) for v in x]
         if SECRET_KEY.search(key) and x is not None:
-            return "<redacted>"
+            return REDACTED
         if isinstance(x, str):
-            x = SECRET_VALUE.sub("<redacted>", x)
-            for s in secrets:
-                if s and s in x:
-                    x = x.replace(s, "<redacted>")
+            return text(x, key)
         return x
     return walk(obj)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A value for a message: secrets redacted (before it is cut, so no part of one shows), at most about 100
+    characters ('...' marks what was cut)."""
+    return shorten(_SHORT.repr(redact(value)))
+
+
+def shorten(text: str, limit: int = 160) -> str:
+    """Free text for a message: secrets redacted, cut to `limit` characters."""
+    text = redact(str(text))
+    return text if len(text) <= limit else f"{text[:limit - 25]}... ({len(text):,} characters)"
+
+
+def one_screen(message: str, max_lines: int = 24, width: int = 400) -> str:
+    """A message that fits a screen: secrets redacted, each line at most `width` characters, and after `max_lines`
+    lines one saying how many more there were."""
+    lines = [shorten(line, width) for line in str(message).splitlines()]
+    if len(lines) > max_lines:
+        lines = [*lines[:max_lines - 1], f"  (+{len(lines) - max_lines + 1} more)"]
+    return "\n".join(lines)
 
 
 def dump_job(cfg: JobConfig) -> str:
