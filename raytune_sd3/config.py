@@ -13,15 +13,30 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from raytune_sd3.job_file import JobFileError, parse_yaml, read_yaml_file
 
 TINY_MODELS = ("tiny-sd3", "tiny-sd35")
+# Upper bounds on sizes, so a typo (10**30) is refused at the door instead of overflowing in pyarrow or "fitting" in
+# 1e25 GiB. Far above what SD3 trains at (1024-2048 px) or what LoRA uses (4-128).
+MAX_RESOLUTION = 8192
+MAX_LORA_RANK = 1024
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, APFS, NTFS)
 
 
 class ConfigError(ValueError):
@@ -29,11 +44,43 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # allow_inf_nan=False: every float is finite (.nan or .inf in a learning rate, shift or guidance scale is a
+    # mistake); the few keys where .inf means "never" say so and opt back in (train.divergence_factor,
+    # train.grad_norm_limit; NaN stays refused there by their bounds).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+def _path_text(v: Any) -> Any:
+    """A path (or URI) as written: not empty (that would be the working directory), no NUL byte, no name longer
+    than a filesystem allows."""
+    if isinstance(v, str | Path):
+        text = str(v)
+        if not text.strip():
+            raise ValueError("is empty, which would mean the working directory; give the path")
+        if "\x00" in text:
+            raise ValueError("contains a NUL byte, which no path can hold")
+        longest = max(len(part.encode("utf-8", "replace")) for part in text.split("/"))
+        if longest > NAME_MAX and not is_uri(text):
+            raise ValueError(f"has a name of {longest:,} bytes; a file or folder name is at most {NAME_MAX} bytes")
+    return v
+
+
+def _not_a_file(v: Any) -> Any:
+    if v is not None and not is_uri(str(v)) and Path(v).expanduser().is_file():
+        raise ValueError(f"{show(str(v))} is a file; this must be a folder (or a new path)")
+    return v
+
+
+PathText = Annotated[Path, BeforeValidator(_path_text)]
+"""A file's path."""
+FolderPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_not_a_file)]
+"""A folder's path: an existing file is refused (writing or searching it would fail later, deep in a worker)."""
+Resolution = Annotated[int, Field(ge=16, le=MAX_RESOLUTION)]
 
 
 class ModelConfig(Section):
-    pretrained: str = "tiny-sd3"
+    pretrained: Annotated[str, BeforeValidator(_path_text)] = "tiny-sd3"
     """A diffusers SD3 directory (a relative or ~ path is made absolute where the command runs), a hub id already
     in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
@@ -65,19 +112,19 @@ class DatasetConfig(Section):
     """A short name for this data set (used in cache reports and errors)."""
     type: Literal["local", "demo"] = "local"
     """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
-    instance_data_dir: Path
+    instance_data_dir: FolderPath
     """Folder of images (searched recursively)."""
     caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
     """Where captions come from: a .txt beside each image (one caption per line, one drawn per epoch; no .txt: the
     file name), the file name, instance_prompt for every image, or metadata_file."""
-    metadata_file: Path | None = None
+    metadata_file: PathText | None = None
     """caption_strategy metadata: a .jsonl, .csv or .parquet file with a file_name column (relative to
     instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet)."""
     instance_prompt: str | None = None
     """The caption of every image when caption_strategy is instanceprompt."""
-    resolution: int | list[int] = 1024
-    """Training size in pixels, in the unit of resolution_type (1024: about 1024x1024 pixels of area); a list
-    (e.g. [512, 1024]) trains on every image at each of them (multi-resolution)."""
+    resolution: Resolution | list[Resolution] = 1024
+    """Training size in pixels, in the unit of resolution_type (1024: about 1024x1024 pixels of area; 16 to
+    MAX_RESOLUTION 8192); a list (e.g. [512, 1024]) trains on every image at each of them (multi-resolution)."""
     resolution_type: Literal["pixel_area", "pixel"] = "pixel_area"
     """pixel_area: resolution R means about R*R pixels of area, each side a multiple of data.bucket_alignment
     (SimpleTuner's SD3 default); pixel: the shorter side is R."""
@@ -148,7 +195,7 @@ class DatasetConfig(Section):
 class DataConfig(Section):
     datasets: list[DatasetConfig] = Field(min_length=1)
     """The data sets of this job."""
-    cache_dir: str | None = None
+    cache_dir: Annotated[str, BeforeValidator(_path_text), AfterValidator(_not_a_file)] | None = None
     """Where encoded latents and text embeddings live; default `<output_dir>/cache`. Reused by later runs. On a
     cluster: a folder every node mounts, or a URI (`s3://bucket/cache`, `gs://...`; options in its query, e.g.
     `?endpoint_override=host:9000&scheme=http` for MinIO; credentials from the environment)."""
@@ -217,8 +264,8 @@ class FlowConfig(Section):
 
 
 class LoraConfig(Section):
-    rank: int = Field(16, ge=1)
-    """LoRA rank."""
+    rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
+    """LoRA rank (at most MAX_LORA_RANK 1024)."""
     alpha: float | None = None
     """LoRA alpha; default = rank (scale 1). Other values are folded into lora_B when saving."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -242,7 +289,7 @@ class TrainConfig(Section):
     strategy: Literal["ddp", "zero2", "zero3"] = "ddp"
     """ddp (LoRA gradients all-reduced, base replicated); zero2 / zero3: DeepSpeed ZeRO stage 2 / 3 (zero3 also
     shards the frozen base across workers)."""
-    deepspeed_config: Path | None = None
+    deepspeed_config: PathText | None = None
     """A DeepSpeed JSON to use instead of the one generated from this job (batch sizes, clipping and precision still
     ours: one that enables DeepSpeed's bf16 or fp16 is refused, use mixed_precision)."""
     use_gpu: bool | None = None
@@ -276,12 +323,12 @@ class TrainConfig(Section):
     adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW (and Lion) beta1, in [0, 1)."""
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """AdamW (and Lion) beta2, in [0, 1)."""
+    adam_epsilon: float = Field(1e-8, gt=0)
+    """AdamW epsilon, above 0."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
@@ -318,10 +365,11 @@ class TrainConfig(Section):
     """Measure the eval loss every N steps; default: at the start and at the end only."""
     max_nonfinite_steps: int = Field(5, ge=0)
     """A step whose loss or gradient is NaN/inf is skipped and counted; after this many the run stops as diverged."""
-    divergence_factor: float | None = Field(None, gt=1)
-    """Stop as diverged when the eval loss rises above this factor times its value before training."""
-    grad_norm_limit: float | None = Field(None, gt=0)
-    """Stop as diverged when the (unclipped) gradient norm exceeds this."""
+    divergence_factor: float | None = Field(None, gt=1, allow_inf_nan=True)
+    """Stop as diverged when the eval loss rises above this factor times its value before training; null (or
+    .inf): never."""
+    grad_norm_limit: float | None = Field(None, gt=0, allow_inf_nan=True)
+    """Stop as diverged when the (unclipped) gradient norm exceeds this; null (or .inf): never."""
     prior_loss_weight: float = Field(1.0, ge=0)
     """Loss weight of samples from data sets with is_regularisation_data (diffusers' prior_loss_weight)."""
 
@@ -725,7 +773,7 @@ class HubConfig(Section):
 
 
 class JobConfig(Section):
-    output_dir: Path
+    output_dir: FolderPath
     """Where this run writes job.yaml, metrics.jsonl, validation images and the LoRA (shared storage on clusters)."""
     name: str | None = None
     """Run name in Ray Train storage; default: output_dir's folder name."""
@@ -810,6 +858,9 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
         if not m:
             raise ValueError(f"resolution {part!r} is not WxH (e.g. 1024x1024)")
         w, h = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not (16 <= w <= MAX_RESOLUTION and 16 <= h <= MAX_RESOLUTION):
+            raise ValueError(f"resolution {part.strip()[:40]!r}: each side is 16 to {MAX_RESOLUTION} pixels "
+                             "(MAX_RESOLUTION)")
         if w % 16 or h % 16:
             raise ValueError(f"resolution {w}x{h}: both sides must be multiples of 16")
         sizes.append((w, h))
