@@ -342,7 +342,12 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
     report = Report()
     t = cfg.train
     target = target_cluster(cfg, cluster, gpu)
-    for note in resolve_auto(cfg, target):
+    try:
+        notes = resolve_auto(cfg, target)
+    except ConfigError as e:  # a PlacementError: the target can never hold the job; the rest needs it resolved
+        report.fail("auto", str(e))
+        return report
+    for note in notes:
         report.ok("auto", note)
     report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.max_workers} workers x batch "
                         f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "

@@ -88,12 +88,24 @@ def read_metadata(path: Path, root: Path) -> dict[str, list[str]]:
         raise ValueError(f"metadata_file {path}: use a .jsonl, .csv or .parquet file")
     if not records:
         return {}
+    # One object per row, each caption a string or a list of strings: a row `5` or a caption `[1, 2]` is a
+    # mistake to name here, before any work, not an AttributeError in a worker.
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: row {i} is a {type(r).__name__}, not an object with file_name and caption "
+                             'keys, e.g. {"file_name": "a.png", "caption": "a red circle"}')
     key = _column(list(records[0]), PATH_COLUMNS, path)
     text = _column(list(records[0]), CAPTION_COLUMNS, path)
     out = {}
-    for r in records:
+    for i, r in enumerate(records, 1):
         value = r.get(text)
-        captions = [value] if isinstance(value, str) else list(value or [])
+        captions = ([value] if isinstance(value, str) else [] if value is None
+                    else list(value) if isinstance(value, list) else None)
+        if captions is None or not all(isinstance(c, str | None) for c in captions):
+            raise ValueError(f"{path}: row {i}: its {text} is a {type(value).__name__}, not a string or a list of "
+                             "strings")
+        if not isinstance(r.get(key), str | int) or not str(r[key]).strip():
+            raise ValueError(f"{path}: row {i}: its {key} is missing or not a file name")
         out[str((root / str(r[key])).resolve())] = [c.strip() for c in captions if c and c.strip()]
     return out
 
