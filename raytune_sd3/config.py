@@ -85,6 +85,14 @@ class ModelConfig(Section):
     in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _not_a_url(cls, v: str) -> str:
+        if is_uri(v) or v.startswith(("http:", "https:")):
+            raise ValueError("is a folder, a hub id (owner/name) or a tiny model, not a URL; download the model "
+                             "(`hf download owner/name`) and give its id or folder")
+        return v
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """dtype of the frozen base transformer and VAE (and of the cached latents and embeddings); auto: bf16 when the
     job trains on GPUs, fp32 on CPUs (job.yaml records what it became). LoRA weights train in fp32 unless
@@ -942,9 +950,13 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return did_you_mean(str(loc[-1]), list(cls.model_fields))
 
 
+MAX_ERRORS = 20  # errors listed; the rest are counted ("(+N more)")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors(include_url=False)
+    for e in errors[:MAX_ERRORS]:
         key = shorten(".".join(str(p) for p in e["loc"]) or "(top level)")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key{_suggest(JobConfig, e['loc'])}")
@@ -954,6 +966,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             got = "<redacted>" if SECRET_KEY.search(str(e["loc"][-1]) if e["loc"] else "") else e.get("input")
             lines.append(f"  {key}: {msg} (got {show(got)})" if e["type"] != "value_error" else f"  {key}: {msg}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"  (+{len(errors) - MAX_ERRORS} more)")
     return one_screen(f"{source}: invalid job config\n" + "\n".join(lines))
 
 
@@ -962,7 +976,9 @@ def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     keeping the first data set's resolution: `--data DIR` tries your own images with any job file."""
     data = raw.setdefault("data", {})
     first = (data.get("datasets") or [{}])[0]
-    data["datasets"] = [{"id": Path(folder).name or "data", "type": "local", "instance_data_dir": str(folder),
+    secret = redact(str(folder)) != str(folder)  # its name would show in every report line
+    data["datasets"] = [{"id": (not secret and Path(folder).name) or "data", "type": "local",
+                         "instance_data_dir": str(folder),
                          "caption_strategy": "textfile", "resolution": first.get("resolution", 1024),
                          **{k: first[k] for k in ("resolution_type", "crop", "crop_style", "crop_aspect",
                                                   "crop_aspect_buckets") if k in first}}]
@@ -1028,15 +1044,15 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET
 # Hugging Face token; credentials inside a URL). Used by redact() and by convert.py.
 SECRET_KEY = re.compile(r"token|secret|password|credential|api_?key|(^|_)(key|access_key_id|webhook_(config|url))$",
                         re.I)
-SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@"
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|:/{1,2}[^/\s:@]+:[^/\s@]+@"  # ":/": a URL made a path
                           # Discord and Slack webhook URLs (their path is the token)
-                          r"|\bhttps?://[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?://hooks\.slack\.com/services/[^\s\"'<>]+"
+                          r"|\bhttps?:/{1,2}[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?:/{1,2}hooks\.slack\.com/services/[^\s\"'<>]+"
                           # AWS access key ids; GitHub, Slack and OpenAI-style tokens
                           r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\b(?:ghp|gho|ghs|ghu|github_pat)_\w{20,}"
                           r"|\bxox[abpr]-[\w-]{10,}|\bsk-[\w-]{20,}")
 # A W&B API key is 40 hex digits, as is a git commit: redacted everywhere but a revision (model.revision's commit
 # must survive job.yaml) and never inside a path (a hub cache snapshot folder is named by its commit).
-HEX_KEY = re.compile(r"(?<![\w/.-])[0-9a-fA-F]{40}(?![\w/.-])")
+HEX_KEY = re.compile(r"(?<![\w/-])[0-9a-fA-F]{40}(?![\w/-])")
 NOT_HEX_SECRETS = ("revision",)
 # Environment variables whose values are secrets besides SECRET_ENV: by the shape of their names (TOKENIZERS_...
 # is not a token); short values (flags, "1") are left alone.
@@ -1051,7 +1067,10 @@ JOB_SECRETS: set[str] = set()
 def secret_values() -> set[str]:
     """The secrets of this process: the environment's tokens and keys (8 characters or more) and JOB_SECRETS."""
     env = {v for k, v in os.environ.items() if k in SECRET_ENV or SECRET_ENV_NAME.search(k)}
-    return {v for v in env if len(v) >= 8} | {os.environ[k] for k in SECRET_ENV if os.environ.get(k)} | JOB_SECRETS
+    # An AWS secret key may hold "/": given as a path, its last part alone would show (a folder name, an id).
+    parts = {p for v in env for p in v.split("/") if len(p) >= 12 and "/" in v}
+    return ({v for v in env if len(v) >= 8} | parts | {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+            | JOB_SECRETS)
 
 
 def redact(obj: Any) -> Any:
