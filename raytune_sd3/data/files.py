@@ -48,11 +48,9 @@ def _filesystem(location: str, retry_limit_s: float | None = None) -> tuple[pafs
     try:
         fs, root = pafs.FileSystem.from_uri(location)
         return fs, root, fs.type_name in ("s3", "gcs", "abfs")
-    except OSError:
-        if scheme in _PYARROW_SCHEMES:  # pyarrow's own client could not reach it: that is the reason to give
-            raise
-        return _fsspec_filesystem(location)
-    except Exception:  # noqa: BLE001 - pyarrow only knows its own schemes: try fsspec for the rest
+    except Exception as e:  # noqa: BLE001 - pyarrow only knows its own schemes: try fsspec for the rest
+        if scheme in _PYARROW_SCHEMES and not isinstance(e, ImportError | NotImplementedError):
+            raise  # pyarrow's own client refused the URI or could not reach it: that is the reason to give
         return _fsspec_filesystem(location)
 
 
