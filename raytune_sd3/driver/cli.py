@@ -42,7 +42,10 @@ def read_job(args: argparse.Namespace, paths: bool = True) -> JobConfig:
     """The job of the command line, validated, its paths checked (`paths`); raises ConfigError."""
     cfg = load_job(args.job, args.overrides, data_dir=args.data)
     if paths:
-        check_paths(cfg)
+        try:
+            check_paths(cfg)
+        except ConfigError as e:  # FILE: KEY: ..., as the schema's errors
+            raise ConfigError(f"{args.job}: {e}") from None
     return cfg
 
 
