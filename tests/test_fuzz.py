@@ -24,6 +24,7 @@ from raytune_sd3.tune import __main__ as tune_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "tiny.yaml"
+TUNE = ROOT / "jobs" / "tune-tiny.yaml"  # with a tune: section
 
 # Secrets of every shape redact() must know: from the environment (set below), or by their look alone.
 HF = "hf_" + "Qw3rTy7uIoPaSdFgHjKlZxCvBnM12345"
@@ -97,9 +98,9 @@ def refused(argv: list[str]) -> bool:
 # --- generated cases ------------------------------------------------------------------------------------------
 
 
-def leaf_keys() -> list[str]:
-    """Every dotted key of a resolved tiny job (the first data set's keys included)."""
-    raw = load_job(TINY).model_dump(mode="json")
+def leaf_keys(job: Path) -> list[str]:
+    """Every dotted key of a resolved job (the first data set's keys included)."""
+    raw = load_job(job).model_dump(mode="json")
     keys = []
 
     def walk(node, prefix):
@@ -173,7 +174,7 @@ def file_cases(tmp: Path) -> list[list[str]]:
 
 def generated_cases(tmp: Path, n: int = 260) -> list[list[str]]:
     rng = random.Random(22)
-    keys = leaf_keys()
+    keys = {job: leaf_keys(job) for job in (TINY, TUNE)}
     cases = text_cases(tmp)
     cases += [[str(TINY), "--set", s] for s in ("train.learning_rate=[1,2", "=@x", "train.seed=\t", "nokey",
                                                 "train..seed=1", f"validation.webhook_url:{SHAPED['discord']}",
@@ -181,8 +182,9 @@ def generated_cases(tmp: Path, n: int = 260) -> list[list[str]]:
     cases += [[str(TINY), "--data", d] for d in ("", "a\x00b", "x" * 300, str(TINY))]
     cases += file_cases(tmp)
     while len(cases) < n:
-        sets = [f"{rng.choice(keys)}={rng.choice(BAD_VALUES)}" for _ in range(rng.choice((1, 1, 2, 3)))]
-        cases.append([str(TINY), *[a for s in sets for a in ("--set", s)]])
+        job = rng.choice((TINY, TINY, TUNE))
+        sets = [f"{rng.choice(keys[job])}={rng.choice(BAD_VALUES)}" for _ in range(rng.choice((1, 1, 2, 3)))]
+        cases.append([str(job), *[a for s in sets for a in ("--set", s)]])
     return cases
 
 
@@ -222,6 +224,7 @@ def _paths(secret: str, tmp: Path) -> dict[str, list[str]]:
         "job file YAML error": [str(bad_yaml)],
         "unknown key": [str(as_key)],
         "argparse": [str(TINY), secret],
+        "argparse type": [str(TINY), "--gpu", secret],  # check's --gpu; an unknown flag to train and tune
         "missing model": [str(TINY), "--set", f"model.pretrained=/models/{secret}/x"],
         "hub repo": [str(TINY), "--set", f"hub.repo_id={secret}"],
         "missing data": [str(TINY), "--data", f"/nowhere/{secret}"],
@@ -234,7 +237,7 @@ def test_no_secret_in_any_message_path(entry, tmp_path):
         for path, argv in _paths(secret, tmp_path).items():
             if secret == SHAPED["wandb_shape"] and path.startswith("missing"):
                 continue  # 40 hex digits inside a path are a commit (a hub cache snapshot), not known as a key
-            if path != "argparse" and not refused(argv):  # a valid job (e.g. a token-shaped hub.repo_id): train
+            if not path.startswith("argparse") and not refused(argv):  # a valid job (e.g. a token-shaped hub.repo_id): train
                 continue                                   # would start Ray
             rc, out = run_entry(ENTRIES[entry], argv)
             if entry == "check" and rc == 1:  # the preflight's list of problems: as clean, one status lower
