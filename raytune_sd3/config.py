@@ -85,14 +85,6 @@ class ModelConfig(Section):
     in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `pretrained` is a hub id."""
-
-    @field_validator("pretrained")
-    @classmethod
-    def _not_a_url(cls, v: str) -> str:
-        if is_uri(v) or v.startswith(("http:", "https:")):
-            raise ValueError("is a folder, a hub id (owner/name) or a tiny model, not a URL; download the model "
-                             "(`hf download owner/name`) and give its id or folder")
-        return v
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """dtype of the frozen base transformer and VAE (and of the cached latents and embeddings); auto: bf16 when the
     job trains on GPUs, fp32 on CPUs (job.yaml records what it became). LoRA weights train in fp32 unless
@@ -104,6 +96,14 @@ class ModelConfig(Section):
     """Quantise the frozen base transformer's weights: int8/int4/int2/fp8 with optimum-quanto (SimpleTuner's
     int8-quanto etc.), nf4 with bitsandbytes (4-bit NormalFloat, CUDA only; SimpleTuner's nf4-bnb); norms,
     proj_out, pos_embed, context_embedder and time_text_embed stay in full precision."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _not_a_url(cls, v: str) -> str:
+        if is_uri(v) or v.startswith(("http:", "https:")):
+            raise ValueError("is a folder, a hub id (owner/name) or a tiny model, not a URL; download the model "
+                             "(`hf download owner/name`) and give its id or folder")
+        return v
 
 
 class TextConfig(Section):

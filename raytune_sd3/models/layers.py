@@ -46,7 +46,7 @@ def layer_problems(cfg: JobConfig) -> list[str]:
     """Why the job's block and layer choices do not fit its transformer (`key: what, and the fix` each); [] when
     they fit or the config is not known here."""
     config = known_transformer_config(cfg.model.pretrained, cfg.model.revision)
-    if config is None or not isinstance(config.get("num_layers"), int):
+    if not isinstance(config, dict) or not isinstance(config.get("num_layers"), int):
         return []
     layers = config["num_layers"]
     problems = []
@@ -70,8 +70,11 @@ def _unmatched_targets(cfg: JobConfig, config: dict[str, Any]) -> list[str]:
 
     from raytune_sd3.models.lora import target_modules
 
-    with torch.device("meta"):
-        transformer = SD3Transformer2DModel.from_config(config)
+    try:
+        with torch.device("meta"):
+            transformer = SD3Transformer2DModel.from_config(config)
+    except Exception:  # noqa: BLE001 - a config diffusers cannot build: loading the model reports it, not this check
+        return []
     unmatched = []
     for suffix in cfg.lora.targets:
         try:
