@@ -14,11 +14,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raytune_sd3.cluster_files import ClusterFileError, cluster_gpus, read_cluster_file
-from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job, quantised_base_problem
+from raytune_sd3.config import (
+    TINY_MODELS,
+    ConfigError,
+    JobConfig,
+    load_job,
+    one_screen,
+    quantised_base_problem,
+    shorten,
+)
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.microbatch import TIGHT, job_estimator
 from raytune_sd3.driver.placement import Cluster, resolve_auto
@@ -158,23 +167,55 @@ def _buckets(rows: list[dict], dataset_id: str) -> str:
     return f"{len(counts)} bucket(s): {shown}"
 
 
+STORAGE_PROBE_S = 10.0  # a remote cache that has not answered by then is reported, not waited for
+
+
+def probe_storage(location: str, timeout_s: float = STORAGE_PROBE_S) -> str | None:
+    """Write, read back and delete a small object at `location` (a URI) as the encoders and the reader will; None
+    when that worked, else why not. Gives up after `timeout_s`: GCS's client is told to stop retrying by then, and
+    any client still waiting (an endpoint that drops packets) is left behind in a daemon thread."""
+    from raytune_sd3.data.files import CacheFiles
+
+    outcome: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            files = CacheFiles(location, retry_limit_s=timeout_s / 4)  # each of its calls may use it up
+            path = files.join(".raytune_sd3-write-probe")
+            files.size(path)  # one call first: an unreachable store fails here, within one retry limit
+            files.write(path, b"ok")
+            if files.read(path) != b"ok":
+                raise OSError("the probe object read back differs from what was written")
+            files.delete(path)
+            outcome["error"] = None
+        except Exception as e:  # noqa: BLE001 - any failure is the answer
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, name="storage-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" not in outcome:
+        return f"no answer within {timeout_s:.0f} s (the endpoint or network does not respond; its client retries)"
+    error = outcome["error"]
+    if error is None:
+        return None
+    reason = " ".join(str(error).split())
+    return f"{type(error).__name__}: {shorten(reason, 240)}" if reason else type(error).__name__
+
+
 def check_storage(cfg: JobConfig, report: Report) -> None:
     """output_dir and the cache must be writable from here (on a cluster: shared storage every node mounts)."""
-    from raytune_sd3.data.files import CacheFiles, is_uri, redacted
+    from raytune_sd3.data.files import is_uri, redacted
 
     for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)):
         if is_uri(str(path)):
-            try:  # a small probe object, written and read back as the encoders and the reader will
-                files = CacheFiles(str(path))
-                probe = files.join(".raytune_sd3-write-probe")
-                files.write(probe, b"ok")
-                assert files.read(probe) == b"ok"
-                files.delete(probe)
+            problem = probe_storage(str(path))
+            if problem is None:
                 report.ok("storage", f"{key}: {redacted(str(path))} (written and read back)")
-            except Exception as e:  # noqa: BLE001 - any failure: say which and why, without the URI's options
-                report.fail("storage", f"{key}: cannot write to {redacted(str(path))} from here: {type(e).__name__} "
-                                       "(check the bucket, the endpoint in the URI's query, and the credentials in "
-                                       "the environment)")
+            else:
+                report.fail("storage", f"{key}: cannot write to {redacted(str(path))} from here: {problem} (check "
+                                       "the bucket, the endpoint in the URI's query, and the credentials in the "
+                                       "environment)")
             continue
         p = Path(path)
         existing = next((a for a in [p, *p.parents] if a.exists()), None)
@@ -266,7 +307,12 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
     report = Report()
     t = cfg.train
     target = target_cluster(cfg, cluster, gpu)
-    for note in resolve_auto(cfg, target):
+    try:
+        notes = resolve_auto(cfg, target)
+    except ConfigError as e:  # a PlacementError: the target can never hold the job; the rest needs it resolved
+        report.fail("auto", str(e))
+        return report
+    for note in notes:
         report.ok("auto", note)
     report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.max_workers} workers x batch "
                         f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "
@@ -345,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_job(args.job, args.overrides, data_dir=args.data)
     except ConfigError as e:
-        print(f"[FAIL] config   {e}", file=sys.stderr)
+        print(f"[FAIL] config   {one_screen(str(e))}", file=sys.stderr)
         return 2
     if args.cluster:  # a file Ray or the KubeRay operator would refuse: said before any other work
         try:
@@ -356,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raytune_sd3 preflight: {args.job}")
     report = run_checks(cfg, cluster=args.cluster, gpu=args.gpu, strategy=args.strategy,
                         quantization=args.quantization, skip_paths=args.skip_paths)
-    print("\n".join(report.lines))
+    print(one_screen("\n".join(report.lines), max_lines=500))  # no secret, no flood, whatever a check says
     if report.problems:
         print(f"\n{len(report.problems)} problem(s) to fix before spending GPU hours:")
-        print("\n".join(f"  - {p}" for p in report.problems))
+        print(one_screen("\n".join(f"  - {p}" for p in report.problems)))
         return 1
     print("\nall checks passed")
     return 0

@@ -11,14 +11,32 @@ import difflib
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from raytune_sd3.job_file import JobFileError, parse_yaml, read_yaml_file
 
 TINY_MODELS = ("tiny-sd3", "tiny-sd35")
+# Upper bounds on sizes, so a typo (10**30) is refused at the door instead of overflowing in pyarrow or "fitting" in
+# 1e25 GiB. Far above what SD3 trains at (1024-2048 px) or what LoRA uses (4-128).
+MAX_RESOLUTION = 8192
+MAX_LORA_RANK = 1024
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, APFS, NTFS)
 
 
 class ConfigError(ValueError):
@@ -26,11 +44,43 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # allow_inf_nan=False: every float is finite (.nan or .inf in a learning rate, shift or guidance scale is a
+    # mistake); the few keys where .inf means "never" say so and opt back in (train.divergence_factor,
+    # train.grad_norm_limit; NaN stays refused there by their bounds).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+def _path_text(v: Any) -> Any:
+    """A path (or URI) as written: not empty (that would be the working directory), no NUL byte, no name longer
+    than a filesystem allows."""
+    if isinstance(v, str | Path):
+        text = str(v)
+        if not text.strip():
+            raise ValueError("is empty, which would mean the working directory; give the path")
+        if "\x00" in text:
+            raise ValueError("contains a NUL byte, which no path can hold")
+        longest = max(len(part.encode("utf-8", "replace")) for part in text.split("/"))
+        if longest > NAME_MAX and not is_uri(text):
+            raise ValueError(f"has a name of {longest:,} bytes; a file or folder name is at most {NAME_MAX} bytes")
+    return v
+
+
+def _not_a_file(v: Any) -> Any:
+    if v is not None and not is_uri(str(v)) and Path(v).expanduser().is_file():
+        raise ValueError(f"{show(str(v))} is a file; this must be a folder (or a new path)")
+    return v
+
+
+PathText = Annotated[Path, BeforeValidator(_path_text)]
+"""A file's path."""
+FolderPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_not_a_file)]
+"""A folder's path: an existing file is refused (writing or searching it would fail later, deep in a worker)."""
+Resolution = Annotated[int, Field(ge=16, le=MAX_RESOLUTION)]
 
 
 class ModelConfig(Section):
-    pretrained: str = "tiny-sd3"
+    pretrained: Annotated[str, BeforeValidator(_path_text)] = "tiny-sd3"
     """A diffusers SD3 directory (a relative or ~ path is made absolute where the command runs), a hub id already
     in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
@@ -47,6 +97,14 @@ class ModelConfig(Section):
     int8-quanto etc.), nf4 with bitsandbytes (4-bit NormalFloat, CUDA only; SimpleTuner's nf4-bnb); norms,
     proj_out, pos_embed, context_embedder and time_text_embed stay in full precision."""
 
+    @field_validator("pretrained")
+    @classmethod
+    def _not_a_url(cls, v: str) -> str:
+        if is_uri(v) or v.startswith(("http:", "https:")):
+            raise ValueError("is a folder, a hub id (owner/name) or a tiny model, not a URL; download the model "
+                             "(`hf download owner/name`) and give its id or folder")
+        return v
+
 
 class TextConfig(Section):
     t5_max_length: int = Field(154, ge=1, le=512)
@@ -62,19 +120,19 @@ class DatasetConfig(Section):
     """A short name for this data set (used in cache reports and errors)."""
     type: Literal["local", "demo"] = "local"
     """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
-    instance_data_dir: Path
+    instance_data_dir: FolderPath
     """Folder of images (searched recursively)."""
     caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
     """Where captions come from: a .txt beside each image (one caption per line, one drawn per epoch; no .txt: the
     file name), the file name, instance_prompt for every image, or metadata_file."""
-    metadata_file: Path | None = None
+    metadata_file: PathText | None = None
     """caption_strategy metadata: a .jsonl, .csv or .parquet file with a file_name column (relative to
     instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet)."""
     instance_prompt: str | None = None
     """The caption of every image when caption_strategy is instanceprompt."""
-    resolution: int | list[int] = 1024
-    """Training size in pixels, in the unit of resolution_type (1024: about 1024x1024 pixels of area); a list
-    (e.g. [512, 1024]) trains on every image at each of them (multi-resolution)."""
+    resolution: Resolution | list[Resolution] = 1024
+    """Training size in pixels, in the unit of resolution_type (1024: about 1024x1024 pixels of area; 16 to
+    MAX_RESOLUTION 8192); a list (e.g. [512, 1024]) trains on every image at each of them (multi-resolution)."""
     resolution_type: Literal["pixel_area", "pixel"] = "pixel_area"
     """pixel_area: resolution R means about R*R pixels of area, each side a multiple of data.bucket_alignment
     (SimpleTuner's SD3 default); pixel: the shorter side is R."""
@@ -145,7 +203,7 @@ class DatasetConfig(Section):
 class DataConfig(Section):
     datasets: list[DatasetConfig] = Field(min_length=1)
     """The data sets of this job."""
-    cache_dir: str | None = None
+    cache_dir: Annotated[str, BeforeValidator(_path_text), AfterValidator(_not_a_file)] | None = None
     """Where encoded latents and text embeddings live; default `<output_dir>/cache`. Reused by later runs. On a
     cluster: a folder every node mounts, or a URI (`s3://bucket/cache`, `gs://...`; options in its query, e.g.
     `?endpoint_override=host:9000&scheme=http` for MinIO; credentials from the environment)."""
@@ -214,8 +272,8 @@ class FlowConfig(Section):
 
 
 class LoraConfig(Section):
-    rank: int = Field(16, ge=1)
-    """LoRA rank."""
+    rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
+    """LoRA rank (at most MAX_LORA_RANK 1024)."""
     alpha: float | None = None
     """LoRA alpha; default = rank (scale 1). Other values are folded into lora_B when saving."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -239,7 +297,7 @@ class TrainConfig(Section):
     strategy: Literal["ddp", "zero2", "zero3"] = "ddp"
     """ddp (LoRA gradients all-reduced, base replicated); zero2 / zero3: DeepSpeed ZeRO stage 2 / 3 (zero3 also
     shards the frozen base across workers)."""
-    deepspeed_config: Path | None = None
+    deepspeed_config: PathText | None = None
     """A DeepSpeed JSON to use instead of the one generated from this job (batch sizes, clipping and precision still
     ours: one that enables DeepSpeed's bf16 or fp16 is refused, use mixed_precision)."""
     use_gpu: bool | None = None
@@ -273,12 +331,12 @@ class TrainConfig(Section):
     adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW (and Lion) beta1, in [0, 1)."""
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """AdamW (and Lion) beta2, in [0, 1)."""
+    adam_epsilon: float = Field(1e-8, gt=0)
+    """AdamW epsilon, above 0."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
@@ -315,10 +373,11 @@ class TrainConfig(Section):
     """Measure the eval loss every N steps; default: at the start and at the end only."""
     max_nonfinite_steps: int = Field(5, ge=0)
     """A step whose loss or gradient is NaN/inf is skipped and counted; after this many the run stops as diverged."""
-    divergence_factor: float | None = Field(None, gt=1)
-    """Stop as diverged when the eval loss rises above this factor times its value before training."""
-    grad_norm_limit: float | None = Field(None, gt=0)
-    """Stop as diverged when the (unclipped) gradient norm exceeds this."""
+    divergence_factor: float | None = Field(None, gt=1, allow_inf_nan=True)
+    """Stop as diverged when the eval loss rises above this factor times its value before training; null (or
+    .inf): never."""
+    grad_norm_limit: float | None = Field(None, gt=0, allow_inf_nan=True)
+    """Stop as diverged when the (unclipped) gradient norm exceeds this; null (or .inf): never."""
     prior_loss_weight: float = Field(1.0, ge=0)
     """Loss weight of samples from data sets with is_regularisation_data (diffusers' prior_loss_weight)."""
 
@@ -722,7 +781,7 @@ class HubConfig(Section):
 
 
 class JobConfig(Section):
-    output_dir: Path
+    output_dir: FolderPath
     """Where this run writes job.yaml, metrics.jsonl, validation images and the LoRA (shared storage on clusters)."""
     name: str | None = None
     """Run name in Ray Train storage; default: output_dir's folder name."""
@@ -807,6 +866,9 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
         if not m:
             raise ValueError(f"resolution {part!r} is not WxH (e.g. 1024x1024)")
         w, h = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not (16 <= w <= MAX_RESOLUTION and 16 <= h <= MAX_RESOLUTION):
+            raise ValueError(f"resolution {part.strip()[:40]!r}: each side is 16 to {MAX_RESOLUTION} pixels "
+                             "(MAX_RESOLUTION)")
         if w % 16 or h % 16:
             raise ValueError(f"resolution {w}x{h}: both sides must be multiples of 16")
         sizes.append((w, h))
@@ -856,11 +918,14 @@ def set_key(raw: dict, key: str, value: Any) -> None:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=c` strings (values parsed as YAML; `data.datasets.0.x` indexes a list) to a nested dict."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-5")
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)*", key.strip()):
+            raise ConfigError(f"--set {shorten(item, 80)}: expected KEY=VALUE with a dotted job key, e.g. "
+                              "--set train.learning_rate=1e-5")
         try:
-            set_key(raw, key.strip(), yaml.safe_load(value))
+            set_key(raw, key.strip(), parse_yaml(value))
+        except JobFileError as e:
+            raise ConfigError(f"--set {key.strip()}: the value is {e} (quote a string: --set 'KEY=\"...\"')") from None
         except ConfigError as e:
             raise ConfigError(f"--set {e}") from None
     return raw
@@ -885,10 +950,14 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return did_you_mean(str(loc[-1]), list(cls.model_fields))
 
 
+MAX_ERRORS = 20  # errors listed; the rest are counted ("(+N more)")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid job config"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    lines = []
+    errors = err.errors(include_url=False)
+    for e in errors[:MAX_ERRORS]:
+        key = shorten(".".join(str(p) for p in e["loc"]) or "(top level)")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key{_suggest(JobConfig, e['loc'])}")
         elif e["type"] == "missing":
@@ -896,8 +965,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = "<redacted>" if SECRET_KEY.search(str(e["loc"][-1]) if e["loc"] else "") else e.get("input")
-            lines.append(f"  {key}: {msg} (got {got!r})" if e["type"] != "value_error" else f"  {key}: {msg}")
-    return "\n".join(lines)
+            lines.append(f"  {key}: {msg} (got {show(got)})" if e["type"] != "value_error" else f"  {key}: {msg}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"  (+{len(errors) - MAX_ERRORS} more)")
+    return one_screen(f"{source}: invalid job config\n" + "\n".join(lines))
 
 
 def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
@@ -905,7 +976,9 @@ def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     keeping the first data set's resolution: `--data DIR` tries your own images with any job file."""
     data = raw.setdefault("data", {})
     first = (data.get("datasets") or [{}])[0]
-    data["datasets"] = [{"id": Path(folder).name or "data", "type": "local", "instance_data_dir": str(folder),
+    secret = redact(str(folder)) != str(folder)  # its name would show in every report line
+    data["datasets"] = [{"id": (not secret and Path(folder).name) or "data", "type": "local",
+                         "instance_data_dir": str(folder),
                          "caption_strategy": "textfile", "resolution": first.get("resolution", 1024),
                          **{k: first[k] for k in ("resolution_type", "crop", "crop_style", "crop_aspect",
                                                   "crop_aspect_buckets") if k in first}}]
@@ -921,9 +994,10 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"{p}: job file not found (jobs/tiny.yaml is a working example)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raw = read_yaml_file(p)
+        except JobFileError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job is a YAML mapping at the top level")
     if data_dir is not None:
@@ -977,33 +1051,87 @@ SECRET_KEY = re.compile(rf"^-*(?:{'|'.join(SECRET_NAMES)})$"  # the credential n
                         # any name that ends in a credential word: my_api_key, s3_secret, password, token
                         r"|(^|_)(token|auth_token|access_token|api_?key|key|secret|secret_key|access_key(_id)?"
                         r"|password|passwd|credentials?|private_key)$", re.I)
-SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@"
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|:/{1,2}[^/\s:@]+:[^/\s@]+@"  # ":/": a URL made a path
                           # Discord and Slack webhook URLs (their path is the token)
-                          r"|\bhttps?://[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?://hooks\.slack\.com/services/[^\s\"'<>]+")
+                          r"|\bhttps?:/{1,2}[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?:/{1,2}hooks\.slack\.com/services/[^\s\"'<>]+"
+                          # AWS access key ids; GitHub, Slack and OpenAI-style tokens
+                          r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\b(?:ghp|gho|ghs|ghu|github_pat)_\w{20,}"
+                          r"|\bxox[abpr]-[\w-]{10,}|\bsk-[\w-]{20,}")
+# A W&B API key is 40 hex digits, as is a git commit: redacted everywhere but a revision (model.revision's commit
+# must survive job.yaml) and never inside a path (a hub cache snapshot folder is named by its commit).
+HEX_KEY = re.compile(r"(?<![\w/-])[0-9a-fA-F]{40}(?![\w/-])")
+NOT_HEX_SECRETS = ("revision",)
+# Environment variables whose values are secrets besides SECRET_ENV: by the shape of their names (TOKENIZERS_...
+# is not a token); short values (flags, "1") are left alone.
+SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|SECRET_KEY|PRIVATE_KEY|KEY)(_|$)",
+                             re.I)
 REDACTED = "<redacted>"
 # Secret values this process has read from a job (validation.webhook_url, which may be any URL): redact() strips
 # them wherever they appear, as it does the secrets of the environment.
 JOB_SECRETS: set[str] = set()
 
 
+def secret_values() -> set[str]:
+    """The secrets of this process: the environment's tokens and keys (8 characters or more) and JOB_SECRETS."""
+    env = {v for k, v in os.environ.items() if k in SECRET_ENV or SECRET_ENV_NAME.search(k)}
+    # An AWS secret key may hold "/": given as a path, its last part alone would show (a folder name, an id).
+    parts = {p for v in env for p in v.split("/") if len(p) >= 12 and "/" in v}
+    return ({v for v in env if len(v) >= 8} | parts | {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+            | JOB_SECRETS)
+
+
 def redact(obj: Any) -> Any:
-    """A copy with secret-looking keys, values that look like a token or carry URL credentials, and any value
-    equal to a secret from the environment replaced by <redacted>."""
-    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)} | JOB_SECRETS
+    """A copy with secret-looking keys, values that look like a token or key (SECRET_VALUE, HEX_KEY) or carry URL
+    credentials, and any value holding a secret of the environment replaced by <redacted>."""
+    secrets = sorted(secret_values(), key=len, reverse=True)  # a longer secret may contain a shorter one
+
+    def text(x: str, key: str) -> str:
+        x = SECRET_VALUE.sub(REDACTED, x)
+        if key not in NOT_HEX_SECRETS:
+            x = HEX_KEY.sub(REDACTED, x)
+        for s in secrets:
+            if s and s in x:
+                x = x.replace(s, REDACTED)
+        return x
+
     def walk(x: Any, key: str = "") -> Any:
         if isinstance(x, dict):
             return {k: walk(v, str(k)) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v, key) for v in x]
         if SECRET_KEY.search(key) and x is not None:
-            return "<redacted>"
+            return REDACTED
         if isinstance(x, str):
-            x = SECRET_VALUE.sub("<redacted>", x)
-            for s in secrets:
-                if s and s in x:
-                    x = x.replace(s, "<redacted>")
+            return text(x, key)
         return x
     return walk(obj)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A value for a message: secrets redacted (before it is cut, so no part of one shows), at most about 100
+    characters ('...' marks what was cut)."""
+    return shorten(_SHORT.repr(redact(value)))
+
+
+def shorten(text: str, limit: int = 160) -> str:
+    """Free text for a message: secrets redacted, cut to `limit` characters."""
+    text = redact(str(text))
+    return text if len(text) <= limit else f"{text[:limit - 25]}... ({len(text):,} characters)"
+
+
+def one_screen(message: str, max_lines: int = 24, width: int = 400) -> str:
+    """A message that fits a screen: secrets redacted, each line at most `width` characters, and after `max_lines`
+    lines one saying how many more there were."""
+    lines = [shorten(line, width) for line in str(message).splitlines()]
+    if len(lines) > max_lines:
+        lines = [*lines[:max_lines - 1], f"  (+{len(lines) - max_lines + 1} more)"]
+    return "\n".join(lines)
 
 
 def dump_job(cfg: JobConfig) -> str:

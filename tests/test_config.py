@@ -186,3 +186,112 @@ def test_previews_need_a_webhook():
     raw["validation"]["preview_steps"] = 2
     with pytest.raises(ConfigError, match="validation.preview_steps needs validation.webhook_url"):
         load_job(raw=raw)
+
+
+# --- the door: job files, --set, finite and bounded values (issue 22) -------------------------------------------
+
+
+def _job_text(tmp_path, text: str) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    return job
+
+
+def test_a_job_file_is_read_within_limits(tmp_path):
+    base = (ROOT / "jobs" / "tiny.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"line 4\d, column 1: key 'train' appears twice .*first on line 2\d"):
+        load_job(_job_text(tmp_path, base + "\ntrain:\n  batch_size: 2\n"))
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdef", "bcdefg", strict=True))
+    with pytest.raises(ConfigError, match="aliases .* expand to more than 100,000 values"):
+        load_job(_job_text(tmp_path, bomb))
+    with pytest.raises(ConfigError, match="nested more than 64 levels"):
+        load_job(_job_text(tmp_path, "a: " + "[" * 5000 + "]" * 5000))
+    (tmp_path / "latin1.yaml").write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: byte 15 is not UTF-8 .* save the file as UTF-8"):
+        load_job(tmp_path / "latin1.yaml")
+    # a YAML error says where, never the text around it (it may hold a key)
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 1: expected ',' or '\}'") as e:
+        load_job(_job_text(tmp_path, "wandb: {key: abcdef-my-key\n"))
+    assert "abcdef" not in str(e.value)
+    # a merge key may override on purpose: it is not a duplicate
+    merge = base.replace("train:\n", "train:\n  <<: {max_steps: 7, batch_size: 2}\n")
+    cfg = load_job(_job_text(tmp_path, merge))
+    assert cfg.train.max_steps == 40 and cfg.train.batch_size == 4  # the mapping's own keys win over the merge
+
+
+def test_set_errors_are_config_errors():
+    tiny = ROOT / "jobs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"--set train.learning_rate: the value is not valid YAML at line 1"):
+        load_job(tiny, ["train.learning_rate=[1,2"])
+    for bad in ("=@x", "train..seed=1", " =1", "nokey"):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            load_job(tiny, [bad])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.learning_rate", ".inf", "finite number"),
+    ("flow.shift", ".nan", "finite number"),
+    ("validation.guidance", ".inf", "finite number"),
+    ("validation.skip_layer_scale", "-.inf", "finite number"),
+    ("train.adam_beta1", "1.0", "less than 1"),
+    ("train.adam_beta2", "-0.1", "greater than or equal to 0"),
+    ("train.adam_epsilon", "-1e-8", "greater than 0"),
+    ("train.divergence_factor", ".nan", "greater than 1"),
+    ("output_dir", "''", "is empty"),
+    ("data.datasets.0.instance_data_dir", "''", "is empty"),
+    ("data.datasets.0.resolution", str(10**30), "less than or equal to 8192"),
+    ("lora.rank", str(10**30), "less than or equal to 1024"),
+    ("validation.resolution", "16x0", "each side is 16 to 8192"),
+    ("model.pretrained", "https://user:pw@example.com/m", "not a URL"),
+])
+def test_values_at_the_door(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(ROOT / "jobs" / "tiny.yaml", [f"{key}={value}"])
+
+
+def test_inf_means_never_only_where_documented():
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["train.divergence_factor=.inf", "train.grad_norm_limit=.inf"])
+    assert cfg.train.divergence_factor == float("inf") and cfg.train.grad_norm_limit == float("inf")
+
+
+def test_folders_that_are_files_and_bad_path_names(tmp_path):
+    tiny = ROOT / "jobs" / "tiny.yaml"
+    for key in ("output_dir", "data.cache_dir", "data.datasets.0.instance_data_dir"):
+        with pytest.raises(ConfigError, match=f"{key}: .*tiny.yaml' is a file; this must be a folder"):
+            load_job(tiny, [f"{key}={tiny}"])
+    with pytest.raises(ConfigError, match="NUL byte"):
+        load_job(raw={**tiny_raw(), "output_dir": "a\x00b"})
+    with pytest.raises(ConfigError, match="a name of 300 bytes; a file or folder name is at most 255"):
+        load_job(tiny, [f"output_dir={tmp_path}/{'x' * 300}"])
+
+
+def test_errors_are_one_screen_and_redacted(monkeypatch):
+    monkeypatch.setenv("MYSERVICE_TOKEN", "tok-0123456789-secret")
+    raw = tiny_raw()
+    raw["flow"]["eval_sigmas"] = [5.0] * 5000 + [float("nan")] * 5000
+    raw["train"]["seed"] = "tok-0123456789-secret"
+    raw["name"] = ["x" * 100_000]
+    with pytest.raises(ConfigError) as e:
+        load_job(raw=raw)
+    text = str(e.value)
+    assert len(text.splitlines()) == 22 and max(len(line) for line in text.splitlines()) <= 400
+    assert text.splitlines()[-1] == "  (+4982 more)"  # 5000 NaNs, a seed and a name, 20 of them shown
+    with pytest.raises(ConfigError, match=r"train.seed: .*\(got '<redacted>'\)"):
+        load_job(ROOT / "jobs" / "tiny.yaml", ["train.seed=tok-0123456789-secret"])
+
+
+def test_blocks_and_targets_are_checked_against_the_model():
+    tiny = ROOT / "jobs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"lora.blocks: block\(s\) \[99\] not in tiny-sd3, which has 2 blocks"):
+        check_paths(load_job(tiny, ["lora.blocks=[99]"]))
+    with pytest.raises(ConfigError, match=r"validation.skip_layers: block\(s\) \[2\] not in tiny-sd3"):
+        check_paths(load_job(tiny, ["validation.skip_layers=[2]"]))
+    with pytest.raises(ConfigError, match="lora.targets: an empty list trains nothing"):
+        check_paths(load_job(tiny, ["lora.targets=[]"]))
+    with pytest.raises(ConfigError, match=r"lora.targets: \['attn.to_qq'\] match no linear layer of tiny-sd3"):
+        check_paths(load_job(tiny, ["lora.targets=[attn.to_q, attn.to_qq]"]))
+    # SD3.5's second attention is in its dual-attention blocks only (block 0 of tiny-sd35)
+    check_paths(load_job(tiny, ["model.pretrained=tiny-sd35", "lora.targets=[attn2.to_q]", "lora.blocks=[0]"]))
+    with pytest.raises(ConfigError, match=r"\['attn2.to_q'\] match no linear layer of tiny-sd35 in blocks \[1\]"):
+        check_paths(load_job(tiny, ["model.pretrained=tiny-sd35", "lora.targets=[attn2.to_q]", "lora.blocks=[1]"]))

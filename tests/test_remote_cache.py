@@ -107,3 +107,24 @@ def test_ray_data_fills_an_s3_cache_that_training_reads(tiny_sd3, tmp_path, s3_u
     batch = reader.micro_batch(0, 0, 1, 0, 1, 2)
     assert batch["latents"].shape == (2, 16, 4, 4) and batch["prompt_embeds"].shape[0] == 2
     assert all(v is None for v in (CacheStore(uri).verify(k, key) for k, key in CacheStore(uri).entries()))
+
+
+def test_the_storage_check_answers_for_reachable_missing_and_silent_stores(s3_uri):
+    """The preflight writes a probe object and reads it back; a bucket that is not there says why, and an endpoint
+    that accepts connections but never answers is reported as such instead of waited for (a deadline, not a
+    timing: the message says which way it ended)."""
+    from raytune_sd3.check import probe_storage
+
+    assert probe_storage(s3_uri) is None
+    missing = probe_storage(s3_uri.replace("cache-bucket", "no-such-bucket"))
+    assert missing is not None and "no-such-bucket" in missing and missing.startswith("OSError")
+    with socket.socket() as silent:  # listens (the kernel completes the handshake) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        answer = probe_storage(f"s3://bucket/cache?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1",
+                               timeout_s=2)
+        gcs = probe_storage(f"gs://bucket/cache?endpoint_override=127.0.0.1:{port}&scheme=http", timeout_s=2)
+    assert answer is not None and answer.startswith("no answer within 2 s")
+    # GCS without credentials: its client's retries are bounded, so the reason (or the deadline) comes back
+    assert gcs is not None and (gcs.startswith("OSError") or gcs.startswith("no answer within 2 s"))

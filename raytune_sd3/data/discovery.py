@@ -70,30 +70,47 @@ def _column(names: list[str], wanted: tuple[str, ...], source: Path) -> str:
     return found
 
 
+def _records(path: Path, suffix: str) -> list:
+    if suffix in (".jsonl", ".json"):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
 def read_metadata(path: Path, root: Path) -> dict[str, list[str]]:
     """{absolute image path: captions} from a JSONL, CSV or parquet file; paths relative to the data folder."""
     if not path.is_file():
         raise ValueError(f"metadata_file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            records = list(csv.DictReader(f))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    else:
+    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
         raise ValueError(f"metadata_file {path}: use a .jsonl, .csv or .parquet file")
+    try:
+        records = _records(path, suffix)
+    except (csv.Error, RecursionError, UnicodeDecodeError) as e:  # a field over csv's limit, 10^5-deep JSON, ...
+        raise ValueError(f"{path}: cannot be read as {suffix[1:]}: {type(e).__name__}: {str(e)[:120]}") from None
     if not records:
         return {}
+    # One object per row, each caption a string or a list of strings: a row `5` or a caption `[1, 2]` is a
+    # mistake to name here, before any work, not an AttributeError in a worker.
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: row {i} is not an object ({type(r).__name__}); each row has file_name and "
+                             'caption keys, e.g. {"file_name": "a.png", "caption": "a red circle"}')
     key = _column(list(records[0]), PATH_COLUMNS, path)
     text = _column(list(records[0]), CAPTION_COLUMNS, path)
     out = {}
-    for r in records:
+    for i, r in enumerate(records, 1):
         value = r.get(text)
-        captions = [value] if isinstance(value, str) else list(value or [])
+        captions = ([value] if isinstance(value, str) else [] if value is None
+                    else list(value) if isinstance(value, list) else None)
+        if captions is None or not all(isinstance(c, str | None) for c in captions):
+            raise ValueError(f"{path}: row {i}: its {text} is not a string or a list of strings")
+        if not isinstance(r.get(key), str | int) or not str(r[key]).strip():
+            raise ValueError(f"{path}: row {i}: its {key} is missing or not a file name")
         out[str((root / str(r[key])).resolve())] = [c.strip() for c in captions if c and c.strip()]
     return out
 

@@ -21,6 +21,8 @@ from raytune_sd3.config import is_uri  # noqa: F401 - the cache's URI test lives
 
 # fsspec protocols whose objects appear only when their upload completes.
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+# Schemes pyarrow's own clients serve (a network or credentials error from them is final, not a cue for fsspec).
+_PYARROW_SCHEMES = {"s3", "gs", "gcs"}
 
 
 def redacted(uri: str) -> str:
@@ -33,28 +35,39 @@ def redacted(uri: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
-def _filesystem(location: str) -> tuple[pafs.FileSystem, str, bool]:
-    """(filesystem, root path in it, whether an upload publishes a file whole) for a folder or a URI."""
+def _filesystem(location: str, retry_limit_s: float | None = None) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path in it, whether an upload publishes a file whole) for a folder or a URI.
+    `retry_limit_s`: how long a GCS client retries before it gives up (its default is minutes), unless the URI's
+    query sets retry_limit_seconds."""
     if not is_uri(location):
         # pyarrow's local paths are absolute; a relative cache_dir means this process's working directory.
         return pafs.LocalFileSystem(), os.path.abspath(location), False
+    scheme = urlsplit(location).scheme
+    if retry_limit_s is not None and scheme in ("gs", "gcs") and "retry_limit_seconds=" not in location:
+        location += ("&" if "?" in location else "?") + f"retry_limit_seconds={retry_limit_s:g}"
     try:
         fs, root = pafs.FileSystem.from_uri(location)
         return fs, root, fs.type_name in ("s3", "gcs", "abfs")
-    except Exception:  # noqa: BLE001 - pyarrow only knows its own schemes: try fsspec for the rest
-        import fsspec
+    except Exception as e:  # noqa: BLE001 - pyarrow only knows its own schemes: try fsspec for the rest
+        if scheme in _PYARROW_SCHEMES and not isinstance(e, ImportError | NotImplementedError):
+            raise  # pyarrow's own client refused the URI or could not reach it: that is the reason to give
+        return _fsspec_filesystem(location)
 
-        fs, root = fsspec.core.url_to_fs(location)
-        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root, bool(protocols & _OBJECT_STORES)
+
+def _fsspec_filesystem(location: str) -> tuple[pafs.FileSystem, str, bool]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(location)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root, bool(protocols & _OBJECT_STORES)
 
 
 class CacheFiles:
     """The few file operations the cache needs, on the filesystem a folder or URI names. Paths are the
     filesystem's own ("/abs/cache/latents/ab/ab...safetensors", "bucket/cache/latents/...")."""
 
-    def __init__(self, location: str):
-        self.fs, root, self.uploads_whole = _filesystem(str(location))
+    def __init__(self, location: str, retry_limit_s: float | None = None):
+        self.fs, root, self.uploads_whole = _filesystem(str(location), retry_limit_s)
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 

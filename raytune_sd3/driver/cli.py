@@ -10,15 +10,24 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from raytune_sd3.config import ConfigError, JobConfig, load_job, redact
+from raytune_sd3.config import ConfigError, JobConfig, load_job, one_screen, redact
 from raytune_sd3.driver.preflight import check_paths
 
 log = logging.getLogger("raytune_sd3")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own messages ("unrecognized arguments: ...", a bad --gpu) quote the command line: secrets
+    are redacted and the message kept to one screen, as for every other error."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {one_screen(message, max_lines=8)}\n")
+
+
 def job_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """The arguments every entry point shares: the job file, --data and --set."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", help="job YAML, e.g. jobs/tiny.yaml")
     p.add_argument("--data", metavar="DIR", help="train on this folder of images instead of the job's data sets "
                    "(captions from a .txt beside each image, else the file name)")
@@ -33,7 +42,10 @@ def read_job(args: argparse.Namespace, paths: bool = True) -> JobConfig:
     """The job of the command line, validated, its paths checked (`paths`); raises ConfigError."""
     cfg = load_job(args.job, args.overrides, data_dir=args.data)
     if paths:
-        check_paths(cfg)
+        try:
+            check_paths(cfg)
+        except ConfigError as e:  # FILE: KEY: ..., as the schema's errors
+            raise ConfigError(f"{args.job}: {e}") from None
     return cfg
 
 
@@ -73,7 +85,7 @@ def run(main: Callable[[], int], verbose: bool = False) -> int:
     try:
         return main()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_screen(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -44,6 +44,10 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
     pretrained = cfg.model.pretrained
     if model_is_path(pretrained) and not Path(pretrained).expanduser().is_dir():
         problems.append(f"model.pretrained: {pretrained} is not a folder (a diffusers SD3 directory or a hub id)")
+    else:  # blocks and targets against the model's config, where it is known without weights
+        from raytune_sd3.models.layers import layer_problems
+
+        problems += layer_problems(cfg)
     from raytune_sd3.train.tracking import credentials_problem
 
     if (wandb_problem := credentials_problem(cfg)) is not None:

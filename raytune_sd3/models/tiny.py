@@ -41,6 +41,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from raytune_sd3.models.layers import tiny_transformer_config
+
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray")
 _SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "hexagon")
 _OBJECTS = ("cat", "dog", "car", "house", "tree", "flower", "cup", "chair", "apple", "bird", "boat", "lamp")
@@ -193,20 +195,7 @@ def _vae() -> AutoencoderKL:
 def _components(sd35: bool, seed: int) -> dict:
     clip_l_tok, clip_g_tok, t5_tok = _tokenizers()
     builders = {
-        "transformer": lambda: SD3Transformer2DModel(
-            sample_size=8,  # default 64px images: 8 latent px, 4x4 patches
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=96,  # = T5 width; CLIP embeds (32 + 48) are zero-padded up to it
-            caption_projection_dim=32,
-            pooled_projection_dim=80,  # = 32 + 48 pooled CLIP-L + CLIP-G
-            pos_embed_max_size=64,
-            **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}),
-        ),
+        "transformer": lambda: SD3Transformer2DModel(**tiny_transformer_config("tiny-sd35" if sd35 else "tiny-sd3")),
         "vae": _vae,
         "text_encoder": lambda: _clip(clip_l_tok, hidden=32, intermediate=64),
         "text_encoder_2": lambda: _clip(clip_g_tok, hidden=48, intermediate=96),

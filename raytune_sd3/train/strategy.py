@@ -157,8 +157,12 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict:
         path = Path(t.deepspeed_config)
         try:
             ds = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{where}: cannot read {path} as JSON: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested 10^5 deep
+            raise ConfigError(f"{where}: cannot read {path} as JSON: {type(e).__name__}: {str(e)[:200]}") from None
+        if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+            what = "is not a JSON object" if not isinstance(ds, dict) else "has a zero_optimization that is not an object"
+            raise ConfigError(f"{where}: {path} {what}; a DeepSpeed config is an object of sections, e.g. "
+                              '{"zero_optimization": {"stage": 2}}')
         for key in ("optimizer", "scheduler"):  # ours are built from train.* and stepped by the loop
             if key in ds:
                 raise ConfigError(f"{where}: {path} has an '{key}' section; remove it, the optimizer and LR "
