@@ -22,7 +22,7 @@ import yaml
 from raytune_sd3.config import TINY_MODELS, ConfigError, JobConfig, load_job, quantised_base_problem
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.microbatch import TIGHT, job_estimator
-from raytune_sd3.driver.placement import Cluster, resolve_auto
+from raytune_sd3.driver.placement import Cluster, PlacementError, check_placement, local_machine, resolve_auto
 from raytune_sd3.driver.preflight import check_paths
 from raytune_sd3.hardware import GIB, GPU_GIB, gpu_memory, gpu_of_node_type
 from raytune_sd3.memory import QUANT_BYTES, STRATEGIES, TransformerShape, transformer_config
@@ -164,8 +164,9 @@ def check_model(cfg: JobConfig, report: Report) -> str | None:
 
 
 def check_data(cfg: JobConfig, report: Report) -> int:
-    """Counts the images of each data set and their aspect buckets (from the image headers), and checks that every
-    bucket fills a global batch; returns the total."""
+    """Counts the images of each data set and their aspect buckets (from the image headers), and checks that what
+    the eval hold-out leaves fills a global batch in every bucket (once the worker count is known); returns the
+    total."""
     from raytune_sd3.data.discovery import discover
 
     total, rows = 0, []
@@ -182,6 +183,7 @@ def check_data(cfg: JobConfig, report: Report) -> int:
                 w, h = size_for_aspect(1.0, sizings_of(ds, cfg.data.bucket_alignment)[-1])
                 report.ok("data", f"{ds.id}: demo, {ds.demo_images} square images generated on first use, "
                                   f"1 bucket {w}x{h}")
+                rows += [{"width": w, "height": h, "dataset_id": ds.id, "repeats": 0}] * ds.demo_images
                 total += ds.demo_images
             continue
         if not ds.instance_data_dir.is_dir():
@@ -198,15 +200,63 @@ def check_data(cfg: JobConfig, report: Report) -> int:
         report.ok("data", f"{ds.id}: {len(items)} images{cap}, {_buckets(rows, ds.id)}")
         total += len(items)
     if rows:
-        from raytune_sd3.data.reader import BucketError, plan_buckets
-
-        try:  # the eval samples are not held out here: a bucket that fails now fails in training too
-            _, notes = plan_buckets(rows, cfg.train.global_batch, cfg.data.small_buckets)
-            for line in notes:
-                report.warn("data", f"data.small_buckets {cfg.data.small_buckets}: {line}")
-        except BucketError as e:
-            report.fail("data", str(e))
+        check_batches(cfg, rows, report)
     return total
+
+
+def check_batches(cfg: JobConfig, rows: list[dict], report: Report) -> None:
+    """The eval hold-out first, then the buckets of what is left, as training sees them (data/prepare.py). Which
+    images are held out depends on their content hashes, which only caching computes: a failure that every
+    hold-out causes is a FAIL, one that some would cause a warning."""
+    from raytune_sd3.data.reader import BucketError, plan_buckets
+
+    held, policy = cfg.data.eval_samples, cfg.data.small_buckets
+    if held >= len(rows):
+        report.fail("data", f"data.eval_samples {held}: holds out all {len(rows)} images for the eval loss and "
+                            f"leaves none to train on; lower it (--set data.eval_samples={max(len(rows) // 5, 0)})")
+        return
+    if cfg.train.num_workers == "auto":  # on a cluster not joined yet: train checks this once it has joined
+        report.ok("data", f"data.eval_samples {held} of {len(rows)} images held out; batches checked once "
+                          "train.num_workers auto is resolved")
+        return
+    batch = cfg.train.global_batch
+    try:
+        _, notes = plan_buckets(_hold_out(rows, held, spare=True), batch, policy)
+    except BucketError as e:
+        report.fail("data", f"{e}" + (f" (after data.eval_samples {held} held out)" if held else ""))
+        return
+    for line in notes:
+        report.warn("data", f"data.small_buckets {policy}: {line}")
+    at_risk = []
+    for size in {(r["width"], r["height"]) for r in rows}:
+        try:
+            plan_buckets(_hold_out(rows, held, spare=False, bucket=size), batch, policy)
+        except BucketError:
+            at_risk.append(f"{size[0]}x{size[1]}")
+    if at_risk:
+        report.warn("data", f"bucket(s) {', '.join(sorted(at_risk))}: if the eval hold-out (data.eval_samples "
+                            f"{held}, chosen by content hash while caching) takes its images from there, what is "
+                            f"left cannot fill a global batch of {batch} and training stops; add images of that "
+                            "shape, lower data.eval_samples, or set data.small_buckets: oversubscribe")
+
+
+def _hold_out(rows: list[dict], n: int, spare: bool, bucket: tuple[int, int] | None = None) -> list[dict]:
+    """`rows` less `n` of them: spread over the buckets with the most samples to spare (`spare`, the kindest
+    hold-out), or all from `bucket` first (the harshest for it)."""
+    by_bucket: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        by_bucket.setdefault((r["width"], r["height"]), []).append(r)
+    for members in by_bucket.values():
+        members.sort(key=lambda r: r["repeats"])
+    for _ in range(n):
+        if spare:
+            size = max(by_bucket, key=lambda b: sum(1 + r["repeats"] for r in by_bucket[b]))
+        else:
+            size = bucket if by_bucket.get(bucket) else max(by_bucket, key=lambda b: len(by_bucket[b]))
+        by_bucket[size].pop(0 if spare else -1)
+        if not by_bucket[size]:
+            del by_bucket[size]
+    return [r for members in by_bucket.values() for r in members]
 
 
 def _bucket_rows(items: list) -> list[dict]:
@@ -320,9 +370,11 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
                           f"{gpu_bytes / GIB:.1f} GiB. Change one of: " + "; ".join(fixes or ["the model size"]))
 
 
-def target_cluster(cfg: JobConfig, cluster: str | None, gpu: str | None) -> Cluster:
+def target_cluster(cfg: JobConfig, cluster: str | None, gpu: str | None, here: bool = True) -> Cluster:
     """The cluster a job's `auto` settings are resolved against here: the cluster file's GPU nodes at their
-    maximum count, one GPU (--gpu), or, with neither, one GPU for a real model and a CPU machine for a tiny one."""
+    maximum count, one GPU (--gpu), or, with neither, this machine as a local Ray would see it (`here`), else (a
+    check away from the machine it will run on, --skip-paths) one GPU for a real model and a CPU machine for a tiny
+    one."""
     if cluster:
         try:
             c = cluster_gpus(cluster)
@@ -332,21 +384,48 @@ def target_cluster(cfg: JobConfig, cluster: str | None, gpu: str | None) -> Clus
             pass  # run_checks reports the unreadable file
     if gpu:
         return Cluster(({"GPU": 1, "CPU": 8.0},), card=gpu_memory(gpu))
+    if here:
+        return local_machine(cfg)
     if cfg.model.pretrained not in TINY_MODELS:  # a GPU of unknown memory: train.batch_size auto says so
-        return Cluster(({"GPU": 1, "CPU": 8.0},))
-    return Cluster(({"CPU": 8.0},))
+        return Cluster(({"GPU": 1, "CPU": 8.0},), machine="an assumed machine with 1 GPU (give --gpu or --cluster)")
+    return Cluster(({"CPU": 8.0},), machine="an assumed CPU machine (give --gpu or --cluster)")
+
+
+def check_workers(cfg: JobConfig, target: Cluster, gpu: str | None, report: Report) -> None:
+    """The worker count against one card (--gpu) or this machine (no --cluster: that has its own check)."""
+    t = cfg.train
+    if gpu:
+        if t.use_gpu and t.max_workers > 1:
+            report.fail("workers", f"train.num_workers {t.num_workers} needs {t.max_workers} GPUs, and --gpu checks "
+                                   "against one card: --set train.num_workers=1 (or auto), or check against the "
+                                   "cluster it will run on with --cluster FILE")
+        return
+    try:
+        check_placement(cfg, target)
+    except PlacementError as e:
+        report.fail("workers", f"{e} (checked against {target.machine}; to check against the machine it will run "
+                               "on, give --gpu CARD or --cluster FILE, or run the check there)")
 
 
 def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = None, strategy: str | None = None,
                quantization: str | None = None, skip_paths: bool = False) -> Report:
     report = Report()
     t = cfg.train
-    target = target_cluster(cfg, cluster, gpu)
-    for note in resolve_auto(cfg, target):
+    target = target_cluster(cfg, cluster, gpu, here=not skip_paths)
+    if target.machine:
+        report.ok("target", f"no --gpu or --cluster: checked against {target.describe()}")
+    try:
+        notes = resolve_auto(cfg, target)
+    except ConfigError as e:
+        report.fail("auto", str(e))
+        return report
+    for note in notes:
         report.ok("auto", note)
     report.ok("config", f"{cfg.model.pretrained} ({cfg.model.dtype}), {t.max_workers} workers x batch "
                         f"{t.batch_size} x accum {t.grad_accum}, LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, "
                         f"T5 {cfg.text.t5_max_length} tokens, mixed precision {t.mixed_precision}")
+    if not cluster and not (skip_paths and not gpu):
+        check_workers(cfg, target, gpu, report)
     strategy = strategy or t.strategy
     if not quantization and cfg.model.quantize != "none":
         quantization = cfg.model.quantize
@@ -385,6 +464,46 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
         gpu_bytes = gib * GIB
     check_memory(cfg, report, gpu_bytes, gpu_name, strategy, quantization, config_dir)
     return report
+
+
+def starts_local_ray(cfg: JobConfig) -> bool:
+    """Whether the job trains on this machine: no cluster to join (ray.address, RAY_ADDRESS, a `ray job submit`)."""
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def refuse_early(cfg: JobConfig) -> None:
+    """The checks of this command that train and tune run before Ray starts (after check_paths): the model, the
+    storage, the data and its batches, and on a local Ray the workers against this machine. Raises ConfigError
+    with the check's own lines. On a cluster not joined yet, what needs its worker count waits for refuse_batches.
+    Works on a copy: `auto` is resolved for real once Ray is up."""
+    job, report = cfg.model_copy(deep=True), Report()
+    check_model(job, report)
+    check_storage(job, report)
+    if starts_local_ray(job):
+        target = local_machine(job)
+        try:
+            resolve_auto(job, target)
+            check_placement(job, target)
+        except ConfigError as e:
+            report.fail("workers" if isinstance(e, PlacementError) else "auto", str(e))
+    if not report.problems:  # the data last: its headers are the slow part on a large set
+        check_data(job, report)
+    _raise(report)
+
+
+def refuse_batches(cfg: JobConfig) -> None:
+    """After `auto` is resolved on the cluster joined: the eval hold-out and the buckets against the global batch."""
+    if starts_local_ray(cfg):
+        return  # refuse_early checked them against this machine
+    report = Report()
+    check_data(cfg, report)
+    _raise(report)
+
+
+def _raise(report: Report) -> None:
+    if report.problems:
+        raise ConfigError("the preflight (python -m raytune_sd3.check) finds what would stop this job:\n"
+                          + "\n".join(line for line in report.lines if line.startswith("[FAIL]")))
 
 
 def _gpu(spec: str) -> str:

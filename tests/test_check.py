@@ -318,7 +318,7 @@ def test_bad_config_exits_2(tmp_path, capsys):
 
 def test_cli_runs_as_a_module():
     r = subprocess.run([sys.executable, "-m", "raytune_sd3.check", "jobs/sd35.yaml", "--gpu", "H200-141GB",
-                        "--skip-paths"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--skip-paths", "--set", "train.num_workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fits:" in r.stdout and "38 blocks x width 2432" in r.stdout
 
@@ -332,7 +332,7 @@ def test_sd35_job_paths_unchanged():
 def test_job_keys_drive_the_estimate(capsys):
     """train.strategy, model.quantize and train.gradient_checkpointing from the job change the estimate, and the
     suggested fix for a 40 GB A100 is a key that makes it fit."""
-    base = ["jobs/sd35.yaml", "--gpu", "A100-40GB", "--skip-paths"]
+    base = ["jobs/sd35.yaml", "--gpu", "A100-40GB", "--skip-paths", "--set", "train.num_workers=1"]  # one card
     assert check_main(base) == 1
     out = capsys.readouterr().out
     assert "--set train.gradient_checkpointing=true" in out

@@ -102,6 +102,9 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     pretrained = resolve_pretrained(cfg.model.pretrained)
     resolve_validation_models(cfg)  # the tiny CLIP / TAESD built now, for the same reason
     connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
+    from raytune_sd3.check import refuse_batches
+
+    refuse_batches(cfg)  # on a cluster: its worker count is known only now, and nothing is cached yet
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
