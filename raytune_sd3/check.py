@@ -284,8 +284,61 @@ def _buckets(rows: list[dict], dataset_id: str) -> str:
     return f"{len(counts)} bucket(s): {shown}"
 
 
-def check_storage(cfg: JobConfig, report: Report) -> None:
-    """output_dir and the cache must be writable from here (on a cluster: shared storage every node mounts)."""
+# Filesystems every node of a cluster can mount as the same files (fuse.*: gcsfuse, s3fs, mountpoint-s3, blobfuse2,
+# juicefs; AWS EFS and GCP Filestore are nfs4/nfs, FSx for Lustre is lustre).
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs", "beegfs",
+                      "wekafs", "fuse")
+
+
+def mount_of(path: Path) -> tuple[str, str] | None:
+    """(mount point, filesystem type) holding `path`, or its nearest existing parent; None where the mount table
+    cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    mounts = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3:  # octal escapes in mount points: a space is \040
+            mounts[fields[1].encode().decode("unicode_escape")] = fields[2]
+    existing = next((a for a in [path, *path.parents] if a.exists()), Path("/"))
+    for folder in [existing.resolve(), *existing.resolve().parents]:
+        if str(folder) in mounts:
+            return str(folder), mounts[str(folder)]
+    return None
+
+
+def shared_storage_problem(key: str, path: Path, where: str) -> str | None:
+    """Why a local `path` is not storage that every node of `where` (a cluster) sees, or None."""
+    mount = mount_of(path)
+    if mount is None or mount[1].split(".")[0] in SHARED_FILESYSTEMS:
+        return None
+    point, fstype = mount
+    missing = "" if path.exists() else f"does not exist yet, and would be made on {point}: "
+    return (f"{key}: {path} {missing}is on {fstype} at {point}, this machine's own disk, which the other nodes of "
+            f"{where} do not see: mount shared storage there on every node (filesystems that count: "
+            f"{', '.join(SHARED_FILESYSTEMS[:-1])}, fuse mounts such as gcsfuse or s3fs) or use a URI "
+            "(s3://bucket/path or gs://bucket/path)")
+
+
+def working_dir_problem(key: str, path: Path) -> str | None:
+    """Under `ray job submit --working-dir`, a relative path resolves into Ray's temporary copy of that folder,
+    which the user never sees again (and other nodes have their own copy of)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw or "working_dir" not in raw:
+        return None
+    cwd = Path.cwd()
+    if path != cwd and cwd not in path.parents:
+        return None
+    return (f"{key}: {path} is inside Ray's temporary copy of the --working-dir of `ray job submit` (a relative "
+            "path resolves there): nobody sees it after the job. Give an absolute path on storage every node "
+            f"mounts, e.g. --set {key}=/mnt/shared/raytune_sd3/NAME, or a URI (s3://bucket/path, gs://bucket/path)")
+
+
+def check_storage(cfg: JobConfig, report: Report, shared_by: str | None = None) -> None:
+    """output_dir and the cache must be writable from here; on a cluster (`shared_by`: its description), storage
+    every node mounts."""
     from raytune_sd3.data.files import CacheFiles, is_uri, redacted
 
     for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)):
@@ -304,10 +357,15 @@ def check_storage(cfg: JobConfig, report: Report) -> None:
             continue
         p = Path(path)
         existing = next((a for a in [p, *p.parents] if a.exists()), None)
-        if existing is None or not os.access(existing, os.W_OK):
+        if (problem := working_dir_problem(key, p)) is not None:
+            report.fail("storage", problem)
+        elif existing is None or not os.access(existing, os.W_OK):
             report.fail("storage", f"{key}: {p} is not writable from here (nearest existing folder: {existing})")
+        elif shared_by and (problem := shared_storage_problem(key, p, shared_by)) is not None:
+            report.fail("storage", problem)
         else:
-            report.ok("storage", f"{key}: {p}")
+            mount = mount_of(p) if shared_by else None
+            report.ok("storage", f"{key}: {p}" + (f" ({mount[1]} at {mount[0]}, shared)" if mount else ""))
 
 
 def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_name: str, strategy: str,
@@ -437,7 +495,7 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
             for line in str(e).splitlines()[1:]:
                 report.fail("paths", line.strip())
         config_dir = check_model(cfg, report)
-        check_storage(cfg, report)
+        check_storage(cfg, report, shared_by=f"the cluster of {cluster}" if cluster else None)
         check_data(cfg, report)
     elif cfg.model.pretrained in TINY_MODELS:
         from raytune_sd3.models.loading import resolve_pretrained
@@ -491,11 +549,21 @@ def refuse_early(cfg: JobConfig) -> None:
     _raise(report)
 
 
-def refuse_batches(cfg: JobConfig) -> None:
-    """After `auto` is resolved on the cluster joined: the eval hold-out and the buckets against the global batch."""
+def refuse_on_cluster(cfg: JobConfig, cluster: Cluster) -> None:
+    """After joining a cluster (`auto` resolved on it), what refuse_early could not know: the eval hold-out and the
+    buckets against the global batch, and, where the job's nodes are more than one machine (or an autoscaler may
+    add some), storage that every node sees."""
     if starts_local_ray(cfg):
-        return  # refuse_early checked them against this machine
+        return  # refuse_early checked this machine
+    import ray
+
     report = Report()
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1 or cluster.autoscaling:  # nodes on one host (a test cluster) share its disk
+        where = f"this Ray cluster ({cluster.describe()}" + (", autoscaling)" if cluster.autoscaling else ")")
+        for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)):
+            if "://" not in str(path) and (problem := shared_storage_problem(key, Path(path), where)):
+                report.fail("storage", problem)
     check_data(cfg, report)
     _raise(report)
 

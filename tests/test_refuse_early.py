@@ -98,3 +98,48 @@ def test_gpu_is_one_card(capsys):
     out = capsys.readouterr().out
     assert "[FAIL] workers  train.num_workers 3 needs 3 GPUs, and --gpu checks against one card" in out
     assert check_main(["jobs/sd35.yaml", "--gpu", "H100-80GB", "--skip-paths", "--set", "train.num_workers=1"]) == 0
+
+
+# --- storage that must be shared ------------------------------------------------------------------------------------
+
+
+def test_a_cluster_job_on_this_machines_disk_fails(tmp_path, capsys):
+    """/mnt/shared that does not exist would be made on the head's own disk, where no other node sees it."""
+    job = str(_job(tmp_path))
+    sets = ["--set", "output_dir=/mnt/shared/raytune_sd3/x", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert check_main([job, "--cluster", "cluster/aws-h100.yaml", *sets]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] storage  output_dir: /mnt/shared/raytune_sd3/x does not exist yet, and would be made on /" in out
+    assert "this machine's own disk, which the other nodes of the cluster of cluster/aws-h100.yaml" in out
+    assert "s3://bucket/path or gs://bucket/path" in out
+    assert f"[FAIL] storage  data.cache_dir: {tmp_path / 'cache'}" in out
+    assert check_main([job, "--gpu", "L4-24GB", *sets]) == 0  # one machine: its own disk is fine
+
+
+def test_a_shared_mount_passes(tmp_path, monkeypatch, capsys):
+    import raytune_sd3.check as check
+
+    monkeypatch.setattr(check, "mount_of", lambda path: ("/mnt/shared", "nfs4"))  # the OS's mount table
+    assert check.shared_storage_problem("output_dir", tmp_path, "a cluster") is None
+    monkeypatch.setattr(check, "mount_of", lambda path: ("/mnt/shared", "fuse.gcsfuse"))
+    assert check.shared_storage_problem("output_dir", tmp_path, "a cluster") is None
+    monkeypatch.setattr(check, "mount_of", lambda path: ("/", "overlay"))
+    assert "is on overlay at /" in check.shared_storage_problem("output_dir", tmp_path, "a cluster")
+
+
+def test_a_relative_output_dir_under_ray_job_submit_is_refused(tmp_path, monkeypatch, capsys):
+    """The entrypoint of `ray job submit --working-dir .` runs in Ray's copy of the folder: a relative output_dir
+    would land there. check says so, and train refuses before joining the cluster."""
+    job = _job(tmp_path)
+    copy = tmp_path / "ray_pkg_0123"  # where Ray unpacks the working dir
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}')
+    sets = ["--set", "output_dir=outputs/mine"]
+    line = f"[FAIL] storage  output_dir: {copy / 'outputs' / 'mine'} is inside Ray's temporary copy of the --working-dir"
+    assert check_main([str(job), *sets]) == 1
+    assert line in capsys.readouterr().out
+    assert train_main([str(job), *sets]) == 2
+    err = capsys.readouterr().err
+    assert line in err and "--set output_dir=/mnt/shared/raytune_sd3/NAME" in err
+    assert check_main([str(job), "--set", f"output_dir={tmp_path / 'abs'}"]) == 0, capsys.readouterr().out
