@@ -520,6 +520,8 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
     elif gpu:
         gpu_name, gib = gpu_memory(gpu)
         gpu_bytes = gib * GIB
+    elif target.machine and target.gpus and isinstance(card := target.gpu_card(), tuple):
+        (gpu_name, gib), gpu_bytes = card, card[1] * GIB  # this machine's own GPU, as Ray names it
     check_memory(cfg, report, gpu_bytes, gpu_name, strategy, quantization, config_dir)
     return report
 

@@ -143,3 +143,15 @@ def test_a_relative_output_dir_under_ray_job_submit_is_refused(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert line in err and "--set output_dir=/mnt/shared/raytune_sd3/NAME" in err
     assert check_main([str(job), "--set", f"output_dir={tmp_path / 'abs'}"]) == 0, capsys.readouterr().out
+
+
+def test_with_no_target_the_memory_is_compared_with_this_machines_gpu(tmp_path, monkeypatch, capsys):
+    """On a GPU machine, check with no --gpu compares with the card Ray finds there (its accelerator_type)."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager as Nvidia
+
+    monkeypatch.setattr(Nvidia, "get_current_node_num_accelerators", staticmethod(lambda: 1))  # the driver's answer
+    monkeypatch.setattr(Nvidia, "get_current_process_visible_accelerator_ids", staticmethod(lambda: None))
+    monkeypatch.setattr(Nvidia, "get_current_node_accelerator_type", staticmethod(lambda: "L4"))
+    assert check_main([str(_job(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "checked against 1 GPU, " in out and "[ok]   memory   fits:" in out and "on L4-24GB" in out, out
