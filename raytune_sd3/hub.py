@@ -118,6 +118,22 @@ def copy_validation_images(cfg: JobConfig, out: Path) -> list[tuple[str, str]]:
     return shown
 
 
+def snippet_base(base: str) -> tuple[str, list[str]]:
+    """How the card's snippet names the base model: (Python expression, lines before it). A hub id as it is; a
+    folder in the HF cache by the hub id it was downloaded as; the tiny test models through raytune_sd3, which
+    builds them; another folder by its path, said to be one."""
+    if base in TINY_MODELS:
+        return (f"resolve_pretrained({json.dumps(base)})",
+                ["from raytune_sd3.models.loading import resolve_pretrained  # builds the tiny test model offline"])
+    if model_is_path(base):
+        parts = Path(base).parts
+        cached = next((p for p in parts if p.startswith("models--")), None)
+        if cached and "snapshots" in parts:  # <HF cache>/models--owner--name/snapshots/<revision>
+            return json.dumps(cached.removeprefix("models--").replace("--", "/")), []
+        return json.dumps(base), ["# the base model this LoRA was trained on: a local folder on the training machine"]
+    return json.dumps(base), []
+
+
 def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None = None) -> str:
     """The card's text: YAML front matter (base model, licence, tags, widget) and what the LoRA is, how to load it,
     its validation images and the training settings (the redacted job.yaml). Secrets are stripped from all of it."""
@@ -130,7 +146,8 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     meta.update(licence)
     family = ["sd3.5", "sd3.5-diffusers"] if "3.5" in base or base == "tiny-sd35" else ["sd3", "sd3-diffusers"]
     meta.update(library_name="diffusers", pipeline_tag="text-to-image",
-                tags=["text-to-image", "diffusers", "lora", "sd3", *family, "template:sd-lora", "raytune_sd3"])
+                tags=list(dict.fromkeys(["text-to-image", "diffusers", "lora", "sd3", *family, "template:sd-lora",
+                                         "raytune_sd3"])))
     trigger = trigger_of(cfg)
     if trigger:
         meta["instance_prompt"] = trigger
@@ -150,8 +167,10 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     lines += ([f"**Trigger:** `{trigger}`: use it in your prompts.", ""] if trigger else
               ["**Trigger:** none; it was trained on captions (caption_strategy "
                f"{', '.join(sorted({d.caption_strategy for d in cfg.data.datasets}))}).", ""])
-    lines += ["## Use it", "", "```python", "import torch", "from diffusers import StableDiffusion3Pipeline", "",
-              f"pipe = StableDiffusion3Pipeline.from_pretrained({json.dumps(base)}, torch_dtype=torch.bfloat16)"
+    load_base, base_note = snippet_base(base)
+    lines += ["## Use it", "", "```python", "import torch", "from diffusers import StableDiffusion3Pipeline",
+              *base_note, "",
+              f"pipe = StableDiffusion3Pipeline.from_pretrained({load_base}, torch_dtype=torch.bfloat16)"
               '.to("cuda")',
               f"pipe.load_lora_weights({json.dumps(where)})  # {LORA_FILE}",
               f"image = pipe({json.dumps(trigger or (cfg.validation.prompts or ['a photo'])[0])}, "

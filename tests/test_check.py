@@ -236,7 +236,11 @@ def _gpu_cluster_files() -> list[Path]:
         for d in yaml.safe_load_all(p.read_text()))]
 
 
-GPU_JOBS = [p for p in sorted((ROOT / "jobs").glob("*.yaml")) if load_job(p).model.pretrained not in TINY_MODELS]
+# Cluster jobs name their worker count; one-machine jobs (num_workers auto, no shared mount) are sized by the machine
+# they run on and checked against it below.
+GPU_JOBS = [p for p in sorted((ROOT / "jobs").glob("*.yaml")) if load_job(p).model.pretrained not in TINY_MODELS
+            and load_job(p).train.num_workers != "auto"]
+MACHINE_JOBS = {"sd35-24gb.yaml": ("L4-24GB", 1), "sd35-80gb.yaml": ("H100-80GB", 1), "sd35-8gpu.yaml": ("H100", 8)}
 GPU_CLUSTERS = _gpu_cluster_files()
 
 
@@ -318,7 +322,7 @@ def test_bad_config_exits_2(tmp_path, capsys):
 
 def test_cli_runs_as_a_module():
     r = subprocess.run([sys.executable, "-m", "raytune_sd3.check", "jobs/sd35.yaml", "--gpu", "H200-141GB",
-                        "--skip-paths"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--skip-paths", "--set", "train.num_workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fits:" in r.stdout and "38 blocks x width 2432" in r.stdout
 
@@ -332,7 +336,7 @@ def test_sd35_job_paths_unchanged():
 def test_job_keys_drive_the_estimate(capsys):
     """train.strategy, model.quantize and train.gradient_checkpointing from the job change the estimate, and the
     suggested fix for a 40 GB A100 is a key that makes it fit."""
-    base = ["jobs/sd35.yaml", "--gpu", "A100-40GB", "--skip-paths"]
+    base = ["jobs/sd35.yaml", "--gpu", "A100-40GB", "--skip-paths", "--set", "train.num_workers=1"]  # one card
     assert check_main(base) == 1
     out = capsys.readouterr().out
     assert "--set train.gradient_checkpointing=true" in out
@@ -367,3 +371,32 @@ def test_the_lowvram_job_fits_a_12gb_card_and_not_a_10gb_one(capsys):
     with pytest.raises(SystemExit):
         check_main(["jobs/sd35-lowvram.yaml", "--gpu", "twelve", "--skip-paths"])
     assert "a memory size such as 12GB" in capsys.readouterr().err
+
+
+def test_the_one_machine_jobs_are_what_ships():
+    assert {p.name for p in (ROOT / "jobs").glob("*.yaml") if load_job(p).model.pretrained not in TINY_MODELS
+            and load_job(p).train.num_workers == "auto"} == set(MACHINE_JOBS)
+
+
+@pytest.mark.parametrize("name", sorted(MACHINE_JOBS))
+def test_each_one_machine_job_fits_its_machine(name, capsys):
+    """Each job for one machine, on the node Ray would see there (its GPUs and their accelerator_type): one worker
+    per GPU, a micro-batch the estimate fits under 90% of the card, the global batch split evenly, no shared mount."""
+    from raytune_sd3.driver.microbatch import job_estimator
+    from raytune_sd3.driver.placement import Cluster, check_placement, resolve_auto
+    from raytune_sd3.memory import transformer_config
+
+    card, gpus = MACHINE_JOBS[name]
+    cfg = load_job(ROOT / "jobs" / name)
+    assert not str(cfg.output_dir).startswith("/mnt/") and not str(cfg.cache_dir).startswith("/mnt/")
+    node = Cluster(({"GPU": float(gpus), "CPU": 12.0 * gpus, f"accelerator_type:{card.split('-')[0]}": 1.0},))
+    notes = resolve_auto(cfg, node)
+    check_placement(cfg, node)
+    t = cfg.train
+    assert t.num_workers == gpus and t.batch_size * t.grad_accum * gpus == t.global_batch_size, notes
+    config, _ = transformer_config(cfg.model.pretrained, None)
+    gib = {"L4": 22.0, "H100": 79.6}[card.split("-")[0]]
+    assert job_estimator(cfg, config, cfg.model.pretrained)(t.batch_size).total <= 0.9 * gib * GIB, notes
+    if gpus == 1:  # and the check command agrees on the card
+        assert check_main([str(ROOT / "jobs" / name), "--gpu", card, "--skip-paths"]) == 0
+        assert "[ok]   memory   fits:" in capsys.readouterr().out

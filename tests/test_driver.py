@@ -49,6 +49,7 @@ def test_run_settings_file_has_no_secret(tmp_path, monkeypatch):
     guard_resume(load_job(tiny, [out, f"model.revision={secret}"]), restart=False)
     settings = (tmp_path / "run" / "ray" / "run" / SETTINGS_FILE).read_text()
     assert secret not in settings and json.loads(settings)["model"]["revision"] == "<redacted>"
+    (tmp_path / "run" / "ray" / "run" / "checkpoint_000001").mkdir()  # a run to resume: other settings refused
     with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> another value") as refused:
         guard_resume(load_job(tiny, [out, "model.revision=main"]), restart=False)
     assert secret not in str(refused.value)
@@ -57,7 +58,44 @@ def test_run_settings_file_has_no_secret(tmp_path, monkeypatch):
     key, out2 = "0123456789abcdef0123456789abcdef01234567", f"output_dir={tmp_path / 'run2'}"
     monkeypatch.setenv("WANDB_API_KEY", key)
     guard_resume(load_job(tiny, [out2, f"model.revision={key}"]), restart=False)
+    (tmp_path / "run2" / "ray" / "run2" / "checkpoint_000001").mkdir()
     monkeypatch.delenv("WANDB_API_KEY")
     with pytest.raises(ConfigError, match=r"model\.revision: '<redacted>' -> another value") as refused:
         guard_resume(load_job(tiny, [out2, f"model.revision={key}"]), restart=False)
     assert key not in str(refused.value)
+
+
+def test_a_run_that_left_no_checkpoint_restarts_with_the_fixed_job(tmp_path):
+    """A first attempt that failed before its first checkpoint leaves only its settings: the fixed job (other
+    settings) starts over without --restart; once a checkpoint exists, the same change is refused as before."""
+    tiny, out = ROOT / "jobs" / "tiny.yaml", f"output_dir={tmp_path / 'run'}"
+    run_dir = tmp_path / "run" / "ray" / "run"
+    guard_resume(load_job(tiny, [out, "train.batch_size=64"]), restart=False)  # failed: nothing to resume
+    guard_resume(load_job(tiny, [out]), restart=False)
+    assert json.loads((run_dir / SETTINGS_FILE).read_text())["train"]["batch_size"] == 4
+    (run_dir / "checkpoint_000001").mkdir()
+    with pytest.raises(ConfigError, match=r"train\.batch_size: 4 -> 64"):
+        guard_resume(load_job(tiny, [out, "train.batch_size=64"]), restart=False)
+
+
+def test_validation_changes_are_named_against_the_finished_runs_job(tmp_path):
+    from raytune_sd3.config import dump_job
+    from raytune_sd3.driver.resume import validation_changes
+
+    tiny, out = ROOT / "jobs" / "tiny.yaml", f"output_dir={tmp_path / 'run'}"
+    assert validation_changes(load_job(tiny, [out])) == []  # no finished run: nothing to compare with
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "job.yaml").write_text(dump_job(load_job(tiny, [out])))
+    assert validation_changes(load_job(tiny, [out, "train.learning_rate=3e-3"])) == []
+    assert validation_changes(load_job(tiny, [out, "validation.clip_score=true", "validation.guidance=5"])) == [
+        "validation.guidance: 3.0 -> 5.0", "validation.clip_score: False -> True"]
+
+
+def test_success_sets_an_earlier_error_log_aside(tmp_path):
+    from raytune_sd3.driver.training import set_aside_error_log
+
+    (tmp_path / "error.log").write_text("RuntimeError: the first attempt")
+    set_aside_error_log(tmp_path)
+    assert not (tmp_path / "error.log").exists()
+    assert (tmp_path / "error.previous.log").read_text() == "RuntimeError: the first attempt"
+    set_aside_error_log(tmp_path)  # nothing to move: no error

@@ -263,3 +263,23 @@ def test_an_upload_sends_the_card_images_and_lora_to_a_private_repo(tmp_path):
     assert _FakeHub.files["pytorch_lora_weights.safetensors"] == lora
     assert [_FakeHub.files[f"images/{i:02d}_64x64.png"] for i in range(2)] == images
     assert _FakeHub.files["README.md"] == (out / "README.md").read_bytes()
+
+
+def test_the_cards_snippet_loads_the_real_base_and_tags_are_not_repeated(tmp_path, tiny_sd3):
+    """The snippet of a tiny run loads (its base built by raytune_sd3, not `from_pretrained("tiny-sd3")`); a folder
+    in the HF cache is named by its hub id; no tag twice."""
+    from raytune_sd3.hub import model_card, snippet_base
+
+    cfg = _job(tmp_path, "model.pretrained=tiny-sd3")
+    text = model_card(cfg, [])
+    assert len(front_matter(text)["tags"]) == len(set(front_matter(text)["tags"]))
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'from_pretrained("tiny-sd3"' not in code
+    base_line = next(line for line in code.splitlines() if "from_pretrained" in line).split(".to(")[0]
+    scope: dict = {}
+    exec("\n".join(line for line in code.splitlines() if "import" in line) + "\n" + base_line.replace(
+        "pipe =", "pipe ="), scope)  # the import and the base model load, as a user would run them (no CUDA here)
+    assert type(scope["pipe"]).__name__ == "StableDiffusion3Pipeline"
+    snapshot = "/data/hf/hub/models--stabilityai--stable-diffusion-3.5-large/snapshots/abc123"
+    assert snippet_base(snapshot) == ('"stabilityai/stable-diffusion-3.5-large"', [])
+    assert snippet_base(LARGE) == (f'"{LARGE}"', [])

@@ -151,6 +151,7 @@ def test_a_resolved_job_passes_through_and_the_resume_guard_sees_its_values(tmp_
     rerun = sd35(tmp_path)
     resolve_auto(rerun, ONE_H100)
     guard_resume(rerun, restart=False)  # the same cluster: the same split, resumed
+    (run_dir(cfg) / "checkpoint_000001").mkdir()  # a checkpoint to resume: another split is refused
     moved = sd35(tmp_path)
     resolve_auto(moved, Cluster((gpu_node("H200"),)))
     with pytest.raises(ConfigError, match=rf"train.batch_size: {cfg.train.batch_size} -> {moved.train.batch_size}"):
@@ -190,7 +191,7 @@ def test_the_check_shows_what_auto_becomes(tmp_path):
     job = tmp_path / "auto.yaml"
     raw = yaml.safe_load((ROOT / "jobs" / "sd35.yaml").read_text())
     del raw["train"]["grad_accum"]
-    raw["train"].update(batch_size="auto", global_batch_size=12)
+    raw["train"].update(batch_size="auto", global_batch_size=4, num_workers=1)  # --gpu is one card
     job.write_text(yaml.safe_dump(raw))
     runs = [subprocess.run([sys.executable, "-m", "raytune_sd3.check", *args, "--skip-paths"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
@@ -203,7 +204,7 @@ def test_the_check_shows_what_auto_becomes(tmp_path):
     assert "2 workers x batch 8 x accum 1" in runs[0].stdout
     assert runs[1].returncode == 0, runs[1].stdout + runs[1].stderr
     assert "train.batch_size auto -> 2 (estimate" in runs[1].stdout and "of 79.6 GiB on H100-80GB" in runs[1].stdout
-    assert "3 workers x batch 2 x accum 2" in runs[1].stdout
+    assert "1 workers x batch 2 x accum 2" in runs[1].stdout
 
 
 def test_the_check_resolves_auto_for_the_cluster_files_gpu(tmp_path):

@@ -213,3 +213,30 @@ def test_the_run_writes_its_model_card(first_run):
         w["output"]["url"]).name).read_bytes() for w in meta["widget"])
     assert "trained with raytune_sd3 for 40 steps" in text and 'pipe.load_lora_weights("path/to/this/folder")' in text
     assert "model card:" in first_run[1] and "upload" not in first_run[1]
+
+
+@pytest.mark.slow
+def test_a_finished_run_rerun_with_other_validation_settings_validates_again(first_run):
+    """The README's `--set validation.clip_score=true` on a finished run: no step is trained (the LoRA and the
+    metrics of steps 1-40 unchanged); the final LoRA is validated with the new settings, whose measure is on the
+    last metrics line, and an error.log of an earlier attempt is moved aside. (Last in this file: it adds a line
+    to run1's metrics.jsonl.)"""
+    tmp = first_run[0]
+    out = tmp / "run1"
+    lora = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "error.log").write_text("an earlier failure")
+    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+                f"model.revision={SECRET}", "validation.clip_score=true", env={"WANDB_API_KEY": SECRET})
+    said = r.stdout + r.stderr
+    assert "validating its final LoRA again" in said and "validation.clip_score: False -> True" in said, said[-3000:]
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 1
+    last = json.loads(after[-1])
+    assert last["step"] == 40 and last["revalidated"] == 1 and last["clip_score"] > 0
+    assert last["eval_loss"] == json.loads(before[-1])["eval_loss"]  # the final step's measures are kept
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert not (out / "error.log").exists() and (out / "error.previous.log").read_text() == "an earlier failure"
+    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+                f"model.revision={SECRET}", "validation.clip_score=true", env={"WANDB_API_KEY": SECRET})
+    assert "already trained: step 40 of 40" in r.stdout + r.stderr  # now the run's own settings

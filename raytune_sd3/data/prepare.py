@@ -66,8 +66,11 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     rows = Rows.of(report.rows)  # one table: the bucket check below and the manifest file
     # Before any worker starts: a bucket that cannot fill a global batch is an error naming it (or the policy).
     try:
-        _, notes = plan_buckets(split_eval(rows, cfg.data.eval_samples)[0], cfg.train.global_batch,
-                                cfg.data.small_buckets)
+        train_rows = split_eval(rows, cfg.data.eval_samples)[0]
+        if not len(train_rows):  # here, not in the workers, where Ray Train would retry it
+            raise BucketError(f"data.eval_samples {cfg.data.eval_samples}: holds out all {len(rows)} cached items "
+                              "for the eval loss and leaves none to train on; lower it")
+        _, notes = plan_buckets(train_rows, cfg.train.global_batch, cfg.data.small_buckets)
     except BucketError as e:
         if check_buckets:
             raise

@@ -18,12 +18,14 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from raytune_sd3.config import ConfigError
 from raytune_sd3.data.manifest import Rows
 from raytune_sd3.data.store import CacheStore
 
 
-class BucketError(ValueError):
-    """A bucket that cannot fill one global batch; the message names it and what to change."""
+class BucketError(ConfigError):
+    """A bucket that cannot fill one global batch (a job that cannot run: exit 2, one message); the message names
+    it and what to change."""
 
 
 def bucket_of(row: dict) -> tuple[int, int]:

@@ -38,14 +38,19 @@ def job_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def read_job(args: argparse.Namespace, paths: bool = True) -> JobConfig:
-    """The job of the command line, validated, its paths checked (`paths`); raises ConfigError."""
+def read_job(args: argparse.Namespace, paths: bool = True, preflight: bool = False) -> JobConfig:
+    """The job of the command line, validated, its paths checked (`paths`), and with `preflight` everything else
+    `python -m raytune_sd3.check` would refuse it for (train and tune: before Ray starts); raises ConfigError."""
     cfg = load_job(args.job, args.overrides, data_dir=args.data)
     if paths:
         try:
             check_paths(cfg)
         except ConfigError as e:  # FILE: KEY: ..., as the schema's errors
             raise ConfigError(f"{args.job}: {e}") from None
+    if preflight:
+        from raytune_sd3.check import refuse_early
+
+        refuse_early(cfg)
     return cfg
 
 

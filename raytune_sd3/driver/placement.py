@@ -38,6 +38,8 @@ class Cluster:
     card: tuple[str, float] | None = None
     """(name, GiB) of the workers' GPU where known from elsewhere (the check's --gpu or cluster file); otherwise
     `gpu_card` reads it from the GPU nodes' `accelerator_type:<label>` resources."""
+    machine: str = ""
+    """For a local Ray: what the machine under its logical CPUs really has (cores, memory), said beside them."""
 
     def gpu_card(self) -> tuple[str, float] | str:
         """(what to call it, GiB) of the smallest GPU a worker may land on, or why it is not known."""
@@ -71,16 +73,43 @@ class Cluster:
 
     def describe(self) -> str:
         gpus = f"{self.gpus} GPU{'s' * (self.gpus != 1)}, " if self.gpus else "no GPU, "
-        return f"{gpus}{self.cpus:g} CPUs on {len(self.nodes)} node{'s' * (len(self.nodes) != 1)}"
+        where = self.machine or f"{len(self.nodes)} node{'s' * (len(self.nodes) != 1)}"
+        return f"{gpus}{self.cpus:g} CPUs on {where}"
+
+
+def local_machine(cfg: JobConfig) -> Cluster:
+    """The cluster a local Ray started by this job would be, read off this machine without starting it: its GPUs
+    (as Ray counts them: NVIDIA's driver, CUDA_VISIBLE_DEVICES), the logical CPUs init_ray gives it, and the real
+    cores and memory beside them."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager as Nvidia
+    from ray._private.utils import get_num_cpus, get_system_memory
+
+    from raytune_sd3.driver.runtime import local_num_cpus
+
+    node: dict[str, float] = {"CPU": float(local_num_cpus(cfg))}
+    gpus = Nvidia.get_current_node_num_accelerators()
+    visible = Nvidia.get_current_process_visible_accelerator_ids()
+    if visible is not None:
+        gpus = min(gpus, len(visible))
+    if gpus:
+        node["GPU"] = float(gpus)
+        if label := Nvidia.get_current_node_accelerator_type():
+            node[f"accelerator_type:{label}"] = 1.0
+    cores = get_num_cpus()
+    machine = f"this machine ({cores} core{'s' * (cores != 1)}, {get_system_memory() / 2**30:.0f} GiB of memory)"
+    return Cluster((node,), machine=machine)
 
 
 def read_cluster(cfg: JobConfig) -> Cluster:
     """The cluster this process's Ray is connected to (ray.init first)."""
     import ray
 
+    from raytune_sd3.driver import runtime
+
     nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
     autoscaling = cfg.ray.autoscaling if cfg.ray.autoscaling is not None else has_autoscaler()
-    return Cluster(nodes, autoscaling)
+    machine = local_machine(cfg).machine if runtime.started_locally and len(nodes) == 1 else ""
+    return Cluster(nodes, autoscaling, machine=machine)
 
 
 def has_autoscaler() -> bool:

@@ -6,6 +6,7 @@ A Tune study in an output_dir is resumed (same job), restarted or reported, neve
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from raytune_sd3.config import REDACTED, ConfigError, JobConfig, dump_job, redac
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "eval_every",
                      "max_nonfinite_steps", "divergence_factor", "grad_norm_limit"}
 SETTINGS_FILE = "raytune_sd3_settings.json"
+log = logging.getLogger("raytune_sd3")
 
 
 def run_dir(cfg: JobConfig) -> Path:
@@ -44,12 +46,33 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
         old = json.loads(path.read_text())
         diffs = [_change(f"{sec}.{k}", old.get(sec, {}).get(k), v) for sec, vals in settings.items()
                  for k, v in vals.items() if old.get(sec, {}).get(k) != v]
-        if diffs:
+        if diffs and not _has_checkpoint(folder):  # it failed before its first checkpoint: nothing to resume
+            log.info("%s: the earlier run there left no checkpoint; starting over with this job's settings (%s)",
+                     folder, "; ".join(diffs))
+            shutil.rmtree(folder)
+        elif diffs:
             raise ConfigError(
                 f"{folder} holds a run with other settings, which this job would resume:\n  " + "\n  ".join(diffs)
                 + "\nUse another output_dir or name for a new run, or pass --restart to discard the old one.")
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1))
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether Ray Train left a checkpoint (complete or not) of the run in `folder` to resume from."""
+    return any(folder.glob("checkpoint_*"))
+
+
+def validation_changes(cfg: JobConfig) -> list[str]:
+    """The validation settings of this job that differ from those its finished run in output_dir recorded
+    (job.yaml), as `key: old -> new` lines; secrets are not shown."""
+    saved = Path(cfg.output_dir) / "job.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text()).get("validation") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    new = redact(cfg.model_dump(mode="json")["validation"])
+    return [_change(f"validation.{k}", old.get(k), v) for k, v in new.items() if redact(old.get(k)) != v]
 
 
 def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:

@@ -27,6 +27,15 @@ def _job_env_vars() -> dict[str, str] | None:
 LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+started_locally = False  # whether this process's Ray is a local one it started (a cluster's nodes are elsewhere)
+
+
+def local_num_cpus(cfg: JobConfig) -> int:
+    """The logical CPUs of a local Ray. More than the cores: Ray Data, Train workers and Tune trials reserve CPUs
+    they mostly wait on; on a 2-core laptop exact accounting deadlocks them."""
+    return cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+
+
 def init_ray(cfg: JobConfig, configure_logging: bool = True) -> None:
     """Join the cluster (ray.address, RAY_ADDRESS, or the one a `ray job submit` job runs on), else start a local
     Ray. configure_logging=False leaves Ray's loggers as the caller set them (driver/console.py)."""
@@ -53,15 +62,15 @@ def init_ray(cfg: JobConfig, configure_logging: bool = True) -> None:
         ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True,
                  configure_logging=configure_logging)
         return
-    # A local Ray with more logical CPUs than cores: Ray Data, Train workers and Tune trials reserve CPUs they
-    # mostly wait on; on a 2-core laptop exact accounting deadlocks them.
-    num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    num_cpus = local_num_cpus(cfg)
     # The dashboard process also serves the state API that Train and Tune use to release finished workers.
     # address="local": always a new instance, never a `ray start` cluster that happens to run on this machine.
     env["env_vars"] = {**{k: v for k, v in LOCAL_RAY_ENV_VARS.items() if k not in os.environ}, **env["env_vars"]}
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=num_cpus, runtime_env=env, configure_logging=configure_logging)
+            global started_locally
+            started_locally = True
             return
         except Exception as e:  # Ray gives its raylet a fixed 30 s to register: a busy laptop can miss that
             if "timed out during startup" not in str(e) or attempt == 2:

@@ -52,7 +52,10 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
     t0 = time.perf_counter()
     pretrained = resolve_pretrained(cfg.model.pretrained)  # before Ray, as in driver/training.py
     resolve_validation_models(cfg)
-    connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
+    cluster = connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
+    from raytune_sd3.check import refuse_on_cluster
+
+    refuse_on_cluster(cfg, cluster)  # as in driver/training.py
     guard_study(cfg, resume, restart, report_only=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

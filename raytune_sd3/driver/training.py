@@ -16,15 +16,16 @@ import time
 from pathlib import Path
 
 from raytune_sd3.config import JobConfig, dump_job
-from raytune_sd3.driver.resume import finished_run, guard_resume
+from raytune_sd3.driver.resume import finished_run, guard_resume, validation_changes
 from raytune_sd3.models.lora import LORA_FILE
 
 log = logging.getLogger("raytune_sd3")
 
 
 def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: list | None = None,
-                  storage_path: str | None = None):
-    """The TorchTrainer for this job (Tune trials build theirs here too, with TuneReportCallback)."""
+                  storage_path: str | None = None, revalidate: bool = False):
+    """The TorchTrainer for this job (Tune trials build theirs here too, with TuneReportCallback). `revalidate`: a
+    finished run resumed only to validate its final LoRA again (train/loop.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -42,7 +43,7 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained,
-                           "run_dir": run_dir, **resolve_validation_models(cfg)},
+                           "run_dir": run_dir, "revalidate": revalidate, **resolve_validation_models(cfg)},
         torch_config=WorkerTorchConfig(),
         scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
                                      use_gpu=bool(t.use_gpu), resources_per_worker={"CPU": t.cpus_per_worker},
@@ -86,6 +87,15 @@ def write_curves(out: Path) -> Path | None:
         return None
 
 
+def set_aside_error_log(out: Path) -> None:
+    """An error.log of an earlier, failed attempt is moved aside (error.previous.log) once a run succeeds, so the
+    folder of a finished run does not read as a failed one."""
+    log_file = out / "error.log"
+    if log_file.is_file():
+        log_file.replace(out / "error.previous.log")
+        log.info("%s of an earlier attempt moved to %s", log_file, out / "error.previous.log")
+
+
 def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> int:
     """The whole training command on a validated job; returns the exit status."""
     from raytune_sd3.data.prepare import prepare_data
@@ -95,15 +105,26 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     from raytune_sd3.models.loading import resolve_pretrained, resolve_validation_models
 
     t0 = time.perf_counter()
+    revalidate = False
     if not restart and (finished := finished_run(cfg)) is not None:  # seconds, not a Ray start and a worker group
-        log.info("already trained: step %d of %d, LoRA %s (raise train.max_steps to train on, or --restart to "
-                 "train again)", finished[0], cfg.train.max_steps, finished[1])
-        return 0
+        if not (changes := validation_changes(cfg)):
+            log.info("already trained: step %d of %d, LoRA %s (raise train.max_steps to train on, or --restart to "
+                     "train again)", finished[0], cfg.train.max_steps, finished[1])
+            return 0
+        revalidate = True
+        log.info("already trained (step %d); validating its final LoRA again with the changed validation settings, "
+                 "without training:\n  %s", finished[0], "\n  ".join(changes))
+        if any(c.startswith("validation.every_steps") for c in changes):
+            log.info("validation.every_steps: the images of earlier steps need the training again (--restart); "
+                     "only the final step is validated now")
     # Before Ray, as the CLI always did: in test_cluster's two-node `ray job submit`, os.getcwd() failed after
     # ray.init() (the entrypoint's working directory was gone), and the tiny builder's imports read it.
     pretrained = resolve_pretrained(cfg.model.pretrained)
     resolve_validation_models(cfg)  # the tiny CLIP / TAESD built now, for the same reason
-    connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
+    cluster = connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
+    from raytune_sd3.check import refuse_on_cluster
+
+    refuse_on_cluster(cfg, cluster)  # on a cluster: its worker count is known only now, and nothing is cached yet
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,13 +135,14 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
              report.texts_reused, len(report.skipped), report.seconds)
     try:
         with WaitReporter(cfg), TrainingProgress(out, cfg.train.max_steps):
-            result = build_trainer(cfg, manifest, pretrained).fit()
+            result = build_trainer(cfg, manifest, pretrained, revalidate=revalidate).fit()
         error = result.error
     except Exception as e:  # noqa: BLE001 - Ray Train raises what stopped the run; the user gets it in short
         error = e
     write_curves(out)
     if error:
         return report_failure(error, out)
+    set_aside_error_log(out)
     # Train V2's result.metrics are those of the last checkpoint, and a diverged step writes none: read the log.
     last = last_metrics(out)
     if last.get("diverged"):

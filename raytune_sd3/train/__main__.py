@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        cfg = cli.read_job(args)  # a bad job stops here, before torch or Ray is imported
+        cfg = cli.read_job(args, preflight=True)  # a job `check` refuses stops here, in its words, before Ray starts
         from raytune_sd3.driver.training import train_job
 
         return train_job(cfg, restart=args.restart, verbose=args.verbose)

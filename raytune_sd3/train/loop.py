@@ -231,6 +231,9 @@ class WorkerRun:
 
     def train(self) -> None:
         t = self.t
+        if self.config.get("revalidate") and self.start_step == t.max_steps:
+            self.revalidate()
+            return
         if self.eval_batches and self.start_step == 0:
             self.step = 0
             self.initial_eval = self.evaluate()
@@ -276,6 +279,20 @@ class WorkerRun:
             print(f"raytune_sd3: preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
                   f"{info.preempted_ranks}{left}): checkpoint at step {step}", flush=True)
         return True
+
+    def revalidate(self) -> None:
+        """A finished run resumed with changed validation settings: its final LoRA validated again with them, no
+        step trained; the final step's metrics line is repeated with the new measures (curves and model card read
+        the last line)."""
+        step = self.step = self.t.max_steps
+        final = {}
+        if self.log is not None:
+            lines = [json.loads(ln) for ln in self.log.path.read_text().splitlines() if ln.strip()]
+            final = next((r for r in reversed(lines) if r.get("step") == step), {})
+        final.pop("clip_score", None)
+        metrics = {**final, "step": step, **self.validate(step), "revalidated": 1}
+        self._log(metrics)
+        self.report(metrics, with_checkpoint=False)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over `accum` micro-batches: flow-matching loss, backward, clip, update. Returns its

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from raytune_sd3.tune.config import check_study
 
-        cfg = cli.read_job(args)
+        cfg = cli.read_job(args, preflight=not args.report_only)
         check_study(cfg)  # no Ray or torch yet: a bad study fails in about a second
         from raytune_sd3.config import load_job
         from raytune_sd3.driver.placement import resolve_as_saved
