@@ -3,6 +3,7 @@ the sampler's attention to another kernel (validation.attention sage), checked o
 
 import contextlib
 import math
+import sys
 
 import pytest
 import torch
@@ -78,3 +79,52 @@ def test_sage_without_its_package_stops_before_ray(tmp_path):
     with pytest.raises(RuntimeError, match="not installed"):  # and the worker says so too
         sampling_attention("sage", torch.device("cpu"))
     assert isinstance(sampling_attention("auto", torch.device("cpu")), contextlib.nullcontext)
+
+
+def _sage_stand_in(calls: list):
+    """A module standing in for the sageattention package: `sageattn` with its documented signature and layouts
+    (HND: batch, heads, tokens, head_dim; NHD: batch, tokens, heads, head_dim), 16-bit inputs only, scale
+    1/sqrt(head_dim) unless sm_scale is given, and an fp16 result (attention written out in fp32)."""
+    import importlib.machinery
+    import types
+
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False):
+        calls.append({"layout": tensor_layout, "causal": is_causal, "scale": sm_scale})
+        assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+        if tensor_layout == "NHD":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+        out = ((q.float() @ k.float().transpose(-1, -2)) * scale).softmax(-1) @ v.float()
+        return (out.transpose(1, 2) if tensor_layout == "NHD" else out).to(torch.float16)
+
+    module = types.ModuleType("sageattention")
+    module.sageattn = sageattn
+    module.__spec__ = importlib.machinery.ModuleSpec("sageattention", None)
+    return module
+
+
+def test_the_sage_adapter_gives_sageattn_sdpas_layout_and_scale_and_returns_sdpas_dtype(monkeypatch):
+    """validation.attention sage (sageattention is not installed here): with a stand-in `sageattn`, what the
+    adapter makes of scaled_dot_product_attention calls equals torch's SDPA, with the default scale and a given
+    one, for queries and keys of different lengths (so heads and tokens cannot be swapped unnoticed); the result
+    has the caller's dtype; a masked call is left to torch."""
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "sageattention", _sage_stand_in(calls))
+    assert sage_available()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 8, generator=g).to(torch.bfloat16)  # batch, heads, query tokens, head_dim
+    k, v = (torch.randn(2, 3, 7, 8, generator=g).to(torch.bfloat16) for _ in range(2))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.raises(RuntimeError, match="CUDA GPUs only"):
+        sampling_attention("sage", torch.device("cpu"))
+    for scale in (None, 0.3):
+        expected = sdpa(q.float(), k.float(), v.float(), scale=scale)
+        with sampling_attention("sage", torch.device("cuda")) as routed:  # the device is only checked, not used
+            out = sdpa(q, k, v) if scale is None else sdpa(q, k, v, scale=scale)
+            mask = torch.ones(5, 7, dtype=torch.bool)
+            masked = sdpa(q, k, v, attn_mask=mask, scale=scale)
+        assert routed.calls == 1 and calls[-1] == {"layout": "HND", "causal": False, "scale": scale}
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 5, 8)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
+        torch.testing.assert_close(masked.float(), expected, rtol=2e-2, atol=2e-2)  # torch's own, all-true mask
+    assert len(calls) == 2

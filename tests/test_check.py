@@ -139,6 +139,19 @@ def test_estimate_of_a_quantised_base_against_its_traced_step(name, targets, qua
     assert abs(est / measured - 1) < 0.05, (est, measured)
 
 
+def test_estimate_of_an_fp32_base_under_bf16_autocast_against_its_traced_step(tiny_configs):
+    """The whole estimate of an fp32 base under bf16 autocast (a CPU-default dtype with the GPU-default precision)
+    against a real CPU step of the tiny model given CUDA's autocast policy: within 3%. The bf16 weight copies
+    autocast keeps for backward are over 3% of this step, so an estimate without them is off by more than that."""
+    config = tiny_configs["tiny-sd3"]
+    kw = dict(dtype="fp32", targets="all", rank=8, batch=1, resolution=64, t5_tokens=77, mixed_precision="bf16")
+    measured = trace_peak(config, device="cpu", **kw)["peak"]
+    shape = TransformerShape.from_config(config)
+    est = estimate(shape, vae_params=None, runtime=False, **kw).total
+    assert abs(est / measured - 1) < 0.03, (est, measured)
+    assert autocast_weight_copies(shape) > 0.035 * measured
+
+
 def test_cuda_autocast_policy_on_cpu():
     """Inside the tracer's policy, CPU autocast runs layer_norm, pow and sum in fp32 as CUDA's does (plain CPU
     autocast keeps them bf16), matmuls stay bf16, and leaving it restores CPU's own policy."""

@@ -40,6 +40,51 @@ def test_rerun_resumes_refuses_other_settings_and_restart_discards(tmp_path):
     assert json.loads((run_dir / SETTINGS_FILE).read_text())["train"]["learning_rate"] == 3e-3
 
 
+def test_a_finished_run_is_found_without_ray(tmp_path):
+    """finished_run: the same job rerun after its run ended at train.max_steps (its LoRA copied out) is found from
+    the files alone: job.yaml (its `auto`s as the run resolved them), the settings record and the newest complete
+    checkpoint. A run stopped earlier, a longer max_steps, other settings, a last checkpoint not whole, or no LoRA:
+    not finished (the normal path decides). A key a resumed run may change does not matter."""
+    from raytune_sd3.config import dump_job
+    from raytune_sd3.driver.placement import Cluster, resolve_auto
+    from raytune_sd3.driver.resume import finished_run, run_dir
+    from raytune_sd3.models.lora import LORA_FILE
+    from raytune_sd3.train.state import file_sizes, write_record
+
+    out = tmp_path / "run"
+
+    def job(*overrides: str):
+        return load_job(ROOT / "jobs" / "tiny.yaml", [f"output_dir={out}", *overrides])
+
+    ran = job()
+    resolve_auto(ran, Cluster(({"CPU": 4.0},)))  # as the run did on its cluster, before writing job.yaml
+    guard_resume(ran, restart=False)
+    (out / "job.yaml").write_text(dump_job(ran))
+    steps = ran.train.max_steps
+
+    def checkpoint(index: int, step: int) -> Path:
+        folder = run_dir(ran) / f"checkpoint_{index:06d}"
+        folder.mkdir()
+        (folder / "train_state.pt").write_bytes(b"s" * step)
+        write_record(folder, step, file_sizes(folder))
+        return folder
+
+    checkpoint(0, steps // 2)
+    lora = out / LORA_FILE
+    lora.write_bytes(b"the LoRA")
+    assert finished_run(job()) is None  # stopped half-way
+    last = checkpoint(1, steps)
+    assert finished_run(job()) == (steps, lora)
+    assert finished_run(job("train.checkpoint_every=3", "train.max_failures=5")) == (steps, lora)
+    assert finished_run(job(f"train.max_steps={steps + 10}")) is None  # trains on
+    assert finished_run(job("train.learning_rate=3e-3")) is None  # another run: guard_resume refuses it
+    (last / "train_state.pt").write_bytes(b"s")  # the last checkpoint not whole: the newest whole one is earlier
+    assert finished_run(job()) is None
+    (last / "train_state.pt").write_bytes(b"s" * steps)
+    lora.unlink()
+    assert finished_run(job()) is None
+
+
 def test_run_settings_file_has_no_secret(tmp_path, monkeypatch):
     """The settings file beside the checkpoints (and the refusal that quotes it) strip a secret of the
     environment that a config value holds, as job.yaml does."""

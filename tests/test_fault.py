@@ -61,10 +61,98 @@ def _assert_same_trajectory(run: dict[int, dict], reference: dict[int, dict], re
             assert run[step]["eval_loss"] == pytest.approx(reference[step]["eval_loss"], rel=rel), step
 
 
-def _newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    from raytune_sd3.train.state import newest_on_storage
+def _newest_checkpoint(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint wholly on storage, judged without train/state.py (the run resumes by its
+    newest_on_storage, so that cannot be this test's oracle): its record is there and every file a DDP checkpoint
+    holds loads (a safetensors or torch file cut short by an upload in progress does not)."""
+    import torch
+    from safetensors.torch import load_file
 
-    return newest_on_storage(run_dir) if run_dir.is_dir() else None
+    steps = []
+    for folder in run_dir.glob("checkpoint_*") if run_dir.is_dir() else []:
+        try:
+            json.loads((folder / "checkpoint.json").read_text())
+            load_file(folder / "pytorch_lora_weights.safetensors")
+            load_file(folder / "lora_raw.safetensors")
+            torch.load(folder / "optimizer_rank0.pt", weights_only=True)
+            steps.append(int(torch.load(folder / "train_state.pt", weights_only=True)["step"]))
+        except Exception:  # not there yet, or not whole: a poll, not a verdict
+            continue
+    return max(steps, default=None)
+
+
+# --- telling a bug from a lost worker (driver/faults.py), without Ray -------------------------------------------
+
+
+def _failed(error: Exception, step: int | None) -> Exception:
+    error.raytune_sd3_step = step  # as train_loop_per_worker tags it
+    return error
+
+
+def test_an_error_repeated_at_the_same_step_stops_the_run_and_lost_workers_never_do():
+    """Ray Train retries every worker error; StopOnRepeatedError (on its controller) stops the run the first time an
+    attempt fails as an earlier one did: same type, message and step. Lost workers (their messages name the actor)
+    and the same error at another step are retried."""
+    from raytune_sd3.driver.faults import RepeatedError, StopOnRepeatedError
+
+    def lost(actor: str) -> Exception:
+        return RuntimeError(f"The actor {actor} died unexpectedly before finishing this task.")
+
+    callback = StopOnRepeatedError()
+    callback.after_exception(None, {0: lost("ab12"), 1: _failed(ValueError("shapes differ"), 7)})
+    callback.after_exception(None, {0: lost("cd34")})  # another lost worker: retried
+    callback.after_exception(None, {1: _failed(ValueError("shapes differ"), 8)})  # the same bug, a step later
+    callback.after_exception(None, {1: _failed(KeyError("shapes differ"), 7)})  # another type
+    with pytest.raises(RepeatedError, match=r"attempt 5 failed as an earlier one did.*a bug, not a lost worker.*"
+                                            r"ValueError at step 7: shapes differ"):
+        callback.after_exception(None, {0: lost("ef56"), 1: _failed(ValueError("shapes differ"), 7)})
+    setup = StopOnRepeatedError()  # before the first step (model loading, say): step None
+    setup.after_exception(None, {0: _failed(OSError("no such file: model.safetensors"), None)})
+    with pytest.raises(RepeatedError, match="OSError before the first step: no such file"):
+        setup.after_exception(None, {0: _failed(OSError("no such file: model.safetensors"), None)})
+
+
+def test_messages_are_compared_up_to_their_first_2000_characters():
+    from raytune_sd3.driver.faults import MESSAGE_CHARS, RepeatedError, StopOnRepeatedError
+
+    callback = StopOnRepeatedError()
+    head = "x" * MESSAGE_CHARS
+    callback.after_exception(None, {0: _failed(RuntimeError(head + " at 0x7f01"), 3)})  # addresses past the cut
+    with pytest.raises(RepeatedError):
+        callback.after_exception(None, {0: _failed(RuntimeError(head + " at 0x7f99"), 3)})
+
+
+def test_a_worker_error_carries_its_step_through_pickling(monkeypatch):
+    """train_loop_per_worker tags the error with the step it was training (None during setup), closes the run,
+    and the tag survives the pickling that brings the error to Ray Train's controller."""
+    import pickle
+
+    from raytune_sd3.train import loop
+
+    closed = []
+
+    class Run:
+        def __init__(self, config):
+            self.step = None
+            self.fail_in = config["fail_in"]
+
+        def setup(self):
+            if self.fail_in == "setup":
+                raise OSError("no such file: model.safetensors")
+
+        def train(self):
+            self.step = 7
+            raise ValueError("shapes differ")
+
+        def close(self):
+            closed.append(self.fail_in)
+
+    monkeypatch.setattr(loop, "WorkerRun", Run)
+    for fail_in, step in (("train", 7), ("setup", None)):
+        with pytest.raises(Exception) as raised:
+            loop.train_loop_per_worker({"fail_in": fail_in})
+        assert pickle.loads(pickle.dumps(raised.value)).raytune_sd3_step == step
+    assert closed == ["train", "setup"]
 
 
 @pytest.mark.slow
@@ -84,11 +172,11 @@ def test_killed_worker_resumes_with_identical_metrics(uninterrupted):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         newest = _newest_checkpoint(run_dir)
-        if newest and newest[0] >= 8:  # past the first checkpoint, so "the one before" exists too
+        if newest is not None and newest >= 8:  # past the first checkpoint, so "the one before" exists too
             workers = _our_train_workers(tag)
             assert len(workers) == 2, workers
             os.kill(max(workers), signal.SIGKILL)
-            killed_at = newest[0]
+            killed_at = newest
             before = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= killed_at]
             break
         time.sleep(0.005)
@@ -143,7 +231,7 @@ def test_elastic_run_shrinks_mid_run_and_matches_two_workers(uninterrupted, monk
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             newest = _newest_checkpoint(run_dir)
-            if newest and newest[0] >= 4:
+            if newest is not None and newest >= 4:
                 cluster.remove_node(nodes[1], allow_graceful=False)  # raylet, its workers: the machine is gone
                 before = metrics.read_text().splitlines()  # final: nothing of the lost node writes any more
                 break

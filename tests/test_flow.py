@@ -94,14 +94,31 @@ def test_flow_batch_is_reproducible_and_shifted():
     torch.testing.assert_close(a.timesteps, a.sigmas * 1000)
 
 
-def test_noise_drawn_ahead_equals_noise_drawn_in_the_step():
-    """The loop draws each micro-batch's sigmas and noise in its read-ahead thread (draw_noise); the batch built from
-    them is bitwise the one drawn from the same generator in the step, so trajectories did not change."""
-    cfg = FlowConfig(shift=3.0)
+@pytest.mark.parametrize("scheme", ["logit_normal", "uniform", "mode"])
+def test_noise_drawn_ahead_equals_noise_drawn_in_the_step(scheme):
+    """The loop draws each micro-batch's sigmas and noise in its read-ahead thread (draw_noise). The reference is
+    the step as written before the read-ahead, independently of our code: the sigmas from diffusers' density
+    (compute_density_for_timestep_sampling), then the noise (torch.randn), in that order from one CPU generator.
+    The batch built from the drawn-ahead tensors is bitwise the reference's, so trajectories did not change."""
+    cfg = FlowConfig(shift=3.0, sigma_sampling=scheme, logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
     latents = torch.randn(2, 16, 8, 8)
+    g = torch.Generator().manual_seed(7)
+    ref_sigmas = compute_density_for_timestep_sampling(scheme, 2, logit_mean=0.3, logit_std=1.2, mode_scale=1.29,
+                                                       generator=g)
+    ref_noise = torch.randn(tuple(latents.shape), generator=g)
+    shifted = 3.0 * ref_sigmas / (1 + 2.0 * ref_sigmas)
+    ref_noisy = (1 - shifted.view(-1, 1, 1, 1)) * latents + shifted.view(-1, 1, 1, 1) * ref_noise
+
     sigmas, noise = draw_noise(cfg, tuple(latents.shape), torch.Generator().manual_seed(7))
+    assert noise.dtype == torch.float32 and sigmas.shape == (2,)
+    torch.testing.assert_close(sigmas, ref_sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(noise, ref_noise, rtol=0, atol=0)
     ahead = make_flow_batch(cfg, latents, sigmas=sigmas, noise=noise)
-    inline = make_flow_batch(cfg, latents, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ahead.noise, ref_noise, rtol=0, atol=0)
+    torch.testing.assert_close(ahead.sigmas, shifted)
+    torch.testing.assert_close(ahead.timesteps, shifted * 1000)
+    torch.testing.assert_close(ahead.noisy, ref_noisy)
+    inline = make_flow_batch(cfg, latents, torch.Generator().manual_seed(7))  # drawn in the step: the same
     for name in ("noisy", "timesteps", "sigmas", "noise"):
         torch.testing.assert_close(getattr(ahead, name), getattr(inline, name), rtol=0, atol=0)
     other = make_flow_batch(cfg, latents, torch.Generator().manual_seed(8))

@@ -69,6 +69,35 @@ def test_a_cluster_without_gpus_is_refused_once_ray_says_so(tmp_path, monkeypatc
     assert needs_cuda_problem(_job(tmp_path, "train.use_gpu=false", "model.quantize=int4", "train.optimizer=lion")) is None
 
 
+def test_the_worker_refuses_nf4_without_cuda_before_loading_the_model(tmp_path, monkeypatch):
+    """The worker's own guard (the driver's preflight says it first): a worker without CUDA refuses nf4 with the
+    alternative before it loads anything; on CUDA, or with a quanto kind, it goes on to load the model."""
+    from raytune_sd3.models.quantize import NF4_NEEDS_CUDA
+    from raytune_sd3.train import loop
+
+    class Loading(Exception):
+        pass
+
+    def load_transformer(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(loop, "load_transformer", load_transformer)
+
+    def worker(device: str, *overrides: str):
+        run = loop.WorkerRun.__new__(loop.WorkerRun)  # its __init__ needs Ray Train's context; _setup_model does not
+        run.cfg = _job(tmp_path, *overrides)
+        run.t, run.pretrained, run.dtype, run.device = run.cfg.train, "tiny-sd3", torch.bfloat16, torch.device(device)
+        return run
+
+    with pytest.raises(RuntimeError) as refused:
+        worker("cpu")._setup_model()
+    assert str(refused.value) == NF4_NEEDS_CUDA and "model.quantize: int4" in NF4_NEEDS_CUDA
+    with pytest.raises(Loading):
+        worker("cuda")._setup_model()
+    with pytest.raises(Loading):
+        worker("cpu", "model.quantize=int4")._setup_model()
+
+
 @needs_no_cuda
 def test_the_train_command_exits_2_in_seconds_without_starting_ray(tmp_path):
     out = tmp_path / "out"

@@ -1,6 +1,7 @@
 """The optimizers of train.optimizer: against torch's AdamW, hand-computed steps, bf16 stochastic rounding,
 exact resume from a state_dict, and a small least-squares fit."""
 
+import contextlib
 import importlib.util
 import io
 import math
@@ -273,3 +274,37 @@ def test_8bit_optimizers_need_bitsandbytes(name, monkeypatch):
     with pytest.raises(RuntimeError, match="no GPU is visible") as err:  # installed (CPU build): still CUDA only
         make_optimizer([_param([1.0])], TrainConfig(optimizer=name))
     assert "train.optimizer: adamw" in str(err.value)
+
+
+# --- bitsandbytes (its CPU back end here; on CPU its paged optimizers keep their state unpaged) -------------------
+
+BNB_CASES = {"adamw8bit": ("AdamW8bit", False), "adamw8bit_paged": ("PagedAdamW8bit", True),
+             "lion8bit": ("Lion8bit", False), "lion8bit_paged": ("PagedLion8bit", True)}
+
+
+@pytest.mark.parametrize("name", list(BNB_CASES))
+def test_8bit_optimizers_are_bitsandbytes_with_the_configs_hyperparameters(name, monkeypatch):
+    """Each name builds its bitsandbytes class (paged where the name says so) with the job's lr, betas, eps and
+    weight decay; over three steps its 8-bit moments give the 32-bit update within 5% (torch's AdamW for the
+    AdamWs, our Lion for the Lions)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the CUDA guard: its CPU back end runs
+    lion = name.startswith("lion")
+    cfg = TrainConfig(optimizer=name, learning_rate=1e-2, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95,
+                      adam_epsilon=1e-6)
+    start, grads = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)), _random_grads((64, 128), 3)
+    p = _param(start)
+    with pytest.warns(UserWarning, match="Paged optimizers are not supported on CPU") if BNB_CASES[name][1] else (
+            contextlib.nullcontext()):
+        opt = make_optimizer([p], cfg)
+        _run(opt, p, grads)
+    cls, paged = BNB_CASES[name]
+    assert type(opt) is getattr(bnb.optim, cls) and opt.is_paged is paged
+    assert opt.defaults["lr"] == 1e-2 and opt.defaults["betas"] == (0.8, 0.95)
+    assert opt.defaults["weight_decay"] == 0.1 and (lion or opt.defaults["eps"] == 1e-6)
+    assert opt.state[p]["state1"].dtype == torch.uint8  # 8-bit moments
+    q = _param(start)
+    reference = Lion([q], lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, seed=0) if lion else _torch_adamw(q, cfg)
+    _run(reference, q, grads)
+    rel = ((p - q).norm() / (q - start).norm()).item()
+    assert rel < 0.05, rel  # (Lion: a few signs flipped by the moment's rounding)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from optimum.quanto.nn import QLinear
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytune_sd3.config import LoraConfig
 from raytune_sd3.models.loading import load_transformer
@@ -102,6 +103,37 @@ def test_quanto_linears_keep_no_input_and_give_quantos_gradients(tiny_sd3):
     quantos_bytes, quantos_grads = _saved_bytes_and_grads(quantos, add_lora(quantos, lora))
     assert ours_bytes == full_bytes < quantos_bytes
     assert all(torch.equal(a, b) for a, b in zip(ours_grads, quantos_grads, strict=True))
+
+class _MatmulInputs(TorchDispatchMode):
+    """The dtypes of the tensors each quanto or torch matmul is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: list[list[torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("qbytes_mm", "mm", "addmm", "linear"):
+            self.dtypes.append([a.dtype for a in args if isinstance(a, torch.Tensor)])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["eval", "training"])
+def test_quanto_linear_under_autocast_casts_its_input_as_autocast_casts_a_linears(grad):
+    """autocast does not know quanto's matmul: given an fp32 input (an fp32 LayerNorm's output, as CUDA's autocast
+    makes) it would run int8's matmul on fp32 activations. Ours casts the input to autocast's dtype first: the
+    matmul sees bf16 and the output is bit for bit the layer's on a bf16 input, in eval and in the training path
+    (our autograd Function)."""
+    torch.manual_seed(0)
+    holder = quantize_transformer(nn.Sequential(nn.Linear(64, 96)).to(torch.bfloat16), "int8")
+    layer = holder[0]
+    x = torch.randn(3, 64)
+    with torch.set_grad_enabled(grad):
+        expected = layer(x.to(torch.bfloat16).requires_grad_(grad))
+        with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulInputs() as seen:
+            out = layer(x.clone().requires_grad_(grad))
+    assert seen.dtypes and all(dtypes[0] == torch.bfloat16 for dtypes in seen.dtypes), seen.dtypes
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
 
 def test_a_quanto_base_trains_under_bf16_autocast_from_bf16_weights_only(tiny_sd3, tmp_path):
     """Under the loop's bf16 autocast (LoraAutocast) a quanto base trains when quantised from bf16 weights; from

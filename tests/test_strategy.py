@@ -116,6 +116,7 @@ def test_a_step_reads_the_device_once_and_the_device_skip_equals_the_host_skip(m
     cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["train.max_grad_norm=0.5"])
     reads = []
     monkeypatch.setattr(strategy, "read_step", lambda *a: reads.append(1) or read_step(*a))
+    torch.manual_seed(0)  # an initialisation whose gradient norms exceed the clip at both finite steps
     models = {fused: nn.Linear(4, 3) for fused in (True, False)}
     models[False].load_state_dict(models[True].state_dict())
     optimizers = {fused: torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused) for fused, m in models.items()}
@@ -145,3 +146,29 @@ def test_a_step_reads_the_device_once_and_the_device_skip_equals_the_host_skip(m
             assert results[True].loss == pytest.approx(results[False].loss, rel=1e-6)
             assert results[True].grad_norm == pytest.approx(results[False].grad_norm, rel=1e-6)
             assert results[True].grad_norm > 0.5  # clipped: the update used the clipped gradient in both
+
+
+def test_a_fused_optimizer_is_stepped_before_the_host_read_and_told_to_skip_on_the_device(monkeypatch):
+    """Why the device-side skip exists: with torch's fused AdamW the update is queued first, with found_inf set
+    from the loss and gradient norm on the device, and only then are the step's scalars read (the GPU never waits
+    for the host between backward and update). The plain AdamW is read first and stepped only when finite."""
+    import raytune_sd3.train.strategy as strategy
+
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["train.max_grad_norm=0.5"])
+    events: list = []
+    monkeypatch.setattr(strategy, "read_step", lambda *a: events.append("read") or read_step(*a))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    for fused in (True, False):
+        model = nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: events.append(("step", getattr(opt, "found_inf", None))))
+        for scale in (1.0, math.nan):
+            events.clear()
+            loss = model(x).pow(2).mean() * scale
+            loss.backward()
+            strategy.clip_and_step(list(model.parameters()), optimizer, loss.detach(), cfg)
+            if fused:  # queued either way; the device skips the non-finite one (found_inf 1)
+                assert events == [("step", torch.tensor(0.0 if math.isfinite(scale) else 1.0)), "read"], events
+            else:
+                assert events == (["read", ("step", None)] if math.isfinite(scale) else ["read"]), events
