@@ -4,8 +4,7 @@ goes to output_dir/ray.log, named on screen; `--verbose` brings it back to the c
 - third parties' log records in this process (bitsandbytes' kernel hub, Ray's token-auth notice, matplotlib's font
   cache, DeepSpeed's accelerator guess): kept from the start, written to ray.log once the run's folder is known;
 - what native code writes to the process's stderr (Ray's C++ core worker).
-transformers' own handler is silenced at its source (TRANSFORMERS_VERBOSITY): it is set up on import, before any
-handler of ours could take it.
+transformers' own handler and Tune's configuration box are silenced at their source (QUIET_ENV).
 
 Our workers' lines that start with "raytune_sd3:" (a resumed run says from where) still reach the console.
 """
@@ -25,8 +24,10 @@ from raytune_sd3.progress import Progress
 log = logging.getLogger("raytune_sd3")
 WORKER_PREFIX = "raytune_sd3:"
 RAY_LOG = "ray.log"
-# Read by transformers when it is first imported; the driver's only: our workers' output goes to ray.log anyway.
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
+# Read at their source before Ray starts (a local Ray's workers inherit them): transformers' own handler, set up on
+# import; Tune's console reporter, whose configuration box and TensorBoard hint (a session path) are print()s even at
+# verbose=0 (the legacy reporter prints nothing at 0, and its log records go to ray.log).
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "RAY_AIR_NEW_OUTPUT": "0"}
 # Loggers with a handler of their own that does not propagate, set up on import: a logger filter added before that
 # import survives it and takes their records.
 OWN_HANDLER_LOGGERS = ("DeepSpeed",)
