@@ -373,6 +373,22 @@ def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
     assert Path(best.cache_dir) == out / "cache"
 
 
+# What Tune, Ray and other third parties printed on a study's console before it went to ray.log or was silenced.
+NOT_OURS = ("Configuration for experiment", "tensorboard --logdir", "View detailed results here",
+            "worker processes have been started", "Token authentication", "core_worker", "[transformers]",
+            "[WARNING]", "publisher trust", "Writing model shards", "fontManager")
+
+
+@pytest.mark.slow
+def test_a_study_prints_our_lines_only(study):
+    """The study's console, killed and resumed: our lines (stages, the report, where the results are), at most 15
+    for the resumed run; Tune's configuration box, its TensorBoard hint and the raylet's warnings in ray.log."""
+    for console in (study["first_log"], study["resume_log"]):
+        assert not [line for line in console.splitlines() if any(m in line for m in NOT_OURS)], console
+    assert "study study: 3 trials, 1 at a time" in study["first_log"]
+    assert "best job:" in study["resume_log"] and len(study["resume_log"].splitlines()) <= 15, study["resume_log"]
+
+
 @pytest.mark.slow
 def test_killed_study_resumes_without_rerunning_finished_trials(study):
     out = study["out"]

@@ -1,6 +1,10 @@
-"""The console is for a person: our own lines, one progress bar per stage, warnings and errors. Ray's chatter
-(its loggers, its workers' output, Ray Data's progress dumps, Ray Train's report lines) goes to
-output_dir/ray.log, named on screen; `--verbose` brings it back to the console.
+"""The console is for a person: our own lines, one progress bar per stage, warnings and errors. Everything else
+goes to output_dir/ray.log, named on screen; `--verbose` brings it back to the console:
+- Ray's chatter (its loggers, its workers' output, Ray Data's progress dumps, Ray Train's report lines);
+- third parties' log records in this process (bitsandbytes' kernel hub, Ray's token-auth notice, matplotlib's font
+  cache, DeepSpeed's accelerator guess): kept from the start, written to ray.log once the run's folder is known;
+- what native code writes to the process's stderr (Ray's C++ core worker).
+transformers' own handler and Tune's configuration box are silenced at their source (QUIET_ENV).
 
 Our workers' lines that start with "raytune_sd3:" (a resumed run says from where) still reach the console.
 """
@@ -9,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 from raytune_sd3.progress import Progress
@@ -18,19 +24,88 @@ from raytune_sd3.progress import Progress
 log = logging.getLogger("raytune_sd3")
 WORKER_PREFIX = "raytune_sd3:"
 RAY_LOG = "ray.log"
+# Read at their source before Ray starts (a local Ray's workers inherit them): transformers' own handler, set up on
+# import; Tune's console reporter, whose configuration box and TensorBoard hint (a session path) are print()s even at
+# verbose=0 (the legacy reporter prints nothing at 0, and its log records go to ray.log).
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "RAY_AIR_NEW_OUTPUT": "0"}
+# Loggers with a handler of their own that does not propagate, set up on import: a logger filter added before that
+# import survives it and takes their records.
+OWN_HANDLER_LOGGERS = ("DeepSpeed",)
+
+
+def is_ours(record: logging.LogRecord) -> bool:
+    return record.name == "raytune_sd3" or record.name.startswith("raytune_sd3.")
+
+
+class Elsewhere(logging.Handler):
+    """Third parties' log records: the newest ones kept until ray.log is open, then written there."""
+
+    def __init__(self, keep: int = 2000):
+        super().__init__()
+        self.early: deque[logging.LogRecord] = deque(maxlen=keep)
+        self.target: logging.Handler | None = None
+        self.addFilter(lambda record: not is_ours(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.target is None:
+            self.early.append(record)
+        else:
+            self.target.handle(record)
+
+    def open(self, target: logging.Handler) -> None:
+        self.target = target
+        while self.early:
+            target.handle(self.early.popleft())
+
+
+elsewhere = Elsewhere()
+
+
+def _take_own_handlers(record: logging.LogRecord) -> bool:
+    elsewhere.handle(record)
+    return False
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our log lines on stderr, short; before Ray starts."""
+    """Our log lines on stderr, short; before Ray starts and before any third party is imported."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if not verbose:
-        for noisy in ("filelock", "urllib3", "httpx", "httpx2"):  # httpx2: huggingface_hub 2.x's HTTP client
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        return
+    for noisy in ("filelock", "urllib3", "httpx", "httpx2"):  # httpx2: huggingface_hub 2.x's HTTP client
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler and not any(f is is_ours for f in handler.filters):
+            handler.addFilter(is_ours)
+    if elsewhere not in root.handlers:
+        root.addHandler(elsewhere)
+    for name in OWN_HANDLER_LOGGERS:
+        if _take_own_handlers not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_take_own_handlers)
+
+
+def native_stderr_to(path: Path) -> None:
+    """What native code writes to this process's stderr (file descriptor 2) goes to `path`; sys.stderr and our
+    handlers write to the console as before. Only where sys.stderr is the process's own (not a test's capture)."""
+    if sys.stderr is not sys.__stderr__ or sys.stderr is None:
+        return
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+            handler.setStream(console)
+    sys.stderr = console  # handlers third parties made before keep the old object: to ray.log now
 
 
 def ray_log_to_file(out_dir: Path) -> Path:
-    """Before ray.init: Ray's driver-side loggers (ray, ray.data, ray.train, ray.tune ...) write to
-    out_dir/ray.log only; returns the path. Pair with init_ray(configure_logging=False) and route_worker_output."""
+    """Before ray.init: Ray's driver-side loggers (ray, ray.data, ray.train, ray.tune ...) and every other third
+    party's records write to out_dir/ray.log only, as does native code's stderr; returns the path. Pair with
+    init_ray(configure_logging=False) and route_worker_output."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RAY_LOG
     handler = logging.FileHandler(path)
@@ -43,10 +118,14 @@ def ray_log_to_file(out_dir: Path) -> Path:
         for h in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
                   and not isinstance(h, logging.FileHandler)]:
             logger.removeHandler(h)
-        logger.propagate = name != "ray"
-    ray_logger = logging.getLogger("ray")
-    ray_logger.addHandler(handler)
-    ray_logger.setLevel(logging.INFO)
+        logger.propagate = True
+    # To the root, where `elsewhere` takes them: ray.init(configure_logging=False) clears the "ray" logger's own
+    # handlers, so one put there would lose the records of ray.init itself (its token-auth notice reached the
+    # console through logging's last resort).
+    logging.getLogger("ray").setLevel(logging.INFO)
+    setup_logging()
+    elsewhere.open(handler)
+    native_stderr_to(path)
     return path
 
 

@@ -21,6 +21,7 @@ import shutil
 import string
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
@@ -259,7 +260,8 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None], marker: str =
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed build by a process with our pid
     try:
-        write(tmp)
+        with _no_shard_bars():
+            write(tmp)
         try:
             os.replace(tmp, out_dir)  # atomic; also succeeds over an empty directory
         except OSError:
@@ -269,6 +271,21 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None], marker: str =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+@contextmanager
+def _no_shard_bars():
+    """Without transformers' "Writing model shards" bar, one per text encoder: a tiny model's single shard is
+    written in milliseconds, and the bars were most of a first run's console."""
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
 
 
 def ensure_tiny_pipeline(name: str) -> Path:
