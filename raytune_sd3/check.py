@@ -285,10 +285,10 @@ def shared_storage_problem(key: str, path: Path, where: str) -> str | None:
         return None
     point, fstype = mount
     missing = "" if path.exists() else f"does not exist yet, and would be made on {point}: "
+    # The fix first: a line longer than one_screen's width is cut at its end.
     return (f"{key}: {path} {missing}is on {fstype} at {point}, this machine's own disk, which the other nodes of "
-            f"{where} do not see: mount shared storage there on every node (filesystems that count: "
-            f"{', '.join(SHARED_FILESYSTEMS[:-1])}, fuse mounts such as gcsfuse or s3fs) or use a URI "
-            "(s3://bucket/path or gs://bucket/path)")
+            f"{where} do not see: use a URI (s3://bucket/path or gs://bucket/path) or a folder every node mounts "
+            "(nfs, lustre, ceph, gpfs, cifs or a fuse mount such as gcsfuse or s3fs)")
 
 
 def working_dir_problem(key: str, path: Path) -> str | None:
