@@ -1,4 +1,4 @@
-"""Tests for the tiny offline SD3 / SD3.5 pipelines (raytune_sd3.models.tiny)."""
+"""Tests for the tiny offline SD3 / SD3.5 pipelines (raytune_sd3.testmodels.tiny)."""
 
 import os
 
@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from raytune_sd3.config import TINY_MODELS
-from raytune_sd3.models import tiny
-from raytune_sd3.models.tiny import build_tiny_pipeline, ensure_tiny_pipeline
+from raytune_sd3.testmodels import tiny
+from raytune_sd3.testmodels.tiny import build_tiny_pipeline, ensure_tiny_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -211,7 +211,7 @@ def test_cli_writes_a_pipeline(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "raytune_sd3.models.tiny", str(out), "--sd35", "--seed", "3"],
+        [sys.executable, "-m", "raytune_sd3.testmodels", str(out), "--sd35", "--seed", "3"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -52,7 +52,7 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
 
     if (wandb_problem := credentials_problem(cfg)) is not None:
         problems.append(wandb_problem)
-    from raytune_sd3.hub import token_problem
+    from raytune_sd3.hub.publish import token_problem
 
     if (hub_problem := token_problem(cfg)) is not None:
         problems.append(hub_problem)

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
-from raytune_sd3.memory import KNOWN_TRANSFORMERS
-from raytune_sd3.models.tiny import _clip, _tokenizers, write_atomically
+from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS
+from raytune_sd3.testmodels.tiny import _clip, _tokenizers, write_atomically
 
 SHAPES = {"sd35-large": "stabilityai/stable-diffusion-3.5-large",
           "sd35-medium": "stabilityai/stable-diffusion-3.5-medium"}

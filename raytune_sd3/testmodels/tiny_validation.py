@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from raytune_sd3.models.tiny import tiny_clip_tokenizer, write_atomically
+from raytune_sd3.testmodels.tiny import tiny_clip_tokenizer, write_atomically
 
 CLIP_IMAGE_SIZE = 32  # the tiny CLIP's input (real CLIP-L: 224)
 

@@ -43,17 +43,17 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
               verbose: bool = False) -> int:
     """The whole study command on a validated job; returns the exit status."""
     from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST
-    from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect
     from raytune_sd3.driver.placement import WaitReporter
-    from raytune_sd3.models.loading import resolve_pretrained, resolve_validation_models
+    from raytune_sd3.testmodels.resolve import resolve_pretrained, resolve_validation_models
     from raytune_sd3.tune.study import run_study
 
     t0 = time.perf_counter()
     pretrained = resolve_pretrained(cfg.model.pretrained)  # before Ray, as in driver/training.py
     resolve_validation_models(cfg)
     cluster = connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
-    from raytune_sd3.check import refuse_on_cluster
+    from raytune_sd3.driver.checks import refuse_on_cluster
 
     refuse_on_cluster(cfg, cluster)  # as in driver/training.py
     guard_study(cfg, resume, restart, report_only=False)
