@@ -51,7 +51,7 @@ def tiny(tmp_path, *overrides: str):
 
 
 def estimate_gib(cfg, batch: int, workers: int) -> float:
-    """The sd35 job's per-GPU estimate, with its settings spelled out (as check.py computes it)."""
+    """The sd35 job's per-GPU estimate, with its settings spelled out (as driver/checks.py computes it)."""
     return estimate(TransformerShape.from_config(KNOWN_TRANSFORMERS[LARGE]), dtype="bf16", targets="attention",
                     rank=16, batch=batch, resolution=1024, t5_tokens=154, num_workers=workers, strategy="ddp",
                     mixed_precision="bf16", quantization=cfg.model.quantize, vae_params=SD3_VAE_PARAMS,

@@ -139,7 +139,7 @@ def _t5_tokenizer(corpus: list[str]) -> T5Tokenizer:
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """The tiny pipeline's CLIP-L tokenizer (also the tiny CLIP scorer's, models/tiny_validation.py)."""
+    """The tiny pipeline's CLIP-L tokenizer (also the tiny CLIP scorer's, testmodels/tiny_validation.py)."""
     vocab, merges = _clip_vocab(_corpus())
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = 77
