@@ -110,7 +110,7 @@ def loop_autocast(model, device: str):
 
 
 def two_blocks(hub_id: str) -> dict:
-    """The transformer config of a hub model (models/catalogue.py: KNOWN_TRANSFORMERS) cut to its first 2 blocks, at full width:
+    """The transformer config of a hub model (models/catalogue.py) cut to its first 2 blocks, at full width:
     a real step of it runs on a CPU in seconds."""
     from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS
 

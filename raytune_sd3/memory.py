@@ -150,6 +150,7 @@ def block_activation_bytes(shape: TransformerShape, targets: str | list[str], ac
     Medium) add an image-only attention. Checked against saved-tensor traces (tests/test_check.py): within 1%
     without autocast, within 5% under it.
     """
+    # imported here for start-up time: models.lora loads torch
     from raytune_sd3.models.lora import PRESETS
 
     suffixes = set(PRESETS[targets] if isinstance(targets, str) else targets)

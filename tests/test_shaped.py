@@ -1,4 +1,4 @@
-"""Real-size SD3.5 pipelines with random weights (raytune_sd3.testmodels.shaped, CLI: python -m raytune_sd3.testmodels --shape).
+"""Real-size SD3.5 pipelines with random weights (raytune_sd3.testmodels.shaped; CLI: testmodels --shape).
 
 A real-size transformer is too big to make in CI (SD3.5 Large: 16 GB of bf16), so the real shape is checked with
 the CLI's dry run (--device meta: every file but the transformer's weights, its index listing them), and the

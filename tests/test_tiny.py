@@ -171,7 +171,7 @@ def test_ensure_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.Monk
         ensure_tiny_pipeline("tiny-sdxl")
 
     # A CLI driver resolves the built pipeline without importing the builder's diffusers (~7 s on 2 cores).
-    probe = ("import sys; from raytune_sd3.models.loading import resolve_pretrained; "
+    probe = ("import sys; from raytune_sd3.testmodels.resolve import resolve_pretrained; "
              "print(resolve_pretrained('tiny-sd3')); print('diffusers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "RAYTUNE_SD3_HOME": str(tmp_path)},
                        capture_output=True, text=True, timeout=120)

@@ -55,6 +55,7 @@ def check_model(cfg: JobConfig, report: Report) -> str | None:
     """Whether the model can be loaded from here; returns a local folder (or hub id) for its config, or None."""
     pretrained = cfg.model.pretrained
     if pretrained in TINY_MODELS:
+        # imported here for start-up time: testmodels.resolve loads torch
         from raytune_sd3.testmodels.resolve import resolve_pretrained
 
         folder = resolve_pretrained(pretrained)
@@ -132,6 +133,7 @@ def check_batches(cfg: JobConfig, rows: list[dict], report: Report) -> None:
     """The eval hold-out first, then the buckets of what is left, as training sees them (driver/caching.py). Which
     images are held out depends on their content hashes, which only caching computes: a failure that every
     hold-out causes is a FAIL, one that some would cause a warning."""
+    # imported here for start-up time: data.reader loads torch
     from raytune_sd3.data.reader import BucketError, plan_buckets
 
     held, policy = cfg.data.eval_samples, cfg.data.small_buckets
@@ -454,6 +456,7 @@ def run_checks(cfg: JobConfig, *, cluster: str | None = None, gpu: str | None = 
         check_storage(cfg, report, shared_by=f"the cluster of {cluster}" if cluster else None)
         check_data(cfg, report)
     elif cfg.model.pretrained in TINY_MODELS:
+        # imported here for start-up time: testmodels.resolve loads torch
         from raytune_sd3.testmodels.resolve import resolve_pretrained
 
         config_dir = resolve_pretrained(cfg.model.pretrained)

@@ -62,6 +62,7 @@ def micro_batches(t: TrainConfig) -> list[int]:
 def model_folder(cfg: JobConfig) -> str:
     """Where the transformer's config.json is read from (a tiny model is built offline first)."""
     if cfg.model.pretrained in TINY_MODELS:
+        # imported here for start-up time: testmodels.resolve loads torch
         from raytune_sd3.testmodels.resolve import resolve_pretrained
 
         return resolve_pretrained(cfg.model.pretrained)

@@ -29,6 +29,7 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # imported here for start-up time: driver.backend, driver.faults, testmodels.resolve, train.loop load torch and ray
     from raytune_sd3.driver.backend import WorkerTorchConfig
     from raytune_sd3.driver.faults import StopOnRepeatedError
     from raytune_sd3.driver.placement import ensure_resolved
@@ -98,6 +99,7 @@ def set_aside_error_log(out: Path) -> None:
 
 def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> int:
     """The whole training command on a validated job; returns the exit status."""
+    # imported here for start-up time: driver.caching, testmodels.resolve load torch
     from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect, report_failure
     from raytune_sd3.driver.console import TrainingProgress
@@ -156,6 +158,7 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     images = sorted((out / "validation").glob("step_*"))
     log.info("done in %.0f s. LoRA: %s\n  metrics: %s (curves.png)%s", time.perf_counter() - t0, lora,
              out / "metrics.jsonl", f"\n  validation images: {images[-1]}" if images else "")
+    # imported here for start-up time: hub.publish loads torch
     from raytune_sd3.hub.publish import publish
 
     return publish(cfg, out, last.get("step"))  # the model card, and the upload: 4 if that failed, never lost

@@ -7,8 +7,8 @@ failed upload.
 The token is HF_TOKEN from the environment, never the job file. An upload that fails loses nothing: the LoRA and
 the card stay in output_dir, one warning names what failed and the command to retry, and `train` exits with status 4
 (trained, not uploaded), so a script can tell it from a finished upload (0) and from a failed training (1).
-Exit status of the command: 0 uploaded (or card written, with no repo to upload to), 2 nothing to do it with (no job.yaml,
-no repo id, no HF_TOKEN), 4 the upload failed.
+Exit status of the command: 0 uploaded (or card written, with no repo to upload to), 2 nothing to do it with (no
+job.yaml, no repo id, no HF_TOKEN), 4 the upload failed.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def snippet_base(base: str) -> tuple[str, list[str]]:
     builds them; another folder by its path, said to be one."""
     if base in TINY_MODELS:
         return (f"resolve_pretrained({json.dumps(base)})",
-                ["from raytune_sd3.models.loading import resolve_pretrained  # builds the tiny test model offline"])
+                ["from raytune_sd3.testmodels.resolve import resolve_pretrained  # builds the tiny test model offline"])
     if model_is_path(base):
         parts = Path(base).parts
         cached = next((p for p in parts if p.startswith("models--")), None)

@@ -68,6 +68,7 @@ def _unmatched_targets(cfg: JobConfig, config: dict[str, Any]) -> list[str]:
     import torch
     from diffusers import SD3Transformer2DModel
 
+    # imported here for start-up time: models.lora loads torch
     from raytune_sd3.models.lora import target_modules
 
     try:

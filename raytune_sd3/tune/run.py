@@ -19,6 +19,7 @@ log = logging.getLogger("raytune_sd3")
 
 def report(cfg: JobConfig) -> dict:
     """Collect every trial, copy the stable ones' LoRAs out, write the table, plots and best.yaml; print where."""
+    # imported here for start-up time: tune.study loads ray
     from raytune_sd3.tune.config import study_base, study_config
     from raytune_sd3.tune.report import summary, write_report
     from raytune_sd3.tune.study import collect_trials, keep_final_loras
@@ -42,6 +43,7 @@ def report(cfg: JobConfig) -> dict:
 def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry_failed: bool = False,
               verbose: bool = False) -> int:
     """The whole study command on a validated job; returns the exit status."""
+    # imported here for start-up time: driver.caching, testmodels.resolve, tune.study load torch and ray
     from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST
     from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect
