@@ -15,7 +15,8 @@ from raytune_sd3.testmodels.tiny import build_tiny_pipeline
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random SD3 pipeline for tests and smoke runs, or one "
+    parser = argparse.ArgumentParser(prog="python -m raytune_sd3.testmodels",
+                                     description="Build a tiny random SD3 pipeline for tests and smoke runs, or one "
                                                  "with a real-size SD3.5 transformer (--shape) for GPU benchmarks.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--sd35", action="store_true", help="SD3.5 variant: qk RMSNorm and dual attention")
