@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     from raytune_sd3.data.buckets import Sizing, plan
     from raytune_sd3.data.discovery import discover
     from raytune_sd3.data.pixels import image_size
-    from raytune_sd3.data.prepare import cache_spec
+    from raytune_sd3.driver.caching import cache_spec
     from raytune_sd3.driver.runtime import init_ray
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     work = Path(tempfile.mkdtemp(prefix="raytune_sd3-bench-caching-"))
     images = work / "images"

@@ -322,9 +322,9 @@ def _timed_loop_in_build_trainer(with_reference: bool):
 
 def prepare(cfg) -> tuple[Path, str]:
     """Start (or join) Ray as the CLI does and fill the cache; returns (manifest, pretrained directory)."""
-    from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.runtime import init_ray
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     pretrained = resolve_pretrained(cfg.model.pretrained)
     init_ray(cfg)

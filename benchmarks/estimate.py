@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def traced_row(model: str, targets: str, dtype: str, device: str) -> list:
     from tracer import trace_peak, two_blocks
 
-    from raytune_sd3.memory import TransformerShape, activation_bytes, autocast_weight_copies, estimate
+    from raytune_sd3.memory import activation_bytes, autocast_weight_copies, estimate
+    from raytune_sd3.models.catalogue import TransformerShape
 
     config = two_blocks(MODELS[model])
     shape = TransformerShape.from_config(config)
@@ -73,7 +74,8 @@ def traced_row(model: str, targets: str, dtype: str, device: str) -> list:
 def quantised_row(model: str, quantization: str, mixed_precision: str, device: str) -> list:
     from tracer import trace_peak, two_blocks
 
-    from raytune_sd3.memory import TransformerShape, estimate
+    from raytune_sd3.memory import estimate
+    from raytune_sd3.models.catalogue import TransformerShape
 
     config = two_blocks(MODELS[model])
     kw = dict(dtype="bf16", targets="attention", rank=16, batch=1, resolution=512, t5_tokens=154,
@@ -92,7 +94,8 @@ def quantised_row(model: str, quantization: str, mixed_precision: str, device: s
 
 
 def gpu_row(model: str, batch: int, measured_gib: float) -> list:
-    from raytune_sd3.memory import GIB, KNOWN_TRANSFORMERS, TransformerShape, estimate
+    from raytune_sd3.memory import GIB, estimate
+    from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS, TransformerShape
 
     est = estimate(TransformerShape.from_config(KNOWN_TRANSFORMERS[MODELS[model]]), dtype="bf16",
                    targets="attention", rank=16, batch=batch, resolution=1024, t5_tokens=154,

@@ -263,7 +263,8 @@ def estimated_gib(spec: dict, resolution: int, batch: int, args, dtype) -> float
     """What `python -m raytune_sd3.check` estimates for this step (one worker, no VAE, no runtime margin: the
     tensors torch.cuda.max_memory_allocated counts), to set beside the measured peak. Under bf16 it models the
     product's step (LoraAutocast: no fp32 LoRA-input copies): the skip-lora-casts lever's row and the product's."""
-    from raytune_sd3.memory import TransformerShape, estimate
+    from raytune_sd3.memory import estimate
+    from raytune_sd3.models.catalogue import TransformerShape
 
     return estimate(TransformerShape.from_config(spec), dtype="bf16" if dtype == torch.bfloat16 else "fp32",
                     targets=args.targets, rank=args.rank, batch=batch, resolution=resolution, t5_tokens=args.t5_tokens,

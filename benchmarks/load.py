@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import SD3Transformer2DModel
 
     from raytune_sd3.models.loading import load_transformer
-    from raytune_sd3.models.shaped import build_shaped_pipeline
+    from raytune_sd3.testmodels.shaped import build_shaped_pipeline
 
     args = parse_args(argv)
     pipeline = args.pipeline or Path.home() / ".cache" / "raytune_sd3" / "bench" / f"pipeline-{args.shape}"

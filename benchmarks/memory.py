@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     import torch
 
     from raytune_sd3.config import load_job
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     torch.set_num_threads(1)  # toy tensors: threads only add spinning, and several contend badly on a busy machine
     job = load_job(TINY_JOB)

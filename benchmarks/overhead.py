@@ -44,7 +44,7 @@ from common import (
     write_section,
 )
 
-CLI_IMPORTS = ("raytune_sd3.driver.training, raytune_sd3.data.prepare, raytune_sd3.driver.runtime, "
+CLI_IMPORTS = ("raytune_sd3.driver.training, raytune_sd3.driver.caching, raytune_sd3.driver.runtime, "
                "raytune_sd3.models.loading, raytune_sd3.train.loop, ray.train.torch")
 
 
@@ -88,7 +88,7 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
     from raytune_sd3.config import dump_job
     from raytune_sd3.driver.preflight import check_paths
     from raytune_sd3.driver.resume import guard_resume
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     t0 = time.time()
     cfg = bench_job(workdir, extra)
@@ -119,7 +119,7 @@ def time_bare(workdir: Path, extra: list[str]) -> float:
         raise RuntimeError(f"{manifest} is missing: run the job first")
     job, out = workdir / "reference-job.json", workdir / "reference.json"
     job.write_text(json.dumps(cfg.model_dump(mode="json")))
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     t0 = time.time()
     subprocess.run([sys.executable, str(Path(__file__).with_name("reference.py")), str(job), str(manifest),

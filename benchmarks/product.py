@@ -1,7 +1,7 @@
 """The product's own training loop on a shaped pipeline, for gpu.py's side-by-side with its bare step.
 
 `product_step` builds (or reuses) a pipeline whose transformer has the bare step's architecture
-(raytune_sd3.models.shaped), caches a demo data set at the step's resolution and T5 length through the CLI's own
+(raytune_sd3.testmodels.shaped), caches a demo data set at the step's resolution and T5 length through the CLI's own
 path (`prepare_data`), then fits the CLI's TorchTrainer with one worker (`run_job`) for warmup + steps (+ profile,
 profiled in the worker after the timed ones) + 1 steps:
 the same batch, LoRA rank and targets, base dtype, autocast, AdamW and clipping as gpu.py's Trainer. Its figures
@@ -48,7 +48,7 @@ def product_overrides(spec_name: str, resolution: int, batch: int, args) -> list
 def product_step(spec: dict, spec_name: str, resolution: int, batch: int, args, workdir: Path) -> dict:
     """Fit the product's loop on a pipeline of transformer config `spec`; its step figures (seconds, images/s,
     MFU where the peak is known)."""
-    from raytune_sd3.models.shaped import build_shaped_pipeline
+    from raytune_sd3.testmodels.shaped import build_shaped_pipeline
 
     pipeline = build_shaped_pipeline(workdir / f"pipeline-{spec_name}-{spec['num_layers']}x{spec['num_attention_heads']}",
                                      spec, device="cpu" if args.cpu_smoke else None)

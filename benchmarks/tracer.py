@@ -110,9 +110,9 @@ def loop_autocast(model, device: str):
 
 
 def two_blocks(hub_id: str) -> dict:
-    """The transformer config of a hub model (memory.KNOWN_TRANSFORMERS) cut to its first 2 blocks, at full width:
+    """The transformer config of a hub model (models/catalogue.py) cut to its first 2 blocks, at full width:
     a real step of it runs on a CPU in seconds."""
-    from raytune_sd3.memory import KNOWN_TRANSFORMERS
+    from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS
 
     config = dict(KNOWN_TRANSFORMERS[hub_id], num_layers=2)
     config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < 2]

@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from raytune_sd3.config import DatasetConfig, load_job
     from raytune_sd3.data.discovery import discover
-    from raytune_sd3.data.prepare import cache_spec
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.driver.caching import cache_spec
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="raytune_sd3-bench-warmstart-"))

@@ -24,6 +24,7 @@ def verify_cache(root: Path | str, workers: int = 8) -> dict:
 
     from tqdm import tqdm
 
+    # imported here for start-up time: data.store loads torch
     from raytune_sd3.data.store import CacheStore
 
     store = CacheStore(root)
@@ -69,9 +70,10 @@ def verify(cfg) -> int:
 
 def fill(cfg, verbose: bool = False) -> int:
     """Encode what the cache lacks for this job; print the summary and each skipped image."""
-    from raytune_sd3.data.prepare import prepare_data
+    # imported here for start-up time: driver.caching, testmodels.resolve load torch
+    from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect
-    from raytune_sd3.models.loading import resolve_pretrained
+    from raytune_sd3.testmodels.resolve import resolve_pretrained
 
     # The same `auto` choices as training on this cluster (model.dtype is in the cache keys); placement is not
     # checked: the cache may be filled on another cluster than the one that trains.

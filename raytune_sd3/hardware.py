@@ -1,5 +1,6 @@
 """Hardware facts in one place: GPU cards (memory as the driver reports it, dense bf16 peak) and the cloud node
-types that carry them. The memory estimate (memory.py, check.py) reads the memory; MFU (train/flops.py) the peak.
+types that carry them. The memory estimate (memory.py, driver/checks.py) reads the memory; MFU (train/flops.py)
+the peak.
 
 Peaks are dense (not sparse) bf16 tensor-core TFLOP/s with fp32 accumulation, from NVIDIA's data sheets and
 architecture whitepapers (GeForce cards run fp32 accumulation at half their fp16-accumulate rate). None where no

@@ -31,13 +31,10 @@ size) lives beside the benchmarks: benchmarks/tracer.py.
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from raytune_sd3.hardware import GIB
+from raytune_sd3.models.catalogue import SD3_VAE_PARAMS, TransformerShape
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # model.quantize: bytes per weight of the quantised linears (models/quantize.py: quantised_linear) incl. scales.
@@ -55,72 +52,6 @@ STRATEGIES = ("ddp", "zero2", "zero3")
 RUNTIME_BYTES = 1.5 * GIB  # CUDA context + cuBLAS workspace + NCCL buffers (assumed; see module docstring)
 FRAGMENTATION = 0.10  # caching-allocator slack on the activations (assumed)
 TEXT_CLIP_TOKENS = 77  # CLIP-L/G tokens on the sequence before T5's
-
-# diffusers config.json of the hub's SD3-family transformers (transformer/config.json), for hub ids not cached here.
-KNOWN_TRANSFORMERS: dict[str, dict] = {
-    "stabilityai/stable-diffusion-3.5-large": {
-        "num_layers": 38, "num_attention_heads": 38, "attention_head_dim": 64, "joint_attention_dim": 4096,
-        "pooled_projection_dim": 2048, "caption_projection_dim": 2432, "patch_size": 2, "in_channels": 16,
-        "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "dual_attention_layers": [],
-        "sample_size": 128,
-    },
-    "stabilityai/stable-diffusion-3.5-medium": {
-        "num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "joint_attention_dim": 4096,
-        "pooled_projection_dim": 2048, "caption_projection_dim": 1536, "patch_size": 2, "in_channels": 16,
-        "out_channels": 16, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
-        "dual_attention_layers": list(range(13)), "sample_size": 128,
-    },
-    "stabilityai/stable-diffusion-3-medium-diffusers": {
-        "num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "joint_attention_dim": 4096,
-        "pooled_projection_dim": 2048, "caption_projection_dim": 1536, "patch_size": 2, "in_channels": 16,
-        "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": None, "dual_attention_layers": [],
-        "sample_size": 128,
-    },
-}
-KNOWN_TRANSFORMERS["stabilityai/stable-diffusion-3.5-large-turbo"] = KNOWN_TRANSFORMERS[
-    "stabilityai/stable-diffusion-3.5-large"]
-# The 16-channel SD3 VAE (AutoencoderKL, block_out_channels 128/256/512/512, 2 layers per block, no quant convs),
-# shared by SD3 and SD3.5: its parameter count, for hub ids not cached here.
-SD3_VAE_PARAMS = 83_819_683
-
-# --- the transformer's shape ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TransformerShape:
-    """The numbers of an SD3Transformer2DModel config that decide its memory."""
-
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    joint_attention_dim: int
-    pooled_projection_dim: int
-    caption_projection_dim: int
-    patch_size: int = 2
-    in_channels: int = 16
-    out_channels: int = 16
-    pos_embed_max_size: int = 96
-    qk_norm: bool = False
-    dual_attention_layers: tuple[int, ...] = ()
-
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> TransformerShape:
-        if cfg.get("qk_norm") not in (None, "rms_norm"):
-            raise ValueError(f"qk_norm {cfg['qk_norm']!r} is not one SD3 uses (None or rms_norm)")
-        return cls(
-            num_layers=cfg.get("num_layers", 18), num_heads=cfg.get("num_attention_heads", 18),
-            head_dim=cfg.get("attention_head_dim", 64), joint_attention_dim=cfg.get("joint_attention_dim", 4096),
-            pooled_projection_dim=cfg.get("pooled_projection_dim", 2048),
-            caption_projection_dim=cfg.get("caption_projection_dim", 1152), patch_size=cfg.get("patch_size", 2),
-            in_channels=cfg.get("in_channels", 16), out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
-            pos_embed_max_size=cfg.get("pos_embed_max_size") or 96, qk_norm=cfg.get("qk_norm") == "rms_norm",
-            dual_attention_layers=tuple(cfg.get("dual_attention_layers") or ()),
-        )
-
 
 def linear_layers(shape: TransformerShape) -> list[tuple[str, int, int]]:
     """(module name, in_features, out_features) of every nn.Linear of the transformer, named as diffusers names them.
@@ -219,6 +150,7 @@ def block_activation_bytes(shape: TransformerShape, targets: str | list[str], ac
     Medium) add an image-only attention. Checked against saved-tensor traces (tests/test_check.py): within 1%
     without autocast, within 5% under it.
     """
+    # imported here for start-up time: models.lora loads torch
     from raytune_sd3.models.lora import PRESETS
 
     suffixes = set(PRESETS[targets] if isinstance(targets, str) else targets)
@@ -423,50 +355,3 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
                              "the peak")
             est.add("validation VAE decode beyond the training activations", decode - act)
     return est
-
-
-# --- where the numbers come from ----------------------------------------------------------------------------------
-
-
-def transformer_config(pretrained: str, revision: str | None = None) -> tuple[dict, str]:
-    """The transformer's config.json and where it came from: a local folder, the local HF cache, or the table."""
-    local = Path(pretrained).expanduser() / "transformer" / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text()), str(local)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(pretrained, "transformer/config.json", revision=revision)
-        if isinstance(cached, str):
-            return json.loads(Path(cached).read_text()), cached
-    except Exception:  # not a valid repo id, or no cache: fall through to the table
-        pass
-    if pretrained in KNOWN_TRANSFORMERS:
-        return KNOWN_TRANSFORMERS[pretrained], "built-in table (the hub's config.json)"
-    raise ValueError(f"{pretrained}: no transformer/config.json in it or in the local HF cache, and not one of the "
-                     f"known models ({', '.join(sorted(KNOWN_TRANSFORMERS))})")
-
-
-def safetensors_params(folder: Path) -> int | None:
-    """Parameter count from the safetensors headers of a folder (reads only the headers), or None."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
-
-
-def vae_params(pretrained: str) -> int:
-    local = Path(pretrained).expanduser() / "vae"
-    return (safetensors_params(local) if local.is_dir() else None) or SD3_VAE_PARAMS
-
-
-def vae_channels(pretrained: str) -> int:
-    """Channels of the VAE decoder's full-resolution level (128 for the SD3 VAE)."""
-    cfg = Path(pretrained).expanduser() / "vae" / "config.json"
-    return json.loads(cfg.read_text())["block_out_channels"][0] if cfg.is_file() else 128

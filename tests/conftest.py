@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_sd3() -> str:
-    from raytune_sd3.models.tiny import ensure_tiny_pipeline
+    from raytune_sd3.testmodels.tiny import ensure_tiny_pipeline
 
     return str(ensure_tiny_pipeline("tiny-sd3"))
 

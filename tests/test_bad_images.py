@@ -135,7 +135,7 @@ def test_cache_cli_skips_and_reports_bad_files_and_encodes_the_rest(tmp_path, ra
 
 def test_a_data_set_with_nothing_usable_is_a_clear_error(tmp_path, tiny_sd3, ray_local):
     from raytune_sd3.config import load_job
-    from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.caching import prepare_data
 
     folder = tmp_path / "junk"
     folder.mkdir()

@@ -168,8 +168,8 @@ def test_estimate_benchmark_runs(tmp_path):
 
 @pytest.mark.bench
 def test_load_benchmark_runs(tmp_path):
-    from raytune_sd3.memory import KNOWN_TRANSFORMERS
-    from raytune_sd3.models.shaped import build_shaped_pipeline
+    from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS
+    from raytune_sd3.testmodels.shaped import build_shaped_pipeline
 
     small = dict(KNOWN_TRANSFORMERS["stabilityai/stable-diffusion-3.5-medium"], num_layers=2, num_attention_heads=2,
                  caption_projection_dim=128, dual_attention_layers=[0], pos_embed_max_size=96, sample_size=8)

@@ -21,7 +21,7 @@ from raytune_sd3.models.text import encode_prompts
 
 def _spec(tiny_sd3: str, cache_dir, **changes) -> CacheSpec:
     from raytune_sd3.config import JobConfig
-    from raytune_sd3.data.prepare import cache_spec
+    from raytune_sd3.driver.caching import cache_spec
 
     cfg = JobConfig.model_validate({"output_dir": str(cache_dir), "data": {
         "cache_dir": str(cache_dir), "datasets": [{"id": "d", "instance_data_dir": str(cache_dir)}]}})

@@ -23,9 +23,6 @@ from raytune_sd3.check import main as check_main
 from raytune_sd3.config import TINY_MODELS, LoraConfig, load_job
 from raytune_sd3.memory import (
     GIB,
-    KNOWN_TRANSFORMERS,
-    SD3_VAE_PARAMS,
-    TransformerShape,
     activation_bytes,
     autocast_weight_copies,
     estimate,
@@ -33,6 +30,7 @@ from raytune_sd3.memory import (
     transformer_buffers,
     transformer_params,
 )
+from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS, SD3_VAE_PARAMS, TransformerShape
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the tracer that checks the estimate lives beside the benchmarks
@@ -44,7 +42,7 @@ LARGE, MEDIUM35, MEDIUM3 = ("stabilityai/stable-diffusion-3.5-large", "stability
 
 @pytest.fixture(scope="module")
 def tiny_configs(tiny_sd3) -> dict[str, dict]:
-    from raytune_sd3.models.tiny import ensure_tiny_pipeline
+    from raytune_sd3.testmodels.tiny import ensure_tiny_pipeline
 
     return {name: json.loads((ensure_tiny_pipeline(name) / "transformer" / "config.json").read_text())
             for name in ("tiny-sd3", "tiny-sd35")}
@@ -397,7 +395,7 @@ def test_each_one_machine_job_fits_its_machine(name, capsys):
     per GPU, a micro-batch the estimate fits under 90% of the card, the global batch split evenly, no shared mount."""
     from raytune_sd3.driver.microbatch import job_estimator
     from raytune_sd3.driver.placement import Cluster, check_placement, resolve_auto
-    from raytune_sd3.memory import transformer_config
+    from raytune_sd3.models.catalogue import transformer_config
 
     card, gpus = MACHINE_JOBS[name]
     cfg = load_job(ROOT / "jobs" / name)

@@ -9,8 +9,9 @@ from PIL import Image
 
 from raytune_sd3.config import ConfigError, load_job
 from raytune_sd3.driver.preflight import check_paths
-from raytune_sd3.models.loading import resolve_validation_model, validation_model_name
-from raytune_sd3.models.tiny_validation import build_tiny_clip
+from raytune_sd3.models.loading import validation_model_name
+from raytune_sd3.testmodels.resolve import resolve_validation_model
+from raytune_sd3.testmodels.tiny_validation import build_tiny_clip
 from raytune_sd3.train.clip_score import ClipScorer
 
 PROMPTS = ["a red circle on a white background", "a blue square", "a photo of a small green cat",

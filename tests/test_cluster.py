@@ -22,8 +22,7 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
-from raytune_sd3.check import cluster_gpus
-from raytune_sd3.cluster_files import image_ray_version, read_cluster_file
+from raytune_sd3.cluster_files import cluster_gpus, image_ray_version, read_cluster_file
 from raytune_sd3.config import load_job
 from raytune_sd3.hardware import NODE_TYPES
 

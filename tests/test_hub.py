@@ -20,7 +20,7 @@ from PIL import Image
 
 from raytune_sd3.config import ConfigError, dump_job, load_job
 from raytune_sd3.driver.preflight import check_paths
-from raytune_sd3.hub import base_model_licence, front_matter, write_model_card
+from raytune_sd3.hub.publish import base_model_licence, front_matter, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_" + "Zx9" * 12  # the shape of a Hugging Face token (never a real one)
@@ -268,7 +268,7 @@ def test_an_upload_sends_the_card_images_and_lora_to_a_private_repo(tmp_path):
 def test_the_cards_snippet_loads_the_real_base_and_tags_are_not_repeated(tmp_path, tiny_sd3):
     """The snippet of a tiny run loads (its base built by raytune_sd3, not `from_pretrained("tiny-sd3")`); a folder
     in the HF cache is named by its hub id; no tag twice."""
-    from raytune_sd3.hub import model_card, snippet_base
+    from raytune_sd3.hub.publish import model_card, snippet_base
 
     cfg = _job(tmp_path, "model.pretrained=tiny-sd3")
     text = model_card(cfg, [])

@@ -14,7 +14,8 @@ from raytune_sd3.config import ConfigError, dump_job, load_job
 from raytune_sd3.driver.placement import Cluster, resolve_as_saved, resolve_auto
 from raytune_sd3.driver.resume import SETTINGS_FILE, guard_resume, run_dir
 from raytune_sd3.hardware import GIB, GPU_GIB
-from raytune_sd3.memory import KNOWN_TRANSFORMERS, SD3_VAE_PARAMS, TransformerShape, estimate
+from raytune_sd3.memory import estimate
+from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS, SD3_VAE_PARAMS, TransformerShape
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE = "stabilityai/stable-diffusion-3.5-large"
@@ -50,7 +51,7 @@ def tiny(tmp_path, *overrides: str):
 
 
 def estimate_gib(cfg, batch: int, workers: int) -> float:
-    """The sd35 job's per-GPU estimate, with its settings spelled out (as check.py computes it)."""
+    """The sd35 job's per-GPU estimate, with its settings spelled out (as driver/checks.py computes it)."""
     return estimate(TransformerShape.from_config(KNOWN_TRANSFORMERS[LARGE]), dtype="bf16", targets="attention",
                     rank=16, batch=batch, resolution=1024, t5_tokens=154, num_workers=workers, strategy="ddp",
                     mixed_precision="bf16", quantization=cfg.model.quantize, vae_params=SD3_VAE_PARAMS,
@@ -208,7 +209,7 @@ def test_the_check_shows_what_auto_becomes(tmp_path):
 
 
 def test_the_check_resolves_auto_for_the_cluster_files_gpu(tmp_path):
-    from raytune_sd3.check import run_checks
+    from raytune_sd3.driver.checks import run_checks
 
     cfg = sd35(tmp_path, 24, "train.num_workers=8", "train.use_gpu=true")
     report = run_checks(cfg, cluster=str(ROOT / "cluster" / "aws-a100.yaml"), skip_paths=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from raytune_sd3.config import ValidationConfig
 from raytune_sd3.models.loading import load_sampler, load_transformer, load_vae
-from raytune_sd3.models.tiny_validation import build_tiny_taesd
+from raytune_sd3.testmodels.tiny_validation import build_tiny_taesd
 from raytune_sd3.train.previews import Caption, PreviewDecoder, WebhookPoster, png_bytes
 from raytune_sd3.train.validation import sample_images
 from tests.webhook_server import WebhookServer

@@ -117,7 +117,7 @@ def test_a_cluster_job_on_this_machines_disk_fails(tmp_path, capsys):
 
 
 def test_a_shared_mount_passes(tmp_path, monkeypatch, capsys):
-    import raytune_sd3.check as check
+    import raytune_sd3.driver.checks as check
 
     monkeypatch.setattr(check, "mount_of", lambda path: ("/mnt/shared", "nfs4"))  # the OS's mount table
     assert check.shared_storage_problem("output_dir", tmp_path, "a cluster") is None

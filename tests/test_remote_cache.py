@@ -113,7 +113,7 @@ def test_the_storage_check_answers_for_reachable_missing_and_silent_stores(s3_ur
     """The preflight writes a probe object and reads it back; a bucket that is not there says why, and an endpoint
     that accepts connections but never answers is reported as such instead of waited for (a deadline, not a
     timing: the message says which way it ended)."""
-    from raytune_sd3.check import probe_storage
+    from raytune_sd3.driver.checks import probe_storage
 
     assert probe_storage(s3_uri) is None
     missing = probe_storage(s3_uri.replace("cache-bucket", "no-such-bucket"))

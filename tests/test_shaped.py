@@ -1,4 +1,4 @@
-"""Real-size SD3.5 pipelines with random weights (raytune_sd3.models.shaped, CLI: models.tiny --shape).
+"""Real-size SD3.5 pipelines with random weights (raytune_sd3.testmodels.shaped; CLI: testmodels --shape).
 
 A real-size transformer is too big to make in CI (SD3.5 Large: 16 GB of bf16), so the real shape is checked with
 the CLI's dry run (--device meta: every file but the transformer's weights, its index listing them), and the
@@ -18,30 +18,20 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors import safe_open
 
-from raytune_sd3.memory import (
-    KNOWN_TRANSFORMERS,
-    SD3_VAE_PARAMS,
-    TransformerShape,
-    transformer_buffers,
-    transformer_params,
-)
-from raytune_sd3.models import tiny
-from raytune_sd3.models.loading import (
-    load_sampler,
-    load_text_encoders,
-    load_transformer,
-    load_vae,
-    vae_scaling,
-)
-from raytune_sd3.models.shaped import WEIGHTS_INDEX, build_shaped_pipeline, transformer_config
+from raytune_sd3.memory import transformer_buffers, transformer_params
+from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS, SD3_VAE_PARAMS, TransformerShape
+from raytune_sd3.models.loading import load_sampler, load_text_encoders, load_transformer, load_vae, vae_scaling
 from raytune_sd3.models.text import encode_prompts
+from raytune_sd3.testmodels import tiny
+from raytune_sd3.testmodels.__main__ import main as build_main  # python -m raytune_sd3.testmodels
+from raytune_sd3.testmodels.shaped import WEIGHTS_INDEX, build_shaped_pipeline, transformer_config
 
 MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 
 def test_cli_dry_run_writes_the_real_sd35_medium(tmp_path):
     out = tmp_path / "medium"
-    tiny.main([str(out), "--shape", "sd35-medium", "--device", "meta"])
+    build_main([str(out), "--shape", "sd35-medium", "--device", "meta"])
 
     written = json.loads((out / "transformer" / "config.json").read_text())
     assert {k: written[k] for k in KNOWN_TRANSFORMERS[MEDIUM]} == KNOWN_TRANSFORMERS[MEDIUM]

@@ -1,4 +1,4 @@
-"""Tests for the tiny offline SD3 / SD3.5 pipelines (raytune_sd3.models.tiny)."""
+"""Tests for the tiny offline SD3 / SD3.5 pipelines (raytune_sd3.testmodels.tiny)."""
 
 import os
 
@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from raytune_sd3.config import TINY_MODELS
-from raytune_sd3.models import tiny
-from raytune_sd3.models.tiny import build_tiny_pipeline, ensure_tiny_pipeline
+from raytune_sd3.testmodels import tiny
+from raytune_sd3.testmodels.tiny import build_tiny_pipeline, ensure_tiny_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -171,7 +171,7 @@ def test_ensure_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.Monk
         ensure_tiny_pipeline("tiny-sdxl")
 
     # A CLI driver resolves the built pipeline without importing the builder's diffusers (~7 s on 2 cores).
-    probe = ("import sys; from raytune_sd3.models.loading import resolve_pretrained; "
+    probe = ("import sys; from raytune_sd3.testmodels.resolve import resolve_pretrained; "
              "print(resolve_pretrained('tiny-sd3')); print('diffusers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "RAYTUNE_SD3_HOME": str(tmp_path)},
                        capture_output=True, text=True, timeout=120)
@@ -211,7 +211,7 @@ def test_cli_writes_a_pipeline(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "raytune_sd3.models.tiny", str(out), "--sd35", "--seed", "3"],
+        [sys.executable, "-m", "raytune_sd3.testmodels", str(out), "--sd35", "--seed", "3"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

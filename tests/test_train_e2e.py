@@ -221,7 +221,7 @@ def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(first_run):
 def test_the_run_writes_its_model_card(first_run):
     """With no hub.repo_id the card is still written (train_job -> hub.publish): it links the last validation
     images, copied beside it, with their prompts. (The secret check above covers it too.)"""
-    from raytune_sd3.hub import front_matter
+    from raytune_sd3.hub.publish import front_matter
 
     out = first_run[0] / "run1"
     text = (out / "README.md").read_text()

@@ -431,11 +431,10 @@ def test_best_yaml_trains(study, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_only_rewrites_the_report_and_trains_nothing(study, monkeypatch, tmp_path):
+def test_report_only_rewrites_the_report_and_trains_nothing(study, tmp_path):
     """`--report-only` on the finished study: the same table from Tune's saved state, no trial touched. (After
     the tests above: it deletes the report before rewriting it.)"""
     from raytune_sd3.driver.resume import STUDY_REPORT_FILES as REPORT_FILES
-    from raytune_sd3.tune.__main__ import main
 
     out = study["out"]
     table, best = (out / "trials.csv").read_text(), load_job(out / "best.yaml")
@@ -443,16 +442,17 @@ def test_report_only_rewrites_the_report_and_trains_nothing(study, monkeypatch, 
     trained = {p: p.stat().st_mtime for p in (out / "trials").rglob("*") if p.is_file()}
     for name in REPORT_FILES:
         (out / name).unlink()
-    monkeypatch.chdir(ROOT)
-    argv = tune_cmd(out, study["tmp"], "--report-only")[3:]  # what follows `python -m raytune_sd3.tune`
-    assert main(argv) == 0
+    r = subprocess.run(tune_cmd(out, study["tmp"], "--report-only"), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "trials.csv").read_text() == table
     # The same best.yaml, `auto` settings included: without Ray they come from the study's job.yaml.
     assert (out / "best.yaml").read_text().splitlines()[:2] == winner
     assert load_job(out / "best.yaml") == best
     assert all((out / name).is_file() for name in REPORT_FILES)
     assert {p: p.stat().st_mtime for p in (out / "trials").rglob("*") if p.is_file()} == trained
-    assert main(tune_cmd(tmp_path / "none", study["tmp"], "--report-only")[3:]) == 2  # no study there
+    r = subprocess.run(tune_cmd(tmp_path / "none", study["tmp"], "--report-only"), cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2, r.stdout + r.stderr  # no study there
 
 
 def test_trials_of_a_study_are_one_wandb_group(tmp_path):

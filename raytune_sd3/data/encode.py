@@ -180,6 +180,7 @@ class VaeEncoder:
     """Actor: loads the VAE once, encodes batches of pixels and writes latents to the store."""
 
     def __init__(self, spec: CacheSpec):
+        # imported here for start-up time: models.loading loads torch
         from raytune_sd3.models.loading import load_vae
 
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
@@ -208,6 +209,7 @@ class TextEncoder:
     """Actor: loads the three text encoders once, encodes batches of captions and writes embeddings to the store."""
 
     def __init__(self, spec: CacheSpec):
+        # imported here for start-up time: models.loading loads torch
         from raytune_sd3.models.loading import load_text_encoders
 
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
@@ -215,6 +217,7 @@ class TextEncoder:
         self.enc = load_text_encoders(spec.pretrained, _device(), DTYPES[spec.text_encoder_dtype], spec.revision)
 
     def __call__(self, batch: dict) -> dict:
+        # imported here for start-up time: models.text loads torch
         from raytune_sd3.models.text import encode_prompts
 
         captions = [str(c) for c in batch["caption"]]

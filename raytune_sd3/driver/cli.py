@@ -48,7 +48,7 @@ def read_job(args: argparse.Namespace, paths: bool = True, preflight: bool = Fal
         except ConfigError as e:  # FILE: KEY: ..., as the schema's errors
             raise ConfigError(f"{args.job}: {e}") from None
     if preflight:
-        from raytune_sd3.check import refuse_early
+        from raytune_sd3.driver.checks import refuse_early
 
         refuse_early(cfg)
     return cfg

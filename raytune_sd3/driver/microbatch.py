@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 from raytune_sd3.config import TINY_MODELS, JobConfig, TrainConfig
 from raytune_sd3.hardware import GIB
-from raytune_sd3.memory import MemoryEstimate, TransformerShape, estimate, transformer_config, vae_channels, vae_params
+from raytune_sd3.memory import MemoryEstimate, estimate
+from raytune_sd3.models.catalogue import TransformerShape, transformer_config, vae_channels, vae_params
 
 TIGHT = 0.90  # above this share of the GPU the estimate's error (~5-10%, benchmarks/RESULTS.md) can tip it over
 
@@ -61,7 +62,8 @@ def micro_batches(t: TrainConfig) -> list[int]:
 def model_folder(cfg: JobConfig) -> str:
     """Where the transformer's config.json is read from (a tiny model is built offline first)."""
     if cfg.model.pretrained in TINY_MODELS:
-        from raytune_sd3.models.loading import resolve_pretrained
+        # imported here for start-up time: testmodels.resolve loads torch
+        from raytune_sd3.testmodels.resolve import resolve_pretrained
 
         return resolve_pretrained(cfg.model.pretrained)
     return cfg.model.pretrained

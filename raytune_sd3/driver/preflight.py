@@ -52,12 +52,14 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
 
     if (wandb_problem := credentials_problem(cfg)) is not None:
         problems.append(wandb_problem)
-    from raytune_sd3.hub import token_problem
+    # imported here for start-up time: hub.publish loads torch
+    from raytune_sd3.hub.publish import token_problem
 
     if (hub_problem := token_problem(cfg)) is not None:
         problems.append(hub_problem)
     problems += bitsandbytes_problems(cfg, cuda)
     if cfg.validation.attention == "sage" and cfg.validation.prompts:
+        # imported here for start-up time: train.attention loads torch
         from raytune_sd3.train.attention import SAGE_FIX, sage_available
 
         if not sage_available():
@@ -66,6 +68,7 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
             problems.append("validation.attention sage runs on CUDA GPUs only, and train.use_gpu is false: "
                             "set validation.attention: auto")
     if cfg.validation.clip_score or cfg.validation.preview_steps:  # models.loading imports torch: only then
+        # imported here for start-up time: models.loading loads torch
         from raytune_sd3.models.loading import VALIDATION_MODELS, validation_model_problem
 
         problems += [p for key in VALIDATION_MODELS if (p := validation_model_problem(cfg, key)) is not None]
@@ -78,6 +81,7 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
     no CUDA where it will train. `cuda` says whether that machine has it (the check command knows its target);
     None: a job that trains on this machine (a local Ray) needs CUDA here, while on a cluster train.use_gpu false
     is refused now and `auto` once Ray says whether the cluster has GPUs (needs_cuda_problem)."""
+    # imported here for start-up time: models.quantize, train.optim load torch
     from raytune_sd3.models.quantize import BNB_INSTALL, NF4_NEEDS_CUDA
     from raytune_sd3.train.optim import BNB_FIX, BNB_OPTIMIZERS
 
@@ -103,6 +107,7 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
 
 def needs_cuda_problem(cfg: JobConfig) -> str | None:
     """After Ray resolved train.use_gpu against the cluster: why a bitsandbytes job cannot train there, or None."""
+    # imported here for start-up time: train.optim loads torch
     from raytune_sd3.train.optim import BNB_OPTIMIZERS
 
     if cfg.train.use_gpu or (cfg.model.quantize != "nf4" and cfg.train.optimizer not in BNB_OPTIMIZERS):

@@ -79,6 +79,7 @@ def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
     """(step, LoRA file) of a finished run of this very job in output_dir, found without Ray: its settings are this
     job's (`auto` read as that run resolved it), its newest complete checkpoint is at train.max_steps, and its LoRA
     was copied out. None otherwise (a longer max_steps, other settings: the normal path decides)."""
+    # imported here for start-up time: models.lora loads torch
     from raytune_sd3.driver.placement import resolve_as_saved
     from raytune_sd3.models.lora import LORA_FILE
 
@@ -96,6 +97,7 @@ def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
         return None
     if not same:
         return None
+    # imported here for start-up time: train.state loads torch
     from raytune_sd3.train.state import newest_on_storage
 
     newest = newest_on_storage(folder)

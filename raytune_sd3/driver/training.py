@@ -2,7 +2,7 @@
 the final LoRA copied out of the last checkpoint.
 
     job -> Ray, fitted to the cluster -> resume guard -> job.yaml -> cache (Ray Data) -> TorchTrainer.fit()
-        -> the LoRA and its model card in output_dir (uploaded to the Hub with hub.repo_id: raytune_sd3/hub.py)
+        -> the LoRA and its model card in output_dir (uploaded to the Hub with hub.repo_id: raytune_sd3/hub/publish.py)
         -> exit status: 0 done, 4 done but the upload failed, 3 diverged, 1 failed
 """
 
@@ -29,10 +29,11 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # imported here for start-up time: driver.backend, driver.faults, testmodels.resolve, train.loop load torch and ray
     from raytune_sd3.driver.backend import WorkerTorchConfig
     from raytune_sd3.driver.faults import StopOnRepeatedError
     from raytune_sd3.driver.placement import ensure_resolved
-    from raytune_sd3.models.loading import resolve_validation_models
+    from raytune_sd3.testmodels.resolve import resolve_validation_models
     from raytune_sd3.train.loop import train_loop_per_worker
 
     ensure_resolved(cfg)
@@ -98,11 +99,12 @@ def set_aside_error_log(out: Path) -> None:
 
 def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> int:
     """The whole training command on a validated job; returns the exit status."""
-    from raytune_sd3.data.prepare import prepare_data
+    # imported here for start-up time: driver.caching, testmodels.resolve load torch
+    from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect, report_failure
     from raytune_sd3.driver.console import TrainingProgress
     from raytune_sd3.driver.placement import WaitReporter
-    from raytune_sd3.models.loading import resolve_pretrained, resolve_validation_models
+    from raytune_sd3.testmodels.resolve import resolve_pretrained, resolve_validation_models
 
     t0 = time.perf_counter()
     revalidate = False
@@ -122,7 +124,7 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     pretrained = resolve_pretrained(cfg.model.pretrained)
     resolve_validation_models(cfg)  # the tiny CLIP / TAESD built now, for the same reason
     cluster = connect(cfg, verbose=verbose)  # `auto` settings from the cluster; workers it can never place stop the job here
-    from raytune_sd3.check import refuse_on_cluster
+    from raytune_sd3.driver.checks import refuse_on_cluster
 
     refuse_on_cluster(cfg, cluster)  # on a cluster: its worker count is known only now, and nothing is cached yet
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
@@ -156,6 +158,7 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
     images = sorted((out / "validation").glob("step_*"))
     log.info("done in %.0f s. LoRA: %s\n  metrics: %s (curves.png)%s", time.perf_counter() - t0, lora,
              out / "metrics.jsonl", f"\n  validation images: {images[-1]}" if images else "")
-    from raytune_sd3.hub import publish
+    # imported here for start-up time: hub.publish loads torch
+    from raytune_sd3.hub.publish import publish
 
     return publish(cfg, out, last.get("step"))  # the model card, and the upload: 4 if that failed, never lost

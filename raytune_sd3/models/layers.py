@@ -1,7 +1,7 @@
 """What a job asks of the transformer's layers (lora.blocks, lora.targets, validation.skip_layers), checked on the
 driver against the model's config alone, before any worker loads weights.
 
-The config is known without weights for the tiny models (TINY_TRANSFORMER below, which models/tiny.py builds
+The config is known without weights for the tiny models (TINY_TRANSFORMER below, which testmodels/tiny.py builds
 from), a local diffusers folder (transformer/config.json), a hub id in the local HF cache, or the built-in table of
 known models. An explicit list of targets is matched against the layer names of a transformer of that config built
 on torch's meta device (no memory, no weights), by the same function the workers use.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from raytune_sd3.config import TINY_MODELS, JobConfig
+from raytune_sd3.models.catalogue import transformer_config
 
 # The tiny random SD3 transformer (a 64px image is 8 latent px, 4x4 patches); tiny-sd35 adds SD3.5's parts.
 TINY_TRANSFORMER: dict[str, Any] = dict(
@@ -34,8 +35,6 @@ def known_transformer_config(pretrained: str, revision: str | None = None) -> di
     """The transformer's config where it is known without weights or a download, else None."""
     if pretrained in TINY_MODELS:
         return tiny_transformer_config(pretrained)
-    from raytune_sd3.memory import transformer_config
-
     try:
         return transformer_config(pretrained, revision)[0]
     except (ValueError, OSError):  # a model not reachable from here: check_paths and check_model say so
@@ -65,9 +64,11 @@ def layer_problems(cfg: JobConfig) -> list[str]:
 
 def _unmatched_targets(cfg: JobConfig, config: dict[str, Any]) -> list[str]:
     """Each target suffix that matches no linear layer of a transformer of `config` (in lora.blocks)."""
+    # start-up time: torch, diffusers and peft only when an explicit target list is checked
     import torch
     from diffusers import SD3Transformer2DModel
 
+    # imported here for start-up time: models.lora loads torch
     from raytune_sd3.models.lora import target_modules
 
     try:

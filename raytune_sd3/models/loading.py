@@ -31,18 +31,6 @@ def tiny_pipeline_dir(name: str) -> Path:
     return tiny_models_root() / name
 
 
-def resolve_pretrained(pretrained: str) -> str:
-    """A tiny model name becomes its built directory (built on first use); anything else passes through."""
-    if pretrained in TINY_MODELS:
-        built = tiny_pipeline_dir(pretrained)
-        if (built / "model_index.json").exists():
-            return str(built)  # without importing the builder, whose diffusers import costs the driver ~7 s
-        from raytune_sd3.models.tiny import ensure_tiny_pipeline
-
-        return str(ensure_tiny_pipeline(pretrained))
-    return pretrained
-
-
 def _local_dir(pretrained: str) -> Path | None:
     p = Path(pretrained).expanduser()
     return p if p.is_dir() else None
@@ -251,28 +239,3 @@ def validation_model_problem(cfg: JobConfig, key: str) -> str | None:
     return (f"validation.{key}: {name} is neither a folder nor in the local Hugging Face cache (validation.{switch} "
             f"needs it, and a run never downloads it): download it once with `hf download {name}` (on every node, "
             f"or into a shared HF_HOME), point validation.{key} at a folder, or turn validation.{switch} off")
-
-
-def resolve_validation_model(cfg: JobConfig, key: str) -> str | None:
-    """The folder workers load validation.<key> from (the tiny stand-in built on first use); None when off.
-    Raises FileNotFoundError when the model is not here (preflight says so earlier, with the fix)."""
-    name = validation_model_name(cfg, key)
-    if name is None:
-        return None
-    tiny = VALIDATION_MODELS[key][2]
-    if name == tiny:
-        built = tiny_models_root() / tiny
-        if (built / "config.json").exists():
-            return str(built)
-        from raytune_sd3.models.tiny_validation import build_tiny_clip, build_tiny_taesd
-
-        return str((build_tiny_clip if key == "clip_model" else build_tiny_taesd)(built))
-    folder = local_model_dir(name)
-    if folder is None:
-        raise FileNotFoundError(validation_model_problem(cfg, key))
-    return str(folder)
-
-
-def resolve_validation_models(cfg: JobConfig) -> dict[str, str | None]:
-    """{"clip_model": folder or None, "preview_model": folder or None} for the workers (resolve_validation_model)."""
-    return {key: resolve_validation_model(cfg, key) for key in VALIDATION_MODELS}

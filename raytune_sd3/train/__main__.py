@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = cli.read_job(args, preflight=True)  # a job `check` refuses stops here, in its words, before Ray starts
+        # imported here for start-up time: driver.training loads torch
         from raytune_sd3.driver.training import train_job
 
         return train_job(cfg, restart=args.restart, verbose=args.verbose)

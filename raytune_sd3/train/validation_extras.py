@@ -71,6 +71,7 @@ class ValidationExtras:
             return {}
         try:
             if self._scorer is None:
+                # imported here for start-up time: train.clip_score loads torch
                 from raytune_sd3.train.clip_score import ClipScorer
 
                 self._scorer = ClipScorer(self.clip_folder, self.device)

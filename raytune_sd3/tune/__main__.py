@@ -5,7 +5,7 @@ A stability study: validate the job and its `tune:` section -> start/join Ray ->
 raised) -> write trials.csv, trials.md, eval_loss.png, stability.png and best.yaml into output_dir.
 
 Exit status: 0 with a best.yaml, 3 when no trial was stable, 2 for a job that cannot run, 1 for other errors.
-(The driver's side of it: raytune_sd3/driver/study.py.)
+(Driving the study from the job: raytune_sd3/tune/run.py.)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from raytune_sd3.config import load_job
         from raytune_sd3.driver.placement import resolve_as_saved
         from raytune_sd3.driver.resume import guard_study
-        from raytune_sd3.driver.study import report, study_job
+        from raytune_sd3.tune.run import report, study_job
 
         if args.report_only:
             guard_study(cfg, resume=False, restart=False, report_only=True)

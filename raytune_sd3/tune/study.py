@@ -137,6 +137,7 @@ def trial_dir(study_dir: Path | str, trial_id: str) -> Path:
 
 def run_trial(params: dict, base: dict, manifest: str, pretrained: str) -> None:
     """Tune's trial function: train the job with `params` set; divergence is a result (a metric), not an error."""
+    # imported here for start-up time: driver.training loads torch
     from raytune_sd3.driver.training import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
@@ -222,6 +223,7 @@ def collect_trials(cfg: JobConfig, path: Path | None = None) -> list[TrialRecord
 
 def keep_final_loras(records: list[TrialRecord]) -> int:
     """Copy each stable trial's final LoRA from its last Train checkpoint into its folder; returns how many."""
+    # imported here for start-up time: driver.training, models.lora load torch
     from raytune_sd3.driver.training import copy_final_lora
     from raytune_sd3.models.lora import LORA_FILE
 

@@ -7,13 +7,11 @@ downsampling, joint-attention MMDiT) at toy widths, and the tokenizers are train
 small built-in caption corpus. Widths differ per component (CLIP-L 32, CLIP-G 48, T5 96) so that bugs in
 the prompt-embedding concatenation or padding show up as shape errors instead of passing silently.
 
-    python -m raytune_sd3.models.tiny OUT_DIR [--sd35] [--seed N]
-    python -m raytune_sd3.models.tiny OUT_DIR --shape sd35-large|sd35-medium [--device cuda|cpu|meta]   (shaped.py)
+    python -m raytune_sd3.testmodels OUT_DIR [--sd35] [--seed N]     (__main__.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -43,6 +41,7 @@ from transformers import (
 )
 
 from raytune_sd3.models.layers import tiny_transformer_config
+from raytune_sd3.models.loading import tiny_pipeline_dir
 
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray")
 _SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "hexagon")
@@ -140,7 +139,7 @@ def _t5_tokenizer(corpus: list[str]) -> T5Tokenizer:
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """The tiny pipeline's CLIP-L tokenizer (also the tiny CLIP scorer's, models/tiny_validation.py)."""
+    """The tiny pipeline's CLIP-L tokenizer (also the tiny CLIP scorer's, testmodels/tiny_validation.py)."""
     vocab, merges = _clip_vocab(_corpus())
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = 77
@@ -290,38 +289,4 @@ def _no_shard_bars():
 
 def ensure_tiny_pipeline(name: str) -> Path:
     """Path of the cached tiny pipeline ``name`` ("tiny-sd3" or "tiny-sd35"), building it (seed 0) on first use."""
-    from raytune_sd3.models.loading import tiny_pipeline_dir
-
     return build_tiny_pipeline(tiny_pipeline_dir(name), sd35=name == "tiny-sd35", seed=0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from raytune_sd3.models.shaped import SHAPES, build_shaped_pipeline  # it builds on this module
-
-    parser = argparse.ArgumentParser(description="Build a tiny random SD3 pipeline for tests and smoke runs, or one "
-                                                 "with a real-size SD3.5 transformer (--shape) for GPU benchmarks.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--sd35", action="store_true", help="SD3.5 variant: qk RMSNorm and dual attention")
-    parser.add_argument("--shape", choices=sorted(SHAPES),
-                        help="the real SD3.5 transformer with random bf16 weights, narrow text encoders of the real "
-                             "widths (models/shaped.py); Large writes 16 GB")
-    parser.add_argument("--device", choices=("cuda", "cpu", "meta"),
-                        help="with --shape: where the weights are made (default cuda when there is one, else cpu); "
-                             "meta: a dry run that writes every file but the transformer's weights")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.shape is None:
-        if args.device:
-            parser.error("--device goes with --shape (the tiny pipeline is always built on the CPU)")
-        print(build_tiny_pipeline(args.out_dir, sd35=args.sd35, seed=args.seed))
-        return
-    if args.sd35:
-        parser.error("--sd35 is the tiny pipeline's variant; --shape sd35-* already is SD3.5")
-    try:
-        print(build_shaped_pipeline(args.out_dir, args.shape, device=args.device, seed=args.seed))
-    except (ValueError, FileExistsError) as e:  # no GPU, or a folder in the way: say so without a traceback
-        parser.error(str(e))
-
-
-if __name__ == "__main__":
-    main()

@@ -19,6 +19,7 @@ log = logging.getLogger("raytune_sd3")
 
 def report(cfg: JobConfig) -> dict:
     """Collect every trial, copy the stable ones' LoRAs out, write the table, plots and best.yaml; print where."""
+    # imported here for start-up time: tune.study loads ray
     from raytune_sd3.tune.config import study_base, study_config
     from raytune_sd3.tune.report import summary, write_report
     from raytune_sd3.tune.study import collect_trials, keep_final_loras
@@ -42,18 +43,19 @@ def report(cfg: JobConfig) -> dict:
 def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry_failed: bool = False,
               verbose: bool = False) -> int:
     """The whole study command on a validated job; returns the exit status."""
+    # imported here for start-up time: driver.caching, testmodels.resolve, tune.study load torch and ray
     from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST
-    from raytune_sd3.data.prepare import prepare_data
+    from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect
     from raytune_sd3.driver.placement import WaitReporter
-    from raytune_sd3.models.loading import resolve_pretrained, resolve_validation_models
+    from raytune_sd3.testmodels.resolve import resolve_pretrained, resolve_validation_models
     from raytune_sd3.tune.study import run_study
 
     t0 = time.perf_counter()
     pretrained = resolve_pretrained(cfg.model.pretrained)  # before Ray, as in driver/training.py
     resolve_validation_models(cfg)
     cluster = connect(cfg, verbose=verbose)  # one trial's workers; `auto` resolved before the resume guard compares settings
-    from raytune_sd3.check import refuse_on_cluster
+    from raytune_sd3.driver.checks import refuse_on_cluster
 
     refuse_on_cluster(cfg, cluster)  # as in driver/training.py
     guard_study(cfg, resume, restart, report_only=False)

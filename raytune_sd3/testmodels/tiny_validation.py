@@ -1,4 +1,4 @@
-"""Tiny random models for validation's extras, built offline like the tiny pipeline (models/tiny.py): a CLIP (text
+"""Tiny random models for validation's extras, built offline like the tiny pipeline (testmodels/tiny.py): a CLIP (text
 and vision towers) for `validation.clip_score` and a 16-channel Tiny AutoEncoder for `validation.preview_steps`.
 
 They make the demo job and the tests able to turn both features on without a download. Random weights score and
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from raytune_sd3.models.tiny import tiny_clip_tokenizer, write_atomically
+from raytune_sd3.testmodels.tiny import tiny_clip_tokenizer, write_atomically
 
 CLIP_IMAGE_SIZE = 32  # the tiny CLIP's input (real CLIP-L: 224)
 

@@ -1,31 +1,28 @@
-"""python -m raytune_sd3.hub OUTPUT_DIR [--repo-id owner/name] [--public]
-
-The model card of a trained LoRA (output_dir/README.md, with the last validation images copied beside it into
+"""The model card of a trained LoRA (output_dir/README.md, with the last validation images copied beside it into
 output_dir/images/) and its upload to the Hugging Face Hub. After training, `train` writes the card whether or not
 `hub.repo_id` is set, then uploads the card, the images and pytorch_lora_weights.safetensors there (private by
-default). Run this module to write the card and upload again by hand, e.g. after a failed upload.
+default). `python -m raytune_sd3.hub` (hub/__main__.py) writes the card and uploads again by hand, e.g. after a
+failed upload.
 
 The token is HF_TOKEN from the environment, never the job file. An upload that fails loses nothing: the LoRA and
-the card stay in output_dir, one warning names what failed and this command, and `train` exits with status 4
+the card stay in output_dir, one warning names what failed and the command to retry, and `train` exits with status 4
 (trained, not uploaded), so a script can tell it from a finished upload (0) and from a failed training (1).
-Exit status here: 0 uploaded (or card written, with no repo to upload to), 2 nothing to do it with (no job.yaml,
-no repo id, no HF_TOKEN), 4 the upload failed.
+Exit status of the command: 0 uploaded (or card written, with no repo to upload to), 2 nothing to do it with (no
+job.yaml, no repo id, no HF_TOKEN), 4 the upload failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
 
-from raytune_sd3.config import HF_TOKEN_ENV, TINY_MODELS, JobConfig, dump_job, load_job, model_is_path, redact
+from raytune_sd3.config import HF_TOKEN_ENV, TINY_MODELS, JobConfig, dump_job, model_is_path, redact
 from raytune_sd3.models.lora import LORA_FILE
 
 log = logging.getLogger("raytune_sd3")
@@ -124,7 +121,7 @@ def snippet_base(base: str) -> tuple[str, list[str]]:
     builds them; another folder by its path, said to be one."""
     if base in TINY_MODELS:
         return (f"resolve_pretrained({json.dumps(base)})",
-                ["from raytune_sd3.models.loading import resolve_pretrained  # builds the tiny test model offline"])
+                ["from raytune_sd3.testmodels.resolve import resolve_pretrained  # builds the tiny test model offline"])
     if model_is_path(base):
         parts = Path(base).parts
         cached = next((p for p in parts if p.startswith("models--")), None)
@@ -265,40 +262,3 @@ def publish(cfg: JobConfig, out: Path, steps: int | None = None) -> int:
         return EXIT_UPLOAD_FAILED
     log.info("uploaded to %s (%s)", url, "private" if cfg.hub.private else "public")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raytune_sd3.hub", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output_dir", help="a finished run's output_dir (holding job.yaml and the LoRA)")
-    p.add_argument("--repo-id", help="owner/name on the Hub (default: the job's hub.repo_id)")
-    p.add_argument("--public", action="store_true", help="create a new repo public (default: private)")
-    args = p.parse_args(argv)
-    from raytune_sd3.driver.console import setup_logging
-
-    setup_logging()  # our lines only: huggingface_hub's HTTP client would log every request
-    out = Path(args.output_dir).resolve()
-    overrides = [f"hub.repo_id={args.repo_id}"] if args.repo_id else []
-    overrides += ["hub.private=false"] if args.public else []
-    if not (out / "job.yaml").is_file() or not (out / LORA_FILE).is_file():
-        print(f"error: {out} holds no finished run (job.yaml and {LORA_FILE})", file=sys.stderr)
-        return 2
-    from raytune_sd3.config import ConfigError
-
-    try:
-        cfg = load_job(out / "job.yaml", overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.hub.repo_id is None:
-        print("error: no repo to upload to: give --repo-id owner/name (or set hub.repo_id in the job)",
-              file=sys.stderr)
-        return 2
-    if (problem := token_problem(cfg)) is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    return publish(cfg, out)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

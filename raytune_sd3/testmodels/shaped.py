@@ -1,9 +1,9 @@
 """Real-size SD3.5 pipelines with random weights, built offline, for GPU benchmarks and smoke runs at the real
 transformer's size without downloading (or accepting the licence of) Stability's weights.
 
-    python -m raytune_sd3.models.tiny OUT --shape sd35-large     (or sd35-medium; --device cuda|cpu|meta)
+    python -m raytune_sd3.testmodels OUT --shape sd35-large     (or sd35-medium; --device cuda|cpu|meta)
 
-- The transformer is the hub model's architecture (its config.json: memory.KNOWN_TRANSFORMERS) with random bf16
+- The transformer is the hub model's architecture (its config.json: models/catalogue.py) with random bf16
   weights, PyTorch's default init, made on the GPU when there is one. It is made and written one block at a time
   (one safetensors shard each, plus one for the embeddings and output layers, and the index diffusers reads), so
   neither the device nor host RAM holds more than one block: SD3.5 Large is 16 GB of bf16 on disk.
@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
-from raytune_sd3.memory import KNOWN_TRANSFORMERS
-from raytune_sd3.models.tiny import _clip, _tokenizers, write_atomically
+from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS
+from raytune_sd3.testmodels.tiny import _clip, _tokenizers, write_atomically
 
 SHAPES = {"sd35-large": "stabilityai/stable-diffusion-3.5-large",
           "sd35-medium": "stabilityai/stable-diffusion-3.5-medium"}
