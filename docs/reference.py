@@ -1,4 +1,4 @@
-"""The job file's key-by-key reference, generated from the schema (raytune_sd3/config.py), so it cannot drift:
+"""The job file's key-by-key reference, generated from the schema (raytune_sd3/config/schema.py), so it cannot drift:
 
     python docs/reference.py        # rewrites docs/config.md; tests/test_docs.py fails while it is out of date
 """
@@ -60,7 +60,7 @@ def _section(annotation) -> type[BaseModel] | None:
 
 def render() -> str:
     lines = ["# Job file reference", "",
-             "Every key of a job file (`jobs/*.yaml`), generated from the schema in `raytune_sd3/config.py` by",
+             "Every key of a job file (`jobs/*.yaml`), generated from the schema in `raytune_sd3/config/schema.py` by",
              "`python docs/reference.py`. Any key can be overridden on the command line: `--set section.key=value`",
              "(a list item by its index: `--set data.datasets.0.resolution=512`).", ""]
     queue: list[tuple[str, type[BaseModel]]] = [("", JobConfig)]

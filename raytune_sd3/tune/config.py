@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from raytune_sd3.config import (  # noqa: F401 - the section's schema lives in config.py; re-exported here
+from raytune_sd3.config import (  # noqa: F401 - the section's schema lives in config/; re-exported here
     FIXED_KEYS,
     SEARCH_PACKAGES,
     TUNABLE_PREFIXES,

@@ -7,29 +7,25 @@ Unknown keys, wrong types and impossible combinations raise `ConfigError` naming
 
 from __future__ import annotations
 
-import difflib
 import math
-import os
 import re
-import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from raytune_sd3.job_file import JobFileError, parse_yaml, read_yaml_file
+from raytune_sd3.config.secrets import REDACTED, SECRET_KEY, remember_secret, show
+from raytune_sd3.config.tune_space import check_key
 
 TINY_MODELS = ("tiny-sd3", "tiny-sd35")
 # Upper bounds on sizes, so a typo (10**30) is refused at the door instead of overflowing in pyarrow or "fitting" in
@@ -39,8 +35,6 @@ MAX_LORA_RANK = 1024
 NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, APFS, NTFS)
 
 
-class ConfigError(ValueError):
-    """A job config that cannot run; the message names the file, the key and the fix."""
 
 
 class Section(BaseModel):
@@ -493,38 +487,6 @@ def check_global_batch(t: TrainConfig) -> None:
                          "global_batch_size out, or set train.batch_size: auto to choose the split")
 
 
-# --- the tune: section (a stability study) ---------------------------------------------------------------
-
-# Keys that may vary between trials: whole sections, minus the keys below.
-TUNABLE_PREFIXES = ("train.", "flow.", "lora.", "data.caption_dropout")
-FIXED_KEYS = {
-    "flow.eval_sigmas": "it defines the eval loss: trials would not be comparable",
-    "train.max_steps": "ASHA's budget is in steps: set it in the job",
-    "train.eval_every": "ASHA compares eval losses at these steps: set it in the job",
-    "train.max_nonfinite_steps": "the divergence rule must be the same for every trial",
-    "train.divergence_factor": "the divergence rule must be the same for every trial",
-    "train.grad_norm_limit": "the divergence rule must be the same for every trial",
-    "train.use_gpu": "a study-wide setting",
-}
-SEARCH_PACKAGES = ("optuna", "hyperopt")  # searchers that need their package installed
-WHY_NOT = ("trials share one cache and one eval set, so only train.*, flow.*, lora.* and data.caption_dropout "
-           "may vary")
-
-
-def check_key(key: str) -> str:
-    """A dotted path that exists in the job schema and may vary between trials; ValueError naming the fix."""
-    if key in FIXED_KEYS:
-        raise ValueError(f"{key} cannot vary between trials: {FIXED_KEYS[key]}")
-    if not key.startswith(TUNABLE_PREFIXES):
-        raise ValueError(f"{key} cannot vary between trials: {WHY_NOT}")
-    model: Any = JobConfig
-    for part in key.split("."):
-        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
-        if part not in fields:
-            raise ValueError(f"{key}: no such job key{did_you_mean(part, list(fields))}")
-        model = fields[part].annotation
-    return key
-
 
 class Domain(Section):
     """One search dimension; exactly one of its fields is set."""
@@ -600,7 +562,7 @@ class TuneConfig(Section):
     @classmethod
     def _space_keys(cls, v: dict[str, Domain]) -> dict[str, Domain]:
         for key in v:
-            check_key(key)
+            check_key(key, JobConfig)
         return v
 
     @field_validator("trials")
@@ -610,7 +572,7 @@ class TuneConfig(Section):
             if not point:
                 raise ValueError("an explicit trial needs at least one key, e.g. {train.learning_rate: 1.0e-4}")
             for key in point:
-                check_key(key)
+                check_key(key, JobConfig)
         return v
 
     @model_validator(mode="after")
@@ -703,7 +665,7 @@ class ValidationConfig(Section):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL such as https://discord.com/api/webhooks/ID/TOKEN")
-        JOB_SECRETS.add(v)  # from now on redact() strips it from anything this process writes
+        remember_secret(v)  # from now on redact() strips it from anything this process writes
         return v
 
     @field_validator("resolution")
@@ -873,267 +835,3 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"resolution {w}x{h}: both sides must be multiples of 16")
         sizes.append((w, h))
     return sizes
-
-
-# --- loading ---------------------------------------------------------------------------------------------------
-
-
-def did_you_mean(word: str, known: list[str]) -> str:
-    """" (did you mean 'x'?)" for the closest known name, else " (known: ...)"."""
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known) or 'none, it is a value'})"
-
-
-def get_key(raw: Any, key: str) -> Any:
-    """raw[a][b] for the dotted key "a.b" (a number indexes a list); None where a section or key is missing."""
-    node = raw
-    for part in key.split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def set_key(raw: dict, key: str, value: Any) -> None:
-    """raw[a][b] = value for the dotted key "a.b": sections are created as needed, a number indexes an existing
-    list; ConfigError naming the key when the path runs into a value or past a list's end."""
-    node: Any = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{key}: {part!r} is not an index of the {len(node)}-item list")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"{key}: {'.'.join(parts[:i])} is not a section")
-        if i == len(parts) - 1:
-            node[part] = value
-        else:
-            if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
-                node[part] = {}
-            node = node[part]
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` strings (values parsed as YAML; `data.datasets.0.x` indexes a list) to a nested dict."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)*", key.strip()):
-            raise ConfigError(f"--set {shorten(item, 80)}: expected KEY=VALUE with a dotted job key, e.g. "
-                              "--set train.learning_rate=1e-5")
-        try:
-            set_key(raw, key.strip(), parse_yaml(value))
-        except JobFileError as e:
-            raise ConfigError(f"--set {key.strip()}: the value is {e} (quote a string: --set 'KEY=\"...\"')") from None
-        except ConfigError as e:
-            raise ConfigError(f"--set {e}") from None
-    return raw
-
-
-def _suggest(model: type[BaseModel], loc: tuple) -> str:
-    """A 'did you mean' for an unknown key, found among the fields at that place in the schema."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-        if field is None:
-            return ""
-        ann = field.annotation
-        args = getattr(ann, "__args__", ()) or (ann,)
-        cls = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if cls is None:
-            return ""
-    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-        return ""
-    return did_you_mean(str(loc[-1]), list(cls.model_fields))
-
-
-MAX_ERRORS = 20  # errors listed; the rest are counted ("(+N more)")
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    errors = err.errors(include_url=False)
-    for e in errors[:MAX_ERRORS]:
-        key = shorten(".".join(str(p) for p in e["loc"]) or "(top level)")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_suggest(JobConfig, e['loc'])}")
-        elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = "<redacted>" if SECRET_KEY.search(str(e["loc"][-1]) if e["loc"] else "") else e.get("input")
-            lines.append(f"  {key}: {msg} (got {show(got)})" if e["type"] != "value_error" else f"  {key}: {msg}")
-    if len(errors) > MAX_ERRORS:
-        lines.append(f"  (+{len(errors) - MAX_ERRORS} more)")
-    return one_screen(f"{source}: invalid job config\n" + "\n".join(lines))
-
-
-def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
-    """Replace the job's data sets with one folder (captions from a .txt beside each image, else the file name),
-    keeping the first data set's resolution: `--data DIR` tries your own images with any job file."""
-    data = raw.setdefault("data", {})
-    first = (data.get("datasets") or [{}])[0]
-    secret = redact(str(folder)) != str(folder)  # its name would show in every report line
-    data["datasets"] = [{"id": (not secret and Path(folder).name) or "data", "type": "local",
-                         "instance_data_dir": str(folder),
-                         "caption_strategy": "textfile", "resolution": first.get("resolution", 1024),
-                         **{k: first[k] for k in ("resolution_type", "crop", "crop_style", "crop_aspect",
-                                                  "crop_aspect_buckets") if k in first}}]
-    return raw
-
-
-def load_job(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None,
-             data_dir: str | Path | None = None) -> JobConfig:
-    """Read, override and validate a job; raise ConfigError (naming file and key) on anything wrong."""
-    source = str(path) if path is not None else "<dict>"
-    if raw is None:
-        p = Path(path)  # type: ignore[arg-type]
-        if not p.is_file():
-            raise ConfigError(f"{p}: job file not found (jobs/tiny.yaml is a working example)")
-        try:
-            raw = read_yaml_file(p)
-        except JobFileError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a job is a YAML mapping at the top level")
-    if data_dir is not None:
-        raw = use_data_dir(raw, data_dir)
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        cfg = JobConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
-    return absolute_paths(cfg)
-
-
-def absolute_paths(cfg: JobConfig) -> JobConfig:
-    """Relative paths are relative to where the command runs; Ray workers run elsewhere, so fix them now."""
-    cfg.output_dir = cfg.output_dir.expanduser().resolve()
-    if cfg.data.cache_dir is not None and not is_uri(cfg.data.cache_dir):
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
-    for ds in cfg.data.datasets:
-        ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
-        if ds.metadata_file is not None:
-            ds.metadata_file = ds.metadata_file.expanduser().resolve()
-    if cfg.train.deepspeed_config is not None:
-        cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
-    if model_is_path(cfg.model.pretrained):
-        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
-    return cfg
-
-
-def model_is_path(pretrained: str) -> bool:
-    """Whether model.pretrained names a local folder rather than a hub id or a tiny model: a folder that exists
-    here (`relmodel` in the working directory), or anything written as a path (./, /, ~, or more than one slash:
-    hub ids are `owner/name`)."""
-    if pretrained in TINY_MODELS:
-        return False
-    return (pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
-            or Path(pretrained).expanduser().is_dir())
-
-
-# --- writing (secrets never leave) --------------------------------------------------------------------------------
-
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-              "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "RAY_AUTH_TOKEN")
-# One notion of a secret for the whole project: by its key (ours, W&B's, SimpleTuner's names) or by its value (a
-# Hugging Face token; credentials inside a URL). Used by redact() and by convert.py. A key is a secret by its whole
-# name, never by a substring: tokenizer_max_length or num_tokens are settings, not credentials.
-SECRET_NAMES = ("hub_token", "hf_token", "huggingface_token", "hugging_face_hub_token", "webshart_hf_token",
-                "wandb_api_key", "comet_api_key", "neptune_api_token", "aws_access_key_id", "aws_secret_access_key",
-                "aws_session_token", "azure_storage_key", "google_application_credentials", "ray_auth_token",
-                "webhook_url", "webhook_config")
-SECRET_KEY = re.compile(rf"^-*(?:{'|'.join(SECRET_NAMES)})$"  # the credential names SimpleTuner and trackers use
-                        # any name that ends in a credential word: my_api_key, s3_secret, password, token
-                        r"|(^|_)(token|auth_token|access_token|api_?key|key|secret|secret_key|access_key(_id)?"
-                        r"|password|passwd|credentials?|private_key)$", re.I)
-SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|:/{1,2}[^/\s:@]+:[^/\s@]+@"  # ":/": a URL made a path
-                          # Discord and Slack webhook URLs (their path is the token)
-                          r"|\bhttps?:/{1,2}[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?:/{1,2}hooks\.slack\.com/services/[^\s\"'<>]+"
-                          # AWS access key ids; GitHub, Slack and OpenAI-style tokens
-                          r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\b(?:ghp|gho|ghs|ghu|github_pat)_\w{20,}"
-                          r"|\bxox[abpr]-[\w-]{10,}|\bsk-[\w-]{20,}")
-# A W&B API key is 40 hex digits, as is a git commit: redacted everywhere but a revision (model.revision's commit
-# must survive job.yaml) and never inside a path (a hub cache snapshot folder is named by its commit).
-HEX_KEY = re.compile(r"(?<![\w/-])[0-9a-fA-F]{40}(?![\w/-])")
-NOT_HEX_SECRETS = ("revision",)
-# Environment variables whose values are secrets besides SECRET_ENV: by the shape of their names (TOKENIZERS_...
-# is not a token); short values (flags, "1") are left alone.
-SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|SECRET_KEY|PRIVATE_KEY|KEY)(_|$)",
-                             re.I)
-REDACTED = "<redacted>"
-# Secret values this process has read from a job (validation.webhook_url, which may be any URL): redact() strips
-# them wherever they appear, as it does the secrets of the environment.
-JOB_SECRETS: set[str] = set()
-
-
-def secret_values() -> set[str]:
-    """The secrets of this process: the environment's tokens and keys (8 characters or more) and JOB_SECRETS."""
-    env = {v for k, v in os.environ.items() if k in SECRET_ENV or SECRET_ENV_NAME.search(k)}
-    # An AWS secret key may hold "/": given as a path, its last part alone would show (a folder name, an id).
-    parts = {p for v in env for p in v.split("/") if len(p) >= 12 and "/" in v}
-    return ({v for v in env if len(v) >= 8} | parts | {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
-            | JOB_SECRETS)
-
-
-def redact(obj: Any) -> Any:
-    """A copy with secret-looking keys, values that look like a token or key (SECRET_VALUE, HEX_KEY) or carry URL
-    credentials, and any value holding a secret of the environment replaced by <redacted>."""
-    secrets = sorted(secret_values(), key=len, reverse=True)  # a longer secret may contain a shorter one
-
-    def text(x: str, key: str) -> str:
-        x = SECRET_VALUE.sub(REDACTED, x)
-        if key not in NOT_HEX_SECRETS:
-            x = HEX_KEY.sub(REDACTED, x)
-        for s in secrets:
-            if s and s in x:
-                x = x.replace(s, REDACTED)
-        return x
-
-    def walk(x: Any, key: str = "") -> Any:
-        if isinstance(x, dict):
-            return {k: walk(v, str(k)) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v, key) for v in x]
-        if SECRET_KEY.search(key) and x is not None:
-            return REDACTED
-        if isinstance(x, str):
-            return text(x, key)
-        return x
-    return walk(obj)
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
-_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
-_SHORT.maxlevel = 3
-
-
-def show(value: Any) -> str:
-    """A value for a message: secrets redacted (before it is cut, so no part of one shows), at most about 100
-    characters ('...' marks what was cut)."""
-    return shorten(_SHORT.repr(redact(value)))
-
-
-def shorten(text: str, limit: int = 160) -> str:
-    """Free text for a message: secrets redacted, cut to `limit` characters."""
-    text = redact(str(text))
-    return text if len(text) <= limit else f"{text[:limit - 25]}... ({len(text):,} characters)"
-
-
-def one_screen(message: str, max_lines: int = 24, width: int = 400) -> str:
-    """A message that fits a screen: secrets redacted, each line at most `width` characters, and after `max_lines`
-    lines one saying how many more there were."""
-    lines = [shorten(line, width) for line in str(message).splitlines()]
-    if len(lines) > max_lines:
-        lines = [*lines[:max_lines - 1], f"  (+{len(lines) - max_lines + 1} more)"]
-    return "\n".join(lines)
-
-
-def dump_job(cfg: JobConfig) -> str:
-    """The resolved job as YAML (every default filled in, secrets stripped): loadable by load_job."""
-    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

@@ -1,0 +1,79 @@
+"""The job config, at the ground floor of the package (it imports nothing else of ours).
+
+- `schema`: the typed job, one class per YAML section, validated at the door before Ray or any model starts;
+- `tune_space`: which keys a Tune study may vary, and why the others may not;
+- `overrides`: dotted keys (`--set a.b=c`, a trial's parameters);
+- `job_file`: the YAML reader's limits (size, depth, aliases, duplicate keys);
+- `loading`: file -> overrides -> validation -> absolute paths, with one screen of errors; the resolved dump;
+- `secrets`: what never leaves the process (redaction) and messages cut to one screen;
+- `errors`: ConfigError.
+
+Everything public is re-exported here: `from raytune_sd3.config import JobConfig, load_job`.
+"""
+
+from raytune_sd3.config.errors import ConfigError
+from raytune_sd3.config.job_file import JobFileError, parse_yaml, read_yaml_file
+from raytune_sd3.config.loading import MAX_ERRORS, absolute_paths, dump_job, load_job, model_is_path, use_data_dir
+from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
+from raytune_sd3.config.schema import (
+    HF_TOKEN_ENV,
+    MAX_LORA_RANK,
+    MAX_RESOLUTION,
+    NAME_MAX,
+    QUANTO_KINDS,
+    TINY_MODELS,
+    DataConfig,
+    DatasetConfig,
+    Domain,
+    FlowConfig,
+    FolderPath,
+    HubConfig,
+    JobConfig,
+    LoraConfig,
+    ModelConfig,
+    PathText,
+    RayConfig,
+    Resolution,
+    SchedulerConfig,
+    Section,
+    TextConfig,
+    TrainConfig,
+    TuneConfig,
+    ValidationConfig,
+    WandbConfig,
+    check_global_batch,
+    is_uri,
+    parse_resolutions,
+    quantised_base_problem,
+)
+from raytune_sd3.config.secrets import (
+    HEX_KEY,
+    JOB_SECRETS,
+    NOT_HEX_SECRETS,
+    REDACTED,
+    SECRET_ENV,
+    SECRET_ENV_NAME,
+    SECRET_KEY,
+    SECRET_NAMES,
+    SECRET_VALUE,
+    one_screen,
+    redact,
+    remember_secret,
+    secret_values,
+    shorten,
+    show,
+)
+from raytune_sd3.config.tune_space import FIXED_KEYS, SEARCH_PACKAGES, TUNABLE_PREFIXES, WHY_NOT, check_key
+
+__all__ = [
+    "ConfigError", "JobFileError", "parse_yaml", "read_yaml_file",
+    "MAX_ERRORS", "absolute_paths", "dump_job", "load_job", "model_is_path", "use_data_dir",
+    "apply_overrides", "did_you_mean", "get_key", "set_key",
+    "HF_TOKEN_ENV", "MAX_LORA_RANK", "MAX_RESOLUTION", "NAME_MAX", "QUANTO_KINDS", "TINY_MODELS", "DataConfig",
+    "DatasetConfig", "Domain", "FlowConfig", "FolderPath", "HubConfig", "JobConfig", "LoraConfig", "ModelConfig",
+    "PathText", "RayConfig", "Resolution", "SchedulerConfig", "Section", "TextConfig", "TrainConfig", "TuneConfig",
+    "ValidationConfig", "WandbConfig", "check_global_batch", "is_uri", "parse_resolutions", "quantised_base_problem",
+    "HEX_KEY", "JOB_SECRETS", "NOT_HEX_SECRETS", "REDACTED", "SECRET_ENV", "SECRET_ENV_NAME", "SECRET_KEY",
+    "SECRET_NAMES", "SECRET_VALUE", "one_screen", "redact", "remember_secret", "secret_values", "shorten", "show",
+    "FIXED_KEYS", "SEARCH_PACKAGES", "TUNABLE_PREFIXES", "WHY_NOT", "check_key",
+]
