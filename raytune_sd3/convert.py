@@ -16,7 +16,6 @@ does not make a valid job.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -30,6 +29,7 @@ from typing import Any
 
 from raytune_sd3.config import SECRET_KEY, SECRET_VALUE, ConfigError, JobConfig, dump_job, load_job, parse_resolutions
 from raytune_sd3.data.discovery import IMAGE_EXTS
+from raytune_sd3.driver.cli import command_parser
 from raytune_sd3.simpletuner_files import ConvertError, read_backends, read_config
 
 
@@ -876,8 +876,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raytune_sd3.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m raytune_sd3.convert", __doc__)
     sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
     st = sources.add_parser("simpletuner", help="SimpleTuner's config + multidatabackend.json")
     st.add_argument("config", type=Path, metavar="CONFIG", help="SimpleTuner's config.json (keys with or without a "

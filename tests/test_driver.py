@@ -144,3 +144,22 @@ def test_success_sets_an_earlier_error_log_aside(tmp_path):
     assert not (tmp_path / "error.log").exists()
     assert (tmp_path / "error.previous.log").read_text() == "RuntimeError: the first attempt"
     set_aside_error_log(tmp_path)  # nothing to move: no error
+
+
+@pytest.mark.parametrize("module", ["train.__main__", "tune.__main__", "cache", "check", "hub.__main__", "convert"])
+def test_every_command_parser_redacts_and_declares_its_own_options(module, capsys):
+    """All six commands build their parser with driver/cli.py: argparse's own error quotes the command line with
+    URL credentials stripped; the job commands share JOB, --set, --data, --verbose, the others have their own."""
+    import importlib
+
+    main = importlib.import_module(f"raytune_sd3.{module}").main
+    args = ["simpletuner", "a", "b", "-o", "c"] if module == "convert" else ["job.yaml"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--nope=s3://me:pa55w0rd-in-url@bucket/x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unrecognized arguments" in err and "pa55w0rd-in-url" not in err, err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out.split()
+    on_a_job = module.split(".")[0] in {"train", "tune", "cache", "check"}
+    assert all(option in shown for option in ("--set", "--data", "--verbose")) == on_a_job, shown

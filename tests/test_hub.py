@@ -87,6 +87,31 @@ def test_the_card_names_the_base_model_prompts_and_images_and_holds_no_secret(tm
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00_64x64.png"]
 
 
+def test_huggingface_hub_reads_the_cards_metadata_as_we_wrote_it(tmp_path):
+    """The README.md loaded back with huggingface_hub's ModelCard (as the Hub parses it): every key and value."""
+    from huggingface_hub import ModelCard
+
+    cfg = _job(tmp_path)
+    _validation(cfg.output_dir, 40, (0, 0, 255))
+    card = ModelCard.load(write_model_card(cfg, cfg.output_dir, steps=40))
+    assert card.data.to_dict() == {
+        "base_model": LARGE, "library_name": "diffusers", "pipeline_tag": "text-to-image",
+        "license": "other", "license_name": "stabilityai-ai-community",
+        "license_link": f"https://huggingface.co/{LARGE}/blob/main/LICENSE.md",
+        "tags": ["text-to-image", "diffusers", "lora", "sd3", "sd3.5", "sd3.5-diffusers", "template:sd-lora",
+                 "raytune_sd3"],
+        "instance_prompt": 'a photo of "sks" fox',
+        "widget": [{"text": "sks fox in the snow", "output": {"url": "images/00_64x64.png"}},
+                   {"text": "sks fox, token <redacted>", "output": {"url": "images/01_64x64.png"}}]}
+    assert card.text.startswith("\n# me/fox-lora\n")
+    # a tiny base: not a hub model, so no base_model and no licence claimed; no images, no widget
+    tiny = _job(tmp_path / "tiny", "model.pretrained=tiny-sd3", "hub.trigger=shapez")
+    meta = ModelCard.load(write_model_card(tiny, tiny.output_dir)).data.to_dict()
+    assert meta == {"library_name": "diffusers", "pipeline_tag": "text-to-image", "instance_prompt": "shapez",
+                    "tags": ["text-to-image", "diffusers", "lora", "sd3", "sd3-diffusers", "template:sd-lora",
+                             "raytune_sd3"]}
+
+
 def test_licence_comes_from_the_base_models_own_card_or_is_not_claimed(tmp_path):
     model = tmp_path / "my-model"
     model.mkdir()

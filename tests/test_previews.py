@@ -77,6 +77,52 @@ def test_failures_are_bounded_warned_once_and_never_raise(statuses, requests, ki
     assert not any(TOKEN in w for w in warnings)
 
 
+def test_a_503_is_retried_after_its_retry_after_and_then_delivered(monkeypatch):
+    """The server says 503 with Retry-After: 7, then takes the post: the image arrives whole on the second try,
+    after the wait the server asked for (urllib3's sleep recorded, not slept)."""
+    import urllib3.util.retry
+
+    slept: list[float] = []
+    monkeypatch.setattr(urllib3.util.retry.time, "sleep", slept.append)
+    warnings = []
+    sent = _image(3)
+    with WebhookServer(statuses=[503, 200], retry_after="7") as server:
+        poster = WebhookPoster(server.url(), attempts=3, backoff=0.01, max_wait=30, warn=warnings.append)
+        assert poster.post(sent, Caption("a red circle", 12, 2, 8, (32, 24)))
+        poster.close()
+    assert server.requests == 2 and slept == [7]
+    assert warnings == [] and poster.sent == 1 and poster.failed == 0 and server.errors == []
+    (got,) = server.received
+    assert np.array_equal(got.image, sent)
+    assert got.payload["content"] == "step 12, preview at sampler step 2/8 (32x24): a red circle"
+    assert got.filename == Caption("a red circle", 12, 2, 8, (32, 24)).filename
+
+    # a Retry-After longer than max_wait waits max_wait (a webhook cannot hold the previews for an hour)
+    slept.clear()
+    with WebhookServer(statuses=[429, 204], retry_after="3600") as server:
+        poster = WebhookPoster(server.url(), attempts=2, max_wait=10, warn=warnings.append)
+        poster.post(sent, Caption("p", 1, 1, 4, (32, 24)))
+        poster.close()
+    assert server.requests == 2 and slept == [10] and poster.sent == 1 and warnings == []
+
+
+def test_urllib3s_retry_messages_never_quote_the_token(caplog):
+    """urllib3 logs each retry with the request's path (the token): those records are dropped, not shown."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    poster = WebhookPoster(f"http://127.0.0.1:{port}/api/webhooks/1/{TOKEN}", attempts=3, backoff=0.01,
+                           warn=lambda _: None)
+    poster.post(_image(0), Caption("p", 1, 1, 4, (32, 24)))
+    poster.close()
+    assert poster.failed == 1 and caplog.records  # urllib3 did log (its connection lines)
+    assert TOKEN not in caplog.text
+    assert not logging.getLogger("urllib3.connectionpool").filters  # the filter leaves with the poster
+
+
 def test_unreachable_and_slow_webhooks_warn_once():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -147,3 +147,18 @@ def test_the_position_table_is_read_from_the_checkpoint_not_computed(tmp_path, m
     reference = SD3Transformer2DModel.from_pretrained(without.parent, subfolder="transformer")
     assert torch.equal(model.pos_embed.pos_embed, reference.pos_embed.pos_embed)
     assert model.pos_embed.pos_embed.abs().sum() > 0
+
+
+def test_parameter_counts_come_from_the_safetensors_headers(tiny_sd3, tmp_path):
+    """safetensors_params counts every tensor of every file of a folder (metadata aside): the tiny VAE's count is
+    the loaded VAE's; a folder without weights has none."""
+    from safetensors.torch import save_file
+
+    from raytune_sd3.models.catalogue import safetensors_params, vae_params
+
+    assert vae_params(tiny_sd3) == sum(p.numel() for p in load_vae(tiny_sd3).parameters())
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)}, tmp_path / "one.safetensors",
+              metadata={"format": "pt"})
+    save_file({"c": torch.zeros(2, 3, 7, dtype=torch.float16)}, tmp_path / "two.safetensors")
+    assert safetensors_params(tmp_path) == 12 + 5 + 42
+    assert safetensors_params(tmp_path / "none") is None and vae_params(str(tmp_path)) == SD3_VAE_PARAMS

@@ -1,5 +1,6 @@
 """A real HTTP server standing in for a Discord webhook: it decodes each multipart POST (payload_json + files[0])
-and keeps what it got; `statuses` scripts its answers (the last one repeats), `delay` makes it slow."""
+and keeps what it got; `statuses` scripts its answers (the last one repeats), `delay` makes it slow, `retry_after`
+is the Retry-After header of its failures."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Received:
 class WebhookServer:
     statuses: list[int] = field(default_factory=lambda: [204])
     delay: float = 0.0
+    retry_after: str | None = None
     received: list[Received] = field(default_factory=list)
     requests: int = 0
     errors: list[str] = field(default_factory=list)
@@ -50,6 +52,8 @@ class WebhookServer:
                         server.errors.append(repr(e))
                         status = 400
                 self.send_response(status)
+                if status >= 300 and server.retry_after is not None:
+                    self.send_header("Retry-After", server.retry_after)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -55,7 +55,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _parse_header(read) -> tuple[dict, int] | None:
-    """A safetensors header and the file length it implies, via `read(start, length)`; None when unreadable."""
+    """A safetensors header and the file length it implies, via `read(start, length)`; None when unreadable.
+    (Read by hand, not with safetensors.safe_open: that opens a local file whole, and an entry may be on s3://,
+    where two ranged reads are all a whole-or-truncated check needs.)"""
     try:
         (n,) = struct.unpack("<Q", read(0, 8))
         if n > 100_000_000:

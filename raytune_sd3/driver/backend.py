@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from ray.train.torch import TorchConfig
+
+# private, and no public one does this: Ray Train's only hook into its process-group setup is TorchConfig.backend_cls
 from ray.train.torch.config import _TorchBackend
 
 

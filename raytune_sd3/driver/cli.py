@@ -1,4 +1,4 @@
-"""What every command (train, tune, cache, check) shares: its arguments, reading the job, joining Ray with the job
+"""What every command (train, tune, cache, check; hub and convert for their parser) shares: its arguments, reading the job, joining Ray with the job
 fitted to the cluster, and how an error is shown. Each `python -m raytune_sd3.X` is a thin shell over these."""
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_screen(message, max_lines=8)}\n")
 
 
+def command_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A command's parser: its module docstring as the help text (line breaks kept), argparse's own messages
+    redacted and on one screen. Each command adds only its own arguments."""
+    return ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def job_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """The arguments every entry point shares: the job file, --data and --set."""
-    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """command_parser with the arguments every command on a job shares: the job file, --data, --set, --verbose."""
+    p = command_parser(prog, doc)
     p.add_argument("job", help="job YAML, e.g. jobs/tiny.yaml")
     p.add_argument("--data", metavar="DIR", help="train on this folder of images instead of the job's data sets "
                    "(captions from a .txt beside each image, else the file name)")

@@ -133,6 +133,8 @@ def route_worker_output(path: Path) -> None:
     """After ray.init: Ray's workers' output (actors, tasks, Ray Train's controller and workers) to `path`; our
     workers' own lines (WORKER_PREFIX) to the console as well."""
     import ray
+
+    # private: Ray has no public hook on its workers' output (ray.init's log_to_driver is all or nothing)
     from ray._private.ray_logging import global_worker_stdstream_dispatcher  # the worker-output fan-out
 
     sink = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process

@@ -81,6 +81,8 @@ def local_machine(cfg: JobConfig) -> Cluster:
     """The cluster a local Ray started by this job would be, read off this machine without starting it: its GPUs
     (as Ray counts them: NVIDIA's driver, CUDA_VISIBLE_DEVICES), the logical CPUs init_ray gives it, and the real
     cores and memory beside them."""
+    # private, as Ray exposes them to no public API: the GPUs, cores and memory as ray.init would count them
+    # (driver, CUDA_VISIBLE_DEVICES, container limits), read before Ray starts
     from ray._private.accelerators import NvidiaGPUAcceleratorManager as Nvidia
     from ray._private.utils import get_num_cpus, get_system_memory
 
@@ -119,6 +121,7 @@ def has_autoscaler() -> bool:
     node a type of its own ("node_<id>"); a real autoscaler (cluster launcher, KubeRay) reports the node types of
     its config. Autoscaler v2 is only switched on by those. No status yet (a Ray that just started): none.
     """
+    # private: the autoscaler's status is published only in Ray's internal KV store (what `ray status` reads)
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:

@@ -14,19 +14,18 @@ no repo id, no HF_TOKEN), 4 the upload failed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from raytune_sd3.config import ConfigError, load_job
+from raytune_sd3.driver.cli import command_parser
 from raytune_sd3.driver.console import setup_logging
 from raytune_sd3.hub.publish import publish, token_problem
 from raytune_sd3.models.lora import LORA_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raytune_sd3.hub", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m raytune_sd3.hub", __doc__)
     p.add_argument("output_dir", help="a finished run's output_dir (holding job.yaml and the LoRA)")
     p.add_argument("--repo-id", help="owner/name on the Hub (default: the job's hub.repo_id)")
     p.add_argument("--public", action="store_true", help="create a new repo public (default: private)")

@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from raytune_sd3.config import HF_TOKEN_ENV, TINY_MODELS, JobConfig, dump_job, model_is_path, redact
 from raytune_sd3.models.lora import LORA_FILE
@@ -79,12 +79,13 @@ def base_model_licence(pretrained: str) -> dict[str, str]:
 
 
 def front_matter(text: str) -> dict:
-    """The YAML between a model card's leading `---` lines ({} without)."""
-    if not text.startswith("---\n"):
+    """The metadata of a model card's text, as huggingface_hub reads it ({} without, or when it is not YAML)."""
+    if not text.startswith("---"):  # no metadata block (ModelCard would log a warning saying so)
         return {}
-    end = text.find("\n---", 4)
-    meta = yaml.safe_load(text[4:end]) if end > 0 else None
-    return meta if isinstance(meta, dict) else {}
+    try:
+        return ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except ValueError:  # YAML that is not a mapping: a card we cannot read claims nothing
+        return {}
 
 
 def trigger_of(cfg: JobConfig) -> str | None:
@@ -137,19 +138,15 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     base = cfg.model.pretrained
     hub_base = base if not model_is_path(base) and base not in TINY_MODELS else None
     licence = base_model_licence(base)
-    meta: dict = {}
-    if hub_base:
-        meta["base_model"] = hub_base
-    meta.update(licence)
     family = ["sd3.5", "sd3.5-diffusers"] if "3.5" in base or base == "tiny-sd35" else ["sd3", "sd3-diffusers"]
-    meta.update(library_name="diffusers", pipeline_tag="text-to-image",
-                tags=list(dict.fromkeys(["text-to-image", "diffusers", "lora", "sd3", *family, "template:sd-lora",
-                                         "raytune_sd3"])))
     trigger = trigger_of(cfg)
-    if trigger:
-        meta["instance_prompt"] = trigger
-    if images:
-        meta["widget"] = [{"text": prompt, "output": {"url": path}} for path, prompt in images]
+    meta = ModelCardData(
+        base_model=hub_base, library_name="diffusers", pipeline_tag="text-to-image",
+        tags=list(dict.fromkeys(["text-to-image", "diffusers", "lora", "sd3", *family, "template:sd-lora",
+                                 "raytune_sd3"])),
+        **licence,  # license, license_name, license_link: those known, none claimed otherwise
+        instance_prompt=trigger,  # the Hub's LoRA widget fields (ModelCardData keeps extra keys as given)
+        widget=[{"text": prompt, "output": {"url": path}} for path, prompt in images] or None)
 
     name = cfg.hub.repo_id or cfg.run_name
     t = cfg.train
@@ -190,8 +187,8 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     lines += ["## Training settings", "", "The job file it was trained with (secrets removed; it runs as a job "
               "file itself: `python -m raytune_sd3.train job.yaml`):", "", "```yaml", dump_job(cfg).rstrip(), "```",
               ""]
-    text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines)
-    return redact(text)  # prompts and settings may carry a token or URL credentials: none leaves
+    card = ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines))  # None-valued keys are left out
+    return redact(str(card))  # prompts and settings may carry a token or URL credentials: none leaves
 
 
 def trained_steps(out: Path) -> int | None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import safe_open
 
 # diffusers config.json of the hub's SD3-family transformers (transformer/config.json), for hub ids not cached here.
 KNOWN_TRANSFORMERS: dict[str, dict] = {
@@ -105,10 +106,8 @@ def safetensors_params(folder: Path) -> int | None:
         return None
     total = 0
     for f in files:
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        with safe_open(f, framework="numpy") as weights:  # maps the file; get_slice reads no tensor
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     return total
 
 

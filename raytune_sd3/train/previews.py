@@ -7,27 +7,31 @@ The sampler only decodes and copies to the host (milliseconds with a TAESD); PNG
 one background thread, so a slow webhook never holds the GPU. The queue is bounded: when the webhook falls behind,
 new previews are dropped (and said so once), never queued without end. The network never stops training: each
 POST has a timeout and a few retries, each kind of failure is warned about once, and a webhook that refuses us
-(a 4xx other than 429: a wrong or revoked URL) is given up on for the rest of the run. The URL holds a token:
-messages show its scheme and host only.
+(a 4xx other than 429: a wrong or revoked URL) is given up on for the rest of the run. The form and the retries
+are `requests`' and urllib3's (`Retry`: backoff, and a 429's or 503's Retry-After). The URL holds a token: messages
+show its scheme and host only.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import requests
 import torch
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util.retry import Retry
 
 DISCORD_CONTENT_LIMIT = 2000  # characters of a message's `content`
 DISCORD_TITLE_LIMIT = 256  # characters of an embed title
@@ -74,15 +78,9 @@ class Caption:
         }
 
 
-def multipart_body(payload: dict, filename: str, png: bytes) -> tuple[bytes, str]:
-    """(body, Content-Type) of a multipart/form-data POST: `payload_json` and the PNG as `files[0]`."""
-    boundary = f"raytune-sd3-{uuid.uuid4().hex}"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"payload_json\"\r\n"
-            f"Content-Type: application/json\r\n\r\n{json.dumps(payload)}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"files[0]\"; filename=\"{filename}\"\r\n"
-            "Content-Type: image/png\r\n\r\n")
-    body = head.encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+def multipart_files(payload: dict, filename: str, png: bytes) -> dict:
+    """`requests`' files= of Discord's multipart/form-data POST: `payload_json` and the PNG as `files[0]`."""
+    return {"payload_json": (None, json.dumps(payload), "application/json"), "files[0]": (filename, png, "image/png")}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -101,8 +99,9 @@ def _warn(message: str) -> None:
 class WebhookPoster:
     """Posts (image, Caption) pairs to `url` from a background thread; `post` never blocks on the network.
 
-    `timeout` seconds per attempt, `attempts` tries per image (waits of `backoff` x 1, 2, 4...; a 429's
-    Retry-After up to `max_wait`), at most `queue_size` images waiting. `warn` gets one message per kind of failure.
+    `timeout` seconds per attempt, `attempts` tries per image (urllib3's backoff: waits of 0, then `backoff` x 2,
+    4...; a 429's or 503's Retry-After; each at most `max_wait`), at most `queue_size` images waiting. `warn` gets
+    one message per kind of failure.
     """
 
     def __init__(self, url: str, *, timeout: float = 10.0, attempts: int = 3, backoff: float = 1.0,
@@ -112,6 +111,10 @@ class WebhookPoster:
         self.sent = self.failed = self.dropped = 0
         self.given_up = False
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._session = webhook_session(attempts, backoff, max_wait)
+        self._quiet = HideUrl(url)
+        for name in URLLIB3_LOGGERS:
+            logging.getLogger(name).addFilter(self._quiet)
         self._thread = threading.Thread(target=self._run, name="raytune-sd3-webhook", daemon=True)
         self._thread.start()
 
@@ -141,50 +144,45 @@ class WebhookPoster:
     # --- the background thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._post_queued()
+        finally:
+            self._session.close()
+            for name in URLLIB3_LOGGERS:
+                logging.getLogger(name).removeFilter(self._quiet)
+
+    def _post_queued(self) -> None:
         while (item := self._queue.get()) is not None:
             if self.given_up:
                 continue
             image, caption = item
             try:
                 png = image if isinstance(image, bytes) else png_bytes(image)
-                body, content_type = multipart_body(caption.payload(), caption.filename, png)
             except Exception as e:  # noqa: BLE001 - a bad image is this image's problem, not the run's
                 self.failed += 1
                 self._warn_once(f"encoding ({type(e).__name__})", "an image could not be encoded as PNG")
                 continue
-            if self._send(body, content_type):
+            if self._send(multipart_files(caption.payload(), caption.filename, png)):
                 self.sent += 1
             else:
                 self.failed += 1
 
-    def _send(self, body: bytes, content_type: str) -> bool:
-        kind = ""
-        for attempt in range(self.attempts):
-            wait = self.backoff * 2 ** attempt
-            request = urllib.request.Request(self.url, data=body, method="POST", headers={
-                "Content-Type": content_type, "User-Agent": "raytune_sd3 (validation previews)"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    response.read()
-                return True
-            except urllib.error.HTTPError as e:
-                if e.code == 429:
-                    kind = "HTTP 429 (rate limited)"
-                    wait = _retry_after(e, default=wait)
-                elif e.code >= 500:
-                    kind = f"HTTP {e.code}"
-                else:  # 4xx: the URL is wrong or revoked; retrying will not change that
-                    self.given_up = True
-                    self._warn_once(f"HTTP {e.code}", "it refused the post; no more previews are sent this run "
-                                                      "(check validation.webhook_url)")
-                    return False
-            except TimeoutError:
-                kind = "timeout"
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                kind = "timeout" if isinstance(reason, TimeoutError) else f"connection error ({type(reason).__name__})"
-            if attempt + 1 < self.attempts:
-                time.sleep(min(wait, self.max_wait))
+    def _send(self, files: dict) -> bool:
+        """One image, retried by the session's Retry; True when the webhook took it."""
+        try:
+            response = self._session.post(self.url, files=files, timeout=self.timeout)
+        except requests.RequestException as e:
+            self._warn_once(_failure_kind(e), f"an image was not delivered after {self.attempts} attempts")
+            return False
+        code = response.status_code
+        if code < 400:
+            return True
+        if code != 429 and code < 500:  # the URL is wrong or revoked; retrying will not change that
+            self.given_up = True
+            self._warn_once(f"HTTP {code}", "it refused the post; no more previews are sent this run "
+                                            "(check validation.webhook_url)")
+            return False
+        kind = "HTTP 429 (rate limited)" if code == 429 else f"HTTP {code}"
         self._warn_once(kind, f"an image was not delivered after {self.attempts} attempts")
         return False
 
@@ -196,12 +194,43 @@ class WebhookPoster:
                    f"'{kind}' failures are not reported.")
 
 
-def _retry_after(error: urllib.error.HTTPError, default: float) -> float:
-    """Seconds a 429 asks us to wait: Retry-After, or Discord's JSON `retry_after`."""
-    try:
-        return float(error.headers.get("Retry-After") or json.loads(error.read() or b"{}").get("retry_after"))
-    except (TypeError, ValueError):
-        return default
+# urllib3's retry messages quote the request's path, which holds the webhook's token
+URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry")
+
+
+class HideUrl(logging.Filter):
+    """Drops the log records that quote `url`'s path and query (the token); our own warning says what failed."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        parts = urlsplit(url)
+        self.secret = parts.path + (f"?{parts.query}" if parts.query else "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return len(self.secret) <= 1 or self.secret not in record.getMessage()
+
+
+def webhook_session(attempts: int, backoff: float, max_wait: float) -> requests.Session:
+    """A session whose POSTs are tried `attempts` times on a 429, a 5xx, a timeout or a refused connection."""
+    retry = Retry(total=attempts - 1, status_forcelist=[429, *range(500, 600)],
+                  allowed_methods=None,  # POST too: a preview posted twice is harmless, one lost is not wanted
+                  backoff_factor=backoff, backoff_max=max_wait, retry_after_max=max_wait,
+                  raise_on_status=False)  # the last answer, not an exception: its status names the failure
+    session = requests.Session()
+    session.headers["User-Agent"] = "raytune_sd3 (validation previews)"
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, HTTPAdapter(max_retries=retry))
+    return session
+
+
+def _failure_kind(error: requests.RequestException) -> str:
+    """"timeout" or "connection error (WHY)" for a POST that got no answer (requests wraps urllib3's reason)."""
+    reason = getattr(error.args[0], "reason", error.args[0]) if error.args else error
+    if isinstance(reason, NewConnectionError):  # urllib3 makes it a kind of timeout; it is a refused connection
+        return f"connection error ({type(reason.__context__ or reason).__name__})"
+    if isinstance(error, requests.Timeout) or isinstance(reason, (Urllib3Timeout, TimeoutError)):
+        return "timeout"
+    return f"connection error ({type(reason).__name__})"
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
