@@ -522,16 +522,17 @@ CONFIG_RULES: dict[str, Rule] = {
     "base_model_precision": _base_precision,
     "base_model_default_dtype": _base_dtype,
     **{f"text_encoder_{i}_precision": only(lambda v: v == "no_change", NO_CHANGE) for i in (1, 2, 3)},
-    "lora_type": refuse_unless(lambda v: str(v).lower() == "standard", "LyCORIS is not supported: --lossy trains "
-                               "a plain LoRA"),
+    "lora_type": refuse_unless(lambda v: str(v).lower() == "standard", "LyCORIS (lokr, loha) is not built here "
+                               "yet: --lossy trains a plain LoRA (lora.kind lora or dora)"),
     "lycoris_config": ignore("only read with lora_type lycoris"),
+    "init_lora": path("lora.init_from"),  # its kind, rank, alpha and targets are checked against the file
     "lora_rank": to("lora.rank", _int),
     "lora_alpha": to("lora.alpha", float),
     "lora_dropout": to("lora.dropout", float),
     "peft_lora_target_modules": to("lora.targets", lambda v: [str(x) for x in (json.loads(v) if isinstance(v, str)
                                                                                else v)]),  # JSON, as SimpleTuner
     "lora_init_type": refuse_unless(lambda v: v == "default", "LoRA starts with peft's default init here"),
-    "use_dora": refuse_unless(lambda v: not _bool(v), "DoRA is not supported: --lossy trains a plain LoRA"),
+    "use_dora": flag("lora.kind", "dora"),
     "tokenizer_max_length": _t5_length,
     "t5_padding": choice("text.t5_padding", {"zero": "zero", "unmodified": "unmodified"}, "zero or unmodified"),
     "sd3_clip_uncond_behaviour": choice("text.uncond", {"empty_string": "empty_string", "zero": "zero"},

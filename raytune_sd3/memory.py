@@ -101,12 +101,13 @@ def transformer_buffers(shape: TransformerShape) -> int:
     return shape.pos_embed_max_size**2 * shape.width
 
 
-def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, blocks: list[int] | None = None) -> int:
-    """LoRA parameters: rank x (in + out) per targeted linear, matched exactly as models/lora.py matches them."""
+def targeted_layers(shape: TransformerShape, targets: str | list[str],
+                    blocks: list[int] | None = None) -> list[tuple[str, int, int]]:
+    """(name, in, out) of the linears that get an adapter, matched exactly as models/lora.py matches them."""
     from raytune_sd3.models.lora import PRESETS  # one source of truth for the presets
 
     suffixes = PRESETS[targets] if isinstance(targets, str) else targets
-    n = 0
+    found = []
     for name, i, o in linear_layers(shape):
         if not any(name == s or name.endswith("." + s) for s in suffixes):
             continue
@@ -114,8 +115,28 @@ def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, bl
             parts = name.split(".")
             if parts[0] != "transformer_blocks" or int(parts[1]) not in blocks:
                 continue
-        n += rank * (i + o)
-    return n
+        found.append((name, i, o))
+    return found
+
+
+def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, blocks: list[int] | None = None,
+                kind: str = "lora") -> int:
+    """Adapter parameters: rank x (in + out) per targeted linear, and for DoRA its magnitude (out) too."""
+    return sum(rank * (i + o) + (o if kind == "dora" else 0) for _, i, o in targeted_layers(shape, targets, blocks))
+
+
+def dora_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None, act_bytes: int,
+               lora_bytes: int, batch: int, s_img: int, s_txt: int) -> tuple[float, float]:
+    """(activations, transient) that DoRA adds to a LoRA (peft's DoraLinearLayer): each layer keeps its base output
+    and its LoRA output (out wide, for the magnitude's gradient); its row norms are computed one layer at a time
+    from an in x in identity pushed through the LoRA, the LoRA's in x out product, the base weight cast and their
+    sum (the largest layer's set is the transient peak)."""
+    layers = targeted_layers(shape, targets, blocks)
+    text = ("add_", "to_add_out", "ff_context")  # layers on the text stream; the rest see the image tokens
+    kept = sum(2 * batch * (s_txt if any(t in name for t in text) else s_img) * o * act_bytes
+               for name, _, o in layers)
+    transient = max(((i * i + 2 * i * o) * lora_bytes + i * o * act_bytes for _, i, o in layers), default=0)
+    return kept, transient
 
 
 # --- activations ------------------------------------------------------------------------------------------------
@@ -267,7 +288,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              mixed_precision: str = "no", quantization: str | None = None, blocks: list[int] | None = None,
              vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
              gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
-             runtime: bool = True) -> MemoryEstimate:
+             runtime: bool = True, lora_kind: str = "lora") -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
     `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
@@ -275,6 +296,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     `runtime`: add the CUDA context / NCCL / fragmentation margin (off for CPU comparisons).
     `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
     `quantization`: model.quantize (None or "none": unquantised).
+    `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -315,7 +337,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     if vae_params:
         est.add(f"VAE {_count(vae_params)} params ({dtype}, for validation images)", vae_params * wb)
 
-    p_lora = lora_params(shape, targets, rank, blocks)
+    p_lora = lora_params(shape, targets, rank, blocks, lora_kind)
     lb = BYTES[lora_dtype]
     shard = {"ddp": 1, "zero2": n, "zero3": n}[strategy]
     part = f", 1/{n}" if shard > 1 else ""
@@ -341,6 +363,13 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     else:
         est.add(f"activations: batch {batch} x ({s_img} image + {s_all - s_img} text tokens) x {shape.num_layers} "
                 "blocks", act)
+    if lora_kind == "dora":
+        kept, transient = dora_bytes(shape, targets, blocks, act_b, lb, batch, s_img, s_all - s_img)
+        kept /= shape.num_layers if gradient_checkpointing else 1  # one block's, recomputed
+        est.add("DoRA: base and LoRA outputs kept per layer" + (", one block's" if gradient_checkpointing else ""),
+                kept)
+        est.add("DoRA row norms, one layer at a time (the largest)", transient)
+        act += kept
     est.add("backward transient (one block's activation gradients)",
             backward_transient_bytes(shape, act_b, batch, resolution, t5_tokens))
     if runtime:

@@ -64,10 +64,10 @@ def test_parameter_counts_match_diffusers(name, tiny_configs):
     model = _meta_model(config)
     assert transformer_params(shape) == sum(p.numel() for p in model.parameters())
     assert transformer_buffers(shape) == sum(b.numel() for b in model.buffers())
-    for targets in ("attention", "attention+context", "all"):
+    for targets, kind in (("attention", "lora"), ("attention+context", "lora"), ("all", "lora"), ("all", "dora")):
         model = _meta_model(config)
-        params = add_lora(model, LoraConfig(rank=16, targets=targets))
-        assert lora_params(shape, targets, 16) == sum(p.numel() for p in params), targets
+        params = add_lora(model, LoraConfig(rank=16, targets=targets, kind=kind))
+        assert lora_params(shape, targets, 16, kind=kind) == sum(p.numel() for p in params), targets
 
 
 def test_published_sizes():

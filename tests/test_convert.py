@@ -470,7 +470,7 @@ def test_what_we_never_train_is_refused_even_when_lossy(tmp_path, capsys, settin
 
 @pytest.mark.parametrize(("setting", "key"), [
     ({"use_ema": True}, "use_ema = true"), ({"lora_type": "lycoris"}, 'lora_type = "lycoris"'),
-    ({"use_dora": "true"}, 'use_dora = "true"'), ({"loss_type": "huber"}, 'loss_type = "huber"'),
+    ({"loss_type": "huber"}, 'loss_type = "huber"'),
     ({"snr_gamma": 5}, "snr_gamma = 5"), ({"model_type": None}, "model_type = \"full\", SimpleTuner's default"),
 ])
 def test_what_changes_training_is_refused_unless_lossy(tmp_path, capsys, setting, key):
@@ -579,3 +579,16 @@ def test_one_setting_converts_to_its_exact_value(tmp_path, option, value, ours, 
     for part in ours.split("."):
         got = got[int(part)] if isinstance(got, list) else got[part]
     assert got == expected
+
+
+def test_dora_and_init_lora_are_converted(tmp_path):
+    """use_dora trains a DoRA (lora.kind dora); init_lora starts from that file (lora.init_from)."""
+    start = tmp_path / "start.safetensors"
+    cfg, mdb = write_setup(tmp_path, minimal(use_dora="true", init_lora=str(start)), ONE_SQUARE_SET)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == 0
+    job = load_job(out)
+    assert job.lora.kind == "dora" and job.lora.init_from == start
+    cfg, mdb = write_setup(tmp_path / "plain", minimal(use_dora=False), ONE_SQUARE_SET)
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(tmp_path / "plain.yaml")]) == 0
+    assert load_job(tmp_path / "plain.yaml").lora.kind == "lora"

@@ -8,7 +8,7 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors import safe_open
 
 from raytune_sd3.config import LoraConfig
-from raytune_sd3.models.loading import load_transformer
+from raytune_sd3.models.loading import compile_blocks, load_transformer
 from raytune_sd3.models.lora import (
     LORA_FILE,
     PRESETS,
@@ -38,9 +38,21 @@ def _trained(tiny_sd3: str, cfg: LoraConfig, dtype: torch.dtype = torch.float32)
     return transformer
 
 
-@pytest.mark.parametrize("targets,alpha", [("attention", None), ("attention+context", 8.0), ("all", 2.0)])
-def test_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, targets, alpha):
-    cfg = LoraConfig(rank=4, alpha=alpha, targets=targets)
+def loaded_adapter(transformer) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a diffusers-loaded transformer under the file's names (no adapter name)."""
+    out = {}
+    for k, v in transformer.state_dict().items():
+        if "lora_" in k:
+            k = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k)
+            out["transformer." + re.sub(r"\.lora_magnitude_vector\.[^.]+\.weight$", ".lora_magnitude_vector", k)] = v
+    return out
+
+
+@pytest.mark.parametrize("targets,alpha,kind", [("attention", None, "lora"), ("attention+context", 8.0, "lora"),
+                                                ("all", 2.0, "lora"), ("all", 3.0, "dora")])
+def test_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, targets, alpha, kind):
+    """Also for DoRA: its magnitude vectors are saved under diffusers' names and load into a DoRA adapter."""
+    cfg = LoraConfig(rank=4, alpha=alpha, targets=targets, kind=kind)
     transformer = _trained(tiny_sd3, cfg)
     with torch.no_grad():
         ours = transformer(**_inputs())[0]
@@ -58,9 +70,11 @@ def test_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, targets, alpha
         base = pipe.transformer(**_inputs())[0]
     pipe.load_lora_weights(tmp_path)
     # every saved tensor landed in a LoRA layer of the pipeline, with its value: no key left unmatched
-    loaded = {"transformer." + re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v
-              for k, v in pipe.transformer.state_dict().items() if "lora_" in k}
+    loaded = loaded_adapter(pipe.transformer)
     assert set(loaded) == keys
+    magnitudes = {k for k in keys if k.endswith(".lora_magnitude_vector")}
+    assert len(magnitudes) == (len(keys) // 3 if kind == "dora" else 0)
+    assert all(cfg.use_dora == (kind == "dora") for cfg in pipe.transformer.peft_config.values())
     for k in keys:
         torch.testing.assert_close(loaded[k], saved[k])
     with torch.no_grad():
@@ -157,3 +171,39 @@ def test_lora_autocast_under_gradient_checkpointing(tiny_sd3):
     assert (calls, calls_ckpt) == (1, 2)  # the checkpointed block ran again in the backward
     assert torch.equal(out, out_ckpt)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ckpt, strict=True))
+
+
+@pytest.mark.parametrize("base", ["fp32", "bf16", "int8", "nf4",
+                                  pytest.param("compiled", marks=pytest.mark.slow)])  # inductor: about 2 min here
+def test_dora_on_every_base_the_job_allows(tiny_sd3, base):
+    """lora.kind dora on each base the door lets it train on (full precision, bf16 under the loop's autocast, a
+    quanto or bitsandbytes quantised base, the compiled blocks): a fresh DoRA leaves the output as it was (each
+    magnitude starts at its row's norm of the same weight the forward uses), and one backward reaches every
+    magnitude vector."""
+    import shutil
+
+    from raytune_sd3.models.quantize import quantize_transformer
+
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
+    if base == "compiled" and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C compiler")
+    dtype = torch.float32 if base in ("fp32", "compiled") else torch.bfloat16
+    transformer = quantize_transformer(load_transformer(tiny_sd3, dtype), base if base in ("int8", "nf4") else "none")
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and k != "timestep" else v for k, v in _inputs().items()}
+    with torch.no_grad():
+        plain = transformer(**inputs)[0]
+    params = add_lora(transformer, LoraConfig(rank=4, kind="dora", targets="all"), seed=0)
+    if base == "compiled":
+        compile_blocks(transformer)
+    context = LoraAutocast(transformer, "cpu") if dtype == torch.bfloat16 else torch.enable_grad()
+    with context:
+        out = transformer(**inputs)[0]
+        out.float().pow(2).mean().backward()
+    torch.testing.assert_close(out.float(), plain.float(), rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+    magnitudes = {n: p for n, p in transformer.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == len(params) // 3 == len(target_modules(load_transformer(tiny_sd3),
+                                                                      LoraConfig(targets="all")))
+    # the last block's context queries feed only its context output, which SD3 drops: no gradient there
+    assert [n for n, p in magnitudes.items() if p.grad is None or p.grad.abs().sum() == 0] == [
+        "transformer_blocks.1.attn.add_q_proj.lora_magnitude_vector.default.weight"]

@@ -128,15 +128,20 @@ def test_a_finished_run_rerun_is_not_retrained(first_run):
 @pytest.mark.slow
 def test_a_diverging_run_exits_3_with_the_reason(first_run):
     """An absurd learning rate on the demo's (already filled) cache: the gradient-norm guard stops the run as
-    diverged, the CLI exits 3 and says why, metrics.jsonl ends with the reason, and no LoRA is copied out."""
+    diverged, the CLI exits 3 and says why, metrics.jsonl ends with the reason, and no LoRA is copied out.
+    It starts from run1's LoRA (lora.init_from, its folder): its step-0 eval loss is run1's last one."""
     tmp = first_run[0]
     cmd = [sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml", "--set", f"output_dir={tmp / 'diverged'}",
            "--set", f"data.cache_dir={tmp / 'cache'}", "--set", f"data.datasets.0.instance_data_dir={tmp / 'demo'}",
            "--set", "train.learning_rate=1.0e+3", "--set", "train.grad_norm_limit=1.0e+4", "--set", "train.max_steps=12",
-           "--set", "validation.prompts=[]"]
+           "--set", "validation.prompts=[]", "--set", f"lora.init_from={tmp / 'run1'}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
-    last = json.loads((tmp / "diverged" / "metrics.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (tmp / "diverged" / "metrics.jsonl").read_text().splitlines()]
+    ended = [json.loads(line) for line in (tmp / "run1" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["step"] == 40 and "eval_loss" in json.loads(line)][0]["eval_loss"]
+    assert records[0]["step"] == 0 and records[0]["eval_loss"] == pytest.approx(ended, rel=1e-6)
+    last = records[-1]
     assert last["diverged"] == 1 and last["step"] < 12
     assert f"training diverged at step {last['step']}: {last['diverged_reason']}" in r.stderr
     assert not (tmp / "diverged" / "pytorch_lora_weights.safetensors").exists()

@@ -17,6 +17,7 @@ from raytune_sd3.config.loading import MAX_ERRORS, absolute_paths, dump_job, loa
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
 from raytune_sd3.config.schema import (
     HF_TOKEN_ENV,
+    INIT_FROM_SETS,
     MAX_LORA_RANK,
     MAX_RESOLUTION,
     NAME_MAX,
@@ -41,6 +42,7 @@ from raytune_sd3.config.schema import (
     TuneConfig,
     ValidationConfig,
     WandbConfig,
+    adapter_problem,
     check_global_batch,
     is_uri,
     parse_resolutions,
@@ -69,7 +71,7 @@ __all__ = [
     "ConfigError", "JobFileError", "parse_yaml", "read_yaml_file",
     "MAX_ERRORS", "absolute_paths", "dump_job", "load_job", "model_is_path", "use_data_dir",
     "apply_overrides", "did_you_mean", "get_key", "set_key",
-    "HF_TOKEN_ENV", "MAX_LORA_RANK", "MAX_RESOLUTION", "NAME_MAX", "QUANTO_KINDS", "TINY_MODELS", "DataConfig",
+    "HF_TOKEN_ENV", "INIT_FROM_SETS", "adapter_problem", "MAX_LORA_RANK", "MAX_RESOLUTION", "NAME_MAX", "QUANTO_KINDS", "TINY_MODELS", "DataConfig",
     "DatasetConfig", "Domain", "FlowConfig", "FolderPath", "HubConfig", "JobConfig", "LoraConfig", "ModelConfig",
     "PathText", "RayConfig", "Resolution", "SchedulerConfig", "Section", "TextConfig", "TrainConfig", "TuneConfig",
     "ValidationConfig", "WandbConfig", "check_global_batch", "is_uri", "parse_resolutions", "quantised_base_problem",

@@ -106,6 +106,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
             ds.metadata_file = ds.metadata_file.expanduser().resolve()
     if cfg.train.deepspeed_config is not None:
         cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
+    if cfg.lora.init_from is not None:
+        cfg.lora.init_from = cfg.lora.init_from.expanduser().resolve()
     if model_is_path(cfg.model.pretrained):
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     return cfg

@@ -265,6 +265,9 @@ class FlowConfig(Section):
         return v
 
 
+INIT_FROM_SETS = ("kind", "rank", "alpha", "targets", "blocks")  # what lora.init_from takes from its file
+
+
 class LoraConfig(Section):
     rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
     """LoRA rank (at most MAX_LORA_RANK 1024)."""
@@ -279,6 +282,14 @@ class LoraConfig(Section):
     """Only these transformer blocks get LoRA; default all."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """dtype of the LoRA weights: fp32 (default) or bf16 for pure-bf16 training (use train.optimizer adamw_bf16)."""
+    kind: Literal["lora", "dora"] = "lora"
+    """lora, or dora (peft's DoRA: a trained magnitude per output row on top of the LoRA direction; saved in
+    diffusers' layout with its `lora_magnitude_vector`s, which StableDiffusion3Pipeline.load_lora_weights loads).
+    LyCORIS LoKr/LoHa are not built yet."""
+    init_from: PathText | None = None
+    """Start from this LoRA instead of a fresh one: a .safetensors file, or a folder holding
+    pytorch_lora_weights.safetensors (ours, diffusers', SimpleTuner's or ai-toolkit's SD3 LoRA). Its kind, rank, alpha
+    and targets are used; a job that names other ones is refused. Ours fold alpha into lora_B (alpha = rank)."""
 
 
 class TrainConfig(Section):
@@ -780,6 +791,14 @@ class JobConfig(Section):
         if (problem := quantised_base_problem(self.model.quantize, self.model.dtype, self.train.strategy,
                                               self.train.mixed_precision)) is not None:
             raise ValueError(problem)
+        if (problem := adapter_problem(self.lora.kind, self.train.strategy)) is not None:
+            raise ValueError(problem)
+        if self.lora.init_from is not None and self.tune is not None:
+            searched = sorted({k for k in [*self.tune.space, *(k for t in self.tune.trials for k in t)]
+                               if k.split(".")[0] == "lora" and k.split(".")[-1] in INIT_FROM_SETS})
+            if searched:
+                raise ValueError(f"tune searches {', '.join(searched)}, which lora.init_from takes from its file: "
+                                 "search other keys, or remove lora.init_from")
         return self
 
     @property
@@ -811,6 +830,16 @@ def quantised_base_problem(quantize: str, dtype: str, strategy: str, mixed_preci
         return (f"model.quantize {quantize} with model.dtype {dtype} under train.mixed_precision bf16 cannot "
                 f"train: optimum-quanto's {dtype} weights do not run under bf16 autocast (the run would stop at its "
                 "first step); set model.dtype: bf16 (auto gives it on GPUs), or train.mixed_precision: no")
+    return None
+
+
+def adapter_problem(kind: str, strategy: str) -> str | None:
+    """Why an adapter of lora.kind `kind` cannot train with `strategy`, or None (checked at the door, and again once
+    lora.init_from has given the kind)."""
+    if kind == "dora" and strategy == "zero3":
+        return ("lora.kind dora with train.strategy zero3 cannot train: DoRA reads each whole base weight (for its "
+                "row norms) outside that layer's own forward, where ZeRO-3 holds only this worker's shard of it; use "
+                "train.strategy zero2 or ddp (with model.quantize to fit a large base), or lora.kind: lora")
     return None
 
 

@@ -524,7 +524,10 @@ def refuse_on_cluster(cfg: JobConfig, cluster: Cluster) -> None:
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     if len(hosts) > 1 or cluster.autoscaling:  # nodes on one host (a test cluster) share its disk
         where = f"this Ray cluster ({cluster.describe()}" + (", autoscaling)" if cluster.autoscaling else ")")
-        for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)):
+        shared = [("output_dir", cfg.output_dir), ("data.cache_dir", cfg.cache_dir)]
+        if cfg.lora.init_from is not None:  # every worker reads it
+            shared.append(("lora.init_from", cfg.lora.init_from.parent))
+        for key, path in shared:
             if "://" not in str(path) and (problem := shared_storage_problem(key, Path(path), where)):
                 report.fail("storage", problem)
     check_data(cfg, report)

@@ -48,6 +48,10 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
         from raytune_sd3.models.layers import layer_problems
 
         problems += layer_problems(cfg)
+        # imported here for start-up time: models.lora_files loads torch
+        from raytune_sd3.models.lora_files import init_from_problems
+
+        problems += init_from_problems(cfg)  # and takes the file's rank, alpha, targets into the job
     from raytune_sd3.train.tracking import credentials_problem
 
     if (wandb_problem := credentials_problem(cfg)) is not None:

@@ -64,17 +64,11 @@ def layer_problems(cfg: JobConfig) -> list[str]:
 
 def _unmatched_targets(cfg: JobConfig, config: dict[str, Any]) -> list[str]:
     """Each target suffix that matches no linear layer of a transformer of `config` (in lora.blocks)."""
-    # start-up time: torch, diffusers and peft only when an explicit target list is checked
-    import torch
-    from diffusers import SD3Transformer2DModel
-
     # imported here for start-up time: models.lora loads torch
     from raytune_sd3.models.lora import target_modules
 
-    try:
-        with torch.device("meta"):
-            transformer = SD3Transformer2DModel.from_config(config)
-    except Exception:  # noqa: BLE001 - a config diffusers cannot build: loading the model reports it, not this check
+    transformer = meta_transformer(config)
+    if transformer is None:
         return []
     unmatched = []
     for suffix in cfg.lora.targets:
@@ -87,3 +81,17 @@ def _unmatched_targets(cfg: JobConfig, config: dict[str, Any]) -> list[str]:
     where = f" in blocks {cfg.lora.blocks}" if cfg.lora.blocks is not None else ""
     return [f"lora.targets: {unmatched} match no linear layer of {cfg.model.pretrained}{where} (a target is the end "
             "of a layer name, e.g. attn.to_q or ff.net.2; or use a preset: attention, attention+context, all)"]
+
+
+def meta_transformer(config: dict[str, Any]):
+    """A transformer of `config` on torch's meta device (its layer names and shapes, no memory), or None where
+    diffusers cannot build that config (loading the model reports it, not the checks that use this)."""
+    # start-up time: torch and diffusers only when a check needs the layers
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        with torch.device("meta"):
+            return SD3Transformer2DModel.from_config(config)
+    except Exception:  # noqa: BLE001 - any config diffusers refuses
+        return None

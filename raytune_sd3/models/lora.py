@@ -3,6 +3,8 @@
 The saved `pytorch_lora_weights.safetensors` has keys `transformer.transformer_blocks.N.attn.to_q.lora_A.weight`
 and the adapter config in its header, so `StableDiffusion3Pipeline.load_lora_weights` matches every key; alpha is
 folded into lora_B (scale 1) so ComfyUI, which reads alpha only from `.alpha` tensors, gets the same weights.
+A DoRA (lora.kind dora) adds `...lora_magnitude_vector` per layer and `use_dora` in the header: folding alpha into
+lora_B leaves W + BA, and so DoRA's row norms, unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def add_lora(transformer: nn.Module, cfg: LoraConfig, seed: int = 0) -> list[nn.
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",
         target_modules=target_modules(transformer, cfg),
+        use_dora=cfg.kind == "dora",  # magnitudes start at each row's weight norm: the output starts unchanged too
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -115,24 +118,26 @@ def adapter_metadata(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict:
     """The peft config written into the file header (alpha = rank, since the scale is folded)."""
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     return {"r": cfg.rank, "lora_alpha": cfg.rank, "target_modules": modules, "lora_dropout": 0.0,
-            "init_lora_weights": "gaussian"}
+            "init_lora_weights": "gaussian", "use_dora": cfg.kind == "dora"}
 
 
-def export_lora(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> Path:
-    """The user-facing LoRA file from peft's tensors: alpha folded, metadata in the header, written atomically."""
+def export_lora(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: LoraConfig, name: str = LORA_FILE) -> Path:
+    """The user-facing file `out_dir/name` from peft's tensors (`lora_state_dict`) of any lora.kind: alpha folded,
+    metadata in the header, written atomically; loads with StableDiffusion3Pipeline.load_lora_weights. Every
+    adapter file the trainer writes goes through here (e.g. another name for a second set of weights)."""
     folded = fold_alpha(tensors, cfg)
-    return save_lora(out_dir, folded, adapter_metadata(folded, cfg))
+    return save_lora(out_dir, folded, adapter_metadata(folded, cfg), name)
 
 
-def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` atomically (temp file in the same folder, then rename)."""
+def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict, name: str = LORA_FILE) -> Path:
+    """Write `out_dir/name` atomically (temp file in the same folder, then rename)."""
     from diffusers import StableDiffusion3Pipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
         StableDiffusion3Pipeline.save_lora_weights(
-            tmp, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
+            tmp, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata, weight_name=name
         )
-        os.replace(Path(tmp) / LORA_FILE, out_dir / LORA_FILE)
-    return out_dir / LORA_FILE
+        os.replace(Path(tmp) / name, out_dir / name)
+    return out_dir / name

@@ -23,6 +23,7 @@ from raytune_sd3.data.reader import CachedBatches, Prefetcher
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import LoraAutocast, add_lora
+from raytune_sd3.models.lora_files import load_lora_file, read_lora_file
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
 from raytune_sd3.train.flops import count_flops, peak_tflops
@@ -186,6 +187,8 @@ class WorkerRun:
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         params = add_lora(transformer, cfg.lora, seed=t.seed)
+        if cfg.lora.init_from is not None:  # a resume below overwrites it with the checkpoint's weights
+            load_lora_file(transformer, read_lora_file(cfg.lora.init_from))
         if t.mixed_precision == "bf16":
             self.autocast = LoraAutocast(transformer, self.device.type)
         transformer.to(self.device)
