@@ -7,6 +7,7 @@ Unknown keys, wrong types and impossible combinations raise `ConfigError` naming
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -287,6 +288,79 @@ class LoraConfig(Section):
     """dtype of the LoRA weights: fp32 (default) or bf16 for pure-bf16 training (use train.optimizer adamw_bf16)."""
 
 
+# --- train.optimizer: the one registry of optimizers ---------------------------------------------------------
+# Every optimizer the trainer builds, with what the rest of the package needs to know of it. The schema's Literal is
+# made from it; the factory (train/optim.py BUILDERS), the memory estimate (memory.py), the SimpleTuner converter
+# (convert.py OPTIMIZERS) and the preflight (driver/preflight.py) read it; tests/test_optim.py fails when a name
+# here is missing from any of them, or when a state size here differs from what the optimizer really keeps.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerFacts:
+    """What is known of one train.optimizer without building it."""
+
+    state_tensors: int
+    """Tensors of a parameter's size it keeps per parameter (moments, a copy of the weights)."""
+    state_dtype: Literal["param", "fp32", "8bit"]
+    """Their dtype: the parameter's own (torch's and the libraries' optimizers), always fp32 (ours keep fp32 state
+    for bf16 weights), or one byte per element (bitsandbytes; its blockwise scales, 4 bytes per 256, left out)."""
+    package: str | None = None
+    """The package that provides it, which the preflight checks is installed (None: torch, or ours)."""
+    cuda_only: bool = False
+    """Runs on CUDA GPUs only (bitsandbytes)."""
+    paged: bool = False
+    """State in CUDA paged memory (counted on the GPU by the estimate; CUDA spills it to host RAM under pressure)."""
+    schedule_free: bool = False
+    """Trains at one point and evaluates at another (its average): eval loss, validation and saves switch it to eval
+    mode, and it replaces the LR schedule (train.lr_scheduler must be constant)."""
+    not_under_zero: str | None = None
+    """Why it cannot run under DeepSpeed ZeRO (train.strategy zero2/zero3), or None where it can."""
+
+    def state_bytes(self, param_bytes: int) -> int:
+        """Bytes of optimizer state per trained parameter stored in `param_bytes` bytes."""
+        return self.state_tensors * {"param": param_bytes, "fp32": 4, "8bit": 1}[self.state_dtype]
+
+
+BNB = "bitsandbytes"
+POLYNOMIAL_LR_END = 1e-7  # where diffusers' polynomial schedule ends (get_scheduler takes no lr_end)
+OPTIMIZERS: dict[str, OptimizerFacts] = {
+    "adamw": OptimizerFacts(2, "param"),  # exp_avg, exp_avg_sq
+    "adamw_bf16": OptimizerFacts(2, "fp32"),
+    "stableadamw": OptimizerFacts(2, "fp32"),
+    "lion": OptimizerFacts(1, "fp32"),  # exp_avg
+    "adamw8bit": OptimizerFacts(2, "8bit", BNB, cuda_only=True),
+    "lion8bit": OptimizerFacts(1, "8bit", BNB, cuda_only=True),
+    "adamw8bit_paged": OptimizerFacts(2, "8bit", BNB, cuda_only=True, paged=True),
+    "lion8bit_paged": OptimizerFacts(1, "8bit", BNB, cuda_only=True, paged=True),
+    # exp_avg, exp_avg_sq, s (the d estimate's gradient sum) and p0 (the starting weights; a scalar for a tensor
+    # that starts at zero, as LoRA's B does: the count is the bound)
+    "prodigy": OptimizerFacts(4, "param", "prodigyopt", not_under_zero=(
+        "Prodigy estimates one step size from every parameter at once, and ZeRO gives each worker a shard of them "
+        "(each would estimate its own)")),
+    "adamw_schedulefree": OptimizerFacts(2, "param", "schedulefree", schedule_free=True, not_under_zero=(
+        "its switch to the averaged weights for evaluation and saving acts on the optimizer's copy, which ZeRO "
+        "keeps apart from the model's")),  # z, exp_avg_sq
+}
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]  # the schema's names are the registry's
+
+
+class ProdigyConfig(Section):
+    """Prodigy's own settings (prodigyopt; train.optimizer prodigy). Its betas, eps and weight decay are
+    train.adam_beta1/adam_beta2, adam_epsilon and weight_decay (decoupled, as AdamW's)."""
+
+    d_coef: float = Field(1.0, gt=0)
+    """Scales Prodigy's estimate of the step size d: the knob its authors advise tuning (0.5-2 typical)."""
+    d0: float = Field(1e-6, gt=0)
+    """The starting estimate of d (rarely changed)."""
+    growth_rate: float | None = Field(None, gt=1)
+    """Largest factor by which d may grow per step (e.g. 1.02: a warmup of sorts); null: unlimited."""
+    safeguard_warmup: bool = False
+    """Leave the learning rate out of d's estimate, which keeps a warmup (train.lr_warmup_steps) from inflating it:
+    advised with a warmup."""
+    use_bias_correction: bool = False
+    """Adam's bias correction in Prodigy's step (off in the library by default)."""
+
+
 class TrainConfig(Section):
     num_workers: int | list[int] | Literal["auto"] = "auto"
     """Ray Train workers, one per GPU on a GPU cluster. auto: one per GPU the cluster has when the job starts, or 2
@@ -320,15 +394,26 @@ class TrainConfig(Section):
     """Optimizer steps to train."""
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate."""
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    """Schedule after warmup."""
+    lr_scheduler: Literal["constant", "cosine", "linear", "polynomial", "cosine_with_restarts"] = "constant"
+    """Schedule after warmup (diffusers' get_scheduler): constant; cosine and linear decay to 0; polynomial decays
+    to 1e-7 as (1 - progress)^lr_power; cosine_with_restarts runs lr_num_cycles cosine decays, each restarting at
+    the peak."""
     lr_warmup_steps: int = Field(0, ge=0)
-    """Linear warmup steps."""
-    optimizer: Literal["adamw", "adamw_bf16", "stableadamw", "lion", "adamw8bit", "lion8bit", "adamw8bit_paged",
-                       "lion8bit_paged"] = "adamw"
+    """Linear warmup steps (adamw_schedulefree: its own warmup, inside the optimizer)."""
+    lr_power: float = Field(1.0, gt=0)
+    """Power of the polynomial schedule (1: linear to 1e-7)."""
+    lr_num_cycles: int = Field(1, ge=1)
+    """Cosine decays (hard restarts) of the cosine_with_restarts schedule."""
+    optimizer: OptimizerName = "adamw"
     """adamw (torch); adamw_bf16 (AdamW with stochastic rounding into bf16 weights, for lora.dtype bf16);
     stableadamw (AdamW with per-tensor update clipping); lion; adamw8bit / lion8bit (bitsandbytes, CUDA);
-    adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure)."""
+    adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure);
+    prodigy (prodigyopt: estimates its own step size, learning_rate scales it: use 1.0; settings in
+    train.prodigy); adamw_schedulefree (schedulefree: no LR schedule, it averages its iterates instead; evaluated
+    and saved at the average; lr_scheduler constant, lr_warmup_steps warms it up). prodigy and adamw_schedulefree
+    keep their state in the LoRA's dtype and run with train.strategy ddp."""
+    prodigy: ProdigyConfig = Field(default_factory=ProdigyConfig)
+    """Prodigy's settings (train.optimizer prodigy)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW weight decay."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -421,6 +506,25 @@ class TrainConfig(Section):
                                  "train.batch_size a number")
         if n is not None and self.num_workers != "auto":
             check_global_batch(self)
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer(self) -> TrainConfig:
+        facts = OPTIMIZERS[self.optimizer]
+        if facts.schedule_free and self.lr_scheduler != "constant":
+            raise ValueError(f"train.lr_scheduler {self.lr_scheduler}: train.optimizer {self.optimizer} replaces the "
+                             "LR schedule (it averages its iterates instead); set train.lr_scheduler: constant "
+                             "(train.lr_warmup_steps still warms it up)")
+        if facts.not_under_zero and self.strategy != "ddp":
+            raise ValueError(f"train.optimizer {self.optimizer} does not run under train.strategy {self.strategy}: "
+                             f"{facts.not_under_zero}; use train.strategy: ddp, or another optimizer")
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"train.learning_rate {self.learning_rate:g} with train.optimizer prodigy: Prodigy "
+                             "estimates its own step size and the learning rate only scales it; set "
+                             "train.learning_rate: 1.0 (its authors' default; tune train.prodigy.d_coef instead)")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_LR_END:
+            raise ValueError(f"train.learning_rate {self.learning_rate:g}: the polynomial schedule decays to "
+                             f"{POLYNOMIAL_LR_END:g} and needs a learning rate above it")
         return self
 
     @model_validator(mode="after")
