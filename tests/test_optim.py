@@ -571,3 +571,18 @@ def test_resume_restores_the_adaptive_state_exactly(cfg):
     start_training(opt)  # schedule-free: the loaded x back to y
     _run(opt, resumed, grads[4:])
     assert torch.equal(resumed, full)
+
+
+@pytest.mark.parametrize("name", [n for n, f in OPTIMIZERS.items() if f.package not in (None, "bitsandbytes")])
+def test_an_optimizer_whose_package_is_missing_stops_at_the_preflight(name, monkeypatch, tmp_path):
+    from raytune_sd3.config import ConfigError
+    from raytune_sd3.driver.preflight import check_paths
+
+    job = load_job(ROOT / "jobs" / "tiny.yaml", [f"output_dir={tmp_path}", f"train.optimizer={name}",
+                                                 "train.lr_scheduler=constant", "validation.prompts=[]",
+                                                 f"train.learning_rate={1.0 if name == 'prodigy' else 1e-3}"])
+    check_paths(job)  # installed: nothing to say
+    monkeypatch.setitem(sys.modules, OPTIMIZERS[name].package, None)  # what find_spec meets where it is not installed
+    with pytest.raises(ConfigError, match=f"train.optimizer {name}: needs the {OPTIMIZERS[name].package} package, "
+                                          f"which is not installed here: pip install {OPTIMIZERS[name].package}"):
+        check_paths(job)
