@@ -268,6 +268,7 @@ def test_prodigy_and_schedule_free_lower_the_demo_eval_loss(first_run, tiny_sd3,
     local mode (ScalingConfig(num_workers=0): the worker function in this process, no cluster, seconds): the eval
     loss at the end is below the one before training, Prodigy's d grew, is logged and is in the checkpoint, and a
     schedule-free checkpoint is taken in eval mode (its LoRA the average x)."""
+    import ray
     import ray.train
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -292,8 +293,13 @@ def test_prodigy_and_schedule_free_lower_the_demo_eval_loss(first_run, tiny_sd3,
         report(metrics, checkpoint=checkpoint, **kw)
 
     monkeypatch.setattr(ray.train, "report", keep_checkpoint)
-    result = TorchTrainer(train_loop_per_worker, train_loop_config=config,
-                          scaling_config=ScalingConfig(num_workers=0)).fit()
+    ray_was_up = ray.is_initialized()
+    try:
+        result = TorchTrainer(train_loop_per_worker, train_loop_config=config,
+                              scaling_config=ScalingConfig(num_workers=0)).fit()
+    finally:
+        if not ray_was_up and ray.is_initialized():  # WorkerRun's ray.get_gpu_ids() starts one; later tests init
+            ray.shutdown()                            # their own, with their settings
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r]
     assert [s for s, _ in evals] == [0, 16] and evals[1][1] < evals[0][1], evals
