@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from raytune_sd3.config import OPTIMIZERS, TrainConfig
+from raytune_sd3.config import TrainConfig
 
-BNB_OPTIMIZERS = tuple(name for name, facts in OPTIMIZERS.items() if facts.package == "bitsandbytes")
 BNB_FIX = "pip install bitsandbytes on a CUDA machine, or use train.optimizer: adamw"
 
 Params = list[torch.nn.Parameter]
