@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raytune_sd3.config import OPTIMIZERS
 from raytune_sd3.hardware import GIB
 from raytune_sd3.models.catalogue import SD3_VAE_PARAMS, TransformerShape
 
@@ -43,11 +44,9 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Everything else stays in `dtype`.
 QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128, "int2": 0.25 + 4 / 128,
                "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
-# train.optimizer: bytes of optimizer state per LoRA parameter (the 8-bit ones: one byte per moment; their
-# blockwise scales, 4 bytes per 256, are left out). Paged state is counted on the GPU: CUDA moves it to host RAM
-# only when the GPU runs short, which saves the run from out-of-memory at the cost of speed, not memory planned.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "stableadamw": 8, "adamw_bf16": 4, "lion": 4, "adamw8bit": 2, "lion8bit": 1,
-                         "adamw8bit_paged": 2, "lion8bit_paged": 1}
+# train.optimizer: bytes of optimizer state per LoRA parameter come from the registry (config.OPTIMIZERS, checked
+# against one real step of each). Paged state is counted on the GPU: CUDA moves it to host RAM only when the GPU
+# runs short, which saves the run from out-of-memory at the cost of speed, not memory planned.
 STRATEGIES = ("ddp", "zero2", "zero3")
 RUNTIME_BYTES = 1.5 * GIB  # CUDA context + cuBLAS workspace + NCCL buffers (assumed; see module docstring)
 FRAGMENTATION = 0.10  # caching-allocator slack on the activations (assumed)
@@ -346,8 +345,11 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     est.add(f"LoRA gradients ({lora_dtype}){part}", p_lora * lb / shard)
     if strategy == "ddp" and num_workers > 1:
         est.add(f"DDP gradient buckets ({lora_dtype})", p_lora * lb)
-    paged = " (paged: counted on the GPU, spills to RAM)" if "paged" in optimizer else ""
-    est.add(f"{optimizer} state{part}{paged}", p_lora * OPTIMIZER_STATE_BYTES[optimizer] / shard)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    facts = OPTIMIZERS[optimizer]
+    paged = " (paged: counted on the GPU, spills to RAM)" if facts.paged else ""
+    est.add(f"{optimizer} state{part}{paged}", p_lora * facts.state_bytes(lb) / shard)
 
     act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks, autocast)
     if autocast and dtype == "fp32" and not quantization:

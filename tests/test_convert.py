@@ -199,6 +199,51 @@ def test_optimizers_are_translated_with_their_defaults(tmp_path, theirs, ours, b
     assert (train.optimizer, train.adam_beta2, train.weight_decay) == (ours, beta2, decay)
 
 
+def test_prodigy_converts_with_its_settings_at_simpletuners_lr(tmp_path):
+    """SimpleTuner's prodigy runs at lr 1.0 whatever learning_rate says (its default settings win), with betas
+    (0.9, 0.99) and no weight decay; its optimizer_config's d_coef, safeguard_warmup and use_bias_correction are
+    train.prodigy's. What differs (prodigy-plus-schedule-free there) is said."""
+    config = minimal(optimizer="prodigy", learning_rate=1e-4, lr_scheduler="cosine",
+                     optimizer_config="d_coef=0.5,safeguard_warmup=true,use_bias_correction=True,beta3=0.9")
+    conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
+    t = load_job(raw=conv.job).train
+    assert (t.optimizer, t.learning_rate, t.adam_beta1, t.adam_beta2, t.weight_decay, t.adam_epsilon) == (
+        "prodigy", 1.0, 0.9, 0.99, 0.0, 1e-8)
+    assert (t.prodigy.d_coef, t.prodigy.safeguard_warmup, t.prodigy.use_bias_correction) == (0.5, True, True)
+    assert t.lr_scheduler == "cosine"  # Prodigy takes a schedule
+    report = "\n".join(conv.report())
+    assert "prodigy-plus-schedule-free" in report and "learning_rate 0.0001: SimpleTuner runs prodigy at lr 1.0" in report
+    assert "not converted: optimizer_config.beta3" in report
+
+
+@pytest.mark.parametrize(("theirs", "eps", "decay"), [("adamw_schedulefree", 1e-8, 1e-2),
+                                                      ("adamw_schedulefree+aggressive", 1e-6, 1e-3),
+                                                      ("adamw_schedulefree+no_kahan", 1e-6, 1e-3)])
+def test_schedule_free_converts_and_replaces_the_schedule_as_simpletuner_does(tmp_path, theirs, eps, decay):
+    config = minimal(optimizer=theirs, lr_scheduler="cosine", lr_warmup_steps=20, learning_rate=1e-3)
+    conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
+    t = load_job(raw=conv.job).train
+    assert (t.optimizer, t.adam_epsilon, t.weight_decay, t.learning_rate) == ("adamw_schedulefree", eps, decay, 1e-3)
+    assert (t.lr_scheduler, t.lr_warmup_steps) == ("constant", 20)  # the warmup is the optimizer's own
+    assert any("lr_scheduler cosine: SimpleTuner replaces it" in line for line in conv.report())
+
+
+def test_the_polynomial_schedule_converts_with_simpletuners_power(tmp_path):
+    t = load_job(raw=convert_simpletuner(*write_setup(tmp_path, minimal(lr_scheduler="polynomial"),
+                                                      ONE_SQUARE_SET)).job).train
+    assert (t.lr_scheduler, t.lr_power) == ("polynomial", 0.8)  # SimpleTuner's lr_power default
+    conv = convert_simpletuner(*write_setup(tmp_path / "2", minimal(lr_scheduler="polynomial", lr_power=2,
+                                                                    lr_end=1e-7), ONE_SQUARE_SET))
+    assert load_job(raw=conv.job).train.lr_power == 2.0
+    assert not any("lr_end" in line for line in conv.report())  # 1e-7 is where ours ends too
+    conv = convert_simpletuner(*write_setup(tmp_path / "3", minimal(lr_scheduler="polynomial"), ONE_SQUARE_SET))
+    assert any("lr_end 4e-07: the polynomial schedule here ends at 1e-07" in line for line in conv.report())
+    restarts = convert_simpletuner(*write_setup(tmp_path / "4", minimal(lr_scheduler="cosine_with_restarts",
+                                                                       lr_power=2), ONE_SQUARE_SET))
+    report = "\n".join(restarts.report())
+    assert "not converted: lr_scheduler = \"cosine_with_restarts\"" in report and "ignored: lr_power" in report
+
+
 def test_the_lowest_vram_setup_converts_whole(tmp_path):
     """The guide's lowest-VRAM settings (nf4-bnb base, bnb-lion8bit-paged) have exact equivalents now."""
     config = minimal(base_model_precision="nf4-bnb", optimizer="bnb-lion8bit-paged", train_batch_size=1)
@@ -222,7 +267,7 @@ def test_hub_settings_convert(tmp_path):
 
 
 def test_optimizer_config_overrides_and_unknown_values_are_listed(tmp_path):
-    config = minimal(optimizer="prodigy", optimizer_config="eps=1e-7,weight_decay=0.0,d_coef=2", lr_scheduler="cosine",
+    config = minimal(optimizer="soap", optimizer_config="eps=1e-7,weight_decay=0.0,d_coef=2", lr_scheduler="cosine",
                      base_model_precision="int8-torchao", flow_schedule_shift=0, validation_resolution="1000x1000")
     conv = convert_simpletuner(*write_setup(tmp_path, config, ONE_SQUARE_SET))
     job = load_job(raw=conv.job)
@@ -230,7 +275,7 @@ def test_optimizer_config_overrides_and_unknown_values_are_listed(tmp_path):
     assert (job.train.optimizer, job.model.quantize, job.flow.shift) == ("adamw", "none", 1.0)  # our defaults
     report = "\n".join(conv.report())
     assert job.validation.resolution == "1024x1024"  # ours: 1000 is no multiple of 16
-    for key in ('optimizer = "prodigy"', "optimizer_config.d_coef", 'base_model_precision = "int8-torchao"',
+    for key in ('optimizer = "soap"', "optimizer_config.d_coef", 'base_model_precision = "int8-torchao"',
                 'validation_resolution = "1000x1000" (cannot use the value: resolution 1000x1000: both sides'):
         assert f"not converted: {key}" in report
 

@@ -89,6 +89,24 @@ def test_trial_job_sets_the_keys_and_shares_the_cache(tmp_path):
     assert Path(job.cache_dir) == tmp_path / "study" / "cache"
 
 
+def test_optimizers_and_their_settings_are_trial_keys(tmp_path):
+    """The optimiser is a trial key (explicit trials: each has its own learning-rate scale) and Prodigy's settings
+    are search dimensions; a trial the job's rules refuse (schedule-free under a decaying schedule) is caught before
+    Ray starts, naming the key and the fix."""
+    raw = tiny_study_raw(space={"train.prodigy.d_coef": {"choice": [0.5, 1.0, 2.0]}}, num_trials=2, trials=[
+        {"train.optimizer": "prodigy", "train.learning_rate": 1.0, "train.prodigy.d_coef": 2.0},
+        {"train.optimizer": "adamw_schedulefree", "train.learning_rate": 1.0e-2}])
+    raw["output_dir"] = str(tmp_path / "study")
+    cfg = load_job(raw=raw)
+    check_study(cfg)
+    job = job_for_params(study_base(cfg), cfg.tune.trials[0], tmp_path / "study" / "trials" / "t1")
+    assert (job.train.optimizer, job.train.learning_rate, job.train.prodigy.d_coef) == ("prodigy", 1.0, 2.0)
+    raw["train"]["lr_scheduler"] = "cosine"
+    with pytest.raises(ConfigError, match=r"tune\.trials.*train\.optimizer adamw_schedulefree replaces the LR "
+                                          r"schedule.*train\.lr_scheduler: constant"):
+        check_study(load_job(raw=raw))
+
+
 # --- search space, concurrency, the objective ----------------------------------------------------------------------
 
 def test_search_space_and_searchers():

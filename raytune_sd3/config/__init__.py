@@ -1,6 +1,7 @@
 """The job config, at the ground floor of the package (it imports nothing else of ours).
 
 - `schema`: the typed job, one class per YAML section, validated at the door before Ray or any model starts;
+- `optimizers`: the one registry of train.optimizer (what each keeps, needs and refuses);
 - `tune_space`: which keys a Tune study may vary, and why the others may not;
 - `overrides`: dotted keys (`--set a.b=c`, a trial's parameters);
 - `job_file`: the YAML reader's limits (size, depth, aliases, duplicate keys);
@@ -14,6 +15,7 @@ Everything public is re-exported here: `from raytune_sd3.config import JobConfig
 from raytune_sd3.config.errors import ConfigError
 from raytune_sd3.config.job_file import JobFileError, parse_yaml, read_yaml_file
 from raytune_sd3.config.loading import MAX_ERRORS, absolute_paths, dump_job, load_job, model_is_path, use_data_dir
+from raytune_sd3.config.optimizers import BNB, OPTIMIZERS, POLYNOMIAL_LR_END, OptimizerFacts
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
 from raytune_sd3.config.schema import (
     HF_TOKEN_ENV,
@@ -32,7 +34,9 @@ from raytune_sd3.config.schema import (
     JobConfig,
     LoraConfig,
     ModelConfig,
+    OptimizerName,
     PathText,
+    ProdigyConfig,
     RayConfig,
     Resolution,
     SchedulerConfig,
@@ -70,6 +74,7 @@ from raytune_sd3.config.tune_space import FIXED_KEYS, SEARCH_PACKAGES, TUNABLE_P
 __all__ = [
     "ConfigError", "JobFileError", "parse_yaml", "read_yaml_file",
     "MAX_ERRORS", "absolute_paths", "dump_job", "load_job", "model_is_path", "use_data_dir",
+    "BNB", "OPTIMIZERS", "POLYNOMIAL_LR_END", "OptimizerFacts", "OptimizerName", "ProdigyConfig",
     "apply_overrides", "did_you_mean", "get_key", "set_key",
     "HF_TOKEN_ENV", "INIT_FROM_SETS", "adapter_problem", "MAX_LORA_RANK", "MAX_RESOLUTION", "NAME_MAX", "QUANTO_KINDS", "TINY_MODELS", "DataConfig",
     "DatasetConfig", "Domain", "FlowConfig", "FolderPath", "HubConfig", "JobConfig", "LoraConfig", "ModelConfig",

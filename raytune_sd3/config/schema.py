@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from raytune_sd3.config.optimizers import OPTIMIZERS, POLYNOMIAL_LR_END
 from raytune_sd3.config.secrets import REDACTED, SECRET_KEY, remember_secret, show
 from raytune_sd3.config.tune_space import check_key
 
@@ -292,6 +293,26 @@ class LoraConfig(Section):
     and targets are used; a job that names other ones is refused. Ours fold alpha into lora_B (alpha = rank)."""
 
 
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]  # the schema's names are the registry's
+
+
+class ProdigyConfig(Section):
+    """Prodigy's own settings (prodigyopt; train.optimizer prodigy). Its betas, eps and weight decay are
+    train.adam_beta1/adam_beta2, adam_epsilon and weight_decay (decoupled, as AdamW's)."""
+
+    d_coef: float = Field(1.0, gt=0)
+    """Scales Prodigy's estimate of the step size d: the knob its authors advise tuning (0.5-2 typical)."""
+    d0: float = Field(1e-6, gt=0)
+    """The starting estimate of d (rarely changed)."""
+    growth_rate: float | None = Field(None, gt=1)
+    """Largest factor by which d may grow per step (e.g. 1.02: a warmup of sorts); null: unlimited."""
+    safeguard_warmup: bool = False
+    """Leave the learning rate out of d's estimate, which keeps a warmup (train.lr_warmup_steps) from inflating it:
+    advised with a warmup."""
+    use_bias_correction: bool = False
+    """Adam's bias correction in Prodigy's step (off in the library by default)."""
+
+
 class TrainConfig(Section):
     num_workers: int | list[int] | Literal["auto"] = "auto"
     """Ray Train workers, one per GPU on a GPU cluster. auto: one per GPU the cluster has when the job starts, or 2
@@ -325,15 +346,26 @@ class TrainConfig(Section):
     """Optimizer steps to train."""
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate."""
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    """Schedule after warmup."""
+    lr_scheduler: Literal["constant", "cosine", "linear", "polynomial", "cosine_with_restarts"] = "constant"
+    """Schedule after warmup (diffusers' get_scheduler): constant; cosine and linear decay to 0; polynomial decays
+    to 1e-7 as (1 - progress)^lr_power; cosine_with_restarts runs lr_num_cycles cosine decays, each restarting at
+    the peak."""
     lr_warmup_steps: int = Field(0, ge=0)
-    """Linear warmup steps."""
-    optimizer: Literal["adamw", "adamw_bf16", "stableadamw", "lion", "adamw8bit", "lion8bit", "adamw8bit_paged",
-                       "lion8bit_paged"] = "adamw"
+    """Linear warmup steps (adamw_schedulefree: its own warmup, inside the optimizer)."""
+    lr_power: float = Field(1.0, gt=0)
+    """Power of the polynomial schedule (1: linear to 1e-7)."""
+    lr_num_cycles: int = Field(1, ge=1)
+    """Cosine decays (hard restarts) of the cosine_with_restarts schedule."""
+    optimizer: OptimizerName = "adamw"
     """adamw (torch); adamw_bf16 (AdamW with stochastic rounding into bf16 weights, for lora.dtype bf16);
     stableadamw (AdamW with per-tensor update clipping); lion; adamw8bit / lion8bit (bitsandbytes, CUDA);
-    adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure)."""
+    adamw8bit_paged / lion8bit_paged (the same in paged memory, which CUDA may move to host RAM under pressure);
+    prodigy (prodigyopt: estimates its own step size, learning_rate scales it: use 1.0; settings in
+    train.prodigy); adamw_schedulefree (schedulefree: no LR schedule, it averages its iterates instead; evaluated
+    and saved at the average; lr_scheduler constant, lr_warmup_steps warms it up). prodigy and adamw_schedulefree
+    keep their state in the LoRA's dtype and run with train.strategy ddp."""
+    prodigy: ProdigyConfig = Field(default_factory=ProdigyConfig)
+    """Prodigy's settings (train.optimizer prodigy)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW weight decay."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -426,6 +458,25 @@ class TrainConfig(Section):
                                  "train.batch_size a number")
         if n is not None and self.num_workers != "auto":
             check_global_batch(self)
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer(self) -> TrainConfig:
+        facts = OPTIMIZERS[self.optimizer]
+        if facts.schedule_free and self.lr_scheduler != "constant":
+            raise ValueError(f"train.lr_scheduler {self.lr_scheduler}: train.optimizer {self.optimizer} replaces the "
+                             "LR schedule (it averages its iterates instead); set train.lr_scheduler: constant "
+                             "(train.lr_warmup_steps still warms it up)")
+        if facts.not_under_zero and self.strategy != "ddp":
+            raise ValueError(f"train.optimizer {self.optimizer} does not run under train.strategy {self.strategy}: "
+                             f"{facts.not_under_zero}; use train.strategy: ddp, or another optimizer")
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"train.learning_rate {self.learning_rate:g} with train.optimizer prodigy: Prodigy "
+                             "estimates its own step size and the learning rate only scales it; set "
+                             "train.learning_rate: 1.0 (its authors' default; tune train.prodigy.d_coef instead)")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_LR_END:
+            raise ValueError(f"train.learning_rate {self.learning_rate:g}: the polynomial schedule decays to "
+                             f"{POLYNOMIAL_LR_END:g} and needs a learning rate above it")
         return self
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from raytune_sd3.config import ConfigError, JobConfig, model_is_path
+from raytune_sd3.config import OPTIMIZERS, ConfigError, JobConfig, model_is_path
 
 
 def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
@@ -62,6 +62,10 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
     if (hub_problem := token_problem(cfg)) is not None:
         problems.append(hub_problem)
     problems += bitsandbytes_problems(cfg, cuda)
+    package = OPTIMIZERS[cfg.train.optimizer].package
+    if package not in (None, "bitsandbytes") and importlib.util.find_spec(package) is None:  # bitsandbytes: above
+        problems.append(f"train.optimizer {cfg.train.optimizer}: needs the {package} package, which is not installed "
+                        f"here: pip install {package}")
     if cfg.validation.attention == "sage" and cfg.validation.prompts:
         # imported here for start-up time: train.attention loads torch
         from raytune_sd3.train.attention import SAGE_FIX, sage_available
@@ -87,12 +91,12 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
     is refused now and `auto` once Ray says whether the cluster has GPUs (needs_cuda_problem)."""
     # imported here for start-up time: models.quantize, train.optim load torch
     from raytune_sd3.models.quantize import BNB_INSTALL, NF4_NEEDS_CUDA
-    from raytune_sd3.train.optim import BNB_FIX, BNB_OPTIMIZERS
+    from raytune_sd3.train.optim import BNB_FIX
 
     users = ([("model.quantize nf4", NF4_NEEDS_CUDA)] if cfg.model.quantize == "nf4" else []) + (
         [(f"train.optimizer {cfg.train.optimizer}", f"train.optimizer {cfg.train.optimizer} needs bitsandbytes on "
           f"CUDA, and this job would train without it: {BNB_FIX}")]
-        if cfg.train.optimizer in BNB_OPTIMIZERS else [])
+        if OPTIMIZERS[cfg.train.optimizer].cuda_only else [])
     if not users:
         return []
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -111,10 +115,7 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
 
 def needs_cuda_problem(cfg: JobConfig) -> str | None:
     """After Ray resolved train.use_gpu against the cluster: why a bitsandbytes job cannot train there, or None."""
-    # imported here for start-up time: train.optim loads torch
-    from raytune_sd3.train.optim import BNB_OPTIMIZERS
-
-    if cfg.train.use_gpu or (cfg.model.quantize != "nf4" and cfg.train.optimizer not in BNB_OPTIMIZERS):
+    if cfg.train.use_gpu or (cfg.model.quantize != "nf4" and not OPTIMIZERS[cfg.train.optimizer].cuda_only):
         return None
     what = "model.quantize nf4" if cfg.model.quantize == "nf4" else f"train.optimizer {cfg.train.optimizer}"
     return (f"{what} needs bitsandbytes on CUDA GPUs, and this Ray cluster has none: use model.quantize: int4 "

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raytune_sd3.config import JobConfig
+from raytune_sd3.config import OPTIMIZERS, JobConfig
 from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
 from raytune_sd3.data.reader import CachedBatches, Prefetcher
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
@@ -27,7 +27,13 @@ from raytune_sd3.models.lora_files import load_lora_file, read_lora_file
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
 from raytune_sd3.train.flops import count_flops, peak_tflops
-from raytune_sd3.train.optim import make_optimizer
+from raytune_sd3.train.optim import (
+    applied_lr,
+    averaged_weights,
+    make_optimizer,
+    optimizer_metrics,
+    start_training,
+)
 from raytune_sd3.train.state import (
     file_sizes,
     load_checkpoint,
@@ -65,12 +71,15 @@ class MetricsLog:
 
 
 def make_lr_schedule(optimizer, cfg: JobConfig):
-    """The learning-rate schedule of train.lr_scheduler (diffusers' get_scheduler) with warmup."""
+    """The learning-rate schedule of train.lr_scheduler (diffusers' get_scheduler) with warmup; a schedule-free
+    optimizer's is flat (it warms up by itself: train/optim.py)."""
     from diffusers.optimization import get_scheduler
 
     t = cfg.train
-    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
+    warmup = 0 if OPTIMIZERS[t.optimizer].schedule_free else t.lr_warmup_steps
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" and warmup else t.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps,
+                         num_cycles=t.lr_num_cycles, power=t.lr_power)
 
 
 def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int, cfg: JobConfig) -> str | None:
@@ -194,7 +203,7 @@ class WorkerRun:
         transformer.to(self.device)
         if t.compile:  # in place: parameter names (and so checkpoints and the saved LoRA) stay as they are
             compile_blocks(transformer)
-        optimizer = make_optimizer(params, t)
+        self.optimizer = optimizer = make_optimizer(params, t)
         self.lr_schedule = make_lr_schedule(optimizer, cfg)
         self.start_step, resumed = 0, {}
         with _resume_point(self.config.get("run_dir"), self.rank, self.world) as folder:
@@ -204,6 +213,7 @@ class WorkerRun:
             if folder is not None:
                 shard = self.rank if self.strategy.sharded_optimizer else 0
                 self.strategy.load_optimizer_state(load_optimizer(Path(folder), shard))
+        start_training(optimizer)
         self.initial_eval = resumed.get("initial_eval")
         self.nonfinite = resumed.get("nonfinite", 0)
 
@@ -322,7 +332,7 @@ class WorkerRun:
                 loss_sum += loss.detach()
         if world > 1:  # the logged loss is the global batch's mean; NaN anywhere is NaN everywhere
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        lr = self.lr_schedule.get_last_lr()[0]
+        lr = applied_lr(self.optimizer, self.lr_schedule.get_last_lr()[0])
         result = self.strategy.step(loss_sum)  # the step's one host read of device values
         if not result.stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
             self.nonfinite += 1
@@ -331,7 +341,8 @@ class WorkerRun:
         metrics = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                    "step_time_s": step_time,
                    "images_per_s": t.batch_size * self.accum * world / step_time,
-                   "epoch": step / self.reader.steps_per_epoch, "nonfinite_steps": self.nonfinite, "workers": world}
+                   "epoch": step / self.reader.steps_per_epoch, "nonfinite_steps": self.nonfinite, "workers": world,
+                   **optimizer_metrics(self.optimizer)}
         if self.peak:  # this rank's model FLOPs over its step time, against one card's peak
             metrics.update(tflops_per_s=step_flops / step_time / 1e12,
                            mfu=step_flops / step_time / (self.peak * 1e12))
@@ -339,7 +350,7 @@ class WorkerRun:
 
     def evaluate(self) -> float:
         """The eval loss, the same value on every rank (all-reduced), so stop decisions agree."""
-        with self.attention():
+        with self.attention(), averaged_weights(self.optimizer):
             return eval_loss(self.strategy.transformer, self.eval_batches, self.cfg.flow, self.device, self.dtype,
                              batch_size=self.t.batch_size, rank=self.rank, world=self.world, autocast=self.autocast)
 
@@ -360,7 +371,7 @@ class WorkerRun:
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
         folder = self.out_dir / "validation" / f"step_{step:06d}"
         extras = self.validation_extras  # rank 0's
-        with sampling_attention(cfg.validation.attention, self.device):
+        with sampling_attention(cfg.validation.attention, self.device), averaged_weights(self.optimizer):
             written = sample_images(self.strategy.transformer, self.vae,
                                     load_sampler(self.pretrained, cfg.model.revision), embeds, uncond, cfg.validation,
                                     folder, self.device, save=self.rank == 0,
@@ -385,8 +396,9 @@ class WorkerRun:
             ray.train.report(metrics)
             return
         rank, world = self.rank, self.world
-        lora = self.strategy.lora_tensors()  # a collective under ZeRO-3: every rank calls it
-        with tempfile.TemporaryDirectory() as tmp:
+        # A schedule-free optimizer's checkpoint holds its average x, and the optimizer saved in eval mode to match
+        with tempfile.TemporaryDirectory() as tmp, averaged_weights(self.optimizer):
+            lora = self.strategy.lora_tensors()  # a collective under ZeRO-3: every rank calls it
             folder = Path(tmp)
             if rank == 0:
                 save_checkpoint(folder, lora, self.cfg.lora, self.lr_schedule, metrics["step"],

@@ -8,6 +8,14 @@
     adamw8bit_paged,     the same with their state in CUDA paged (unified) memory, which the driver moves to host
     lion8bit_paged       RAM when the GPU runs short, instead of failing with out-of-memory (SimpleTuner's
                          bnb-*-paged); the update is the unpaged one's
+    prodigy              prodigyopt's Prodigy (Mishchenko and Defazio 2023): Adam whose step size d it estimates itself;
+                         learning_rate scales d (1.0), train.prodigy holds its settings
+    adamw_schedulefree   schedulefree's AdamWScheduleFree (Defazio et al. 2024): no LR schedule; it trains at a point
+                         y between its SGD-like sequence z and their running average x, and x is the model: eval
+                         loss, validation and checkpoints run inside `averaged_weights`, which puts x in the params
+
+The names and what is known of each (state size, package, CUDA) are config.OPTIMIZERS, the one registry; BUILDERS
+below builds each of its names.
 
 The custom optimizers share one rule for dtypes: a bf16 param is updated in an fp32 copy and written back with
 stochastic rounding; any other param is updated in place in its own dtype, as torch's optimizers do.
@@ -15,7 +23,9 @@ stochastic rounding; any other param is updated in place in its own dtype, as to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import io
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -23,32 +33,109 @@ from torch.optim import Optimizer
 
 from raytune_sd3.config import TrainConfig
 
-BNB_OPTIMIZERS = ("adamw8bit", "lion8bit", "adamw8bit_paged", "lion8bit_paged")
 BNB_FIX = "pip install bitsandbytes on a CUDA machine, or use train.optimizer: adamw"
+
+Params = list[torch.nn.Parameter]
+
+
+def _adamw_args(t: TrainConfig) -> dict[str, Any]:
+    return dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                weight_decay=t.weight_decay)
+
+
+def _lion_args(t: TrainConfig) -> dict[str, Any]:
+    return dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+
+
+def _torch_adamw(params: Params, t: TrainConfig) -> Optimizer:
+    fused = True if params and all(p.is_cuda for p in params) else None  # fused: one kernel for all tensors
+    return torch.optim.AdamW(params, **_adamw_args(t), fused=fused)
+
+
+def _prodigy(params: Params, t: TrainConfig) -> Optimizer:
+    from prodigyopt import Prodigy  # imported when chosen: an optional import path of a dependency
+
+    p = t.prodigy
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every worker
+        return Prodigy(params, **_adamw_args(t), decouple=True, d_coef=p.d_coef, d0=p.d0,
+                       growth_rate=p.growth_rate if p.growth_rate is not None else float("inf"),
+                       safeguard_warmup=p.safeguard_warmup, use_bias_correction=p.use_bias_correction)
+
+
+def _schedule_free(params: Params, t: TrainConfig) -> Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    # The warmup is the optimizer's own (make_lr_schedule keeps the schedule flat), as schedulefree advises: its
+    # average weighs each step by the peak lr so far, and it ramps from the first step where diffusers' ramp
+    # starts at 0.
+    return AdamWScheduleFree(params, **_adamw_args(t), warmup_steps=t.lr_warmup_steps)
+
+
+def _bnb(cls: str, args: Callable[[TrainConfig], dict[str, Any]]) -> Callable[[Params, TrainConfig], Optimizer]:
+    def build(params: Params, t: TrainConfig) -> Optimizer:
+        return getattr(_bitsandbytes(t.optimizer).optim, cls)(params, **args(t))
+    return build
+
+
+# One builder per name of config.OPTIMIZERS (tests/test_optim.py checks that the two agree).
+BUILDERS: dict[str, Callable[[Params, TrainConfig], Optimizer]] = {
+    "adamw": _torch_adamw,
+    "adamw_bf16": lambda params, t: AdamWBF16(params, **_adamw_args(t), seed=t.seed),
+    "stableadamw": lambda params, t: StableAdamW(params, **_adamw_args(t), seed=t.seed),
+    "lion": lambda params, t: Lion(params, **_lion_args(t), seed=t.seed),
+    "adamw8bit": _bnb("AdamW8bit", _adamw_args),
+    "lion8bit": _bnb("Lion8bit", _lion_args),
+    "adamw8bit_paged": _bnb("PagedAdamW8bit", _adamw_args),
+    "lion8bit_paged": _bnb("PagedLion8bit", _lion_args),
+    "prodigy": _prodigy,
+    "adamw_schedulefree": _schedule_free,
+}
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], t: TrainConfig) -> Optimizer:
     """The optimizer `t.optimizer` over `params`, with lr, betas, eps and weight decay from `t` (seed: t.seed)."""
-    params = list(params)
-    lr, betas, eps, wd = t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay
-    if t.optimizer == "adamw":
-        fused = True if params and all(p.is_cuda for p in params) else None  # fused: one kernel for all tensors
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=fused)
-    if t.optimizer == "adamw_bf16":
-        return AdamWBF16(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, seed=t.seed)
-    if t.optimizer == "stableadamw":
-        return StableAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, seed=t.seed)
-    if t.optimizer == "lion":
-        return Lion(params, lr=lr, betas=betas, weight_decay=wd, seed=t.seed)
-    if t.optimizer == "adamw8bit":
-        return _bitsandbytes(t.optimizer).optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
-    if t.optimizer == "lion8bit":
-        return _bitsandbytes(t.optimizer).optim.Lion8bit(params, lr=lr, betas=betas, weight_decay=wd)
-    if t.optimizer == "adamw8bit_paged":
-        return _bitsandbytes(t.optimizer).optim.PagedAdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
-    if t.optimizer == "lion8bit_paged":
-        return _bitsandbytes(t.optimizer).optim.PagedLion8bit(params, lr=lr, betas=betas, weight_decay=wd)
-    raise ValueError(f"train.optimizer: unknown optimizer {t.optimizer!r}")
+    if t.optimizer not in BUILDERS:
+        raise ValueError(f"train.optimizer: no builder for {t.optimizer!r} (train/optim.py BUILDERS)")
+    return BUILDERS[t.optimizer](list(params), t)
+
+
+def is_schedule_free(optimizer: Optimizer) -> bool:
+    """Whether `optimizer` trains at one point and evaluates at another (schedulefree's train()/eval() switch)."""
+    return callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+
+
+def start_training(optimizer: Optimizer) -> None:
+    """Before the first step (fresh or resumed): a schedule-free optimizer into train mode. A resumed one was saved
+    in eval mode, its params holding the average x: this moves them back to the training point y."""
+    if is_schedule_free(optimizer):
+        optimizer.train()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: Optimizer) -> Iterator[None]:
+    """Inside: the params hold the weights to measure and save. For a schedule-free optimizer that is the average x
+    (eval mode), and the training point y again after; nested uses switch once. Others: their weights as they are."""
+    switch = is_schedule_free(optimizer) and optimizer.param_groups[0]["train_mode"]
+    if switch:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            optimizer.train()
+
+
+def applied_lr(optimizer: Optimizer, scheduled: float) -> float:
+    """The learning rate the next step applies: the schedule's, times schedule-free's own warmup ramp."""
+    group = optimizer.param_groups[0]
+    warmup = group.get("warmup_steps", 0) if is_schedule_free(optimizer) else 0
+    return scheduled * min(1.0, (group["k"] + 1) / warmup) if warmup else scheduled
+
+
+def optimizer_metrics(optimizer: Optimizer) -> dict[str, float]:
+    """What an optimizer adapts by itself, for metrics.jsonl: Prodigy's step size d."""
+    group = optimizer.param_groups[0]
+    return {"prodigy_d": float(group["d"])} if "d_coef" in group else {}
 
 
 def _bitsandbytes(name: str) -> Any:
