@@ -267,7 +267,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              mixed_precision: str = "no", quantization: str | None = None, blocks: list[int] | None = None,
              vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
              gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
-             runtime: bool = True) -> MemoryEstimate:
+             runtime: bool = True, ema: bool = False) -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
     `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
@@ -275,6 +275,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     `runtime`: add the CUDA context / NCCL / fragmentation margin (off for CPU comparisons).
     `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
     `quantization`: model.quantize (None or "none": unquantised).
+    `ema`: train.ema_decay is set: one fp32 copy of the LoRA parameters on every worker.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -326,6 +327,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         est.add(f"DDP gradient buckets ({lora_dtype})", p_lora * lb)
     paged = " (paged: counted on the GPU, spills to RAM)" if "paged" in optimizer else ""
     est.add(f"{optimizer} state{part}{paged}", p_lora * OPTIMIZER_STATE_BYTES[optimizer] / shard)
+    if ema:
+        est.add("EMA of the LoRA (fp32, whole on every worker)", p_lora * 4)
 
     act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks, autocast)
     if autocast and dtype == "fp32" and not quantization:

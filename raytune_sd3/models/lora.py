@@ -17,6 +17,7 @@ from torch import nn
 from raytune_sd3.config import LoraConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+EMA_LORA_FILE = "pytorch_lora_weights_ema.safetensors"  # the EMA of the weights (train.ema_decay), same layout
 
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _CONTEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -118,14 +119,18 @@ def adapter_metadata(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict:
             "init_lora_weights": "gaussian"}
 
 
-def export_lora(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> Path:
-    """The user-facing LoRA file from peft's tensors: alpha folded, metadata in the header, written atomically."""
+def export_lora(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: LoraConfig,
+                file_name: str = LORA_FILE) -> Path:
+    """The user-facing LoRA file from peft's tensors: alpha folded, metadata in the header, written atomically
+    (`file_name`: another name for another set of weights, e.g. the EMA's)."""
     folded = fold_alpha(tensors, cfg)
-    return save_lora(out_dir, folded, adapter_metadata(folded, cfg))
+    return save_lora(out_dir, folded, adapter_metadata(folded, cfg), file_name)
 
 
-def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` atomically (temp file in the same folder, then rename)."""
+def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict,
+              file_name: str = LORA_FILE) -> Path:
+    """Write `out_dir/<file_name>` (pytorch_lora_weights.safetensors by default) atomically (temp file in the same
+    folder, then rename)."""
     from diffusers import StableDiffusion3Pipeline
 
     out_dir = Path(out_dir)
@@ -134,5 +139,5 @@ def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata
         StableDiffusion3Pipeline.save_lora_weights(
             tmp, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
         )
-        os.replace(Path(tmp) / LORA_FILE, out_dir / LORA_FILE)
-    return out_dir / LORA_FILE
+        os.replace(Path(tmp) / LORA_FILE, out_dir / file_name)
+    return out_dir / file_name
