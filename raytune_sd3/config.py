@@ -223,6 +223,11 @@ class DataConfig(Section):
     """GiB of cache entries each training worker keeps decoded in RAM after their first read (0: read every batch
     from the cache). A data set that fits is read from the cache once per run; beyond the budget, entries are read
     each time they are used."""
+    random_flip: bool = False
+    """Horizontal flips: each training image is also cached mirrored (its own cache entry, encoded once), and each
+    time an image is drawn for a step it is the mirrored one with probability 1/2 (drawn from train.seed and its
+    place in the run, so a resumed run draws the same). The eval set is never flipped. Costs one more latent per
+    image in the cache. Not for images whose left and right matter (text, asymmetric subjects)."""
     small_buckets: Literal["error", "oversubscribe", "drop"] = "error"
     """A bucket with fewer images than one global batch (batch_size x grad_accum x workers; every optimizer step
     uses one bucket): error (default, names each such bucket), oversubscribe (repeat its images to fill a batch)
@@ -687,6 +692,12 @@ class ValidationConfig(Section):
     """Sampling steps."""
     seed: int = 0
     """Seed of the initial noise."""
+    num_images: int = Field(1, ge=1, le=64)
+    """Images per prompt and resolution, each from its own seed (validation.seed + k): NN_WxH.png for the first,
+    NN_WxH_k.png for the k-th after it."""
+    negative_prompt: str | None = None
+    """The negative prompt of classifier-free guidance (encoded into the cache with the prompts); default: the
+    unconditional embedding of text.uncond."""
     use_ema: bool = False
     """Sample the validation images with the EMA weights (train.ema_decay) instead of the trained ones; the eval
     loss stays the trained weights'."""

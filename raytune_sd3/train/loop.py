@@ -360,8 +360,9 @@ class WorkerRun:
         self.vae = self.vae or load_vae(self.pretrained, self.device, self.dtype, cfg.model.revision)
         store = self.reader.store
         embeds = [{"prompt": v["prompt"], **store.read("text", v["text_key"])} for v in self.manifest["validation"]]
-        uncond = store.read("text", self.manifest["uncond_key"])
-        if cfg.text.uncond == "zero":
+        negative_key = self.manifest["validation"][0].get("negative_key")  # validation.negative_prompt's
+        uncond = store.read("text", negative_key or self.manifest["uncond_key"])
+        if cfg.text.uncond == "zero" and not negative_key:
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
         folder = self.out_dir / "validation" / f"step_{step:06d}"
         extras = self.validation_extras  # rank 0's
@@ -375,7 +376,8 @@ class WorkerRun:
         self.tracker.log_images(folder, step, cfg.validation.prompts)
         if extras is None:
             return {}
-        extras.post_final(written, [(e["prompt"], size) for e in embeds for size in cfg.validation.sizes], step)
+        extras.post_final(written, [(e["prompt"], size) for e in embeds for size in cfg.validation.sizes
+                                    for _ in range(cfg.validation.num_images)], step)
         scores = extras.clip_scores(folder, cfg.validation.prompts)
         if not scores:
             return {}
