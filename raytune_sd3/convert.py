@@ -363,6 +363,34 @@ def _epoch_steps(epochs: int, datasets: list[dict[str, Any]], train: Any, conv: 
     return steps
 
 
+SIMPLETUNER_EMA_DECAY = 0.995  # SimpleTuner's ema_decay when use_ema is on and ema_decay is left out
+
+
+def _use_ema(v: Any, s: Scope) -> dict[str, Any]:
+    if not _bool(v):
+        return {}
+    if "ema_decay" not in s.settings:
+        s.note(f"use_ema without ema_decay: SimpleTuner's default {SIMPLETUNER_EMA_DECAY} -> train.ema_decay")
+    return {"train.ema_decay": float(s.settings.get("ema_decay", SIMPLETUNER_EMA_DECAY))}
+
+
+def _needs_ema(rule: Rule) -> Rule:
+    """An EMA setting: read only with use_ema on, as SimpleTuner does."""
+    def wrapped(v: Any, s: Scope) -> dict[str, Any]:
+        if not _bool(s.settings.get("use_ema", False)):
+            raise Ignored("only read with use_ema on")
+        return rule(v, s)
+    return wrapped
+
+
+def _ema_validation(v: Any, s: Scope) -> dict[str, Any]:
+    if str(v) == "comparison":  # SimpleTuner samples both; we sample one set
+        s.note("ema_validation comparison: validation images are sampled with the trained weights only here "
+               "(validation.use_ema: true samples the EMA's instead); both LoRA files are saved")
+        return {}
+    return {"validation.use_ema": str(v) == "ema_only"}
+
+
 def _push_to_hub(v: Any, s: Scope) -> dict[str, Any]:
     if _bool(v) and not s.settings.get("hub_model_id"):
         raise NotConverted("set hub.repo_id (owner/name, or a name under the token's account) to upload")
@@ -578,7 +606,13 @@ CONFIG_RULES: dict[str, Rule] = {
     "controlnet": never_when_on("raytune_sd3 trains no ControlNet: a plain LoRA would ignore the conditioning"),
     "twinflow_enabled": never_when_on("raytune_sd3 trains no TwinFlow model"),
     "distillation_method": never_when_on("raytune_sd3 trains no distilled model"),
-    "use_ema": refuse_unless(lambda v: not _bool(v), "no EMA weights here: the job would save the plain LoRA"),
+    "use_ema": _use_ema,
+    "ema_decay": _needs_ema(lambda v, s: {"train.ema_decay": float(v)}),
+    "ema_validation": _needs_ema(_ema_validation),
+    "ema_update_interval": _needs_ema(only(lambda v: _is_off(v) or _int(v) == 1,
+                                           "the EMA is updated after every optimizer step here")),
+    **{k: _needs_ema(ignore("the EMA lives on each training worker's device (in the memory estimate)"))
+       for k in ("ema_device", "ema_cpu_only", "ema_foreach_disable")},
     "loss_type": refuse_unless(lambda v: str(v) == "l2", "our loss is the mean squared error (SimpleTuner's l2)"),
     "snr_gamma": refuse_unless(lambda v: float(v) == 0, "no min-SNR loss weighting here (flow.weighting none, "
                                "sigma_sqrt or cosmap)"),
@@ -654,8 +688,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "validation_guidance_skip_layers_start": to("validation.skip_layer_start", float),
     "validation_guidance_skip_layers_stop": to("validation.skip_layer_stop", float),
     "validation_guidance_skip_scale": to("validation.skip_layer_scale", float),
-    "num_validation_images": only(lambda v: _int(v) == 1, "one image per prompt and resolution here"),
-    "validation_negative_prompt": unsupported("validation samples use the unconditional embedding, no negative prompt"),
+    "num_validation_images": to("validation.num_images", _int),
+    "validation_negative_prompt": lambda v, s: {"validation.negative_prompt": str(v)} if str(v) else {},
     "report_to": _report_to,
     "push_to_hub": _push_to_hub,
     "hub_model_id": _hub_model_id,

@@ -287,7 +287,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              mixed_precision: str = "no", quantization: str | None = None, blocks: list[int] | None = None,
              vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
              gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
-             runtime: bool = True, lora_kind: str = "lora") -> MemoryEstimate:
+             runtime: bool = True, lora_kind: str = "lora", ema: bool = False) -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
     `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
@@ -296,6 +296,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
     `quantization`: model.quantize (None or "none": unquantised).
     `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set.
+    `ema`: train.ema_decay is set: one fp32 copy of the LoRA parameters on every worker.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -350,6 +351,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     facts = OPTIMIZERS[optimizer]
     paged = " (paged: counted on the GPU, spills to RAM)" if facts.paged else ""
     est.add(f"{optimizer} state{part}{paged}", p_lora * facts.state_bytes(lb) / shard)
+    if ema:
+        est.add("EMA of the LoRA (fp32, whole on every worker)", p_lora * 4)
 
     act = activation_bytes(shape, targets, act_b, batch, resolution, t5_tokens, blocks, autocast)
     if autocast and dtype == "fp32" and not quantization:

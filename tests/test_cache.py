@@ -63,6 +63,7 @@ def test_every_key_field_changes_the_key(tiny_sd3, tmp_path):
         assert spec.latent_key("f" * 64, dataclasses.replace(sizing, **change).to_json()) != base_l, change
     assert spec.latent_key("e" * 64, sizing.to_json()) != base_l  # other image bytes
     assert spec.latent_key("f" * 64, sizing.to_json(), mask_sha256="d" * 64) != base_l  # a mask
+    assert spec.latent_key("f" * 64, sizing.to_json(), flipped=True) != base_l  # the mirrored image (random_flip)
 
 
 def test_ray_data_cache_encodes_once_and_skips_bad_files(tiny_sd3, tmp_path, ray_local):
@@ -108,3 +109,54 @@ def test_no_images_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="data set 'x': no images"):
         discover(DatasetConfig(id="x", instance_data_dir=tmp_path / "empty"))
+
+
+def test_random_flip_caches_the_mirrored_crop_under_its_own_key(tiny_sd3, tmp_path, ray_local):
+    """data.random_flip: each image also gets an entry of its mirrored pixels (the same random crop, mirrored),
+    which is the VAE's sample of the mirrored image seeded by its own key; turning it on encodes only the mirrored
+    entries, turning it off again encodes nothing."""
+    data = make_demo_dataset(tmp_path / "imgs", n_images=3, size=48)
+    items, _ = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32, crop=True, crop_style="random"),
+                        alignment=16)
+    spec = _spec(tiny_sd3, tmp_path / "cache", t5_max_length=77)
+    plain = build_cache(spec, items, [""], batch_size=4, n_actors=1)
+    assert plain.latents_encoded == 3 and all(r["flip_key"] == "" for r in plain.rows)
+
+    flipped = build_cache(spec, items, [""], batch_size=4, n_actors=1, random_flip=True)
+    assert (flipped.latents_encoded, flipped.latents_reused, flipped.texts_encoded) == (3, 3, 0)
+    assert [r["latent_key"] for r in flipped.rows] == [r["latent_key"] for r in plain.rows]
+    assert len({r["flip_key"] for r in flipped.rows} - {r["latent_key"] for r in flipped.rows} - {""}) == 3
+
+    from raytune_sd3.data.pixels import load_image, plan_of
+
+    store, vae = CacheStore(spec.cache_dir), load_vae(tiny_sd3)
+    for r in flipped.rows:
+        pixels = load_image(r["path"], plan_of({**r, "orig_width": 48, "orig_height": 48}))  # the plain entry's crop
+        mirrored = np.ascontiguousarray(pixels[:, ::-1])
+        ref = encode_latents(vae, pixels_to_tensor(mirrored[None]), [r["flip_key"]], spec.vae_shift, spec.vae_scale)
+        # batched convs sum in another order: ~7e-5 apart; a wrong crop or no mirror is far more (last assert)
+        torch.testing.assert_close(store.read("latents", r["flip_key"])["latents"], ref[0], rtol=1e-3, atol=1e-3)
+        unflipped = encode_latents(vae, pixels_to_tensor(pixels[None]), [r["latent_key"]], spec.vae_shift,
+                                   spec.vae_scale)
+        torch.testing.assert_close(store.read("latents", r["latent_key"])["latents"], unflipped[0], rtol=1e-3,
+                                   atol=1e-3)
+        assert not torch.allclose(ref, unflipped, atol=1e-3)  # the mirror is another image
+
+    again = build_cache(spec, items, [""], batch_size=4, n_actors=1, random_flip=True)
+    off = build_cache(spec, items, [""], batch_size=4, n_actors=1)
+    assert (again.latents_encoded, again.latents_reused) == (0, 6) and (off.latents_encoded, off.latents_reused) == (0, 3)
+
+
+def test_a_mirrored_entry_is_drawn_half_the_time_from_the_seed_and_place():
+    """The reader takes an image's mirrored entry (data.random_flip) where numpy's generator seeded by
+    [train.seed, 13, position] draws below 1/2 (the reference, written out here): the same on a resume."""
+    from raytune_sd3.data.reader import CachedBatches
+
+    reader = CachedBatches.__new__(CachedBatches)  # latent_key_at reads only the seed
+    reader.seed = 3
+    row = {"latent_key": "plain", "flip_key": "mirrored"}
+    drawn = [reader.latent_key_at(row, p) for p in range(400)]
+    assert drawn == ["mirrored" if np.random.default_rng([3, 13, p]).random() < 0.5 else "plain" for p in range(400)]
+    assert 150 < drawn.count("mirrored") < 250
+    assert {reader.latent_key_at({"latent_key": "plain", "flip_key": ""}, p) for p in range(50)} == {"plain"}
+    assert {reader.latent_key_at({"latent_key": "plain"}, p) for p in range(50)} == {"plain"}  # an older manifest

@@ -196,6 +196,18 @@ def test_sharding_and_quantisation_lower_the_estimate():
         estimate(shape, strategy="fsdp", **kw)
 
 
+def test_the_ema_costs_one_fp32_copy_of_the_lora_on_every_worker(capsys):
+    from raytune_sd3.memory import lora_params
+
+    shape = TransformerShape.from_config(KNOWN_TRANSFORMERS[LARGE])
+    kw = dict(dtype="bf16", targets="all", rank=64, batch=1, resolution=1024, t5_tokens=154, num_workers=8)
+    for strategy in ("ddp", "zero2"):  # not sharded under ZeRO-2 either: each worker updates the whole EMA
+        plain, with_ema = (estimate(shape, strategy=strategy, ema=ema, **kw).total for ema in (False, True))
+        assert with_ema - plain == 4 * lora_params(shape, "all", 64)
+    check_main(["jobs/sd35.yaml", "--skip-paths", "--set", "train.ema_decay=0.999"])
+    assert "EMA of the LoRA (fp32, whole on every worker)" in capsys.readouterr().out
+
+
 # --- the CLI ------------------------------------------------------------------------------------------------------
 
 

@@ -514,8 +514,7 @@ def test_what_we_never_train_is_refused_even_when_lossy(tmp_path, capsys, settin
 
 
 @pytest.mark.parametrize(("setting", "key"), [
-    ({"use_ema": True}, "use_ema = true"), ({"lora_type": "lycoris"}, 'lora_type = "lycoris"'),
-    ({"loss_type": "huber"}, 'loss_type = "huber"'),
+    ({"lora_type": "lycoris"}, 'lora_type = "lycoris"'), ({"loss_type": "huber"}, 'loss_type = "huber"'),
     ({"snr_gamma": 5}, "snr_gamma = 5"), ({"model_type": None}, "model_type = \"full\", SimpleTuner's default"),
 ])
 def test_what_changes_training_is_refused_unless_lossy(tmp_path, capsys, setting, key):
@@ -606,6 +605,10 @@ ONE_SETTING = [
     ("validation_guidance_skip_layers_start", 0.1, "validation.skip_layer_start", 0.1),
     ("validation_guidance_skip_layers_stop", 0.3, "validation.skip_layer_stop", 0.3),
     ("validation_guidance_skip_scale", 3.0, "validation.skip_layer_scale", 3.0),
+    ("num_validation_images", 3, "validation.num_images", 3),
+    ("validation_negative_prompt", "blurry, cropped", "validation.negative_prompt", "blurry, cropped"),
+    ("use_ema", True, "train.ema_decay", 0.995),
+    ("use_ema", False, "train.ema_decay", None),
     ("report_to", "wandb", "wandb.project", "simpletuner"),
     ("model_card_private", False, "hub.private", False),
     ("resolution", 512, "data.datasets.0.resolution", 512),
@@ -637,3 +640,24 @@ def test_dora_and_init_lora_are_converted(tmp_path):
     cfg, mdb = write_setup(tmp_path / "plain", minimal(use_dora=False), ONE_SQUARE_SET)
     assert main(["simpletuner", str(cfg), str(mdb), "-o", str(tmp_path / "plain.yaml")]) == 0
     assert load_job(tmp_path / "plain.yaml").lora.kind == "lora"
+
+
+@pytest.mark.parametrize(("settings", "decay", "use_ema", "listed"), [
+    ({"use_ema": True, "ema_decay": 0.99, "ema_validation": "ema_only", "ema_device": "cpu"}, 0.99, True,
+     "ema_device"),
+    ({"use_ema": True, "ema_validation": "comparison", "ema_update_interval": 1}, 0.995, False,
+     "ema_validation comparison"),
+    ({"use_ema": False, "ema_decay": 0.9, "ema_validation": "ema_only"}, None, False, "only read with use_ema on"),
+])
+def test_simpletuners_ema_becomes_ours(tmp_path, settings, decay, use_ema, listed):
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(**settings), BARE_SET))
+    job = load_job(raw=conv.job)
+    assert job.train.ema_decay == decay and job.validation.use_ema is use_ema
+    assert listed in "\n".join(conv.report())
+
+
+def test_an_ema_updated_every_few_steps_is_not_ours(tmp_path):
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(use_ema=True, ema_update_interval=10), BARE_SET))
+    assert load_job(raw=conv.job).train.ema_decay == 0.995
+    assert any("ema_update_interval = 10 (the EMA is updated after every optimizer step here" in line
+               for line in conv.report())

@@ -163,3 +163,30 @@ def test_every_command_parser_redacts_and_declares_its_own_options(module, capsy
     shown = capsys.readouterr().out.split()
     on_a_job = module.split(".")[0] in {"train", "tune", "cache", "check"}
     assert all(option in shown for option in ("--set", "--data", "--verbose")) == on_a_job, shown
+
+
+def test_a_run_recorded_before_a_key_existed_resumes_with_its_default(tmp_path):
+    """A key added to the schema after a run started (data.random_flip, validation.num_images) is read as its
+    default in that run's records: the rerun resumes and is not revalidated, where a value other than the default
+    still counts as a change."""
+    from raytune_sd3.driver.resume import validation_changes
+
+    tiny, out = ROOT / "jobs" / "tiny.yaml", f"output_dir={tmp_path / 'run'}"
+    run_dir = tmp_path / "run" / "ray" / "run"
+    guard_resume(load_job(tiny, [out]), restart=False)
+    (run_dir / "checkpoint_000001").mkdir()
+    settings = json.loads((run_dir / SETTINGS_FILE).read_text())
+    del settings["data"]["random_flip"]  # as written before the key existed
+    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings))
+    guard_resume(load_job(tiny, [out]), restart=False)
+    with pytest.raises(ConfigError, match=r"data\.random_flip: False -> True"):
+        guard_resume(load_job(tiny, [out, "data.random_flip=true"]), restart=False)
+
+    from raytune_sd3.config import dump_job
+
+    cfg = load_job(tiny, [out])
+    saved = dump_job(cfg).replace("  num_images: 1\n", "")
+    assert saved != dump_job(cfg)
+    (tmp_path / "run" / "job.yaml").write_text(saved)
+    assert validation_changes(cfg) == []
+    assert validation_changes(load_job(tiny, [out, "validation.num_images=2"])) == ["validation.num_images: 1 -> 2"]

@@ -21,7 +21,8 @@ def _rows(n: int, seed: int = 0) -> list[dict]:
         rows.append({"path": f"/d/{i}.png", "caption": f"caption {i}", "dataset_id": "ab"[i % 2],
                      "sizing": '{"resolution": 64}', "mask_path": f"/d/{i}_mask.png" if i % 4 == 0 else "",
                      "latent_key": key, "width": 64 + 32 * (i % 3), "height": 64, "regularisation": i % 5 == 0,
-                     "repeats": i % 2, "text_key": captions[0], "text_keys": captions})
+                     "repeats": i % 2, "text_key": captions[0], "text_keys": captions,
+                     "flip_key": f"{i:032x}" if i % 2 else ""})
     rows[7]["latent_key"] = rows[3]["latent_key"]  # the same image in two data sets: one key, twice
     return rows
 
@@ -37,6 +38,11 @@ def test_rows_read_back_equal_and_only_the_asked_columns(tmp_path):
     lazy = read_manifest(tmp_path / MANIFEST, READER_COLUMNS)["rows"]
     assert lazy.table.column_names == list(READER_COLUMNS)
     assert lazy[3] == {k: rows[3][k] for k in READER_COLUMNS}
+    # a manifest written before data.random_flip has no flip_key: read without it (the reader flips nothing)
+    write_manifest(tmp_path / MANIFEST, [{k: v for k, v in r.items() if k != "flip_key"} for r in rows], "u" * 32,
+                   validation, "s3://bucket/cache")
+    older = read_manifest(tmp_path / MANIFEST, READER_COLUMNS)["rows"]
+    assert older.table.column_names == [c for c in READER_COLUMNS if c != "flip_key"] and "flip_key" not in older[3]
 
 
 def test_split_eval_holds_out_the_first_keys_in_sorted_order():

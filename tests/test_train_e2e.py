@@ -20,6 +20,11 @@ REQUIRED = {"step", "loss", "lr", "grad_norm", "step_time_s", "images_per_s"}
 
 
 SECRET = "wandb-key-that-must-not-leak-0123456789"
+# run1's settings beyond jobs/tiny.yaml (every rerun of it passes them again): a card peak for an MFU, W&B offline,
+# an EMA of the LoRA that the validation images are sampled with, and a negative prompt.
+NEGATIVE = "a green triangle"
+RUN1_SETS = ("train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline", "train.ema_decay=0.9",
+             "validation.use_ema=true", f"validation.negative_prompt={NEGATIVE}")
 
 
 def run_job(tmp: Path, out: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -42,7 +47,7 @@ def first_run(tmp_path_factory):
     As on a fresh machine: an empty model home (the tiny model is built) and matplotlib's font cache not yet made."""
     tmp = tmp_path_factory.mktemp("e2e")
     fresh = {"RAYTUNE_SD3_HOME": str(tmp / "home"), "MPLCONFIGDIR": str(tmp / "matplotlib")}
-    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+    r = run_job(tmp, "run1", *RUN1_SETS,
                 f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET, **fresh})
     assert (tmp / "home").is_dir() and (tmp / "matplotlib").is_dir()  # both made by this run: it was a first run
     return tmp, r.stdout + r.stderr
@@ -77,6 +82,19 @@ def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
     assert n_saved == n_loaded > 0
     b = next(k for k in pipe.transformer.state_dict() if "lora_B" in k)
     assert torch.count_nonzero(pipe.transformer.state_dict()[b]) > 0  # trained, not the zero init
+
+    # the EMA beside it loads the same way, every key matched, and is not the LoRA itself
+    ema_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    ema_pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_ema.safetensors")
+    ema_b = ema_pipe.transformer.state_dict()[b]
+    assert sum(1 for k in ema_pipe.transformer.state_dict() if "lora_" in k) == n_loaded
+    assert torch.count_nonzero(ema_b) > 0 and not torch.allclose(ema_b, pipe.transformer.state_dict()[b])
+    # the negative prompt was encoded into the cache with the validation prompts, and the workers were told its key
+    from raytune_sd3.data.manifest import read_manifest
+
+    validation = read_manifest(out / "manifest.parquet", ())["validation"]
+    assert {v["prompt"] for v in validation} == set(cfg.validation.prompts) and cfg.validation.negative_prompt == NEGATIVE
+    assert len({v["negative_key"] for v in validation}) == 1 and validation[0]["negative_key"] != validation[0]["text_key"]
 
     report = json.loads((out / "cache_report.json").read_text())
     assert report["latents_encoded"] == 48 and report["latents_reused"] == 0 and report["skipped"] == []
@@ -119,7 +137,7 @@ def test_a_finished_run_rerun_is_not_retrained(first_run):
     out = tmp / "run1"
     files = [out / "metrics.jsonl", out / "pytorch_lora_weights.safetensors", out / "ray.log"]
     before = [(f.stat().st_mtime_ns, f.read_bytes()) for f in files]
-    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+    r = run_job(tmp, "run1", *RUN1_SETS,
                 f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET})  # redact() knows the key by it
     assert "already trained: step 40 of 40" in r.stdout + r.stderr
     assert "Ray's own output" not in r.stdout + r.stderr  # Ray was never started
@@ -250,7 +268,7 @@ def test_a_finished_run_rerun_with_other_validation_settings_validates_again(fir
     lora = (out / "pytorch_lora_weights.safetensors").read_bytes()
     before = (out / "metrics.jsonl").read_text().splitlines()
     (out / "error.log").write_text("an earlier failure")
-    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+    r = run_job(tmp, "run1", *RUN1_SETS,
                 f"model.revision={SECRET}", "validation.clip_score=true", env={"WANDB_API_KEY": SECRET})
     said = r.stdout + r.stderr
     assert "validating its final LoRA again" in said and "validation.clip_score: False -> True" in said, said[-3000:]
@@ -261,7 +279,7 @@ def test_a_finished_run_rerun_with_other_validation_settings_validates_again(fir
     assert last["eval_loss"] == json.loads(before[-1])["eval_loss"]  # the final step's measures are kept
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() == lora
     assert not (out / "error.log").exists() and (out / "error.previous.log").read_text() == "an earlier failure"
-    r = run_job(tmp, "run1", "train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline",
+    r = run_job(tmp, "run1", *RUN1_SETS,
                 f"model.revision={SECRET}", "validation.clip_score=true", env={"WANDB_API_KEY": SECRET})
     assert "already trained: step 40 of 40" in r.stdout + r.stderr  # now the run's own settings
 

@@ -194,3 +194,33 @@ def test_ranks_share_the_validation_images_and_rank_0_writes_what_one_rank_would
     for name in names:
         assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == names  # no temporary file left
+
+
+def test_several_images_per_prompt_with_a_negative_prompt_are_the_pipelines_own(tiny_sd3, tiny_pipe, embeds,
+                                                                                 tmp_path):
+    """validation.num_images 2 and validation.negative_prompt: image K of a prompt is diffusers' pipeline called with
+    the same prompt and negative-prompt embeddings and seed validation.seed + K; those embeddings (the cache's, from
+    our encoders) are the pipeline's own encoding of the negative prompt."""
+    prompt, negative = "a red circle on a white background", "blurry, a blue square"
+    pe, pooled = encode_prompts(load_text_encoders(tiny_sd3), [prompt, negative], 77)
+    _, theirs, _, theirs_pooled = tiny_pipe.encode_prompt(prompt, prompt, prompt, negative_prompt=negative,
+                                                          max_sequence_length=77, do_classifier_free_guidance=True)
+    torch.testing.assert_close(pe[1], theirs[0], rtol=0, atol=1e-5)  # not bitwise: ~3e-6 between the two
+    torch.testing.assert_close(pooled[1], theirs_pooled[0], rtol=0, atol=1e-5)
+
+    cfg = ValidationConfig(prompts=[prompt], resolution="64x64", steps=4, guidance=3.0, seed=5, num_images=2,
+                           negative_prompt=negative)
+    transformer, vae, sched = load_transformer(tiny_sd3), load_vae(tiny_sd3), load_sampler(tiny_sd3)
+    paths = sample_images(transformer, vae, sched, [{"prompt": prompt, "prompt_embeds": pe[0], "pooled": pooled[0]}],
+                          {"prompt_embeds": pe[1], "pooled": pooled[1]}, cfg, tmp_path / "negative", "cpu")
+    assert [p.name for p in paths] == ["00_64x64.png", "00_64x64_1.png"]
+    images = [np.asarray(Image.open(p)) for p in paths]
+    assert not np.array_equal(images[0], images[1])  # each from its own seed
+    for k, image in enumerate(images):
+        ref = tiny_pipe(prompt_embeds=pe[:1], pooled_prompt_embeds=pooled[:1], negative_prompt_embeds=pe[1:],
+                        negative_pooled_prompt_embeds=pooled[1:], width=64, height=64, num_inference_steps=4,
+                        guidance_scale=3.0, generator=torch.Generator().manual_seed(5 + k)).images[0]
+        assert np.array_equal(image, np.asarray(ref)), k
+    empty = sample_images(transformer, vae, sched, [{"prompt": prompt, "prompt_embeds": pe[0], "pooled": pooled[0]}],
+                          embeds[2], cfg, tmp_path / "empty", "cpu")
+    assert not np.array_equal(np.asarray(Image.open(empty[0])), images[0])  # the negative prompt counts

@@ -218,6 +218,11 @@ class DataConfig(Section):
     """GiB of cache entries each training worker keeps decoded in RAM after their first read (0: read every batch
     from the cache). A data set that fits is read from the cache once per run; beyond the budget, entries are read
     each time they are used."""
+    random_flip: bool = False
+    """Horizontal flips: each training image is also cached mirrored (its own cache entry, encoded once), and each
+    time an image is drawn for a step it is the mirrored one with probability 1/2 (drawn from train.seed and its
+    place in the run, so a resumed run draws the same). The eval set is never flipped. Costs one more latent per
+    image in the cache. Not for images whose left and right matter (text, asymmetric subjects)."""
     small_buckets: Literal["error", "oversubscribe", "drop"] = "error"
     """A bucket with fewer images than one global batch (batch_size x grad_accum x workers; every optimizer step
     uses one bucket): error (default, names each such bucket), oversubscribe (repeat its images to fill a batch)
@@ -417,7 +422,29 @@ class TrainConfig(Section):
     """Stop as diverged when the (unclipped) gradient norm exceeds this; null (or .inf): never."""
     prior_loss_weight: float = Field(1.0, ge=0)
     """Loss weight of samples from data sets with is_regularisation_data (diffusers' prior_loss_weight)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the LoRA weights (fp32, one copy of the LoRA's parameters on each
+    worker): after each applied step ema = d x ema + (1 - d) x weights, with d = min(ema_decay, (1 + n) / (10 + n))
+    at the n-th update (a warm-up, as diffusers' EMAModel, so the early average is not the random init). Saved
+    beside the LoRA as pytorch_lora_weights_ema.safetensors and checkpointed; null (default): no EMA. Typical:
+    0.999 for thousands of steps, 0.99 for hundreds. Not with strategy zero3."""
 
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _ema_decay(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"{v} is outside (0, 1): the EMA keeps this share of itself each step; use e.g. 0.999 "
+                             "(or null for no EMA)")
+        return v
+
+    @model_validator(mode="after")
+    def _ema_strategy(self) -> TrainConfig:
+        if self.ema_decay is not None and self.strategy == "zero3":
+            raise ValueError("train.ema_decay with train.strategy zero3: ZeRO-3 partitions the LoRA weights across "
+                             "workers, so no worker holds the weights the EMA averages; use train.strategy zero2 "
+                             "or ddp, or remove ema_decay")
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -689,6 +716,15 @@ class ValidationConfig(Section):
     """Sampling steps."""
     seed: int = 0
     """Seed of the initial noise."""
+    num_images: int = Field(1, ge=1, le=64)
+    """Images per prompt and resolution, each from its own seed (validation.seed + k): NN_WxH.png for the first,
+    NN_WxH_k.png for the k-th after it."""
+    negative_prompt: str | None = None
+    """The negative prompt of classifier-free guidance (encoded into the cache with the prompts); default: the
+    unconditional embedding of text.uncond."""
+    use_ema: bool = False
+    """Sample the validation images with the EMA weights (train.ema_decay) instead of the trained ones; the eval
+    loss stays the trained weights'."""
     skip_layers: list[int] | None = None
     """Skip-layer guidance: transformer blocks skipped in the extra pass (SD3.5: [7, 8, 9]); null disables SLG."""
     skip_layer_start: float = Field(0.01, ge=0, le=1)
@@ -836,6 +872,9 @@ class JobConfig(Section):
             raise ValueError("train.grad_clip 'value' works with train.strategy ddp only (ZeRO clips by norm)")
         if self.validation.skip_layers is not None and self.validation.skip_layer_start >= self.validation.skip_layer_stop:
             raise ValueError("validation.skip_layer_start must be below validation.skip_layer_stop")
+        if self.validation.use_ema and self.train.ema_decay is None:
+            raise ValueError("validation.use_ema samples with the EMA of the LoRA, which train.ema_decay keeps: set "
+                             "train.ema_decay (e.g. 0.999), or remove use_ema")
         if self.validation.preview_steps is not None and self.validation.webhook_url is None:
             raise ValueError("validation.preview_steps needs validation.webhook_url (the previews are posted there); "
                              "set it, or remove preview_steps")

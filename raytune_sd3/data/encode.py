@@ -50,9 +50,9 @@ class CacheSpec:
     dtype: str
     text_encoder_dtype: str = "fp32"
 
-    def latent_key(self, image_sha256: str, sizing: str, mask_sha256: str = "") -> str:
+    def latent_key(self, image_sha256: str, sizing: str, mask_sha256: str = "", flipped: bool = False) -> str:
         return latent_key(image_sha256, sizing, self.vae_id, self.vae_shift, self.vae_scale, self.dtype,
-                          mask_sha256)
+                          mask_sha256, flipped)
 
     def text_key(self, caption: str) -> str:
         return text_key(caption, list(self.text_ids), self.t5_max_length, self.t5_padding, self.dtype,
@@ -130,18 +130,20 @@ def _whole_entry(store: CacheStore, kind: str, key: str, index: StatIndex | None
     return store.whole_size(kind, key) or 0
 
 
-def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatIndex | None = None) -> dict:
+def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatIndex | None = None,
+                  flip: bool = False) -> dict:
     """Check each image's size (and its mask's), hash their bytes, derive the cache key, the bucket size and
-    whether the cache already has a whole entry. A Ray task for a large data set (no index: what it read goes back
+    whether the cache already has a whole entry (with `flip`, also the key of the mirrored entry and its length,
+    `flip_key` and `flip_bytes`). A Ray task for a large data set (no index: what it read goes back
     in `learnt`, JSON, for the driver to record), or on the driver for rows whose facts the index held (`known`)."""
     store = CacheStore(spec.cache_dir)
     known = batch.get("known")
     out = {k: [] for k in ("latent_key", "hit", "error", "orig_width", "orig_height", "width", "height", "learnt",
-                           "entry_bytes")}
+                           "entry_bytes", "flip_key", "flip_bytes")}
     for i, (path, sizing, mask) in enumerate(zip(batch["path"], batch["sizing"], batch["mask_path"], strict=True)):
         image_known, mask_known = known[i] if known is not None else (None, None)
         path, sizing, mask = str(path), str(sizing), str(mask)
-        key, size, orig, problem, learnt, entry = "", (0, 0), (0, 0), "", [], 0
+        key, size, orig, problem, learnt, entry, flip_key, flip_entry = "", (0, 0), (0, 0), "", [], 0, "", 0
         try:
             try:
                 image, stat_ns = _image_facts(path, image_known)
@@ -160,13 +162,16 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatInde
                         problem = f"mask {Path(mask).name} is {(m.width, m.height)}, its image {orig}: they must match"
                     mask_sha = m.sha256
                 key = spec.latent_key(image.sha256, sizing, mask_sha)
+                flip_key = spec.latent_key(image.sha256, sizing, mask_sha, flipped=True) if flip else ""
                 size = plan(*orig, _sizing(sizing), seed_from_key(key)).size
         except Exception as e:  # noqa: BLE001 - an unreadable file or mask: skip and report
             problem = problem or f"unreadable: {type(e).__name__}: {e}"
         if not problem:
             entry = _whole_entry(store, "latents", key, index)
+            flip_entry = _whole_entry(store, "latents", flip_key, index) if flip_key else 0
         for name, value in zip(out, (key if not problem else "", bool(entry), problem, *orig, *size,
-                                     json.dumps(learnt) if learnt else "", entry), strict=True):
+                                     json.dumps(learnt) if learnt else "", entry,
+                                     flip_key if not problem else "", flip_entry), strict=True):
             out[name].append(value)
     return {**{k: v for k, v in batch.items() if k != "known"}, **{k: np.array(v) for k, v in out.items()}}
 
@@ -202,7 +207,7 @@ class VaeEncoder:
                 entry = {"latents": t, **({"mask": latent_mask(batch["mask"][i]).to(t.dtype)} if has_mask else {})}
                 encoded[i] = self.store.write("latents", k, entry)
         return {"uid": batch["uid"], "path": batch["path"], "latent_key": batch["latent_key"], "error": batch["error"],
-                "encoded": encoded}
+                "encoded": encoded, "flipped": batch["flipped"]}
 
 
 class TextEncoder:
@@ -278,7 +283,7 @@ def _in_threads(rows: list[dict], fn, chunk: int = 16) -> list[dict]:
 
 
 def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
-           index: StatIndex | None = None) -> list[dict]:
+           index: StatIndex | None = None, flip: bool = False) -> list[dict]:
     """`_hash_and_key` over every row, in input order. Rows whose image the index knows (stat unchanged) are keyed
     here without opening the image. The others are read: in Ray tasks across the cluster when there are many, in
     threads here when few, where starting Ray Data costs more than the hashing. What was read goes into `index`."""
@@ -287,27 +292,32 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
         facts = _indexed(r, index) if index is not None else None
         (known if facts else unknown).append({**r, "known": facts} if facts else r)
     # Known rows cost a stat each: large chunks, as the per-chunk overhead would weigh more than the work.
-    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index), 1024) if known else []
+    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index, flip), 1024) if known else []
     if len(unknown) > LOCAL_HASHING:
         import ray
 
         out += ray.data.from_items(unknown).map_batches(
-            _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels}, batch_size=64, **task_opts
+            _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels, "flip": flip}, batch_size=64,
+            **task_opts
         ).take_all()
     elif unknown:
-        out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels))
+        out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels, flip=flip))
     if index is not None:
         for r in out:
             for path, *facts, stat_ns in json.loads(str(r["learnt"])) if r["learnt"] else []:
                 index.add_image(path, ImageFacts(*facts), stat_ns)
             if r["entry_bytes"]:
                 index.add_entry("latents", str(r["latent_key"]), int(r["entry_bytes"]))
+            if r["flip_bytes"]:
+                index.add_entry("latents", str(r["flip_key"]), int(r["flip_bytes"]))
     return sorted(out, key=lambda r: int(r["uid"]))
 
 
 def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], batch_size: int = 8,
-                n_actors: int | None = None, max_pixels: int = 250_000_000) -> CacheReport:
-    """Encode what the cache lacks for `items` and `extra_captions` (validation prompts, the empty caption)."""
+                n_actors: int | None = None, max_pixels: int = 250_000_000, random_flip: bool = False) -> CacheReport:
+    """Encode what the cache lacks for `items` and `extra_captions` (validation prompts, the empty caption). With
+    `random_flip` each image also gets an entry of its mirrored pixels (the same crop, mirrored), under its own key
+    (`flip_key` in its row; "" without one)."""
     import ray
 
     t0 = time.perf_counter()
@@ -317,12 +327,16 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
     store = CacheStore(spec.cache_dir)
     index = StatIndex.load(store.files)
     rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
-    keyed = _keyed(rows, spec, max_pixels, task_opts, index)
+    keyed = _keyed(rows, spec, max_pixels, task_opts, index, random_flip)
     report.files_hashed = sum(len(json.loads(str(r["learnt"]))) for r in keyed if r["learnt"])
     report.files_from_index = index.hits
-    todo = [r for r in keyed if not r["hit"] and not r["error"]]
+    # A mirrored entry is a row of its own: its key, and the plain key its crop is drawn from (the same crop).
+    todo = [{**r, "crop_key": r["latent_key"], "flipped": False} for r in keyed if not r["hit"] and not r["error"]]
+    todo += [{**r, "latent_key": r["flip_key"], "crop_key": r["latent_key"], "flipped": True} for r in keyed
+             if r["flip_key"] and not r["flip_bytes"] and not r["error"]]
     done = {int(r["uid"]): r for r in keyed if r["hit"]}
-    report.latents_reused = len(done)
+    flipped = {int(r["uid"]) for r in keyed if r["flip_bytes"]}
+    report.latents_reused = len(done) + len(flipped)
     report.skipped += [{"path": r["path"], "reason": r["error"]} for r in keyed if r["error"]]
     size_of = {int(r["uid"]): (int(r["width"]), int(r["height"])) for r in keyed}
 
@@ -352,7 +366,7 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
         if todo:  # one pipeline for every bucket, sorted by size so that most batches hold one size
             todo.sort(key=lambda r: (size_of[int(r["uid"])], int(r["uid"])))
             group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width",
-                                        "orig_height", "width", "height")} for r in todo]
+                                        "orig_height", "width", "height", "crop_key", "flipped")} for r in todo]
             encoded = (ray.data.from_items(group)
                        .map_batches(decode_batch, batch_size=batch_size, **task_opts)
                        .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute,
@@ -363,7 +377,11 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
                     out.append(r)
                     bar.update()
             for r in out:
-                if r["encoded"]:
+                if r["encoded"] and r["flipped"]:
+                    flipped.add(int(r["uid"]))
+                    index.add_entry("latents", str(r["latent_key"]), int(r["encoded"]))
+                    report.latents_encoded += 1
+                elif r["encoded"]:
                     done[int(r["uid"])] = r
                     index.add_entry("latents", str(r["latent_key"]), int(r["encoded"]))
                     report.latents_encoded += 1
@@ -375,12 +393,14 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
             report.texts_encoded = len(missing)
     _save(index)
 
+    flip_keys = {int(r["uid"]): str(r["flip_key"]) for r in keyed}
     for uid, it in enumerate(items):  # manifest rows in discovery order
         if uid in done:
             width, height = size_of[uid]
             report.rows.append({**it.to_row(), "latent_key": str(done[uid]["latent_key"]), "width": width,
                                 "height": height, "regularisation": it.regularisation, "repeats": it.repeats,
                                 "text_key": report.text_keys[it.caption],
-                                "text_keys": [report.text_keys[c] for c in it.captions]})
+                                "text_keys": [report.text_keys[c] for c in it.captions],
+                                "flip_key": flip_keys[uid] if uid in flipped else ""})
     report.seconds = time.perf_counter() - t0
     return report

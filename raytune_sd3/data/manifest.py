@@ -26,11 +26,12 @@ MANIFEST = "manifest.parquet"
 LEGACY_MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "1"
 READER_COLUMNS = ("latent_key", "text_key", "text_keys", "width", "height", "repeats", "regularisation",
-                  "dataset_id")
+                  "dataset_id", "flip_key")
 SCHEMA = pa.schema([("path", pa.string()), ("caption", pa.string()), ("dataset_id", pa.string()),
                     ("sizing", pa.string()), ("mask_path", pa.string()), ("latent_key", pa.string()),
                     ("width", pa.int32()), ("height", pa.int32()), ("regularisation", pa.bool_()),
-                    ("repeats", pa.int32()), ("text_key", pa.string()), ("text_keys", pa.list_(pa.string()))])
+                    ("repeats", pa.int32()), ("text_key", pa.string()), ("text_keys", pa.list_(pa.string())),
+                    ("flip_key", pa.string())])
 
 
 class Rows(Sequence):
@@ -107,8 +108,11 @@ def read_manifest(path: Path | str, columns: Sequence[str] | None = None) -> dic
     if path.suffix == ".json":
         legacy = json.loads(path.read_text())
         return {**legacy, "rows": Rows.of(legacy["rows"])}
-    table = pq.read_table(path, columns=list(columns) if columns else None, memory_map=True)
-    meta = pq.read_schema(path).metadata or {}
+    schema = pq.read_schema(path)
+    # a column the file lacks is left out (flip_key: manifests written before data.random_flip have none)
+    table = pq.read_table(path, columns=[c for c in columns if c in schema.names] if columns else None,
+                          memory_map=True)
+    meta = schema.metadata or {}
     if meta.get(b"format") != MANIFEST_FORMAT.encode():
         raise ValueError(f"{path} is a manifest of another version ({meta.get(b'format')}); run the caching stage "
                          "again (python -m raytune_sd3.cache JOB.yaml) to rewrite it")

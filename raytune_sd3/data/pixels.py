@@ -99,12 +99,16 @@ def decode_batch(batch: dict) -> dict:
     pixels, masks, errors = [], [], []
     for i, path in enumerate(batch["path"]):
         w, h = int(batch["width"][i]), int(batch["height"][i])
-        row = {k: batch[k][i] for k in ("orig_width", "orig_height", "sizing", "latent_key")}
+        row = {**{k: batch[k][i] for k in ("orig_width", "orig_height", "sizing")},
+               "latent_key": batch["crop_key"][i] if "crop_key" in batch else batch["latent_key"][i]}
         try:
-            p = plan_of(row)
-            pixels.append(load_image(path, p))
-            masks.append(load_mask(str(batch["mask_path"][i]), p) if batch["mask_path"][i] else np.ones((h, w),
-                                                                                                           np.float32))
+            p = plan_of(row)  # a mirrored entry's crop is its plain entry's (crop_key), then mirrored
+            image = load_image(path, p)
+            mask = load_mask(str(batch["mask_path"][i]), p) if batch["mask_path"][i] else np.ones((h, w), np.float32)
+            if "flipped" in batch and batch["flipped"][i]:
+                image, mask = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+            pixels.append(image)
+            masks.append(mask)
             errors.append("")
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
             pixels.append(np.zeros((h, w, 3), np.uint8))

@@ -116,14 +116,14 @@ class CachedBatches:
             self._epoch = (epoch, [batches[i] for i in order])
         return self._epoch[1]
 
-    def load(self, rows: list[dict], dropped: list[bool] | None = None,
-             text_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def load(self, rows: list[dict], dropped: list[bool] | None = None, text_keys: list[str] | None = None,
+             latent_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Stack the cache entries of `rows` (one bucket; with `text_keys`' captions, default each row's first); a
         dropped caption becomes the unconditional embedding. `loss_weight` is train.prior_loss_weight for
         regularisation samples, else 1; `mask` (masked loss) is there when any row has one (ones for the others)."""
         lat, masks, emb, pooled = [], [], [], []
         for i, r in enumerate(rows):
-            entry = self.entries.read("latents", r["latent_key"])
+            entry = self.entries.read("latents", latent_keys[i] if latent_keys else r["latent_key"])
             lat.append(entry["latents"])
             masks.append(entry.get("mask"))
             drop = bool(dropped and dropped[i])
@@ -157,7 +157,15 @@ class CachedBatches:
         rows = [self.rows[int(i)] for i in batch[offset:offset + batch_size]]
         dropped = [self.caption_dropout > 0 and np.random.default_rng([self.seed, 7, p]).random() < self.caption_dropout
                    for p in positions]
-        return self.load(rows, dropped, [self.text_key_at(r, p) for r, p in zip(rows, positions, strict=True)])
+        return self.load(rows, dropped, [self.text_key_at(r, p) for r, p in zip(rows, positions, strict=True)],
+                         [self.latent_key_at(r, p) for r, p in zip(rows, positions, strict=True)])
+
+    def latent_key_at(self, row: dict, position: int) -> str:
+        """The image used at `position`: its mirrored entry (data.random_flip) with probability 1/2, drawn from
+        (seed, position) as the caption is, else the plain one."""
+        if row.get("flip_key") and np.random.default_rng([self.seed, 13, position]).random() < 0.5:
+            return row["flip_key"]
+        return row["latent_key"]
 
     def text_key_at(self, row: dict, position: int) -> str:
         """The caption used at `position`: one of the row's captions, drawn from (seed, position), so each epoch

@@ -32,10 +32,13 @@ def _hash(fields: dict) -> str:
 
 
 def latent_key(image_sha256: str, sizing: str, vae_id: str, shift: float, scale: float, dtype: str,
-               mask_sha256: str = "") -> str:
-    """`sizing` is the JSON of the data set's resolution, resolution type, crop and bucket settings."""
-    return _hash({"kind": "latents", "image": image_sha256, "sizing": sizing, "vae": vae_id, "shift": shift,
-                  "scale": scale, "dtype": dtype, "mask": mask_sha256})
+               mask_sha256: str = "", flipped: bool = False) -> str:
+    """`sizing` is the JSON of the data set's resolution, resolution type, crop and bucket settings; `flipped`: the
+    entry of the horizontally mirrored image (data.random_flip; in the key only when set, so the keys of unflipped
+    entries written before it existed still match)."""
+    fields = {"kind": "latents", "image": image_sha256, "sizing": sizing, "vae": vae_id, "shift": shift,
+              "scale": scale, "dtype": dtype, "mask": mask_sha256}
+    return _hash({**fields, "flipped": True} if flipped else fields)
 
 
 def text_key(caption: str, encoder_ids: list[str], t5_max_length: int, t5_padding: str, dtype: str,

@@ -51,8 +51,9 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
         items += found
         skipped += unusable
     spec = cache_spec(cfg, pretrained)
-    report = build_cache(spec, items, ["", *cfg.validation.prompts], cfg.data.encode_batch_size,
-                         cfg.data.encode_actors, cfg.data.max_image_pixels)
+    negative = [cfg.validation.negative_prompt] if cfg.validation.negative_prompt is not None else []
+    report = build_cache(spec, items, ["", *cfg.validation.prompts, *negative], cfg.data.encode_batch_size,
+                         cfg.data.encode_actors, cfg.data.max_image_pixels, cfg.data.random_flip)
     report.skipped = skipped + report.skipped
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,9 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
         notes = [f"training this job would stop: {e}"]
     for line in notes:
         log.warning("data.small_buckets=%s: %s", cfg.data.small_buckets, line)
-    validation = [{"prompt": p, "text_key": report.text_keys[p]} for p in cfg.validation.prompts]
+    validation = [{"prompt": p, "text_key": report.text_keys[p],
+                   **({"negative_key": report.text_keys[negative[0]]} if negative else {})}
+                  for p in cfg.validation.prompts]
     manifest = out / MANIFEST
     write_manifest(manifest, rows, report.text_keys[""], validation, spec.cache_dir)
     if (out / LEGACY_MANIFEST).exists():  # an earlier version's manifest.json: superseded, so nothing reads it

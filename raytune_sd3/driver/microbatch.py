@@ -45,7 +45,7 @@ def job_estimator(cfg: JobConfig, config: dict, model: str, strategy: str | None
                         strategy=strat, mixed_precision=t.mixed_precision, quantization=quant,
                         blocks=cfg.lora.blocks, vae_params=vae, validation_resolution=val_res,
                         vae_channels=vae_channels(model), gradient_checkpointing=ckpt, lora_dtype=cfg.lora.dtype,
-                        optimizer=t.optimizer, lora_kind=cfg.lora.kind)
+                        optimizer=t.optimizer, lora_kind=cfg.lora.kind, ema=t.ema_decay is not None)
 
     return at
 

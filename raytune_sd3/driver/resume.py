@@ -35,6 +35,16 @@ def run_settings(cfg: JobConfig) -> dict:
     return d
 
 
+def schema_default(section: str, key: str):
+    """A key's default (as JSON) in the job schema: what a run recorded before the key existed ran with (None for
+    a key without one)."""
+    field = getattr(JobConfig.model_fields[section].annotation, "model_fields", {}).get(key)
+    if field is None or field.is_required():
+        return None
+    value = field.get_default(call_default_factory=True)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
 def guard_resume(cfg: JobConfig, restart: bool) -> None:
     """Refuse to silently continue an earlier run in output_dir that had other settings; --restart starts over."""
     folder = run_dir(cfg)
@@ -44,8 +54,8 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
     path = folder / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        diffs = [_change(f"{sec}.{k}", old.get(sec, {}).get(k), v) for sec, vals in settings.items()
-                 for k, v in vals.items() if old.get(sec, {}).get(k) != v]
+        diffs = [_change(f"{sec}.{k}", was, v) for sec, vals in settings.items() for k, v in vals.items()
+                 if (was := old.get(sec, {}).get(k, schema_default(sec, k))) != v]
         if diffs and not _has_checkpoint(folder):  # it failed before its first checkpoint: nothing to resume
             log.info("%s: the earlier run there left no checkpoint; starting over with this job's settings (%s)",
                      folder, "; ".join(diffs))
@@ -72,7 +82,8 @@ def validation_changes(cfg: JobConfig) -> list[str]:
     except (OSError, yaml.YAMLError, AttributeError):
         return []
     new = redact(cfg.model_dump(mode="json")["validation"])
-    return [_change(f"validation.{k}", old.get(k), v) for k, v in new.items() if redact(old.get(k)) != v]
+    return [_change(f"validation.{k}", was, v) for k, v in new.items()
+            if redact(was := old.get(k, schema_default("validation", k))) != v]
 
 
 def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from raytune_sd3.config import JobConfig, dump_job
 from raytune_sd3.driver.resume import finished_run, guard_resume, validation_changes
-from raytune_sd3.models.lora import LORA_FILE
+from raytune_sd3.models.lora import EMA_LORA_FILE, LORA_FILE
 
 log = logging.getLogger("raytune_sd3")
 
@@ -62,12 +62,15 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
 
 
 def copy_final_lora(checkpoint_dir: Path | str, output_dir: Path | str) -> Path:
-    """Copy a checkpoint's LoRA file into output_dir (atomically: a reader never sees half a file)."""
-    dest = Path(output_dir) / LORA_FILE
-    tmp = dest.with_name(f".{LORA_FILE}.tmp")
-    shutil.copyfile(Path(checkpoint_dir) / LORA_FILE, tmp)
-    tmp.replace(dest)
-    return dest
+    """Copy a checkpoint's LoRA file, and its EMA LoRA where train.ema_decay made one, into output_dir (atomically:
+    a reader never sees half a file). Returns the LoRA's path."""
+    for name in (LORA_FILE, EMA_LORA_FILE):
+        src, dest = Path(checkpoint_dir) / name, Path(output_dir) / name
+        if name == LORA_FILE or src.exists():
+            tmp = dest.with_name(f".{name}.tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest)
+    return Path(output_dir) / LORA_FILE
 
 
 def last_metrics(out: Path) -> dict:

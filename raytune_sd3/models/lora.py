@@ -19,6 +19,7 @@ from torch import nn
 from raytune_sd3.config import LoraConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+EMA_LORA_FILE = "pytorch_lora_weights_ema.safetensors"  # the EMA of the weights (train.ema_decay), same layout
 
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _CONTEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]

@@ -22,10 +22,11 @@ from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
 from raytune_sd3.data.reader import CachedBatches, Prefetcher
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
-from raytune_sd3.models.lora import LoraAutocast, add_lora
+from raytune_sd3.models.lora import EMA_LORA_FILE, LoraAutocast, add_lora, export_lora
 from raytune_sd3.models.lora_files import load_lora_file, read_lora_file
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
+from raytune_sd3.train.ema import LoraEma
 from raytune_sd3.train.flops import count_flops, peak_tflops
 from raytune_sd3.train.optim import (
     applied_lr,
@@ -173,6 +174,7 @@ class WorkerRun:
         self.attention = attention_kernel(self.t.attention)
         self.step: int | None = None  # the step being trained (None during setup)
         self.batches = self.tracker = self.vae = None
+        self.ema: LoraEma | None = None  # the EMA of the LoRA weights (train.ema_decay)
         self.validation_extras: ValidationExtras | None = None  # CLIP score and previews, on rank 0
         self.flops_of_shape: dict[tuple, int] = {}
         # Ray Train's own switch for its preemption watcher (read by its controller from the same environment).
@@ -209,6 +211,10 @@ class WorkerRun:
         with _resume_point(self.config.get("run_dir"), self.rank, self.world) as folder:
             if folder is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
                 self.start_step, resumed = load_checkpoint(Path(folder), transformer, self.lr_schedule)
+            if t.ema_decay is not None:  # every rank keeps it (the same on each: train/ema.py)
+                self.ema = LoraEma(transformer, t.ema_decay)
+                if folder is not None:
+                    self.ema.load(Path(folder))
             self.strategy = make_strategy(transformer, params, optimizer, cfg, self.world)
             if folder is not None:
                 shard = self.rank if self.strategy.sharded_optimizer else 0
@@ -336,6 +342,8 @@ class WorkerRun:
         result = self.strategy.step(loss_sum)  # the step's one host read of device values
         if not result.stepped:  # the update was skipped; the schedule moves on so a resumed run stays aligned
             self.nonfinite += 1
+        elif self.ema is not None:
+            self.ema.update()
         self.lr_schedule.step()
         step_time = time.perf_counter() - t0
         metrics = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -366,12 +374,16 @@ class WorkerRun:
         self.vae = self.vae or load_vae(self.pretrained, self.device, self.dtype, cfg.model.revision)
         store = self.reader.store
         embeds = [{"prompt": v["prompt"], **store.read("text", v["text_key"])} for v in self.manifest["validation"]]
-        uncond = store.read("text", self.manifest["uncond_key"])
-        if cfg.text.uncond == "zero":
+        negative_key = self.manifest["validation"][0].get("negative_key")  # validation.negative_prompt's
+        uncond = store.read("text", negative_key or self.manifest["uncond_key"])
+        if cfg.text.uncond == "zero" and not negative_key:
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
         folder = self.out_dir / "validation" / f"step_{step:06d}"
         extras = self.validation_extras  # rank 0's
-        with sampling_attention(cfg.validation.attention, self.device), averaged_weights(self.optimizer):
+        weights = self.ema.swapped_in() if cfg.validation.use_ema else contextlib.nullcontext()
+        # schedule-free samples at its average; the EMA (if used) swaps in over whichever weights
+        with sampling_attention(cfg.validation.attention, self.device), averaged_weights(self.optimizer), \
+                weights:
             written = sample_images(self.strategy.transformer, self.vae,
                                     load_sampler(self.pretrained, cfg.model.revision), embeds, uncond, cfg.validation,
                                     folder, self.device, save=self.rank == 0,
@@ -380,7 +392,8 @@ class WorkerRun:
         self.tracker.log_images(folder, step, cfg.validation.prompts)
         if extras is None:
             return {}
-        extras.post_final(written, [(e["prompt"], size) for e in embeds for size in cfg.validation.sizes], step)
+        extras.post_final(written, [(e["prompt"], size) for e in embeds for size in cfg.validation.sizes
+                                    for _ in range(cfg.validation.num_images)], step)
         scores = extras.clip_scores(folder, cfg.validation.prompts)
         if not scores:
             return {}
@@ -403,6 +416,9 @@ class WorkerRun:
             if rank == 0:
                 save_checkpoint(folder, lora, self.cfg.lora, self.lr_schedule, metrics["step"],
                                 {"initial_eval": self.initial_eval, "nonfinite": self.nonfinite})
+                if self.ema is not None:
+                    self.ema.save(folder)
+                    export_lora(folder, self.ema.lora_tensors(), self.cfg.lora, EMA_LORA_FILE)
             if rank == 0 or self.strategy.sharded_optimizer:
                 save_optimizer(folder, rank, self.strategy.optimizer_state())
             sizes = [file_sizes(folder)]

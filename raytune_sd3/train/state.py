@@ -4,6 +4,8 @@
     lora_raw.safetensors              peft's tensors as trained (unfolded), for resuming
     train_state.pt                    LR scheduler state, step, torch RNG, loop state (loaded with weights_only=True)
     optimizer_rank{R}.pt              optimizer state (rank 0's under DDP; each rank's shard under ZeRO)
+    lora_ema_raw.safetensors          with train.ema_decay: the EMA by parameter name, fp32 (train/ema.py), and
+    pytorch_lora_weights_ema.safetensors   the EMA as a user-facing LoRA, beside the LoRA
     checkpoint.json                   the step and every file of every rank with its size: a checkpoint on storage
                                       is complete when all of them are there, whole
 

@@ -85,15 +85,22 @@ def eval_loss(transformer, batches: dict[str, torch.Tensor] | list[dict[str, tor
     return total / count
 
 
+def image_name(prompt: int, size: tuple[int, int], k: int = 0) -> str:
+    """NN_WxH.png for prompt NN's first image at WxH, NN_WxH_K.png for the K-th after it (validation.num_images)."""
+    return f"{prompt:02d}_{size[0]}x{size[1]}" + (f"_{k}" if k else "") + ".png"
+
+
 @torch.no_grad()
 def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict, cfg: ValidationConfig,
                   out_dir: Path, device, save: bool = True,
                   step_callback: Callable[[str, tuple[int, int]], Callable] | None = None,
                   rank: int = 0, world: int = 1) -> list[Path]:
-    """Sample each validation prompt at each resolution with diffusers' SD3 pipeline (SLG when configured); write
-    them as NN_WxH.png (when `save`) and return their paths.
+    """Sample each validation prompt at each resolution, `cfg.num_images` times, with diffusers' SD3 pipeline (SLG
+    when configured); write them as NN_WxH.png, then NN_WxH_K.png for the K-th more (when `save`) and return their
+    paths. Image K of a prompt and size is sampled from seed `cfg.seed + K`.
 
-    `embeds` are cached prompt embeddings ({"prompt", "prompt_embeds", "pooled"}), so no text encoder is loaded here.
+    `embeds` are cached prompt embeddings ({"prompt", "prompt_embeds", "pooled"}), so no text encoder is loaded here;
+    `uncond` is the negative side of classifier-free guidance (validation.negative_prompt's, or the empty caption's).
     `step_callback(prompt, (w, h))`, when given, makes the pipeline's `callback_on_step_end` for that image (live
     previews: train/previews.py).
 
@@ -114,23 +121,23 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
     if cfg.skip_layers:
         slg = {"skip_guidance_layers": cfg.skip_layers, "skip_layer_guidance_scale": cfg.skip_layer_scale,
                "skip_layer_guidance_start": cfg.skip_layer_start, "skip_layer_guidance_stop": cfg.skip_layer_stop}
-    images = [(i, e, size) for i, e in enumerate(embeds) for size in cfg.sizes]
+    images = [(i, e, size, k) for i, e in enumerate(embeds) for size in cfg.sizes for k in range(cfg.num_images)]
     pngs: dict[str, bytes] = {}
     was_training = transformer.training
     transformer.eval()
-    for i, e, (w, h) in images[rank::world]:
+    for i, e, (w, h), k in images[rank::world]:
         image = pipe(
             prompt_embeds=e["prompt_embeds"][None].to(device, dtype),
             pooled_prompt_embeds=e["pooled"][None].to(device, dtype),
             negative_prompt_embeds=uncond["prompt_embeds"][None].to(device, dtype),
             negative_pooled_prompt_embeds=uncond["pooled"][None].to(device, dtype),
             height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=torch.Generator().manual_seed(cfg.seed + k),
             callback_on_step_end=step_callback(e["prompt"], (w, h)) if step_callback else None, **slg,
         ).images[0]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        pngs[f"{i:02d}_{w}x{h}.png"] = buffer.getvalue()
+        pngs[image_name(i, (w, h), k)] = buffer.getvalue()
     transformer.train(was_training)
     if world > 1:
         shares = [None] * world if rank == 0 else None
@@ -141,8 +148,8 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
     if save:  # under ZeRO-3 every rank samples every image (each holds a shard); one writes
         out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, _, (w, h) in images:
-        path = out_dir / f"{i:02d}_{w}x{h}.png"
+    for i, _, size, k in images:
+        path = out_dir / image_name(i, size, k)
         if save:
             tmp = path.with_suffix(".tmp.png")
             tmp.write_bytes(pngs[path.name])
