@@ -149,11 +149,7 @@ from raytune_sd3.config import load_job
 from raytune_sd3.tune.config import check_study, study_base
 from raytune_sd3.tune.study import OBJECTIVE, make_asha, make_search_alg, search_space
 
-search, jobs, out = sys.argv[1], sys.argv[2], sys.argv[3]
-raw = yaml.safe_load(open(jobs + "/tune-sd35.yaml"))
-raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
-cfg = load_job(raw=raw)
-tc = check_study(cfg)
+jobs, out, searches = sys.argv[1], sys.argv[2], sys.argv[3:]
 
 
 def fake_trial(config):  # eval loss falls faster with a larger learning rate, as the objective the study uses
@@ -163,24 +159,43 @@ def fake_trial(config):  # eval loss falls faster with a larger learning rate, a
 
 
 ray.init(num_cpus=4, include_dashboard=False)
-results = tune.Tuner(
-    tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
-    tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
-                                scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
-    run_config=tune.RunConfig(name=search, storage_path=out, verbose=0)).fit()
-json.dump({"configs": [r.config for r in results], "errors": len(results.errors)}, open(out + "/result.json", "w"))
+for search in searches:  # one after the other, each a study of its own in this one Ray
+    raw = yaml.safe_load(open(jobs + "/tune-sd35.yaml"))
+    raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
+    cfg = load_job(raw=raw)
+    tc = check_study(cfg)
+    results = tune.Tuner(
+        tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
+                                    scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
+        run_config=tune.RunConfig(name=search, storage_path=out, verbose=0)).fit()
+    json.dump({"configs": [r.config for r in results], "errors": len(results.errors)},
+              open(f"{out}/{search}.json", "w"))
 """
+SEARCHERS = ["optuna", "hyperopt"]
 
 
-@pytest.mark.parametrize("search", ["optuna", "hyperopt"])
-def test_optional_searchers_take_the_space_and_explicit_trials(search, tmp_path):
-    """Optuna / HyperOpt (dev dependencies) on the SD3.5 space, with an explicit first trial and ASHA. In a Ray of
-    its own, as a study runs (in the suite's shared Ray, these trials once sat idle for 10 minutes under load)."""
+@pytest.fixture(scope="module")
+def searcher_studies(tmp_path_factory) -> Path:
+    """Both optional searchers' studies, one after the other in one Python and one Ray of their own (a Ray start
+    and the imports paid once), as a study runs (in the suite's shared Ray, these trials once sat idle for 10
+    minutes under load). Returns the folder of `<search>.json`."""
+    import importlib.util
+
+    out = tmp_path_factory.mktemp("searchers")
+    installed = [s for s in SEARCHERS if importlib.util.find_spec(s)]
+    if installed:
+        r = subprocess.run([sys.executable, "-c", SEARCHER_STUDY, str(ROOT / "jobs"), str(out), *installed],
+                           cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("search", SEARCHERS)
+def test_optional_searchers_take_the_space_and_explicit_trials(search, searcher_studies):
+    """Optuna / HyperOpt (dev dependencies) on the SD3.5 space, with an explicit first trial and ASHA."""
     pytest.importorskip(search)
-    r = subprocess.run([sys.executable, "-c", SEARCHER_STUDY, search, str(ROOT / "jobs"), str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((searcher_studies / f"{search}.json").read_text())
     configs = sorted(result["configs"], key=lambda c: c["train.learning_rate"] != 1e-4)
     assert len(configs) == 4 and not result["errors"]
     assert configs[0]["train.learning_rate"] == 1e-4 and configs[0]["flow.shift"] == "auto"
