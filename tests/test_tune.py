@@ -485,22 +485,23 @@ def test_trials_of_a_study_are_one_wandb_group(tmp_path):
 # A second study, smaller still: 2 trials, no ASHA (both would run to max_steps), train.max_failures=0 (the tiny
 # study's). The first trial's Ray Train worker is killed once its step-4 checkpoint is on storage, so that trial
 # errors while the other one finishes: a failed trial, which `--resume` keeps failed and `--resume --retry-failed`
-# continues from that checkpoint.
+# continues from that checkpoint. On the first study's images and its filled cache (as a user's second study of the
+# same data would be): no Ray Data pass, which is not what this study is about (the first one tests the caching).
 
 def _metrics_lines(path: Path) -> dict[int, str]:
     return {json.loads(line)["step"]: line for line in path.read_text().splitlines() if line.strip()}
 
 
 @pytest.mark.slow
-def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(tmp_path):
+def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study, tmp_path):
     from raytune_sd3.train.state import newest_on_storage
     from tests.test_fault import _our_train_workers
 
     out, tag = tmp_path / "study", uuid.uuid4().hex
     env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
-    sets = ["data.datasets.0.demo_images=8", "data.eval_samples=2", "tune.scheduler.type=none", "train.max_failures=0",
+    sets = [f"data.cache_dir={study['out'] / 'cache'}", "tune.scheduler.type=none", "train.max_failures=0",
             "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}]"]  # after SMALL: they win
-    cmd = tune_cmd(out, tmp_path, *(a for s in sets for a in ("--set", s)))
+    cmd = tune_cmd(out, study["tmp"], *(a for s in sets for a in ("--set", s)))
     t0 = time.perf_counter()
     log_path = tmp_path / "first-driver.log"
     with open(log_path, "w") as log:
@@ -525,6 +526,8 @@ def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(tmp_pa
             driver.wait()
             _end_session(driver.pid)
     print(f"study with a failed trial: {time.perf_counter() - t0:.0f}s")
+    report = json.loads((out / "cache_report.json").read_text())
+    assert (report["latents_encoded"], report["latents_reused"]) == (0, 16), report  # the first study's cache
     rows = {r["trial"]: r for r in read_rows(out)}
     assert len(rows) == 2 and rows[victim]["status"] == "failed" and rows[victim]["note"], rows
     (other,) = set(rows) - {victim}
