@@ -167,11 +167,7 @@ from raytune_sd3.config import load_job
 from raytune_sd3.tune.config import check_study, study_base
 from raytune_sd3.tune.study import OBJECTIVE, make_asha, make_search_alg, search_space
 
-search, jobs, out = sys.argv[1], sys.argv[2], sys.argv[3]
-raw = yaml.safe_load(open(jobs + "/tune-sd35.yaml"))
-raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
-cfg = load_job(raw=raw)
-tc = check_study(cfg)
+jobs, out, searches = sys.argv[1], sys.argv[2], sys.argv[3:]
 
 
 def fake_trial(config):  # eval loss falls faster with a larger learning rate, as the objective the study uses
@@ -181,24 +177,43 @@ def fake_trial(config):  # eval loss falls faster with a larger learning rate, a
 
 
 ray.init(num_cpus=4, include_dashboard=False)
-results = tune.Tuner(
-    tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
-    tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
-                                scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
-    run_config=tune.RunConfig(name=search, storage_path=out, verbose=0)).fit()
-json.dump({"configs": [r.config for r in results], "errors": len(results.errors)}, open(out + "/result.json", "w"))
+for search in searches:  # one after the other, each a study of its own in this one Ray
+    raw = yaml.safe_load(open(jobs + "/tune-sd35.yaml"))
+    raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
+    cfg = load_job(raw=raw)
+    tc = check_study(cfg)
+    results = tune.Tuner(
+        tune.with_resources(fake_trial, {"cpu": 0.01}), param_space=search_space(tc, study_base(cfg)),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=make_search_alg(tc, study_base(cfg), 2),
+                                    scheduler=make_asha(tc, 300), num_samples=tc.total_trials),
+        run_config=tune.RunConfig(name=search, storage_path=out, verbose=0)).fit()
+    json.dump({"configs": [r.config for r in results], "errors": len(results.errors)},
+              open(f"{out}/{search}.json", "w"))
 """
+SEARCHERS = ["optuna", "hyperopt"]
 
 
-@pytest.mark.parametrize("search", ["optuna", "hyperopt"])
-def test_optional_searchers_take_the_space_and_explicit_trials(search, tmp_path):
-    """Optuna / HyperOpt (dev dependencies) on the SD3.5 space, with an explicit first trial and ASHA. In a Ray of
-    its own, as a study runs (in the suite's shared Ray, these trials once sat idle for 10 minutes under load)."""
+@pytest.fixture(scope="module")
+def searcher_studies(tmp_path_factory) -> Path:
+    """Both optional searchers' studies, one after the other in one Python and one Ray of their own (a Ray start
+    and the imports paid once), as a study runs (in the suite's shared Ray, these trials once sat idle for 10
+    minutes under load). Returns the folder of `<search>.json`."""
+    import importlib.util
+
+    out = tmp_path_factory.mktemp("searchers")
+    installed = [s for s in SEARCHERS if importlib.util.find_spec(s)]
+    if installed:
+        r = subprocess.run([sys.executable, "-c", SEARCHER_STUDY, str(ROOT / "jobs"), str(out), *installed],
+                           cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("search", SEARCHERS)
+def test_optional_searchers_take_the_space_and_explicit_trials(search, searcher_studies):
+    """Optuna / HyperOpt (dev dependencies) on the SD3.5 space, with an explicit first trial and ASHA."""
     pytest.importorskip(search)
-    r = subprocess.run([sys.executable, "-c", SEARCHER_STUDY, search, str(ROOT / "jobs"), str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((searcher_studies / f"{search}.json").read_text())
     configs = sorted(result["configs"], key=lambda c: c["train.learning_rate"] != 1e-4)
     assert len(configs) == 4 and not result["errors"]
     assert configs[0]["train.learning_rate"] == 1e-4 and configs[0]["flow.shift"] == "auto"
@@ -488,22 +503,23 @@ def test_trials_of_a_study_are_one_wandb_group(tmp_path):
 # A second study, smaller still: 2 trials, no ASHA (both would run to max_steps), train.max_failures=0 (the tiny
 # study's). The first trial's Ray Train worker is killed once its step-4 checkpoint is on storage, so that trial
 # errors while the other one finishes: a failed trial, which `--resume` keeps failed and `--resume --retry-failed`
-# continues from that checkpoint.
+# continues from that checkpoint. On the first study's images and its filled cache (as a user's second study of the
+# same data would be): no Ray Data pass, which is not what this study is about (the first one tests the caching).
 
 def _metrics_lines(path: Path) -> dict[int, str]:
     return {json.loads(line)["step"]: line for line in path.read_text().splitlines() if line.strip()}
 
 
 @pytest.mark.slow
-def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(tmp_path):
+def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study, tmp_path):
     from raytune_sd3.train.state import newest_on_storage
     from tests.test_fault import _our_train_workers
 
     out, tag = tmp_path / "study", uuid.uuid4().hex
     env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
-    sets = ["data.datasets.0.demo_images=8", "data.eval_samples=2", "tune.scheduler.type=none", "train.max_failures=0",
+    sets = [f"data.cache_dir={study['out'] / 'cache'}", "tune.scheduler.type=none", "train.max_failures=0",
             "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}]"]  # after SMALL: they win
-    cmd = tune_cmd(out, tmp_path, *(a for s in sets for a in ("--set", s)))
+    cmd = tune_cmd(out, study["tmp"], *(a for s in sets for a in ("--set", s)))
     t0 = time.perf_counter()
     log_path = tmp_path / "first-driver.log"
     with open(log_path, "w") as log:
@@ -528,6 +544,8 @@ def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(tmp_pa
             driver.wait()
             _end_session(driver.pid)
     print(f"study with a failed trial: {time.perf_counter() - t0:.0f}s")
+    report = json.loads((out / "cache_report.json").read_text())
+    assert (report["latents_encoded"], report["latents_reused"]) == (0, 16), report  # the first study's cache
     rows = {r["trial"]: r for r in read_rows(out)}
     assert len(rows) == 2 and rows[victim]["status"] == "failed" and rows[victim]["note"], rows
     (other,) = set(rows) - {victim}
