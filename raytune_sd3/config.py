@@ -67,13 +67,27 @@ def _path_text(v: Any) -> Any:
 
 
 def _not_a_file(v: Any) -> Any:
-    if v is not None and not is_uri(str(v)) and Path(v).expanduser().is_file():
+    if isinstance(v, str | Path) and not is_uri(str(v)) and Path(v).expanduser().is_file():
         raise ValueError(f"{show(str(v))} is a file; this must be a folder (or a new path)")
     return v
 
 
 PathText = Annotated[Path, BeforeValidator(_path_text)]
 """A file's path."""
+
+
+def _path_or_uri(v: Any) -> Any:
+    """A URI stays the text it was written as (a Path would fold its // into a relative folder); else a Path."""
+    if not isinstance(v, str | Path):
+        raise ValueError(f"is a path or a URI, not {type(v).__name__}")
+    v = _path_text(v)
+    return v if isinstance(v, str) and is_uri(v) else Path(v)
+
+
+FolderOrUri = Annotated[Path | str, BeforeValidator(lambda v: _not_a_file(_path_or_uri(v)))]
+"""A folder's path, or the URI of a folder in object storage (s3://bucket/prefix?endpoint_override=...)."""
+FileOrUri = Annotated[Path | str, BeforeValidator(_path_or_uri)]
+"""A file's path, or its URI."""
 FolderPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_not_a_file)]
 """A folder's path: an existing file is refused (writing or searching it would fail later, deep in a worker)."""
 Resolution = Annotated[int, Field(ge=16, le=MAX_RESOLUTION)]
@@ -120,14 +134,18 @@ class DatasetConfig(Section):
     """A short name for this data set (used in cache reports and errors)."""
     type: Literal["local", "demo"] = "local"
     """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
-    instance_data_dir: FolderPath
-    """Folder of images (searched recursively)."""
+    instance_data_dir: FolderOrUri
+    """Folder of images (searched recursively): a local or mounted path, or a URI of a folder in object storage
+    (`s3://bucket/prefix`, `gs://...`; options in its query as for data.cache_dir, e.g.
+    `?endpoint_override=host:9000&scheme=http`; credentials from the environment). A URI is read where it is used:
+    the caching tasks read the images from the store, no node needs a copy."""
     caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
     """Where captions come from: a .txt beside each image (one caption per line, one drawn per epoch; no .txt: the
     file name), the file name, instance_prompt for every image, or metadata_file."""
-    metadata_file: PathText | None = None
+    metadata_file: FileOrUri | None = None
     """caption_strategy metadata: a .jsonl, .csv or .parquet file with a file_name column (relative to
-    instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet)."""
+    instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet); a URI when the
+    images are in a store (the same query options)."""
     instance_prompt: str | None = None
     """The caption of every image when caption_strategy is instanceprompt."""
     resolution: Resolution | list[Resolution] = 1024
@@ -183,8 +201,16 @@ class DatasetConfig(Section):
     def max_resolution(self) -> int:
         return max(self.resolutions)
 
+    @property
+    def in_store(self) -> bool:
+        """Whether instance_data_dir is a URI (object storage) rather than a local folder."""
+        return isinstance(self.instance_data_dir, str)
+
     @model_validator(mode="after")
     def _prompt_when_needed(self) -> DatasetConfig:
+        if self.type == "demo" and self.in_store:
+            raise ValueError("type demo generates its images into a local folder: give instance_data_dir as a path "
+                             "(or use type local for images already in the store)")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt set")
         if self.caption_strategy == "metadata" and self.metadata_file is None:
@@ -1016,8 +1042,9 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     if cfg.data.cache_dir is not None and not is_uri(cfg.data.cache_dir):
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     for ds in cfg.data.datasets:
-        ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
-        if ds.metadata_file is not None:
+        if isinstance(ds.instance_data_dir, Path):
+            ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
+        if isinstance(ds.metadata_file, Path):
             ds.metadata_file = ds.metadata_file.expanduser().resolve()
     if cfg.train.deepspeed_config is not None:
         cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
