@@ -132,9 +132,11 @@ class TextConfig(Section):
 class DatasetConfig(Section):
     id: str
     """A short name for this data set (used in cache reports and errors)."""
-    type: Literal["local", "demo"] = "local"
-    """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
-    instance_data_dir: FolderOrUri
+    type: Literal["local", "demo", "parquet", "huggingface"] = "local"
+    """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use;
+    `parquet`: rows of Parquet files (`path`, `image_column`, `caption_column`); `huggingface`: a Hugging Face data
+    set already on this machine (`dataset`, `split`, the same columns)."""
+    instance_data_dir: FolderOrUri | None = None
     """Folder of images (searched recursively): a local or mounted path, or a URI of a folder in object storage
     (`s3://bucket/prefix`, `gs://...`; options in its query as for data.cache_dir, e.g.
     `?endpoint_override=host:9000&scheme=http`; credentials from the environment). A URI is read where it is used:
@@ -184,6 +186,24 @@ class DatasetConfig(Section):
     an image without its mask is skipped and reported."""
     demo_images: int = Field(48, ge=1)
     """How many images a demo data set generates."""
+    path: FileOrUri | None = None
+    """type parquet: a .parquet file or a folder of them (searched recursively), local or a URI (s3://...)."""
+    dataset: str | None = None
+    """type huggingface: a folder written by `datasets`' save_to_disk, a folder of Parquet files (a hub data set's
+    layout: data/train-00000-of-00002.parquet ...), or a hub id (owner/name) already in the local HF cache (never
+    downloaded at run time: `hf download --repo-type dataset owner/name` first)."""
+    split: str = "train"
+    """type huggingface: the split to train on (a save_to_disk DatasetDict's folder, or the Parquet files whose
+    names start with it)."""
+    image_column: str = "image"
+    """type parquet / huggingface: the column of encoded image bytes (binary, or a Hugging Face Image feature:
+    a struct with `bytes`)."""
+    caption_column: str | None = "caption"
+    """type parquet / huggingface: the column of captions (a string, or a list of strings: one drawn per epoch);
+    null with caption_strategy instanceprompt."""
+    filter: str | None = None
+    """type parquet / huggingface: rows to keep, a comparison of columns and values joined by and / or / not, e.g.
+    `width >= 512 and source == "web"` or `label in [1, 2]`."""
 
     @field_validator("resolution")
     @classmethod
@@ -208,6 +228,34 @@ class DatasetConfig(Section):
 
     @model_validator(mode="after")
     def _prompt_when_needed(self) -> DatasetConfig:
+        rows = self.type in ("parquet", "huggingface")
+        if not rows and self.instance_data_dir is None:
+            raise ValueError(f"type {self.type} needs instance_data_dir (the folder of its images)")
+        if rows and self.instance_data_dir is not None:
+            raise ValueError(f"type {self.type} reads its images from its rows: remove instance_data_dir (give "
+                             f"{'path' if self.type == 'parquet' else 'dataset'})")
+        if (self.type == "parquet") != (self.path is not None):
+            raise ValueError("path is the Parquet file or folder of type parquet: set it there, and only there")
+        if (self.type == "huggingface") != (self.dataset is not None):
+            raise ValueError("dataset is the Hugging Face data set of type huggingface: set it there, and only there")
+        if rows and self.caption_strategy not in ("textfile", "instanceprompt"):
+            raise ValueError(f"type {self.type}: captions come from caption_column (or instance_prompt with "
+                             "caption_strategy instanceprompt), not from files")
+        if rows and self.caption_strategy != "instanceprompt" and not self.caption_column:
+            raise ValueError(f"type {self.type} needs caption_column (or caption_strategy instanceprompt)")
+        if rows and self.mask_suffix:
+            raise ValueError(f"type {self.type}: masks are read from files beside images; use type local for "
+                             "masked loss")
+        if self.filter is not None and not rows:
+            raise ValueError("filter selects rows of type parquet or huggingface data sets")
+        if self.filter is not None:
+            import ast
+
+            try:
+                ast.parse(self.filter, mode="eval")
+            except SyntaxError as e:
+                raise ValueError(f"filter {self.filter!r} is not an expression ({e.msg}); e.g. width >= 512 and "
+                                 'source == "web"') from None
         if self.type == "demo" and self.in_store:
             raise ValueError("type demo generates its images into a local folder: give instance_data_dir as a path "
                              "(or use type local for images already in the store)")
@@ -1003,7 +1051,8 @@ def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     data = raw.setdefault("data", {})
     first = (data.get("datasets") or [{}])[0]
     secret = redact(str(folder)) != str(folder)  # its name would show in every report line
-    data["datasets"] = [{"id": (not secret and Path(folder).name) or "data", "type": "local",
+    name = urlsplit(str(folder)).path.rstrip("/").rsplit("/", 1)[-1] if is_uri(str(folder)) else Path(folder).name
+    data["datasets"] = [{"id": (not secret and name) or "data", "type": "local",
                          "instance_data_dir": str(folder),
                          "caption_strategy": "textfile", "resolution": first.get("resolution", 1024),
                          **{k: first[k] for k in ("resolution_type", "crop", "crop_style", "crop_aspect",
@@ -1044,6 +1093,10 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     for ds in cfg.data.datasets:
         if isinstance(ds.instance_data_dir, Path):
             ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
+        if isinstance(ds.path, Path):
+            ds.path = ds.path.expanduser().resolve()
+        if ds.dataset is not None and not is_uri(ds.dataset) and Path(ds.dataset).expanduser().is_dir():
+            ds.dataset = str(Path(ds.dataset).expanduser().resolve())  # a folder here, not a hub id
         if isinstance(ds.metadata_file, Path):
             ds.metadata_file = ds.metadata_file.expanduser().resolve()
     if cfg.train.deepspeed_config is not None:

@@ -20,6 +20,7 @@ from raytune_sd3.config import DatasetConfig, is_uri
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.data.files import filesystem, redacted
 from raytune_sd3.data.sources import DataFolder
+from raytune_sd3.data.tables import ROW, rows_of
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 PATH_COLUMNS = ("file_name", "path", "image", "filename")
@@ -159,6 +160,8 @@ def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[d
     """Every image under ds.instance_data_dir (recursive, sorted) with its captions, one Item per resolution, and
     the files skipped (with the reason) because they have no usable caption or no mask. A folder in a store is
     listed (data/sources.py) and its caption files read in threads; no image is opened here."""
+    if ds.type in ("parquet", "huggingface"):
+        return _discover_rows(ds, alignment)
     if ds.in_store:
         return _discover_in_store(ds, alignment)
     given = Path(ds.instance_data_dir)
@@ -207,6 +210,24 @@ def _discover_in_store(ds: DatasetConfig, alignment: int) -> tuple[list[Item], l
         return next((m for ext in sorted(IMAGE_EXTS) if (m := f"{stem}{ds.mask_suffix}{ext}") in listed), "")
 
     return _items(ds, alignment, images, folder.name, metadata, caption_file, mask, listed)
+
+
+def _discover_rows(ds: DatasetConfig, alignment: int) -> tuple[list[Item], list[dict]]:
+    """The kept rows of a table data set (data/tables.py), each named `<file>#row=<n>`; only its caption and filter
+    columns are read here. A row without a caption is skipped."""
+    sizings = [s.to_json() for s in sizings_of(ds, alignment)]
+    items, skipped = [], []
+    for table_file, keep, captions in rows_of(ds):
+        for row, found in zip(keep, captions, strict=True):
+            path = f"{table_file.name}{ROW}{row}"
+            if not found:
+                skipped.append({"path": path, "reason": f"no caption in column {ds.caption_column}"})
+                continue
+            items += [Item(path, found[0], ds.id, sizing, tuple(found[1:]), "", ds.is_regularisation_data,
+                           ds.repeats) for sizing in sizings]
+    if not items and not skipped:
+        raise ValueError(f"data set '{ds.id}': no rows" + (f" left by filter {ds.filter!r}" if ds.filter else ""))
+    return items, skipped
 
 
 def _with_suffix(name: str, suffix: str) -> str:

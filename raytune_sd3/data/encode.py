@@ -27,7 +27,7 @@ from raytune_sd3.data.buckets import Sizing, plan, seed_from_key
 from raytune_sd3.data.discovery import Item
 from raytune_sd3.data.index import ImageFacts, StatIndex
 from raytune_sd3.data.pixels import decode_batch, image_size, size_problem
-from raytune_sd3.data.sources import read_file
+from raytune_sd3.data.reading import Sources, is_local, read_file
 from raytune_sd3.data.store import CacheStore, latent_key, text_key
 from raytune_sd3.models.loading import DTYPES
 from raytune_sd3.progress import Progress
@@ -113,17 +113,20 @@ def _device() -> str:
 
 
 def _image_facts(path: str, known: ImageFacts | None, listed: tuple[int, int] | None = None,
-                 sources: dict[str, str] | None = None) -> tuple[ImageFacts, int]:
+                 sources: Sources | None = None) -> tuple[ImageFacts, int]:
     """The facts of an image file: `known` ones (from the stat index), or read now (stat, header, sha256 of the
     bytes) with the time of the stat, which the index needs to tell a racy record; 0 for known ones. An object of
     a store (`listed`: its size and mtime from the listing) is read whole once, from the store; its record is
-    timed by the read, which came after the listing (a change between them changes the next listing's stat)."""
+    timed by the read, which came after the listing (a change between them changes the next listing's stat). A
+    table's row has no stat: its bytes are read each run (with its other columns), and their hash is its identity;
+    nothing is recorded for it (0)."""
     if known is not None:
         return known, 0
-    if listed is not None:
+    if listed is not None or not is_local(path, sources):
         data, read_ns = read_file(path, sources)
         w, h = image_size(io.BytesIO(data))
-        return ImageFacts(hashlib.sha256(data).hexdigest(), w, h, *listed), read_ns
+        sha = hashlib.sha256(data).hexdigest()
+        return (ImageFacts(sha, w, h, *listed), read_ns) if listed else (ImageFacts(sha, w, h, len(data), 0), 0)
     st = os.stat(path)
     stat_ns = time.time_ns()
     w, h = image_size(path)
@@ -149,7 +152,7 @@ def _whole_entry(store: CacheStore, kind: str, key: str, index: StatIndex | None
 
 
 def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatIndex | None = None,
-                  sources: dict[str, str] | None = None) -> dict:
+                  sources: Sources | None = None) -> dict:
     """Check each image's size (and its mask's), hash their bytes, derive the cache key, the bucket size and
     whether the cache already has a whole entry. A Ray task for a large data set (no index: what it read goes back
     in `learnt`, JSON, for the driver to record), or on the driver for rows whose facts the index held (`known`)."""
@@ -303,7 +306,7 @@ def _in_threads(rows: list[dict], fn, chunk: int = 16) -> list[dict]:
 
 
 def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
-           index: StatIndex | None = None, sources: dict[str, str] | None = None) -> list[dict]:
+           index: StatIndex | None = None, sources: Sources | None = None) -> list[dict]:
     """`_hash_and_key` over every row, in input order. Rows whose image the index knows (stat unchanged) are keyed
     here without opening the image. The others are read: in Ray tasks across the cluster when there are many, in
     threads here when few, where starting Ray Data costs more than the hashing. What was read goes into `index`."""
@@ -333,7 +336,7 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
 
 def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], batch_size: int = 8,
                 n_actors: int | None = None, max_pixels: int = 250_000_000,
-                sources: dict[str, str] | None = None) -> CacheReport:
+                sources: Sources | None = None) -> CacheReport:
     """Encode what the cache lacks for `items` and `extra_captions` (validation prompts, the empty caption).
     `sources`: the store folders of items that are not local files (data/sources.py's sources_of); the tasks
     that hash and decode read them from there."""

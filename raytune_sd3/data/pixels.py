@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raytune_sd3.data.buckets import Plan, Sizing, plan, seed_from_key, too_small
-from raytune_sd3.data.sources import open_file
+from raytune_sd3.data.reading import Sources, open_file
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -97,7 +97,7 @@ def plan_of(row: dict) -> Plan:
     return plan(w, h, Sizing.from_json(str(row["sizing"])), seed_from_key(str(row["latent_key"])))
 
 
-def decode_batch(batch: dict, sources: dict[str, str] | None = None) -> dict:
+def decode_batch(batch: dict, sources: Sources | None = None) -> dict:
     """CPU task: decode, resize and crop (and the mask alike); a bad file becomes an error row instead of stopping
     the job. A batch may hold several buckets (a ragged column); the VAE actor encodes each size apart. `sources`:
     the store folders images are read from (data/sources.py), when some are not local files."""

@@ -17,8 +17,6 @@ way to split it without knowing its keys.
 from __future__ import annotations
 
 import functools
-import io
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
@@ -116,18 +114,3 @@ def folder_of(path: str, sources: dict[str, str] | None) -> DataFolder | None:
         if path.startswith(name + "/"):
             return _folder(location)
     return None
-
-
-def read_file(path: str, sources: dict[str, str] | None = None) -> tuple[bytes, int]:
-    """(the file's bytes, the time just before they were read in ns): a local file, or an object of a store."""
-    read_at = time.time_ns()
-    folder = folder_of(path, sources)
-    if folder is None:
-        with open(path, "rb") as f:
-            return f.read(), read_at
-    return folder.read(path), read_at
-
-
-def open_file(path: str, sources: dict[str, str] | None = None) -> str | io.BytesIO:
-    """What PIL opens: a local path as it is, an object of a store as its bytes in memory."""
-    return path if folder_of(path, sources) is None else io.BytesIO(read_file(path, sources)[0])

@@ -17,6 +17,7 @@ from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
 from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST, Rows, split_eval, write_manifest
 from raytune_sd3.data.reader import BucketError, bucket_of, plan_buckets
 from raytune_sd3.data.sources import sources_of
+from raytune_sd3.data.tables import table_sources
 from raytune_sd3.driver.placement import ensure_resolved
 from raytune_sd3.models.loading import component_identity, vae_scaling
 
@@ -52,7 +53,8 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
         items += found
         skipped += unusable
     spec = cache_spec(cfg, pretrained)
-    sources = sources_of([str(ds.instance_data_dir) for ds in cfg.data.datasets if ds.in_store])
+    sources = {**sources_of([str(ds.instance_data_dir) for ds in cfg.data.datasets if ds.in_store]),
+               **table_sources(cfg.data.datasets)}
     report = build_cache(spec, items, ["", *cfg.validation.prompts], cfg.data.encode_batch_size,
                          cfg.data.encode_actors, cfg.data.max_image_pixels, sources)
     report.skipped = skipped + report.skipped

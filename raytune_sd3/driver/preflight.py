@@ -18,6 +18,12 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
     will train on has CUDA (None: this one, when the job starts a local Ray; see bitsandbytes_problems)."""
     problems = []
     for i, ds in enumerate(cfg.data.datasets):
+        if ds.type in ("parquet", "huggingface"):
+            from raytune_sd3.data.tables import table_problem
+
+            if (problem := table_problem(ds)) is not None:
+                problems.append(f"data.datasets[{i}] ({ds.id}, type {ds.type}): {problem}")
+            continue
         if ds.in_store:
             problems += _store_problems(i, ds)
             continue
