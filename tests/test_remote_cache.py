@@ -2,11 +2,15 @@
 whole by the Ray Data actors from images read out of a bucket, checked, reused and read back, and the URI's options
 kept out of messages."""
 
+import io
 import socket
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from raytune_sd3.config import DatasetConfig, load_job
 from raytune_sd3.data.demo import make_demo_dataset
@@ -56,7 +60,8 @@ def test_ray_data_caches_images_from_a_bucket_into_a_bucket_that_training_reads(
     from raytune_sd3.data.encode import _keyed, build_cache
     from raytune_sd3.data.index import RACY_NS
     from raytune_sd3.data.manifest import read_manifest
-    from raytune_sd3.data.sources import read_file, sources_of
+    from raytune_sd3.data.reading import read_file
+    from raytune_sd3.data.sources import sources_of
     from raytune_sd3.driver.caching import cache_spec, prepare_data
 
     uri = s3_uri.replace("/sd3-cache?", "/job-cache?")
@@ -95,6 +100,28 @@ def test_ray_data_caches_images_from_a_bucket_into_a_bucket_that_training_reads(
     batch = reader.micro_batch(0, 0, 1, 0, 1, 2)
     assert batch["latents"].shape == (2, 16, 8, 8) and batch["prompt_embeds"].shape[0] == 2  # 64 px buckets
     assert all(v is None for v in (CacheStore(uri).verify(k, key) for k, key in CacheStore(uri).entries()))
+
+    # The same images as rows of a Parquet file in the bucket (type parquet), three of them inverted: the unchanged
+    # rows reuse the entries above (an entry's key is its content, wherever it is kept); the Ray tasks read the new
+    # ones from the file's row groups and encode them.
+    images_bytes = [p.read_bytes() for p in sorted(local.glob("*.png"))]
+    for i in range(3):
+        mirrored = io.BytesIO()
+        Image.eval(Image.open(io.BytesIO(images_bytes[i])), lambda v: 255 - v).save(mirrored, "PNG")  # (a mirror
+        # of a centred shape can be the same pixels, hence the same bytes and entry: the key is the content)
+        images_bytes[i] = mirrored.getvalue()
+    pq.write_table(pa.table({"image": images_bytes, "caption": [f"shape {i}" for i in range(6)]}),
+                   "cache-bucket/rows/set.parquet", filesystem=s3_endpoint.fs, row_group_size=2)
+    rows_cfg = load_job(raw={**cfg.model_dump(mode="json", exclude={"data"}), "output_dir": str(tmp_path / "rows"),
+                             "data": {**cfg.data.model_dump(mode="json", exclude={"datasets"}), "datasets": [
+                                 {"id": "p", "type": "parquet", "resolution": 32,
+                                  "path": f"s3://cache-bucket/rows/set.parquet?{s3_endpoint.query}"}]}})
+    rows_manifest, third = prepare_data(rows_cfg, tiny_sd3)
+    assert (third.latents_encoded, third.latents_reused) == (3, 3)
+    assert [r["path"] for r in third.rows] == [f"s3://cache-bucket/rows/set.parquet#row={i}" for i in range(6)]
+    assert [r["latent_key"] for r in third.rows][3:] == local_keys[3:]
+    assert len(CachedBatches(read_manifest(rows_manifest), read_manifest(rows_manifest)["rows"], seed=0,
+                             global_batch=2).micro_batch(0, 0, 1, 0, 1, 2)["latents"]) == 2
 
     # An object rewritten in place (other bytes, the same length) has another listed mtime: hashed again.
     name = items[0].path.removeprefix("s3://cache-bucket/")
