@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from raytune_sd3.config import (
     OPTIMIZERS,
@@ -35,6 +36,7 @@ from raytune_sd3.config import (
     ConfigError,
     JobConfig,
     dump_job,
+    is_uri,
     load_job,
     parse_resolutions,
 )
@@ -718,7 +720,12 @@ DATASET_RULES: dict[str, Rule] = {
                                   "not train"),
     "dataset_type": lambda v, s: {},
     "disabled": lambda v, s: {},
-    "instance_data_dir": path("instance_data_dir"),
+    "instance_data_dir": lambda v, s: ({"instance_data_dir": str(v)} if is_uri(str(v))
+                                       else path("instance_data_dir")(v, s)),
+    "dataset": to("dataset", str),
+    "split": to("split", str),
+    "image_column": to("image_column", str),
+    "caption_column": to("caption_column", str),
     "caption_strategy": _caption_strategy,
     "instance_prompt": to("instance_prompt", str),
     "resolution": _resolution,
@@ -819,13 +826,45 @@ def _apply(rules: dict[str, Rule], scope: Scope) -> None:
         scope.note(f"false or null, so nothing to convert: {', '.join(off)}")
 
 
-# Data-set types SimpleTuner reads that we cannot yet: what to do instead
-NOT_LOCAL = {
-    "aws": "sync the bucket to a folder every node mounts (e.g. aws s3 sync s3://BUCKET/PREFIX /data/ID, or mount it "
-           "with mountpoint-s3), then set type local and instance_data_dir",
-    "huggingface": "download it (huggingface-cli download --repo-type dataset NAME --local-dir /data/ID; images and "
-                   "captions as files), then set type local and instance_data_dir",
-}
+def _aws_folder(entry: dict[str, Any], where: str, conv: Conversion) -> dict[str, Any]:
+    """SimpleTuner's `type: aws` keys -> our instance_data_dir URI (s3://bucket/prefix, the endpoint and region in
+    its query); its credentials were dropped with a note (the environment gives them)."""
+    bucket = str(entry.pop("aws_bucket_name", "") or "")
+    if not bucket:
+        raise Never(f"[{entry['id']}] type aws has no aws_bucket_name: set the bucket of its images")
+    prefix = str(entry.pop("aws_data_prefix", "") or "").strip("/")
+    query = []
+    endpoint = str(entry.pop("aws_endpoint_url", "") or "")
+    if endpoint:
+        parts = urlsplit(endpoint)
+        query += [f"endpoint_override={parts.netloc or parts.path}", f"scheme={parts.scheme or 'https'}"]
+    region = entry.pop("aws_region_name", None)
+    if region:
+        query.append(f"region={region}")
+    conv.defaults.append(f"{where}type aws -> instance_data_dir s3://{bucket}/{prefix} (read from the bucket by the "
+                         "caching tasks; credentials from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    return {**entry, "type": "local",
+            "instance_data_dir": f"s3://{bucket}/{prefix}".rstrip("/") + (f"?{'&'.join(query)}" if query else "")}
+
+
+HF_KEYS = ("dataset_name", "split", "image_column", "caption_column", "revision")
+
+
+def _huggingface(entry: dict[str, Any], where: str, conv: Conversion) -> dict[str, Any]:
+    """SimpleTuner's `type: huggingface` keys -> our type huggingface (a data set in the local HF cache: never
+    downloaded at run time)."""
+    name = entry.pop("dataset_name", None)
+    if not name:
+        raise Never(f"[{entry['id']}] type huggingface has no dataset_name: set the hub id (owner/name)")
+    if entry.get("caption_strategy", "huggingface") in ("huggingface", "filename", "textfile"):
+        entry["caption_strategy"] = "textfile"  # ours, for a table: caption_column
+    entry.pop("metadata_backend", None)
+    if entry.pop("revision", None):
+        conv.not_converted.append(f"{where}revision (the data set's snapshot in the local HF cache is read: download "
+                                  "the revision you want with hf download --repo-type dataset --revision)")
+    conv.defaults.append(f"{where}type huggingface -> dataset {name} (read from the local HF cache, never "
+                         f"downloaded at run time: hf download --repo-type dataset {name} first)")
+    return {**entry, "dataset": str(name)}
 
 
 def convert_dataset(entry: dict[str, Any], config: dict[str, Any], conv: Conversion, source: Path) -> dict | None:
@@ -847,13 +886,20 @@ def convert_dataset(entry: dict[str, Any], config: dict[str, Any], conv: Convers
         conv.never.append(f"{source}: [{entry['id']}] dataset_type {kind}: raytune_sd3 trains on images only "
                           "(dataset_type image)")
         return None
-    if backend != "local":
-        todo = NOT_LOCAL.get(backend, "copy its images (and .txt captions) to a folder, then set type local and "
-                                      "instance_data_dir")
-        conv.never.append(f"{source}: [{entry['id']}] type {backend}: raytune_sd3 reads local (or mounted) folders "
-                          f"only for now; {todo}")
+    try:
+        if backend == "aws":
+            entry = _aws_folder(dict(entry), f"{where}.", conv)
+        elif backend == "huggingface":
+            entry = _huggingface(dict(entry), f"{where}.", conv)
+    except Never as e:
+        conv.never.append(f"{source}: {e}")
         return None
-    if not entry.get("instance_data_dir"):
+    if backend not in ("local", "aws", "huggingface"):
+        conv.never.append(f"{source}: [{entry['id']}] type {backend}: raytune_sd3 reads folders (local, mounted or "
+                          "in S3/GCS), Parquet files and Hugging Face data sets; copy its images (and .txt "
+                          "captions) to one of those")
+        return None
+    if backend != "huggingface" and not entry.get("instance_data_dir"):
         conv.never.append(f"{source}: [{entry['id']}] has no instance_data_dir: set the folder of its images")
         return None
     explicit = {**{k: config[k] for k in DATASET_GLOBALS if config.get(k) not in (None, "")}, **entry}

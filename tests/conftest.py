@@ -49,6 +49,77 @@ def ray_local():
     ray.shutdown()
 
 
+# moto 5 answers CompleteMultipartUpload with a <CompleteMultipartUploadResponse> root where S3 sends
+# <CompleteMultipartUploadResult>; the AWS C++ SDK under pyarrow then reads the 200 as an error. The server is
+# otherwise real S3 over HTTP, so it runs with that one element renamed.
+S3_SERVER = """
+import sys
+import moto.s3.responses as r
+from moto.server import main
+
+plain = r.S3Response.serialized
+
+def serialized(self, result):
+    status, headers, body = plain(self, result)
+    if self.data.get("Action") == "CompleteMultipartUpload":
+        body = body.replace(b"MultipartUploadResponse" if isinstance(body, bytes) else "MultipartUploadResponse",
+                            b"MultipartUploadResult" if isinstance(body, bytes) else "MultipartUploadResult")
+    return status, headers, body
+
+r.S3Response.serialized = serialized
+main(["-p", sys.argv[1]])
+"""
+
+
+class S3Server:
+    """A real S3 protocol server (moto) in its own process on a free local port. `query` is what a URI needs to
+    reach it (?endpoint_override=...); `fs` a pyarrow client that may create buckets. `env` for the server:
+    INITIAL_NO_AUTH_ACTION_COUNT=0 makes it check credentials, as a real store does."""
+
+    def __init__(self, env: dict | None = None):
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        import pyarrow.fs as pafs
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = subprocess.Popen([sys.executable, "-c", S3_SERVER, str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, **(env or {})})
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.1)
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.query = f"endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+        self.fs = pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", region="us-east-1",
+                                    allow_bucket_creation=True)
+
+    def close(self) -> None:
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:  # a loaded machine: do not leave it running
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """One moto S3 server for the session (each test module makes its own buckets)."""
+    pytest.importorskip("moto")
+    server = S3Server()
+    yield server
+    server.close()
+
+
 def run_gloo_ranks(fn, *args, world: int = 2) -> dict:
     """Run fn(rank, port, *args, out) in `world` spawned processes that form a gloo group on a free local port;
     returns `out`, the dict each rank fills in (fn must live in a test module: the processes import it)."""

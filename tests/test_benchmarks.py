@@ -189,6 +189,14 @@ def test_warmstart_benchmark_runs(tmp_path):
 
 
 @pytest.mark.bench
+def test_store_benchmark_runs(tmp_path):
+    out = run_script("store.py", "--objects", "200", "--folders", "4", "--repeats", "1", "--results",
+                     str(tmp_path / "R.md"), timeout=300)
+    assert "| our listing |" in out and "minutes at 1M" in out
+    assert "## a data set in a bucket" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.bench
 def test_gpu_product_loop_beside_the_bare_step_cpu_smoke(tmp_path):
     """gpu.py --product at --cpu-smoke size: the product's loop runs on a shaped pipeline of the bare step's
     architecture for the same steps, and the table of both is written (figures are not checked)."""

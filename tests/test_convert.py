@@ -529,10 +529,12 @@ def test_what_changes_training_is_refused_unless_lossy(tmp_path, capsys, setting
 
 
 @pytest.mark.parametrize(("entry", "message"), [
-    ({"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_secret_access_key": AWS_SECRET},
-     "[s3-photos] type aws: raytune_sd3 reads local (or mounted) folders only for now; sync the bucket"),
-    ({"id": "hub-photos", "type": "huggingface", "dataset_name": "bghira/pseudo-camera-10k"},
-     "[hub-photos] type huggingface: raytune_sd3 reads local (or mounted) folders only for now; download it"),
+    ({"id": "s3-photos", "type": "aws", "aws_secret_access_key": AWS_SECRET},
+     "[s3-photos] type aws has no aws_bucket_name"),
+    ({"id": "hub-photos", "type": "huggingface", "split": "train"},
+     "[hub-photos] type huggingface has no dataset_name"),
+    ({"id": "web", "type": "csv", "csv_file": "/data/urls.csv"},
+     "[web] type csv: raytune_sd3 reads folders (local, mounted or in S3/GCS), Parquet files and Hugging Face"),
     ({"id": "edges", "instance_data_dir": "/data/edges", "conditioning": [{"type": "canny"}]},
      "multidatabackend.json[edges].conditioning = [{\"type\": \"canny\"}] (conditioning data are for ControlNet"),
     ({"id": "clips", "dataset_type": "video", "instance_data_dir": "/data/clips"},
@@ -547,6 +549,30 @@ def test_data_we_cannot_read_is_refused_naming_the_entry(tmp_path, capsys, entry
     err = capsys.readouterr().err
     assert str(tmp_path / "simpletuner" / "config" / "multidatabackend.json") in err and message in err, err
     assert AWS_SECRET not in err and not out.exists()
+
+
+def test_aws_and_huggingface_data_sets_become_a_bucket_folder_and_a_table(tmp_path):
+    """SimpleTuner's two remote kinds (both of its SD3 examples use huggingface) map onto ours; the bucket's
+    credentials stay out of the job (the environment gives them)."""
+    backends = [
+        {"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_data_prefix": "set/one/",
+         "aws_endpoint_url": "http://minio:9000", "aws_region_name": "eu-west-1",
+         "aws_access_key_id": "AKIAIOSFODNN7EXAMPLE", "aws_secret_access_key": AWS_SECRET,
+         "caption_strategy": "textfile", "resolution": 512},
+        {"id": "hub", "type": "huggingface", "dataset_name": "bghira/pseudo-camera-10k", "split": "train",
+         "caption_strategy": "huggingface", "metadata_backend": "huggingface", "image_column": "png",
+         "caption_column": "text", "resolution": 512}]
+    cfg, mdb = write_setup(tmp_path, minimal(), backends)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == 0
+    s3, hub = load_job(out).data.datasets
+    assert (s3.type, s3.instance_data_dir) == (
+        "local", "s3://photos/set/one?endpoint_override=minio:9000&scheme=http&region=eu-west-1")
+    assert (hub.type, hub.dataset, hub.split, hub.image_column, hub.caption_column) == (
+        "huggingface", "bghira/pseudo-camera-10k", "train", "png", "text")
+    text = out.read_text()
+    assert AWS_SECRET not in text and "AKIAIOSFODNN7EXAMPLE" not in text
+    assert "hf download --repo-type dataset bghira/pseudo-camera-10k" in text
 
 
 # --- one SimpleTuner setting at a time: the exact value in the job ---------------------------------------------------

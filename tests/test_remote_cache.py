@@ -1,14 +1,16 @@
 """A cache behind an s3:// URI, against a real S3 protocol server (moto, in its own process): entries written
-whole by the Ray Data actors, checked, reused and read back, and the URI's options kept out of messages."""
+whole by the Ray Data actors from images read out of a bucket, checked, reused and read back, and the URI's options
+kept out of messages."""
 
-import dataclasses
+import io
 import socket
-import subprocess
-import sys
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from raytune_sd3.config import DatasetConfig, load_job
 from raytune_sd3.data.demo import make_demo_dataset
@@ -19,51 +21,11 @@ from raytune_sd3.data.store import CacheStore
 
 pytest.importorskip("moto")
 
-# moto 5 answers CompleteMultipartUpload with a <CompleteMultipartUploadResponse> root where S3 sends
-# <CompleteMultipartUploadResult>; the AWS C++ SDK under pyarrow then reads the 200 as an error. The server is
-# otherwise real S3 over HTTP, so it runs with that one element renamed.
-SERVER = """
-import sys
-import moto.s3.responses as r
-from moto.server import main
-
-plain = r.S3Response.serialized
-
-def serialized(self, result):
-    status, headers, body = plain(self, result)
-    if self.data.get("Action") == "CompleteMultipartUpload":
-        body = body.replace(b"MultipartUploadResponse" if isinstance(body, bytes) else "MultipartUploadResponse",
-                            b"MultipartUploadResult" if isinstance(body, bytes) else "MultipartUploadResult")
-    return status, headers, body
-
-r.S3Response.serialized = serialized
-main(["-p", sys.argv[1]])
-"""
-
-
 @pytest.fixture(scope="module")
-def s3_uri():
-    """A fresh bucket on a moto S3 server on a free local port; the URI of a cache folder in it."""
-    import pyarrow.fs as pafs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                               allow_bucket_creation=True)
-        fs.create_dir("cache-bucket")
-        yield f"s3://cache-bucket/sd3-cache?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.terminate()
-        server.wait(10)
+def s3_uri(s3_endpoint):
+    """A fresh bucket on the moto S3 server (conftest); the URI of a cache folder in it."""
+    s3_endpoint.fs.create_dir("cache-bucket")
+    return f"s3://cache-bucket/sd3-cache?{s3_endpoint.query}"
 
 
 def test_entries_are_written_whole_checked_and_listed(s3_uri):
@@ -87,26 +49,88 @@ def test_entries_are_written_whole_checked_and_listed(s3_uri):
     assert redacted(s3_uri) == "s3://cache-bucket/sd3-cache"
 
 
-def test_ray_data_fills_an_s3_cache_that_training_reads(tiny_sd3, tmp_path, s3_uri, ray_local):
-    from raytune_sd3.data.encode import build_cache
-    from tests.test_cache import _spec
+def test_ray_data_caches_images_from_a_bucket_into_a_bucket_that_training_reads(tiny_sd3, tmp_path, s3_uri,
+                                                                               s3_endpoint, ray_local, monkeypatch):
+    """Images in a bucket and the cache in a bucket: the Ray Data tasks read each image from the store (no node has
+    a copy), a warm run reads no image byte (the stat index keys each object by its listed size and mtime) and no
+    entry header, and training reads the entries back. The keys are those of the same images on disk."""
+    import pyarrow.fs as pafs
+
+    from raytune_sd3.data import encode
+    from raytune_sd3.data.encode import _keyed, build_cache
+    from raytune_sd3.data.index import RACY_NS
+    from raytune_sd3.data.manifest import read_manifest
+    from raytune_sd3.data.reading import read_file
+    from raytune_sd3.data.sources import sources_of
+    from raytune_sd3.driver.caching import cache_spec, prepare_data
 
     uri = s3_uri.replace("/sd3-cache?", "/job-cache?")
-    cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "data": {"cache_dir": uri, "datasets": [
-        {"id": "d", "instance_data_dir": str(tmp_path / "imgs")}]}})
-    assert cfg.data.cache_dir == uri  # a URI is not turned into a local path
-    data = make_demo_dataset(tmp_path / "imgs", n_images=6, size=32)
-    items, _ = discover(DatasetConfig(id="d", instance_data_dir=data, resolution=32), alignment=16)
-    spec = dataclasses.replace(_spec(tiny_sd3, tmp_path, t5_max_length=77), cache_dir=uri)
-    first = build_cache(spec, items, [""], batch_size=4, n_actors=2)
-    assert (first.latents_encoded, first.latents_reused) == (6, 0) and first.texts_encoded > 0
-    second = build_cache(spec, items, [""], batch_size=4, n_actors=2)
-    assert (second.latents_encoded, second.texts_encoded, second.latents_reused) == (0, 0, 6)
+    images = s3_uri.replace("/sd3-cache?", "/images?")
+    local = make_demo_dataset(tmp_path / "imgs", n_images=6, size=32)
+    pafs.copy_files(str(local), "cache-bucket/images", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_endpoint.fs)
+    uploaded = time.time()
+    cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "model": {"pretrained": tiny_sd3},
+                        "text": {"t5_max_length": 77}, "train": {"batch_size": 1, "num_workers": 1},
+                        "data": {"cache_dir": uri, "eval_samples": 0, "encode_batch_size": 4, "encode_actors": 2,
+                                 "datasets": [{"id": "d", "instance_data_dir": images, "resolution": 32}]}})
+    assert (cfg.data.cache_dir, cfg.data.datasets[0].instance_data_dir) == (uri, images)  # URIs, not local paths
+    items, _ = discover(cfg.data.datasets[0], alignment=cfg.data.bucket_alignment)
+    assert len(items) == 6 and all(it.path.startswith("s3://cache-bucket/images/") for it in items)
+    # Objects younger than the index's racy window are read again next run (as fresh local files): let it pass.
+    time.sleep(max(0.0, RACY_NS / 1e9 + 0.1 - (time.time() - uploaded)))
 
-    reader = CachedBatches({"cache_dir": uri, "uncond_key": first.text_keys[""]}, first.rows, seed=0, global_batch=2)
+    manifest, first = prepare_data(cfg, tiny_sd3)  # what the train command runs before its workers start
+    assert (first.latents_encoded, first.latents_reused, first.files_hashed) == (6, 0, 6) and first.texts_encoded
+    spec, sources = cache_spec(cfg, tiny_sd3), sources_of([images])
+    on_disk, _ = discover(DatasetConfig(id="d", instance_data_dir=local, resolution=32), cfg.data.bucket_alignment)
+    local_keys = [r["latent_key"] for r in _keyed([{**it.to_row(), "uid": i} for i, it in enumerate(on_disk)],
+                                                  spec, 10**9, {})]
+    assert [r["latent_key"] for r in first.rows] == local_keys  # the same bytes: the same cache entries
+
+    reads = []
+    monkeypatch.setattr(encode, "read_file", lambda *a: reads.append(a[0]) or read_file(*a))
+    second = build_cache(spec, items, ["", *cfg.validation.prompts], batch_size=4, n_actors=2, sources=sources)
+    assert (second.latents_encoded, second.texts_encoded, second.latents_reused) == (0, 0, 6)
+    assert (second.files_hashed, second.files_from_index, reads) == (0, 6, [])  # no image byte read
+
+    written = read_manifest(manifest)  # as each training worker reads it
+    assert written["cache_dir"] == uri and "endpoint_override" not in written["rows"].table["path"][0].as_py()
+    reader = CachedBatches(written, written["rows"], seed=0, global_batch=2)
     batch = reader.micro_batch(0, 0, 1, 0, 1, 2)
-    assert batch["latents"].shape == (2, 16, 4, 4) and batch["prompt_embeds"].shape[0] == 2
+    assert batch["latents"].shape == (2, 16, 8, 8) and batch["prompt_embeds"].shape[0] == 2  # 64 px buckets
     assert all(v is None for v in (CacheStore(uri).verify(k, key) for k, key in CacheStore(uri).entries()))
+
+    # The same images as rows of a Parquet file in the bucket (type parquet), three of them inverted: the unchanged
+    # rows reuse the entries above (an entry's key is its content, wherever it is kept); the Ray tasks read the new
+    # ones from the file's row groups and encode them.
+    images_bytes = [p.read_bytes() for p in sorted(local.glob("*.png"))]
+    for i in range(3):
+        mirrored = io.BytesIO()
+        Image.eval(Image.open(io.BytesIO(images_bytes[i])), lambda v: 255 - v).save(mirrored, "PNG")  # (a mirror
+        # of a centred shape can be the same pixels, hence the same bytes and entry: the key is the content)
+        images_bytes[i] = mirrored.getvalue()
+    pq.write_table(pa.table({"image": images_bytes, "caption": [f"shape {i}" for i in range(6)]}),
+                   "cache-bucket/rows/set.parquet", filesystem=s3_endpoint.fs, row_group_size=2)
+    rows_cfg = load_job(raw={**cfg.model_dump(mode="json", exclude={"data"}), "output_dir": str(tmp_path / "rows"),
+                             "data": {**cfg.data.model_dump(mode="json", exclude={"datasets"}), "datasets": [
+                                 {"id": "p", "type": "parquet", "resolution": 32,
+                                  "path": f"s3://cache-bucket/rows/set.parquet?{s3_endpoint.query}"}]}})
+    rows_manifest, third = prepare_data(rows_cfg, tiny_sd3)
+    assert (third.latents_encoded, third.latents_reused) == (3, 3)
+    assert [r["path"] for r in third.rows] == [f"s3://cache-bucket/rows/set.parquet#row={i}" for i in range(6)]
+    assert [r["latent_key"] for r in third.rows][3:] == local_keys[3:]
+    assert len(CachedBatches(read_manifest(rows_manifest), read_manifest(rows_manifest)["rows"], seed=0,
+                             global_batch=2).micro_batch(0, 0, 1, 0, 1, 2)["latents"]) == 2
+
+    # An object rewritten in place (other bytes, the same length) has another listed mtime: hashed again.
+    name = items[0].path.removeprefix("s3://cache-bucket/")
+    data = s3_endpoint.fs.open_input_file(f"cache-bucket/{name}").readall()
+    time.sleep(1.1)  # S3 times objects to the second
+    with s3_endpoint.fs.open_output_stream(f"cache-bucket/{name}") as f:
+        f.write(data)
+    again, _ = discover(cfg.data.datasets[0], alignment=16)
+    assert again[0].stat[0] == items[0].stat[0] and again[0].stat[1] > items[0].stat[1]
 
 
 def test_the_storage_check_answers_for_reachable_missing_and_silent_stores(s3_uri):

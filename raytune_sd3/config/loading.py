@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -62,7 +63,8 @@ def use_data_dir(raw: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     data = raw.setdefault("data", {})
     first = (data.get("datasets") or [{}])[0]
     secret = redact(str(folder)) != str(folder)  # its name would show in every report line
-    data["datasets"] = [{"id": (not secret and Path(folder).name) or "data", "type": "local",
+    name = urlsplit(str(folder)).path.rstrip("/").rsplit("/", 1)[-1] if is_uri(str(folder)) else Path(folder).name
+    data["datasets"] = [{"id": (not secret and name) or "data", "type": "local",
                          "instance_data_dir": str(folder),
                          "caption_strategy": "textfile", "resolution": first.get("resolution", 1024),
                          **{k: first[k] for k in ("resolution_type", "crop", "crop_style", "crop_aspect",
@@ -101,8 +103,13 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     if cfg.data.cache_dir is not None and not is_uri(cfg.data.cache_dir):
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     for ds in cfg.data.datasets:
-        ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
-        if ds.metadata_file is not None:
+        if isinstance(ds.instance_data_dir, Path):
+            ds.instance_data_dir = ds.instance_data_dir.expanduser().resolve()
+        if isinstance(ds.path, Path):
+            ds.path = ds.path.expanduser().resolve()
+        if ds.dataset is not None and not is_uri(ds.dataset) and Path(ds.dataset).expanduser().is_dir():
+            ds.dataset = str(Path(ds.dataset).expanduser().resolve())  # a folder here, not a hub id
+        if isinstance(ds.metadata_file, Path):
             ds.metadata_file = ds.metadata_file.expanduser().resolve()
     if cfg.train.deepspeed_config is not None:
         cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()

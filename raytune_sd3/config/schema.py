@@ -62,13 +62,27 @@ def _path_text(v: Any) -> Any:
 
 
 def _not_a_file(v: Any) -> Any:
-    if v is not None and not is_uri(str(v)) and Path(v).expanduser().is_file():
+    if isinstance(v, str | Path) and not is_uri(str(v)) and Path(v).expanduser().is_file():
         raise ValueError(f"{show(str(v))} is a file; this must be a folder (or a new path)")
     return v
 
 
 PathText = Annotated[Path, BeforeValidator(_path_text)]
 """A file's path."""
+
+
+def _path_or_uri(v: Any) -> Any:
+    """A URI stays the text it was written as (a Path would fold its // into a relative folder); else a Path."""
+    if not isinstance(v, str | Path):
+        raise ValueError(f"is a path or a URI, not {type(v).__name__}")
+    v = _path_text(v)
+    return v if isinstance(v, str) and is_uri(v) else Path(v)
+
+
+FolderOrUri = Annotated[Path | str, BeforeValidator(lambda v: _not_a_file(_path_or_uri(v)))]
+"""A folder's path, or the URI of a folder in object storage (s3://bucket/prefix?endpoint_override=...)."""
+FileOrUri = Annotated[Path | str, BeforeValidator(_path_or_uri)]
+"""A file's path, or its URI."""
 FolderPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_not_a_file)]
 """A folder's path: an existing file is refused (writing or searching it would fail later, deep in a worker)."""
 Resolution = Annotated[int, Field(ge=16, le=MAX_RESOLUTION)]
@@ -113,16 +127,22 @@ class TextConfig(Section):
 class DatasetConfig(Section):
     id: str
     """A short name for this data set (used in cache reports and errors)."""
-    type: Literal["local", "demo"] = "local"
-    """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use."""
-    instance_data_dir: FolderPath
-    """Folder of images (searched recursively)."""
+    type: Literal["local", "demo", "parquet", "huggingface"] = "local"
+    """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use;
+    `parquet`: rows of Parquet files (`path`, `image_column`, `caption_column`); `huggingface`: a Hugging Face data
+    set already on this machine (`dataset`, `split`, the same columns)."""
+    instance_data_dir: FolderOrUri | None = None
+    """Folder of images (searched recursively): a local or mounted path, or a URI of a folder in object storage
+    (`s3://bucket/prefix`, `gs://...`; options in its query as for data.cache_dir, e.g.
+    `?endpoint_override=host:9000&scheme=http`; credentials from the environment). A URI is read where it is used:
+    the caching tasks read the images from the store, no node needs a copy."""
     caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
     """Where captions come from: a .txt beside each image (one caption per line, one drawn per epoch; no .txt: the
     file name), the file name, instance_prompt for every image, or metadata_file."""
-    metadata_file: PathText | None = None
+    metadata_file: FileOrUri | None = None
     """caption_strategy metadata: a .jsonl, .csv or .parquet file with a file_name column (relative to
-    instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet)."""
+    instance_data_dir) and a caption column (a string, or a list of captions in JSONL/parquet); a URI when the
+    images are in a store (the same query options)."""
     instance_prompt: str | None = None
     """The caption of every image when caption_strategy is instanceprompt."""
     resolution: Resolution | list[Resolution] = 1024
@@ -161,6 +181,24 @@ class DatasetConfig(Section):
     an image without its mask is skipped and reported."""
     demo_images: int = Field(48, ge=1)
     """How many images a demo data set generates."""
+    path: FileOrUri | None = None
+    """type parquet: a .parquet file or a folder of them (searched recursively), local or a URI (s3://...)."""
+    dataset: str | None = None
+    """type huggingface: a folder written by `datasets`' save_to_disk, a folder of Parquet files (a hub data set's
+    layout: data/train-00000-of-00002.parquet ...), or a hub id (owner/name) already in the local HF cache (never
+    downloaded at run time: `hf download --repo-type dataset owner/name` first)."""
+    split: str = "train"
+    """type huggingface: the split to train on (a save_to_disk DatasetDict's folder, or the Parquet files whose
+    names start with it)."""
+    image_column: str = "image"
+    """type parquet / huggingface: the column of encoded image bytes (binary, or a Hugging Face Image feature:
+    a struct with `bytes`)."""
+    caption_column: str | None = "caption"
+    """type parquet / huggingface: the column of captions (a string, or a list of strings: one drawn per epoch);
+    null with caption_strategy instanceprompt."""
+    filter: str | None = None
+    """type parquet / huggingface: rows to keep, a comparison of columns and values joined by and / or / not, e.g.
+    `width >= 512 and source == "web"` or `label in [1, 2]`."""
 
     @field_validator("resolution")
     @classmethod
@@ -178,8 +216,44 @@ class DatasetConfig(Section):
     def max_resolution(self) -> int:
         return max(self.resolutions)
 
+    @property
+    def in_store(self) -> bool:
+        """Whether instance_data_dir is a URI (object storage) rather than a local folder."""
+        return isinstance(self.instance_data_dir, str)
+
     @model_validator(mode="after")
     def _prompt_when_needed(self) -> DatasetConfig:
+        rows = self.type in ("parquet", "huggingface")
+        if not rows and self.instance_data_dir is None:
+            raise ValueError(f"type {self.type} needs instance_data_dir (the folder of its images)")
+        if rows and self.instance_data_dir is not None:
+            raise ValueError(f"type {self.type} reads its images from its rows: remove instance_data_dir (give "
+                             f"{'path' if self.type == 'parquet' else 'dataset'})")
+        if (self.type == "parquet") != (self.path is not None):
+            raise ValueError("path is the Parquet file or folder of type parquet: set it there, and only there")
+        if (self.type == "huggingface") != (self.dataset is not None):
+            raise ValueError("dataset is the Hugging Face data set of type huggingface: set it there, and only there")
+        if rows and self.caption_strategy not in ("textfile", "instanceprompt"):
+            raise ValueError(f"type {self.type}: captions come from caption_column (or instance_prompt with "
+                             "caption_strategy instanceprompt), not from files")
+        if rows and self.caption_strategy != "instanceprompt" and not self.caption_column:
+            raise ValueError(f"type {self.type} needs caption_column (or caption_strategy instanceprompt)")
+        if rows and self.mask_suffix:
+            raise ValueError(f"type {self.type}: masks are read from files beside images; use type local for "
+                             "masked loss")
+        if self.filter is not None and not rows:
+            raise ValueError("filter selects rows of type parquet or huggingface data sets")
+        if self.filter is not None:
+            import ast
+
+            try:
+                ast.parse(self.filter, mode="eval")
+            except SyntaxError as e:
+                raise ValueError(f"filter {self.filter!r} is not an expression ({e.msg}); e.g. width >= 512 and "
+                                 'source == "web"') from None
+        if self.type == "demo" and self.in_store:
+            raise ValueError("type demo generates its images into a local folder: give instance_data_dir as a path "
+                             "(or use type local for images already in the store)")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt set")
         if self.caption_strategy == "metadata" and self.metadata_file is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from raytune_sd3.data.buckets import Sizing, plan, seed_from_key
 from raytune_sd3.data.discovery import Item
 from raytune_sd3.data.index import ImageFacts, StatIndex
 from raytune_sd3.data.pixels import decode_batch, image_size, size_problem
+from raytune_sd3.data.reading import Sources, is_local, read_file
 from raytune_sd3.data.store import CacheStore, latent_key, text_key
 from raytune_sd3.models.loading import DTYPES
 from raytune_sd3.progress import Progress
@@ -110,15 +112,34 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _image_facts(path: str, known: ImageFacts | None) -> tuple[ImageFacts, int]:
+def _image_facts(path: str, known: ImageFacts | None, listed: tuple[int, int] | None = None,
+                 sources: Sources | None = None) -> tuple[ImageFacts, int]:
     """The facts of an image file: `known` ones (from the stat index), or read now (stat, header, sha256 of the
-    bytes) with the time of the stat, which the index needs to tell a racy record; 0 for known ones."""
+    bytes) with the time of the stat, which the index needs to tell a racy record; 0 for known ones. An object of
+    a store (`listed`: its size and mtime from the listing) is read whole once, from the store; its record is
+    timed by the read, which came after the listing (a change between them changes the next listing's stat). A
+    table's row has no stat: its bytes are read each run (with its other columns), and their hash is its identity;
+    nothing is recorded for it (0)."""
     if known is not None:
         return known, 0
+    if listed is not None or not is_local(path, sources):
+        data, read_ns = read_file(path, sources)
+        w, h = image_size(io.BytesIO(data))
+        sha = hashlib.sha256(data).hexdigest()
+        return (ImageFacts(sha, w, h, *listed), read_ns) if listed else (ImageFacts(sha, w, h, len(data), 0), 0)
     st = os.stat(path)
     stat_ns = time.time_ns()
     w, h = image_size(path)
     return ImageFacts(hashlib.sha256(Path(path).read_bytes()).hexdigest(), w, h, st.st_size, st.st_mtime_ns), stat_ns
+
+
+def _at(batch: dict, column: str, i: int):
+    return batch[column][i] if column in batch else None
+
+
+def _listed(value) -> tuple[int, int] | None:
+    """A row's `stat` or `mask_stat` column: (size, mtime_ns) from a store's listing, or None (a local file)."""
+    return (int(value[0]), int(value[1])) if value is not None and len(value) == 2 else None
 
 
 def _whole_entry(store: CacheStore, kind: str, key: str, index: StatIndex | None) -> int:
@@ -131,7 +152,7 @@ def _whole_entry(store: CacheStore, kind: str, key: str, index: StatIndex | None
 
 
 def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatIndex | None = None,
-                  flip: bool = False) -> dict:
+                  flip: bool = False, sources: Sources | None = None) -> dict:
     """Check each image's size (and its mask's), hash their bytes, derive the cache key, the bucket size and
     whether the cache already has a whole entry (with `flip`, also the key of the mirrored entry and its length,
     `flip_key` and `flip_bytes`). A Ray task for a large data set (no index: what it read goes back
@@ -146,7 +167,7 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatInde
         key, size, orig, problem, learnt, entry, flip_key, flip_entry = "", (0, 0), (0, 0), "", [], 0, "", 0
         try:
             try:
-                image, stat_ns = _image_facts(path, image_known)
+                image, stat_ns = _image_facts(path, image_known, _listed(_at(batch, "stat", i)), sources)
             except Exception as e:  # noqa: BLE001 - not an image PIL can read: skip and report
                 problem = f"not a readable image: {type(e).__name__}: {e}"
             else:
@@ -156,7 +177,7 @@ def _hash_and_key(batch: dict, spec: CacheSpec, max_pixels: int, index: StatInde
                 orig = (image.width, image.height)
                 mask_sha = ""
                 if mask:
-                    m, stat_ns = _image_facts(mask, mask_known)
+                    m, stat_ns = _image_facts(mask, mask_known, _listed(_at(batch, "mask_stat", i)), sources)
                     learnt += [[mask, *astuple(m), stat_ns]] if stat_ns else []
                     if (m.width, m.height) != orig:
                         problem = f"mask {Path(mask).name} is {(m.width, m.height)}, its image {orig}: they must match"
@@ -261,17 +282,23 @@ LOCAL_HASHING = 4096  # up to this many images to read, the hashing runs in thre
 
 
 def _indexed(row: dict, index: StatIndex) -> tuple[ImageFacts, ImageFacts | None] | None:
-    """The index's facts of the row's image (and mask) when their stat still matches, else None (read them)."""
+    """The index's facts of the row's image (and mask) when their stat still matches, else None (read them). An
+    object of a store is looked up by the stat its listing gave (no request)."""
     try:
-        st = os.stat(row["path"])
-        image = index.image(row["path"], st.st_size, st.st_mtime_ns)
+        image = index.image(row["path"], *_stat(row["path"], row.get("stat")))
         if image is None or not row["mask_path"]:
             return None if image is None else (image, None)
-        st = os.stat(row["mask_path"])
-        mask = index.image(row["mask_path"], st.st_size, st.st_mtime_ns)
+        mask = index.image(row["mask_path"], *_stat(row["mask_path"], row.get("mask_stat")))
         return None if mask is None else (image, mask)
     except OSError:
         return None  # gone or unreadable since discovery: the hashing path reports why
+
+
+def _stat(path: str, listed) -> tuple[int, int]:
+    if (known := _listed(listed)) is not None:
+        return known
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _in_threads(rows: list[dict], fn, chunk: int = 16) -> list[dict]:
@@ -283,7 +310,8 @@ def _in_threads(rows: list[dict], fn, chunk: int = 16) -> list[dict]:
 
 
 def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
-           index: StatIndex | None = None, flip: bool = False) -> list[dict]:
+           index: StatIndex | None = None, flip: bool = False,
+           sources: Sources | None = None) -> list[dict]:
     """`_hash_and_key` over every row, in input order. Rows whose image the index knows (stat unchanged) are keyed
     here without opening the image. The others are read: in Ray tasks across the cluster when there are many, in
     threads here when few, where starting Ray Data costs more than the hashing. What was read goes into `index`."""
@@ -292,16 +320,16 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
         facts = _indexed(r, index) if index is not None else None
         (known if facts else unknown).append({**r, "known": facts} if facts else r)
     # Known rows cost a stat each: large chunks, as the per-chunk overhead would weigh more than the work.
-    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index, flip), 1024) if known else []
+    out = _in_threads(known, lambda b: _hash_and_key(b, spec, max_pixels, index, flip, sources), 1024) if known else []
     if len(unknown) > LOCAL_HASHING:
         import ray
 
         out += ray.data.from_items(unknown).map_batches(
-            _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels, "flip": flip}, batch_size=64,
-            **task_opts
+            _hash_and_key, fn_kwargs={"spec": spec, "max_pixels": max_pixels, "flip": flip, "sources": sources},
+            batch_size=64, **task_opts
         ).take_all()
     elif unknown:
-        out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels, flip=flip))
+        out += _in_threads(unknown, lambda b: _hash_and_key(b, spec, max_pixels, flip=flip, sources=sources))
     if index is not None:
         for r in out:
             for path, *facts, stat_ns in json.loads(str(r["learnt"])) if r["learnt"] else []:
@@ -314,10 +342,12 @@ def _keyed(rows: list[dict], spec: CacheSpec, max_pixels: int, task_opts: dict,
 
 
 def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], batch_size: int = 8,
-                n_actors: int | None = None, max_pixels: int = 250_000_000, random_flip: bool = False) -> CacheReport:
+                n_actors: int | None = None, max_pixels: int = 250_000_000, random_flip: bool = False,
+                sources: Sources | None = None) -> CacheReport:
     """Encode what the cache lacks for `items` and `extra_captions` (validation prompts, the empty caption). With
     `random_flip` each image also gets an entry of its mirrored pixels (the same crop, mirrored), under its own key
-    (`flip_key` in its row; "" without one)."""
+    (`flip_key` in its row; "" without one). `sources`: the store folders of items that are not local files
+    (data/sources.py's sources_of); the tasks that hash and decode read them from there."""
     import ray
 
     t0 = time.perf_counter()
@@ -326,8 +356,9 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
 
     store = CacheStore(spec.cache_dir)
     index = StatIndex.load(store.files)
-    rows = [{**it.to_row(), "uid": i} for i, it in enumerate(items)]
-    keyed = _keyed(rows, spec, max_pixels, task_opts, index, random_flip)
+    rows = [{**it.to_row(), "uid": i, "stat": list(it.stat or ()), "mask_stat": list(it.mask_stat or ())}
+            for i, it in enumerate(items)]
+    keyed = _keyed(rows, spec, max_pixels, task_opts, index, random_flip, sources)
     report.files_hashed = sum(len(json.loads(str(r["learnt"]))) for r in keyed if r["learnt"])
     report.files_from_index = index.hits
     # A mirrored entry is a row of its own: its key, and the plain key its crop is drawn from (the same crop).
@@ -368,7 +399,8 @@ def build_cache(spec: CacheSpec, items: list[Item], extra_captions: list[str], b
             group = [{k: r[k] for k in ("uid", "path", "mask_path", "sizing", "latent_key", "orig_width",
                                         "orig_height", "width", "height", "crop_key", "flipped")} for r in todo]
             encoded = (ray.data.from_items(group)
-                       .map_batches(decode_batch, batch_size=batch_size, **task_opts)
+                       .map_batches(decode_batch, fn_kwargs={"sources": sources}, batch_size=batch_size,
+                                    **task_opts)
                        .map_batches(VaeEncoder, fn_constructor_args=(spec,), batch_size=batch_size, compute=compute,
                                     **opts))
             out = []

@@ -35,7 +35,7 @@ def redacted(uri: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
-def _filesystem(location: str, retry_limit_s: float | None = None) -> tuple[pafs.FileSystem, str, bool]:
+def filesystem(location: str, retry_limit_s: float | None = None) -> tuple[pafs.FileSystem, str, bool]:
     """(filesystem, root path in it, whether an upload publishes a file whole) for a folder or a URI.
     `retry_limit_s`: how long a GCS client retries before it gives up (its default is minutes), unless the URI's
     query sets retry_limit_seconds."""
@@ -67,7 +67,7 @@ class CacheFiles:
     filesystem's own ("/abs/cache/latents/ab/ab...safetensors", "bucket/cache/latents/...")."""
 
     def __init__(self, location: str, retry_limit_s: float | None = None):
-        self.fs, root, self.uploads_whole = _filesystem(str(location), retry_limit_s)
+        self.fs, root, self.uploads_whole = filesystem(str(location), retry_limit_s)
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 

@@ -5,10 +5,13 @@ torch took several (on a 2-core machine, while the encoder actors start beside i
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import numpy as np
 from PIL import Image, ImageOps
 
 from raytune_sd3.data.buckets import Plan, Sizing, plan, seed_from_key, too_small
+from raytune_sd3.data.reading import Sources, open_file
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -23,8 +26,9 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) as displayed, from the header alone: EXIF orientations 5-8 swap the sides."""
+def image_size(path: str | BinaryIO) -> tuple[int, int]:
+    """(width, height) as displayed, from the header alone: EXIF orientations 5-8 swap the sides. `path`: a file's
+    path or the file's bytes as a file object."""
     Image.MAX_IMAGE_PIXELS = None  # the size limit is ours (data.max_image_pixels), checked before decoding
     with Image.open(path) as im:
         w, h = im.size
@@ -60,7 +64,7 @@ def _apply(im: Image.Image, p: Plan, resample: Image.Resampling) -> Image.Image:
     return im.crop(p.box)
 
 
-def load_image(path: str, p: Plan) -> np.ndarray:
+def load_image(path: str | BinaryIO, p: Plan) -> np.ndarray:
     """RGB uint8 (height, width, 3) of the plan's size: EXIF orientation applied, alpha on white, 16-bit scaled,
     CMYK and palettes converted, then downsampled, resized and cropped as `p` says."""
     Image.MAX_IMAGE_PIXELS = None  # checked against data.max_image_pixels by image_problem before this
@@ -73,7 +77,7 @@ def load_image(path: str, p: Plan) -> np.ndarray:
         return np.asarray(_apply(im.convert("RGB"), p, Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
-def load_mask(path: str, p: Plan) -> np.ndarray:
+def load_mask(path: str | BinaryIO, p: Plan) -> np.ndarray:
     """A mask image as float32 (height, width) in [0, 1] (white = 1), cut exactly like its image."""
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(path) as im:
@@ -93,9 +97,10 @@ def plan_of(row: dict) -> Plan:
     return plan(w, h, Sizing.from_json(str(row["sizing"])), seed_from_key(str(row["latent_key"])))
 
 
-def decode_batch(batch: dict) -> dict:
+def decode_batch(batch: dict, sources: Sources | None = None) -> dict:
     """CPU task: decode, resize and crop (and the mask alike); a bad file becomes an error row instead of stopping
-    the job. A batch may hold several buckets (a ragged column); the VAE actor encodes each size apart."""
+    the job. A batch may hold several buckets (a ragged column); the VAE actor encodes each size apart. `sources`:
+    the store folders images are read from (data/sources.py), when some are not local files."""
     pixels, masks, errors = [], [], []
     for i, path in enumerate(batch["path"]):
         w, h = int(batch["width"][i]), int(batch["height"][i])
@@ -103,8 +108,9 @@ def decode_batch(batch: dict) -> dict:
                "latent_key": batch["crop_key"][i] if "crop_key" in batch else batch["latent_key"][i]}
         try:
             p = plan_of(row)  # a mirrored entry's crop is its plain entry's (crop_key), then mirrored
-            image = load_image(path, p)
-            mask = load_mask(str(batch["mask_path"][i]), p) if batch["mask_path"][i] else np.ones((h, w), np.float32)
+            image = load_image(open_file(str(path), sources), p)
+            mask_path = str(batch["mask_path"][i])
+            mask = load_mask(open_file(mask_path, sources), p) if mask_path else np.ones((h, w), np.float32)
             if "flipped" in batch and batch["flipped"][i]:
                 image, mask = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
             pixels.append(image)

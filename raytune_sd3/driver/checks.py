@@ -111,6 +111,9 @@ def check_data(cfg: JobConfig, report: Report) -> int:
                 rows += [{"width": w, "height": h, "dataset_id": ds.id, "repeats": 0}] * ds.demo_images
                 total += ds.demo_images
             continue
+        if ds.in_store or ds.type in ("parquet", "huggingface"):
+            total += _check_store(ds, cfg.data.bucket_alignment, report)
+            continue
         if not ds.instance_data_dir.is_dir():
             report.fail("data", f"data.datasets[{i}] ({ds.id}): {ds.instance_data_dir} is not reachable from here")
             continue
@@ -127,6 +130,24 @@ def check_data(cfg: JobConfig, report: Report) -> int:
     if rows:
         check_batches(cfg, rows, report)
     return total
+
+
+def _check_store(ds, alignment: int, report: Report) -> int:
+    """A data set in a store or a table: its images counted from the listing or the rows (no image is opened);
+    their buckets are known once the caching stage has read them. Returns the count."""
+    from raytune_sd3.data.discovery import discover
+    from raytune_sd3.data.files import redacted
+
+    try:
+        items = discover(ds, alignment)[0]
+    except (ValueError, OSError) as e:
+        report.fail("data", f"{ds.id}: {str(e)[:300]}")
+        return 0
+    images = len({it.path for it in items})
+    where = redacted(str(ds.instance_data_dir or ds.path or ds.dataset))
+    report.ok("data", f"{ds.id}: {images} images in {where}; their buckets are counted when the caching stage "
+                      "reads them")
+    return images
 
 
 def check_batches(cfg: JobConfig, rows: list[dict], report: Report) -> None:

@@ -9,7 +9,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from raytune_sd3.config import OPTIMIZERS, ConfigError, JobConfig, model_is_path
+from raytune_sd3.config import OPTIMIZERS, ConfigError, DatasetConfig, JobConfig, model_is_path
+from raytune_sd3.data.files import redacted
 
 
 def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
@@ -17,12 +18,21 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
     will train on has CUDA (None: this one, when the job starts a local Ray; see bitsandbytes_problems)."""
     problems = []
     for i, ds in enumerate(cfg.data.datasets):
+        if ds.type in ("parquet", "huggingface"):
+            from raytune_sd3.data.tables import table_problem
+
+            if (problem := table_problem(ds)) is not None:
+                problems.append(f"data.datasets[{i}] ({ds.id}, type {ds.type}): {problem}")
+            continue
+        if ds.in_store:
+            problems += _store_problems(i, ds)
+            continue
         if ds.type == "local" and not ds.instance_data_dir.is_dir():
             problems.append(
                 f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
                 "(point it at your images, or use type: demo)"
             )
-        if ds.metadata_file is not None and not ds.metadata_file.is_file():
+        if isinstance(ds.metadata_file, Path) and not ds.metadata_file.is_file():
             problems.append(f"data.datasets[{i}].metadata_file: {ds.metadata_file} is not a file")
         elif ds.caption_strategy == "metadata" and ds.instance_data_dir.is_dir():
             from raytune_sd3.data.discovery import read_metadata  # its columns, before any expensive work
@@ -82,6 +92,28 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
         problems += [p for key in VALIDATION_MODELS if (p := validation_model_problem(cfg, key)) is not None]
     if problems:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
+
+
+def _store_problems(i: int, ds: DatasetConfig) -> list[str]:
+    """Why a data set in a store cannot be read from here: its client refused the URI, the bucket or prefix is not
+    there, the credentials are refused; or its metadata file is missing or unusable. A request or two."""
+    from raytune_sd3.data.discovery import read_metadata
+    from raytune_sd3.data.sources import DataFolder
+
+    key = f"data.datasets[{i}].instance_data_dir"
+    try:
+        folder = DataFolder(str(ds.instance_data_dir), retry_limit_s=15)
+    except Exception as e:  # noqa: BLE001 - pyarrow's or fsspec's refusal of the URI is the reason
+        return [f"{key}: {redacted(str(ds.instance_data_dir))}: {type(e).__name__}: {str(e)[:300]} (a folder URI "
+                "such as s3://bucket/prefix?endpoint_override=host:9000&scheme=http)"]
+    if (problem := folder.problem()) is not None:
+        return [f"{key}: {problem}"]
+    if ds.caption_strategy == "metadata":
+        try:
+            read_metadata(ds.metadata_file, folder.name)
+        except (ValueError, KeyError, OSError) as e:
+            return [f"data.datasets[{i}].metadata_file: {e}"]
+    return []
 
 
 def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]:
