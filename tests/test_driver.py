@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from raytune_sd3.config import ConfigError, load_job
-from raytune_sd3.driver.resume import SETTINGS_FILE, guard_resume
+from raytune_sd3.driver.resume import guard_resume
 from raytune_sd3.driver.training import build_trainer
+from raytune_sd3.run_layout import SETTINGS as SETTINGS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,9 +48,10 @@ def test_a_finished_run_is_found_without_ray(tmp_path):
     not finished (the normal path decides). A key a resumed run may change does not matter."""
     from raytune_sd3.config import dump_job
     from raytune_sd3.driver.placement import Cluster, resolve_auto
-    from raytune_sd3.driver.resume import finished_run, run_dir
-    from raytune_sd3.models.lora import LORA_FILE
-    from raytune_sd3.train.state import file_sizes, write_record
+    from raytune_sd3.driver.resume import finished_run
+    from raytune_sd3.run_layout import LORA as LORA_FILE
+    from raytune_sd3.run_layout import RunLayout
+    from raytune_sd3.train.checkpoint import file_sizes, write_record
 
     out = tmp_path / "run"
 
@@ -63,7 +65,7 @@ def test_a_finished_run_is_found_without_ray(tmp_path):
     steps = ran.train.max_steps
 
     def checkpoint(index: int, step: int) -> Path:
-        folder = run_dir(ran) / f"checkpoint_{index:06d}"
+        folder = RunLayout.of(ran).run_dir / f"checkpoint_{index:06d}"
         folder.mkdir()
         (folder / "train_state.pt").write_bytes(b"s" * step)
         write_record(folder, step, file_sizes(folder))

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from raytune_sd3.config import ConfigError, dump_job, load_job
-from raytune_sd3.data.manifest import MANIFEST
+from raytune_sd3.run_layout import MANIFEST
 from raytune_sd3.tune.config import check_study, job_for_params, study_base
 from raytune_sd3.tune.report import TrialRecord, best_trial, trial_record, write_report
 
@@ -434,7 +434,7 @@ def test_best_yaml_trains(study, tmp_path):
 def test_report_only_rewrites_the_report_and_trains_nothing(study, tmp_path):
     """`--report-only` on the finished study: the same table from Tune's saved state, no trial touched. (After
     the tests above: it deletes the report before rewriting it.)"""
-    from raytune_sd3.driver.resume import STUDY_REPORT_FILES as REPORT_FILES
+    from raytune_sd3.run_layout import STUDY_REPORT as REPORT_FILES
 
     out = study["out"]
     table, best = (out / "trials.csv").read_text(), load_job(out / "best.yaml")
@@ -478,7 +478,7 @@ def _metrics_lines(path: Path) -> dict[int, str]:
 
 @pytest.mark.slow
 def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(tmp_path):
-    from raytune_sd3.train.state import newest_on_storage
+    from raytune_sd3.train.checkpoint import newest_on_storage
     from tests.test_fault import _our_train_workers
 
     out, tag = tmp_path / "study", uuid.uuid4().hex
