@@ -16,9 +16,12 @@ on RunLayout, one line in this map).
       wandb_run_id  wandb/              the W&B run every restart resumes; W&B's offline runs
       ray/<run_name>/                   Ray Train's run (or Tune's study): RunLayout.run_dir
         raytune_sd3_settings.json       the settings a resumed run must share (SETTINGS)
-        checkpoint_*/                   Ray Train's checkpoints; what each holds: CHECKPOINT_* below
+        checkpoint_*/                   Ray Train's checkpoints, each holding (train/checkpoint.py):
+          pytorch_lora_weights.safetensors  lora_raw.safetensors  train_state.pt  optimizer_rank{R}.pt
+          checkpoint.json               the step and every file of every rank with its size
       trials/<trial_id>/                a study's trials, each laid out as a run of its own (TRIALS)
       trials.csv trials.md eval_loss.png stability.png best.yaml   a study's report (STUDY_REPORT)
+      best/                             the output_dir best.yaml gives the best trial's job (STUDY_BEST_RUN)
 """
 
 from __future__ import annotations

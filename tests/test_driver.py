@@ -10,6 +10,7 @@ from raytune_sd3.config import ConfigError, load_job
 from raytune_sd3.driver.resume import guard_resume
 from raytune_sd3.driver.training import build_trainer
 from raytune_sd3.run_layout import SETTINGS as SETTINGS_FILE
+from raytune_sd3.run_layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,9 @@ def test_trainer_keeps_the_configured_checkpoints_and_failures(tmp_path):
     run = trainer.run_config
     assert run.checkpoint_config.num_to_keep == 3 and run.failure_config.max_failures == 4
     assert run.name == "run" and Path(run.storage_path) == tmp_path / "run" / "ray"
+    # The folder the workers look in for checkpoints Ray Train has not registered yet is Ray Train's run folder,
+    # the one the resume guard keeps its settings in (one computation: run_layout.py).
+    assert Path(trainer.train_loop_config["run_dir"]) == tmp_path / "run" / "ray" / "run" == RunLayout.of(cfg).run_dir
     assert trainer.scaling_config.num_workers == 2
 
 
