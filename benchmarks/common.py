@@ -336,7 +336,7 @@ def run_job(cfg, manifest: Path, pretrained: str, with_reference: bool = False) 
     """Fit the job's TorchTrainer (built by the CLI's build_trainer) with timed workers; output in cfg.output_dir.
     with_reference: interleave reference.py's steps with ours (timed_train_loop)."""
     from raytune_sd3.driver.training import build_trainer
-    from raytune_sd3.train.loop import METRICS
+    from raytune_sd3.run_layout import METRICS
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

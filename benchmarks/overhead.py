@@ -112,7 +112,7 @@ def time_phases(workdir: Path, extra: list[str]) -> dict:
 def time_bare(workdir: Path, extra: list[str]) -> float:
     """Seconds from starting reference.py (one step) to the end of its first step."""
     cfg = bench_job(workdir, extra)
-    from raytune_sd3.data.manifest import MANIFEST
+    from raytune_sd3.run_layout import MANIFEST
 
     manifest = Path(cfg.output_dir) / MANIFEST
     if not manifest.exists():

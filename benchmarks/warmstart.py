@@ -88,8 +88,9 @@ def fill(spec, items) -> None:
 def new_side(ds, spec, out: Path) -> tuple[float, dict]:
     from raytune_sd3.data.discovery import discover
     from raytune_sd3.data.encode import build_cache
-    from raytune_sd3.data.manifest import MANIFEST, READER_COLUMNS, Rows, read_manifest, split_eval, write_manifest
+    from raytune_sd3.data.manifest import READER_COLUMNS, Rows, read_manifest, split_eval, write_manifest
     from raytune_sd3.data.reader import plan_buckets
+    from raytune_sd3.run_layout import MANIFEST
 
     t0 = time.perf_counter()
     items, _ = discover(ds, 16)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import (
     OPTIMIZERS,
     POLYNOMIAL_LR_END,
@@ -1009,24 +1008,6 @@ def render(conv: Conversion, sources: list[Path]) -> str:
     return comments + "\n" + dump_job(JobConfig.model_validate(conv.job))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and os.replace: a reader never sees half a job."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a job file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("python -m raytune_sd3.convert", __doc__)
     sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -1044,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
         conv = convert_simpletuner(args.config, args.backends, lossy=args.lossy)
         if args.output.exists() and not args.force:
             raise ConvertError(f"{args.output}: exists; pass --force to overwrite it")
-        write_atomic(args.output, render(conv, [args.config, args.backends]))
+        atomic.write_text(args.output, render(conv, [args.config, args.backends]))
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

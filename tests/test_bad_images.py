@@ -13,8 +13,9 @@ from PIL import Image
 from raytune_sd3.config import DatasetConfig
 from raytune_sd3.data.buckets import Sizing
 from raytune_sd3.data.discovery import discover
-from raytune_sd3.data.manifest import MANIFEST, read_manifest
+from raytune_sd3.data.manifest import read_manifest
 from raytune_sd3.data.pixels import decode, image_problem
+from raytune_sd3.run_layout import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE = (255, 0, 0), (0, 0, 255)

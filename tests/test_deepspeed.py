@@ -119,8 +119,9 @@ def trained(local_ray, tmp_path_factory) -> dict[str, Path]:
     and 4, under each strategy: {strategy: output_dir}. 2 eval items x 5 sigmas in forwards of 2 pairs: 3 on one
     rank, 2 and one left out of the sum on the other (under ZeRO-3 each forward is a collective)."""
     from raytune_sd3.driver.caching import prepare_data
-    from raytune_sd3.driver.training import build_trainer, copy_final_lora
+    from raytune_sd3.driver.training import build_trainer
     from raytune_sd3.testmodels.resolve import resolve_pretrained
+    from raytune_sd3.train.checkpoint import copy_final_lora
 
     tmp = tmp_path_factory.mktemp("deepspeed")
     (tmp / "zero3.json").write_text(json.dumps(ZERO3_AS_TORCH_JSON))

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from raytune_sd3.config import ConfigError, load_job
-from raytune_sd3.driver.resume import SETTINGS_FILE, guard_resume
+from raytune_sd3.driver.resume import guard_resume
 from raytune_sd3.driver.training import build_trainer
+from raytune_sd3.run_layout import SETTINGS as SETTINGS_FILE
+from raytune_sd3.run_layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +22,9 @@ def test_trainer_keeps_the_configured_checkpoints_and_failures(tmp_path):
     run = trainer.run_config
     assert run.checkpoint_config.num_to_keep == 3 and run.failure_config.max_failures == 4
     assert run.name == "run" and Path(run.storage_path) == tmp_path / "run" / "ray"
+    # The folder the workers look in for checkpoints Ray Train has not registered yet is Ray Train's run folder,
+    # the one the resume guard keeps its settings in (one computation: run_layout.py).
+    assert Path(trainer.train_loop_config["run_dir"]) == tmp_path / "run" / "ray" / "run" == RunLayout.of(cfg).run_dir
     assert trainer.scaling_config.num_workers == 2
 
 
@@ -47,9 +52,10 @@ def test_a_finished_run_is_found_without_ray(tmp_path):
     not finished (the normal path decides). A key a resumed run may change does not matter."""
     from raytune_sd3.config import dump_job
     from raytune_sd3.driver.placement import Cluster, resolve_auto
-    from raytune_sd3.driver.resume import finished_run, run_dir
-    from raytune_sd3.models.lora import LORA_FILE
-    from raytune_sd3.train.state import file_sizes, write_record
+    from raytune_sd3.driver.resume import finished_run
+    from raytune_sd3.run_layout import LORA as LORA_FILE
+    from raytune_sd3.run_layout import RunLayout
+    from raytune_sd3.train.checkpoint import file_sizes, write_record
 
     out = tmp_path / "run"
 
@@ -63,7 +69,7 @@ def test_a_finished_run_is_found_without_ray(tmp_path):
     steps = ran.train.max_steps
 
     def checkpoint(index: int, step: int) -> Path:
-        folder = run_dir(ran) / f"checkpoint_{index:06d}"
+        folder = RunLayout.of(ran).run_dir / f"checkpoint_{index:06d}"
         folder.mkdir()
         (folder / "train_state.pt").write_bytes(b"s" * step)
         write_record(folder, step, file_sizes(folder))

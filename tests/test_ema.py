@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from raytune_sd3.config import ConfigError, load_job
-from raytune_sd3.models.lora import EMA_LORA_FILE, add_lora, export_lora
+from raytune_sd3.models.lora import add_lora, export_lora
+from raytune_sd3.run_layout import EMA_LORA as EMA_LORA_FILE
+from raytune_sd3.train.checkpoint import load_checkpoint, save_checkpoint
 from raytune_sd3.train.ema import LoraEma, ema_decay_at
 from raytune_sd3.train.loop import WorkerRun, make_lr_schedule
 from raytune_sd3.train.optim import make_optimizer
-from raytune_sd3.train.state import load_checkpoint, save_checkpoint
 from raytune_sd3.train.strategy import DDPStrategy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def _assert_same_trajectory(run: dict[int, dict], reference: dict[int, dict], re
 
 
 def _newest_checkpoint(run_dir: Path) -> int | None:
-    """The step of the newest checkpoint wholly on storage, judged without train/state.py (the run resumes by its
+    """The step of the newest checkpoint wholly on storage, judged without train/checkpoint.py (the run resumes by its
     newest_on_storage, so that cannot be this test's oracle): its record is there and every file a DDP checkpoint
     holds loads (a safetensors or torch file cut short by an upload in progress does not)."""
     import torch

@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raytune_sd3.data.manifest import MANIFEST, READER_COLUMNS, Rows, read_manifest, split_eval, write_manifest
+from raytune_sd3.data.manifest import READER_COLUMNS, Rows, read_manifest, split_eval, write_manifest
 from raytune_sd3.data.reader import plan_buckets
+from raytune_sd3.run_layout import MANIFEST
 
 
 def _rows(n: int, seed: int = 0) -> list[dict]:

@@ -12,10 +12,11 @@ import yaml
 
 from raytune_sd3.config import ConfigError, dump_job, load_job
 from raytune_sd3.driver.placement import Cluster, resolve_as_saved, resolve_auto
-from raytune_sd3.driver.resume import SETTINGS_FILE, guard_resume, run_dir
+from raytune_sd3.driver.resume import guard_resume
 from raytune_sd3.hardware import GIB, GPU_GIB
 from raytune_sd3.memory import estimate
 from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS, SD3_VAE_PARAMS, TransformerShape
+from raytune_sd3.run_layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE = "stabilityai/stable-diffusion-3.5-large"
@@ -147,12 +148,12 @@ def test_a_resolved_job_passes_through_and_the_resume_guard_sees_its_values(tmp_
     assert again.train == cfg.train
 
     guard_resume(cfg, restart=False)
-    settings = yaml.safe_load((run_dir(cfg) / SETTINGS_FILE).read_text())
+    settings = yaml.safe_load(RunLayout.of(cfg).settings.read_text())
     assert settings["train"]["batch_size"] == cfg.train.batch_size  # the resolved value, not "auto"
     rerun = sd35(tmp_path)
     resolve_auto(rerun, ONE_H100)
     guard_resume(rerun, restart=False)  # the same cluster: the same split, resumed
-    (run_dir(cfg) / "checkpoint_000001").mkdir()  # a checkpoint to resume: another split is refused
+    (RunLayout.of(cfg).run_dir / "checkpoint_000001").mkdir()  # a checkpoint to resume: another split is refused
     moved = sd35(tmp_path)
     resolve_auto(moved, Cluster((gpu_node("H200"),)))
     with pytest.raises(ConfigError, match=rf"train.batch_size: {cfg.train.batch_size} -> {moved.train.batch_size}"):

@@ -296,7 +296,7 @@ def test_prodigy_and_schedule_free_lower_the_demo_eval_loss(first_run, tiny_sd3,
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raytune_sd3.data.manifest import MANIFEST
+    from raytune_sd3.run_layout import MANIFEST
     from raytune_sd3.train.loop import train_loop_per_worker
 
     tmp = first_run[0]

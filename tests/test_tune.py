@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from raytune_sd3.config import ConfigError, dump_job, load_job
-from raytune_sd3.data.manifest import MANIFEST
+from raytune_sd3.run_layout import MANIFEST
 from raytune_sd3.tune.config import check_study, job_for_params, study_base
 from raytune_sd3.tune.report import TrialRecord, best_trial, trial_record, write_report
 
@@ -467,7 +467,7 @@ def test_best_yaml_trains(study, tmp_path):
 def test_report_only_rewrites_the_report_and_trains_nothing(study, tmp_path):
     """`--report-only` on the finished study: the same table from Tune's saved state, no trial touched. (After
     the tests above: it deletes the report before rewriting it.)"""
-    from raytune_sd3.driver.resume import STUDY_REPORT_FILES as REPORT_FILES
+    from raytune_sd3.run_layout import STUDY_REPORT as REPORT_FILES
 
     out = study["out"]
     table, best = (out / "trials.csv").read_text(), load_job(out / "best.yaml")
@@ -512,8 +512,7 @@ def _metrics_lines(path: Path) -> dict[int, str]:
 
 @pytest.mark.slow
 def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study, tmp_path):
-    from raytune_sd3.train.state import newest_on_storage
-    from tests.test_fault import _our_train_workers
+    from tests.test_fault import _newest_checkpoint, _our_train_workers  # the step judged from the files alone
 
     out, tag = tmp_path / "study", uuid.uuid4().hex
     env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
@@ -529,12 +528,12 @@ def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study,
             victim, killed_at, deadline = None, None, time.time() + 600
             while killed_at is None and driver.poll() is None and time.time() < deadline:
                 for trial in (out / "trials").glob("*") if (out / "trials").is_dir() else ():
-                    newest = newest_on_storage(trial / "ray" / trial.name) if (trial / "ray").is_dir() else None
-                    if newest and newest[0] >= 4:  # one trial at a time: the only worker with our tag is its own
+                    newest = _newest_checkpoint(trial / "ray" / trial.name)
+                    if newest is not None and newest >= 4:  # one trial at a time: the only worker with our tag is its own
                         workers = _our_train_workers(tag)
                         assert len(workers) == 1, workers
                         os.kill(workers[0], signal.SIGKILL)
-                        victim, killed_at = trial.name, newest[0]
+                        victim, killed_at = trial.name, newest
                         break
                 time.sleep(0.005)
             assert killed_at is not None, log_path.read_text()[-3000:]

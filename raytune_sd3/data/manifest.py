@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-MANIFEST = "manifest.parquet"
-LEGACY_MANIFEST = "manifest.json"
+from raytune_sd3 import atomic
+
 MANIFEST_FORMAT = "1"
 READER_COLUMNS = ("latent_key", "text_key", "text_keys", "width", "height", "repeats", "regularisation",
                   "dataset_id", "flip_key")
@@ -96,9 +96,7 @@ def write_manifest(path: Path, rows: Rows | Sequence[dict], uncond_key: str, val
         table = table.select(SCHEMA.names).cast(SCHEMA)
     meta = {"cache_dir": cache_dir, "uncond_key": uncond_key, "validation": validation}
     table = table.replace_schema_metadata({"format": MANIFEST_FORMAT, "raytune_sd3": json.dumps(meta)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic.write_file(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_manifest(path: Path | str, columns: Sequence[str] | None = None) -> dict:

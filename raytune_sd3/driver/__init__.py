@@ -10,7 +10,7 @@ results. The workers (raytune_sd3/train/: the per-GPU loop and what it uses) imp
     runtime.py    join RAY_ADDRESS or start a local Ray
     placement.py  the job against the cluster: `auto` settings, workers that can never be placed, waiting
     resume.py     a rerun continues its run, and only with the settings it had
-    training.py   the TorchTrainer of a job, the whole training command, the final LoRA copied out
+    training.py   the TorchTrainer of a job, the whole training command
     curves.py     output_dir/curves.png: the loss curve and, beside it, the validation CLIP score
     backend.py    Ray Train's torch process group (NCCL where the workers can use it, else gloo)
     faults.py     a retry that fails as the last one did is a bug: stop instead of retrying

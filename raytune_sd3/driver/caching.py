@@ -10,16 +10,18 @@ import json
 import logging
 from pathlib import Path
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import JobConfig
 from raytune_sd3.data.demo import make_demo_dataset
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheReport, CacheSpec, build_cache
-from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST, Rows, split_eval, write_manifest
+from raytune_sd3.data.manifest import Rows, split_eval, write_manifest
 from raytune_sd3.data.reader import BucketError, bucket_of, plan_buckets
 from raytune_sd3.data.sources import sources_of
 from raytune_sd3.data.tables import table_sources
 from raytune_sd3.driver.placement import ensure_resolved
 from raytune_sd3.models.loading import component_identity, vae_scaling
+from raytune_sd3.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +61,13 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     report = build_cache(spec, items, ["", *cfg.validation.prompts, *negative], cfg.data.encode_batch_size,
                          cfg.data.encode_actors, cfg.data.max_image_pixels, cfg.data.random_flip, sources)
     report.skipped = skipped + report.skipped
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout.of(cfg)
     summary = {**report.summary(), "buckets": bucket_counts(report.rows)}
-    (out / "cache_report.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_text(layout.cache_report, json.dumps(summary, indent=2))
     used = {r["dataset_id"] for r in report.rows}
     empty = [ds.id for ds in cfg.data.datasets if ds.id not in used]
     if empty:  # after cache_report.json is written: it says why each image was skipped
-        raise RuntimeError(f"data set(s) {', '.join(empty)}: no usable image; {out / 'cache_report.json'} lists "
+        raise RuntimeError(f"data set(s) {', '.join(empty)}: no usable image; {layout.cache_report} lists "
                            "each skipped file and why")
     rows = Rows.of(report.rows)  # one table: the bucket check below and the manifest file
     # Before any worker starts: a bucket that cannot fill a global batch is an error naming it (or the policy).
@@ -85,11 +86,11 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     validation = [{"prompt": p, "text_key": report.text_keys[p],
                    **({"negative_key": report.text_keys[negative[0]]} if negative else {})}
                   for p in cfg.validation.prompts]
-    manifest = out / MANIFEST
+    manifest = layout.manifest
     write_manifest(manifest, rows, report.text_keys[""], validation, spec.cache_dir)
-    if (out / LEGACY_MANIFEST).exists():  # an earlier version's manifest.json: superseded, so nothing reads it
-        (out / LEGACY_MANIFEST).unlink()
-        log.info("%s replaced by %s (columnar; an earlier version wrote JSON)", out / LEGACY_MANIFEST, manifest)
+    if layout.legacy_manifest.exists():  # an earlier version's manifest.json: superseded, so nothing reads it
+        layout.legacy_manifest.unlink()
+        log.info("%s replaced by %s (columnar; an earlier version wrote JSON)", layout.legacy_manifest, manifest)
     log.debug("cache: %s", json.dumps(summary))
     return manifest, report
 

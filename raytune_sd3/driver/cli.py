@@ -10,8 +10,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import ConfigError, JobConfig, load_job, one_screen, redact
 from raytune_sd3.driver.preflight import check_paths
+from raytune_sd3.run_layout import RunLayout
 
 log = logging.getLogger("raytune_sd3")
 
@@ -103,9 +105,7 @@ def run(main: Callable[[], int], verbose: bool = False) -> int:
 def report_failure(error: BaseException, out: Path, what: str = "training") -> int:
     """The error's first lines on screen, the whole of it in output_dir/error.log (secrets stripped); returns 1."""
     text = redact("".join(traceback.format_exception(error)))
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = out / "error.log"
-    log_file.write_text(text)
+    log_file = atomic.write_text(RunLayout(out).error_log, text)
     lines = [ln for ln in redact(str(error)).splitlines() if ln.strip()]
     print(f"error: {what} failed: " + "\n  ".join(lines[:6]) + ("\n  ..." if len(lines) > 6 else ""),
           file=sys.stderr)

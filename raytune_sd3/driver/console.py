@@ -20,10 +20,10 @@ from collections import deque
 from pathlib import Path
 
 from raytune_sd3.progress import Progress
+from raytune_sd3.run_layout import RunLayout
 
 log = logging.getLogger("raytune_sd3")
 WORKER_PREFIX = "raytune_sd3:"
-RAY_LOG = "ray.log"
 # Read at their source before Ray starts (a local Ray's workers inherit them): transformers' own handler, set up on
 # import; Tune's console reporter, whose configuration box and TensorBoard hint (a session path) are print()s even at
 # verbose=0 (the legacy reporter prints nothing at 0, and its log records go to ray.log).
@@ -107,7 +107,7 @@ def ray_log_to_file(out_dir: Path) -> Path:
     party's records write to out_dir/ray.log only, as does native code's stderr; returns the path. Pair with
     init_ray(configure_logging=False) and route_worker_output."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RAY_LOG
+    path = RunLayout(out_dir).ray_log
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     import ray  # noqa: F401 - Ray and Ray Data set up their loggers' handlers on import: replace them after
@@ -192,7 +192,7 @@ class TrainingProgress(BackgroundLoop):
 
     def __init__(self, out_dir: Path, max_steps: int, desc: str = "training", poll_s: float = 0.5):
         super().__init__(poll_s, "raytune_sd3-progress")
-        self.path, self.max_steps, self.desc = Path(out_dir) / "metrics.jsonl", max_steps, desc
+        self.path, self.max_steps, self.desc = RunLayout(out_dir).metrics, max_steps, desc
         self._offset, self._last_step, self._last = 0, 0, None
         self._read_new()
         self.bar = None

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-CURVES = "curves.png"
+from raytune_sd3 import atomic
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -60,8 +60,7 @@ def plot_training_curves(metrics: Path, path: Path) -> Path | None:
         ax.set_title("Validation CLIP score")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic.write_file(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)

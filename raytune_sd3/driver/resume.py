@@ -12,18 +12,14 @@ from pathlib import Path
 
 import yaml
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import REDACTED, ConfigError, JobConfig, dump_job, redact
+from raytune_sd3.run_layout import RunLayout
 
 # Keys that may change between a run and its resumption; any other change means a different run.
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "eval_every",
                      "max_nonfinite_steps", "divergence_factor", "grad_norm_limit"}
-SETTINGS_FILE = "raytune_sd3_settings.json"
 log = logging.getLogger("raytune_sd3")
-
-
-def run_dir(cfg: JobConfig) -> Path:
-    """Where Ray Train keeps this run's checkpoints (and a Tune study its state)."""
-    return Path(cfg.output_dir) / "ray" / cfg.run_name
 
 
 def run_settings(cfg: JobConfig) -> dict:
@@ -47,16 +43,18 @@ def schema_default(section: str, key: str):
 
 def guard_resume(cfg: JobConfig, restart: bool) -> None:
     """Refuse to silently continue an earlier run in output_dir that had other settings; --restart starts over."""
-    folder = run_dir(cfg)
+    from raytune_sd3.train.checkpoint import any_on_storage  # imported here for start-up time: it loads torch
+
+    layout = RunLayout.of(cfg)
+    folder, path = layout.run_dir, layout.settings
     if restart and folder.exists():
         shutil.rmtree(folder)
     settings = redact(run_settings(cfg))  # a file beside the checkpoints: no secret in it (or in the error below)
-    path = folder / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text())
         diffs = [_change(f"{sec}.{k}", was, v) for sec, vals in settings.items() for k, v in vals.items()
                  if (was := old.get(sec, {}).get(k, schema_default(sec, k))) != v]
-        if diffs and not _has_checkpoint(folder):  # it failed before its first checkpoint: nothing to resume
+        if diffs and not any_on_storage(folder):  # it failed before its first checkpoint: nothing to resume
             log.info("%s: the earlier run there left no checkpoint; starting over with this job's settings (%s)",
                      folder, "; ".join(diffs))
             shutil.rmtree(folder)
@@ -64,19 +62,13 @@ def guard_resume(cfg: JobConfig, restart: bool) -> None:
             raise ConfigError(
                 f"{folder} holds a run with other settings, which this job would resume:\n  " + "\n  ".join(diffs)
                 + "\nUse another output_dir or name for a new run, or pass --restart to discard the old one.")
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    """Whether Ray Train left a checkpoint (complete or not) of the run in `folder` to resume from."""
-    return any(folder.glob("checkpoint_*"))
+    atomic.write_text(path, json.dumps(settings, indent=1))
 
 
 def validation_changes(cfg: JobConfig) -> list[str]:
     """The validation settings of this job that differ from those its finished run in output_dir recorded
     (job.yaml), as `key: old -> new` lines; secrets are not shown."""
-    saved = Path(cfg.output_dir) / "job.yaml"
+    saved = RunLayout.of(cfg).job
     try:
         old = yaml.safe_load(saved.read_text()).get("validation") or {}
     except (OSError, yaml.YAMLError, AttributeError):
@@ -90,12 +82,11 @@ def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
     """(step, LoRA file) of a finished run of this very job in output_dir, found without Ray: its settings are this
     job's (`auto` read as that run resolved it), its newest complete checkpoint is at train.max_steps, and its LoRA
     was copied out. None otherwise (a longer max_steps, other settings: the normal path decides)."""
-    # imported here for start-up time: models.lora loads torch
     from raytune_sd3.driver.placement import resolve_as_saved
-    from raytune_sd3.models.lora import LORA_FILE
+    from raytune_sd3.train.checkpoint import newest_on_storage  # imported here for start-up time: it loads torch
 
-    out, folder = Path(cfg.output_dir), run_dir(cfg)
-    saved, settings, lora = out / "job.yaml", folder / SETTINGS_FILE, out / LORA_FILE
+    layout = RunLayout.of(cfg)
+    saved, settings, lora = layout.job, layout.settings, layout.lora
     if not (saved.is_file() and settings.is_file() and lora.is_file()):
         return None
     from raytune_sd3.config import load_job
@@ -108,10 +99,7 @@ def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
         return None
     if not same:
         return None
-    # imported here for start-up time: train.state loads torch
-    from raytune_sd3.train.state import newest_on_storage
-
-    newest = newest_on_storage(folder)
+    newest = newest_on_storage(layout.run_dir)
     return (newest[0], lora) if newest and newest[0] == cfg.train.max_steps else None
 
 
@@ -121,9 +109,6 @@ def _change(key: str, old, new) -> str:
     if REDACTED in str(old):
         return f"{key}: {old!r} -> another value (or the same secret, not marked as one here by its variable)"
     return f"{key}: {old!r} -> {new!r}"
-
-
-STUDY_REPORT_FILES = ("trials.csv", "trials.md", "eval_loss.png", "stability.png", "best.yaml")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -140,22 +125,23 @@ def guard_study(cfg: JobConfig, resume: bool, restart: bool, report_only: bool) 
     """Refuse to mix two studies in one output_dir: an existing one is resumed (same job), restarted or reported."""
     from ray import tune
 
-    out, path = Path(cfg.output_dir), run_dir(cfg)
+    layout = RunLayout.of(cfg)
+    out, path = layout.output_dir, layout.run_dir
     exists = tune.Tuner.can_restore(path)
     if report_only:
         if not exists:
             raise ConfigError(f"{path}: no study to report on")
         return
     if restart:
-        for p in (path, out / "trials"):
+        for p in (path, layout.trials):
             shutil.rmtree(p, ignore_errors=True)
-        for name in STUDY_REPORT_FILES:
-            (out / name).unlink(missing_ok=True)
+        for report_file in layout.study_report:
+            report_file.unlink(missing_ok=True)
         return
     if exists and not resume:
         raise ConfigError(f"{out} already holds a study ({path}). Pass --resume to continue it, --restart to "
                           "discard it, or use another output_dir.")
-    saved = out / "job.yaml"
+    saved = layout.job
     if exists and saved.exists():
         old, new = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(dump_job(cfg)))
         # Keys in one dump only are fields a code update added or removed, not a change of this study.

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from raytune_sd3.config import JobConfig, dump_job
+from raytune_sd3.config import JobConfig
 from raytune_sd3.driver.resume import finished_run, guard_resume, validation_changes
-from raytune_sd3.models.lora import EMA_LORA_FILE, LORA_FILE
+from raytune_sd3.run_layout import CURVES, RunLayout, write_job
 
 log = logging.getLogger("raytune_sd3")
 
 
 def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: list | None = None,
-                  storage_path: str | None = None, revalidate: bool = False):
+                  revalidate: bool = False):
     """The TorchTrainer for this job (Tune trials build theirs here too, with TuneReportCallback). `revalidate`: a
     finished run resumed only to validate its final LoRA again (train/loop.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -38,20 +37,18 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
 
     ensure_resolved(cfg)
     t = cfg.train
-    storage = storage_path or str(Path(cfg.output_dir).resolve() / "ray")
-    # Checkpoints on a local storage path are also looked up by the workers directly (train/state.py).
-    run_dir = None if "://" in storage else str(Path(storage) / cfg.run_name)
+    layout = RunLayout.of(cfg)  # output_dir is absolute (config.py resolves it): the workers read the same folder
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "manifest": str(manifest), "pretrained": pretrained,
-                           "run_dir": run_dir, "revalidate": revalidate, **resolve_validation_models(cfg)},
+                           "run_dir": str(layout.run_dir), "revalidate": revalidate, **resolve_validation_models(cfg)},
         torch_config=WorkerTorchConfig(),
         scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
                                      use_gpu=bool(t.use_gpu), resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=storage,
+            storage_path=str(layout.ray_storage),
             # A node reclaimed after a drain notice (spot) restarts the run without using up max_failures, which is
             # for real failures: Ray Train counts those restarts apart (train/loop.py checkpoints at the notice).
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1),
@@ -61,31 +58,20 @@ def build_trainer(cfg: JobConfig, manifest: Path, pretrained: str, callbacks: li
     )
 
 
-def copy_final_lora(checkpoint_dir: Path | str, output_dir: Path | str) -> Path:
-    """Copy a checkpoint's LoRA file, and its EMA LoRA where train.ema_decay made one, into output_dir (atomically:
-    a reader never sees half a file). Returns the LoRA's path."""
-    for name in (LORA_FILE, EMA_LORA_FILE):
-        src, dest = Path(checkpoint_dir) / name, Path(output_dir) / name
-        if name == LORA_FILE or src.exists():
-            tmp = dest.with_name(f".{name}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dest)
-    return Path(output_dir) / LORA_FILE
-
-
 def last_metrics(out: Path) -> dict:
     """The last line of output_dir/metrics.jsonl ({} before the first)."""
-    path = out / "metrics.jsonl"
+    path = RunLayout(out).metrics
     lines = path.read_text().splitlines() if path.exists() else []
     return json.loads(lines[-1]) if lines else {}
 
 
 def write_curves(out: Path) -> Path | None:
     """output_dir/curves.png (loss and CLIP score) from metrics.jsonl; a plot that fails is logged, never fatal."""
-    from raytune_sd3.driver.curves import CURVES, plot_training_curves
+    from raytune_sd3.driver.curves import plot_training_curves
 
+    layout = RunLayout(out)
     try:
-        return plot_training_curves(out / "metrics.jsonl", out / CURVES)
+        return plot_training_curves(layout.metrics, layout.curves)
     except Exception as e:  # noqa: BLE001 - a picture must not turn a finished run into a failed one
         log.warning("could not draw %s: %s: %s", CURVES, type(e).__name__, e)
         return None
@@ -94,10 +80,10 @@ def write_curves(out: Path) -> Path | None:
 def set_aside_error_log(out: Path) -> None:
     """An error.log of an earlier, failed attempt is moved aside (error.previous.log) once a run succeeds, so the
     folder of a finished run does not read as a failed one."""
-    log_file = out / "error.log"
-    if log_file.is_file():
-        log_file.replace(out / "error.previous.log")
-        log.info("%s of an earlier attempt moved to %s", log_file, out / "error.previous.log")
+    layout = RunLayout(out)
+    if layout.error_log.is_file():
+        layout.error_log.replace(layout.previous_error_log)
+        log.info("%s of an earlier attempt moved to %s", layout.error_log, layout.previous_error_log)
 
 
 def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> int:
@@ -131,9 +117,9 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
 
     refuse_on_cluster(cfg, cluster)  # on a cluster: its worker count is known only now, and nothing is cached yet
     guard_resume(cfg, restart)  # after connect: a resumed run must resolve `auto` the same way
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.yaml").write_text(dump_job(cfg))
+    layout = RunLayout.of(cfg)
+    out = layout.output_dir
+    write_job(cfg)
     manifest, report = prepare_data(cfg, pretrained)
     log.info("cache: %d items (%d latents encoded, %d reused; %d captions encoded, %d reused; %d skipped) in %.1fs",
              len(report.rows), report.latents_encoded, report.latents_reused, report.texts_encoded,
@@ -156,11 +142,13 @@ def train_job(cfg: JobConfig, restart: bool = False, verbose: bool = False) -> i
         return 3
     if result.checkpoint is None:
         return report_failure(RuntimeError("training finished without a checkpoint"), out)
+    from raytune_sd3.train.checkpoint import copy_final_lora  # imported here for start-up time: it loads torch
+
     with result.checkpoint.as_directory() as folder:
         lora = copy_final_lora(folder, out)
-    images = sorted((out / "validation").glob("step_*"))
-    log.info("done in %.0f s. LoRA: %s\n  metrics: %s (curves.png)%s", time.perf_counter() - t0, lora,
-             out / "metrics.jsonl", f"\n  validation images: {images[-1]}" if images else "")
+    images = layout.validation_steps()
+    log.info("done in %.0f s. LoRA: %s\n  metrics: %s (%s)%s", time.perf_counter() - t0, lora, layout.metrics, CURVES,
+             f"\n  validation images: {images[-1]}" if images else "")
     # imported here for start-up time: hub.publish loads torch
     from raytune_sd3.hub.publish import publish
 

@@ -21,7 +21,7 @@ from raytune_sd3.config import ConfigError, load_job
 from raytune_sd3.driver.cli import command_parser
 from raytune_sd3.driver.console import setup_logging
 from raytune_sd3.hub.publish import publish, token_problem
-from raytune_sd3.models.lora import LORA_FILE
+from raytune_sd3.run_layout import LORA, RunLayout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public", action="store_true", help="create a new repo public (default: private)")
     args = p.parse_args(argv)
     setup_logging()  # our lines only: huggingface_hub's HTTP client would log every request
-    out = Path(args.output_dir).resolve()
+    layout = RunLayout(Path(args.output_dir).resolve())
     overrides = [f"hub.repo_id={args.repo_id}"] if args.repo_id else []
     overrides += ["hub.private=false"] if args.public else []
-    if not (out / "job.yaml").is_file() or not (out / LORA_FILE).is_file():
-        print(f"error: {out} holds no finished run (job.yaml and {LORA_FILE})", file=sys.stderr)
+    if not layout.job.is_file() or not layout.lora.is_file():
+        print(f"error: {layout.output_dir} holds no finished run ({layout.job.name} and {LORA})", file=sys.stderr)
         return 2
     try:
-        cfg = load_job(out / "job.yaml", overrides)
+        cfg = load_job(layout.job, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := token_problem(cfg)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    return publish(cfg, out)
+    return publish(cfg, layout.output_dir)
 
 
 if __name__ == "__main__":

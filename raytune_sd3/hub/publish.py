@@ -22,14 +22,13 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import HF_TOKEN_ENV, TINY_MODELS, JobConfig, dump_job, model_is_path, redact
-from raytune_sd3.models.lora import LORA_FILE
+from raytune_sd3.run_layout import CARD, CARD_IMAGES, LORA, RunLayout
 
 log = logging.getLogger("raytune_sd3")
 
-CARD = "README.md"
-IMAGES = "images"
-UPLOADED = [CARD, LORA_FILE, f"{IMAGES}/*"]
+UPLOADED = [CARD, LORA, f"{CARD_IMAGES}/*"]
 EXIT_UPLOAD_FAILED = 4
 
 # The base models' licences as their model cards give them (all SD3 / SD3.5 weights: the Stability AI Community
@@ -99,20 +98,21 @@ def trigger_of(cfg: JobConfig) -> str | None:
 def copy_validation_images(cfg: JobConfig, out: Path) -> list[tuple[str, str]]:
     """The last validation step's PNGs copied to out/images/ (replacing earlier copies); returns (relative path,
     prompt) per image. validation/step_N/NN_WxH.png is prompt NN at WxH."""
-    steps = sorted((out / "validation").glob("step_*"))
+    layout = RunLayout(out)
+    steps = layout.validation_steps()
     pngs = sorted(steps[-1].glob("*.png")) if steps else []
-    dest, tmp = out / IMAGES, out / f".{IMAGES}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     shown = []
     for png in pngs:
         index = png.stem.partition("_")[0]
         prompt = cfg.validation.prompts[int(index)] if index.isdigit() and int(index) < len(
             cfg.validation.prompts) else png.stem
-        shutil.copyfile(png, tmp / png.name)
-        shown.append((f"{IMAGES}/{png.name}", prompt))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+        shown.append((f"{CARD_IMAGES}/{png.name}", prompt))
+
+    def copy(folder: Path) -> None:
+        for png in pngs:
+            shutil.copyfile(png, folder / png.name)
+
+    atomic.write_folder(layout.card_images, copy)
     return shown
 
 
@@ -166,7 +166,7 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
               *base_note, "",
               f"pipe = StableDiffusion3Pipeline.from_pretrained({load_base}, torch_dtype=torch.bfloat16)"
               '.to("cuda")',
-              f"pipe.load_lora_weights({json.dumps(where)})  # {LORA_FILE}",
+              f"pipe.load_lora_weights({json.dumps(where)})  # {LORA}",
               f"image = pipe({json.dumps(trigger or (cfg.validation.prompts or ['a photo'])[0])}, "
               f"num_inference_steps={cfg.validation.steps}, guidance_scale={cfg.validation.guidance:g}).images[0]",
               "```", ""]
@@ -193,7 +193,7 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
 
 def trained_steps(out: Path) -> int | None:
     """The step of the last line of out/metrics.jsonl (None without one)."""
-    path = out / "metrics.jsonl"
+    path = RunLayout(out).metrics
     lines = path.read_text().splitlines() if path.is_file() else []
     return json.loads(lines[-1]).get("step") if lines else None
 
@@ -208,11 +208,7 @@ def write_model_card(cfg: JobConfig, out: Path, steps: int | None = None) -> Pat
     `steps`: the steps trained (default: the last step in out/metrics.jsonl)."""
     images = copy_validation_images(cfg, out)
     steps = steps if steps is not None else trained_steps(out)
-    card = out / CARD
-    tmp = out / f".{CARD}.tmp"
-    tmp.write_text(model_card(cfg, images, steps))
-    tmp.replace(card)
-    return card
+    return atomic.write_text(RunLayout(out).card, model_card(cfg, images, steps))
 
 
 # --- the upload -----------------------------------------------------------------------------------------------

@@ -9,17 +9,14 @@ lora_B leaves W + BA, and so DoRA's row norms, unchanged.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import LoraConfig
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMA_LORA_FILE = "pytorch_lora_weights_ema.safetensors"  # the EMA of the weights (train.ema_decay), same layout
+from raytune_sd3.run_layout import LORA as LORA_FILE
 
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _CONTEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -134,11 +131,9 @@ def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], metadata
     """Write `out_dir/name` atomically (temp file in the same folder, then rename)."""
     from diffusers import StableDiffusion3Pipeline
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
+    def write(tmp: Path) -> None:
         StableDiffusion3Pipeline.save_lora_weights(
-            tmp, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata, weight_name=name
-        )
-        os.replace(Path(tmp) / name, out_dir / name)
-    return out_dir / name
+            tmp.parent, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata,
+            weight_name=tmp.name)
+
+    return atomic.write_file(Path(out_dir) / name, write)

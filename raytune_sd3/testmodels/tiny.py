@@ -13,9 +13,7 @@ the prompt-embedding concatenation or padding show up as shape errors instead of
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import string
 from collections import Counter
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from raytune_sd3 import atomic
 from raytune_sd3.models.layers import tiny_transformer_config
 from raytune_sd3.models.loading import tiny_pipeline_dir
 
@@ -248,28 +247,16 @@ def build_tiny_pipeline(out_dir: str | Path, sd35: bool = False, seed: int = 0) 
 
 
 def write_atomically(out_dir: Path, write: Callable[[Path], None], marker: str = "model_index.json") -> Path:
-    """Run ``write(tmp)`` on a temp dir next to ``out_dir``, then rename it into place; returns ``out_dir``.
-    ``marker`` is the file a finished folder holds.
+    """Run ``write(tmp)`` on a temp dir next to ``out_dir``, then rename it into place (atomic.write_folder);
+    returns ``out_dir``. ``marker`` is the file a finished folder holds.
 
     Readers never see a half-written folder, and of concurrent builders the loser of the rename discards its copy.
+    A folder in the way that is not a model is the user's: refused, never replaced.
     """
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists, is not empty and holds no model (no {marker})")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed build by a process with our pid
-    try:
-        with _no_shard_bars():
-            write(tmp)
-        try:
-            os.replace(tmp, out_dir)  # atomic; also succeeds over an empty directory
-        except OSError:
-            if not (out_dir / marker).exists():
-                raise
-            # another process finished first: keep its copy
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    with _no_shard_bars():
+        return atomic.write_folder(out_dir, write, done=marker)
 
 
 @contextmanager

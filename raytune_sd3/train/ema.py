@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-EMA_RAW = "lora_ema_raw.safetensors"  # in a checkpoint: the EMA by parameter name, fp32, for resuming
+from raytune_sd3.run_layout import CHECKPOINT_RAW_EMA
+
+EMA_RAW = CHECKPOINT_RAW_EMA  # in a checkpoint: the EMA by parameter name, fp32, for resuming
 
 
 def ema_decay_at(decay: float, updates: int) -> float:

@@ -17,15 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import OPTIMIZERS, JobConfig
 from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
 from raytune_sd3.data.reader import CachedBatches, Prefetcher
 from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
-from raytune_sd3.models.lora import EMA_LORA_FILE, LoraAutocast, add_lora, export_lora
+from raytune_sd3.models.lora import LoraAutocast, add_lora, export_lora
 from raytune_sd3.models.lora_files import load_lora_file, read_lora_file
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
+from raytune_sd3.run_layout import EMA_LORA, RunLayout
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
+from raytune_sd3.train.checkpoint import load_checkpoint, load_optimizer, resume_point, write_checkpoint
 from raytune_sd3.train.ema import LoraEma
 from raytune_sd3.train.flops import count_flops, peak_tflops
 from raytune_sd3.train.optim import (
@@ -35,22 +38,10 @@ from raytune_sd3.train.optim import (
     optimizer_metrics,
     start_training,
 )
-from raytune_sd3.train.state import (
-    file_sizes,
-    load_checkpoint,
-    load_optimizer,
-    newest_on_storage,
-    read_record,
-    save_checkpoint,
-    save_optimizer,
-    write_record,
-)
 from raytune_sd3.train.strategy import make_strategy
 from raytune_sd3.train.tracking import Tracker
 from raytune_sd3.train.validation import eval_loss, sample_images
 from raytune_sd3.train.validation_extras import ValidationExtras
-
-METRICS = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -61,10 +52,7 @@ class MetricsLog:
         kept = []
         if path.exists() and resume_step > 0:
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        tmp.replace(path)
+        atomic.write_text(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -105,33 +93,6 @@ def _step_seed(seed: int, step: int, slot: int) -> int:
     return int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0])
 
 
-def _resume_point(run_dir: str | None, rank: int, world: int):
-    """A context giving the checkpoint folder to resume from (None: a fresh start): Ray Train's registered
-    checkpoint, or a newer complete one that reached storage before Ray Train registered it (train/state.py).
-    Rank 0 decides, so every rank loads the same one."""
-    import ray.train
-
-    registered = ray.train.get_checkpoint()
-    choice: list = [None]
-    if rank == 0:
-        found = newest_on_storage(Path(run_dir)) if run_dir and Path(run_dir).is_dir() else None
-        record = read_record(Path(registered.path)) if registered is not None and Path(registered.path).is_dir() else None
-        if found and (registered is None or (record is not None and found[0] > record["step"])):
-            known = f"step {record['step']}" if registered is not None else "none"
-            print(f"raytune_sd3: resuming from step {found[0]} ({found[1].name}), the newest complete checkpoint on "
-                  f"storage (Ray Train had registered {known})", flush=True)
-            choice = [str(found[1])]
-        elif registered is not None:
-            print("raytune_sd3: resuming from " + (f"step {record['step']} " if record else "")
-                  + f"(Ray Train's checkpoint {Path(registered.path).name})", flush=True)
-            choice = ["registered"]
-    if world > 1:
-        torch.distributed.broadcast_object_list(choice, src=0)
-    if choice[0] == "registered":
-        return registered.as_directory()
-    return contextlib.nullcontext(choice[0])
-
-
 def train_loop_per_worker(config: dict) -> None:
     """What Ray Train runs on every worker: setup, then the steps. An error carries the step it happened at
     (`raytune_sd3_step`, pickled with it; driver/faults.py tells a bug from a lost worker by it)."""
@@ -168,7 +129,7 @@ class WorkerRun:
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":  # the object collectives (resume choice, checkpoint record) use the current
             torch.cuda.set_device(self.device)  # device: on a node of eight, each rank's own, never all on cuda:0
-        self.out_dir = Path(cfg.output_dir)
+        self.layout = RunLayout.of(cfg)
         self.dtype = DTYPES[cfg.model.dtype]
         self.autocast = contextlib.nullcontext()  # the forwards' precision context: bf16 autocast once the LoRA is on
         self.attention = attention_kernel(self.t.attention)
@@ -208,7 +169,7 @@ class WorkerRun:
         self.optimizer = optimizer = make_optimizer(params, t)
         self.lr_schedule = make_lr_schedule(optimizer, cfg)
         self.start_step, resumed = 0, {}
-        with _resume_point(self.config.get("run_dir"), self.rank, self.world) as folder:
+        with resume_point(self.config.get("run_dir"), self.rank, self.world) as folder:
             if folder is not None:  # LoRA weights before the strategy wraps them (ZeRO-3 partitions them)
                 self.start_step, resumed = load_checkpoint(Path(folder), transformer, self.lr_schedule)
             if t.ema_decay is not None:  # every rank keeps it (the same on each: train/ema.py)
@@ -233,7 +194,7 @@ class WorkerRun:
                                     memory_budget=int(cfg.data.memory_cache_gb * 2**30))
         # Every rank runs a share of the eval forwards (and of the validation images: validate).
         self.eval_batches = self.reader.load_buckets(eval_rows) if eval_rows else []
-        self.log = MetricsLog(self.out_dir / METRICS, self.start_step) if self.rank == 0 else None
+        self.log = MetricsLog(self.layout.metrics, self.start_step) if self.rank == 0 else None
         self.tracker = Tracker(cfg, active=self.rank == 0)
         self.accum = t.accum_for(self.world)  # elastic: more micro-steps on fewer workers, same global batch
         steps = range(self.start_step + 1, t.max_steps + 1)
@@ -378,7 +339,7 @@ class WorkerRun:
         uncond = store.read("text", negative_key or self.manifest["uncond_key"])
         if cfg.text.uncond == "zero" and not negative_key:
             uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
-        folder = self.out_dir / "validation" / f"step_{step:06d}"
+        folder = self.layout.validation_images(step)
         extras = self.validation_extras  # rank 0's
         weights = self.ema.swapped_in() if cfg.validation.use_ema else contextlib.nullcontext()
         # schedule-free samples at its average; the EMA (if used) swaps in over whichever weights
@@ -402,32 +363,25 @@ class WorkerRun:
 
     def report(self, metrics: dict, with_checkpoint: bool) -> None:
         """ray.train.report, with a checkpoint when asked: rank 0's LoRA and loop state, each rank's optimizer
-        shard where sharded, and a record of every rank's files (train/state.py)."""
+        shard where sharded, and a record of every rank's files (train/checkpoint.py)."""
         import ray.train
 
         if not with_checkpoint:
             ray.train.report(metrics)
             return
-        rank, world = self.rank, self.world
+
+        def ema_files(folder: Path) -> None:  # rank 0's: the EMA by name, and as a LoRA beside the LoRA
+            self.ema.save(folder)
+            export_lora(folder, self.ema.lora_tensors(), self.cfg.lora, EMA_LORA)
+
         # A schedule-free optimizer's checkpoint holds its average x, and the optimizer saved in eval mode to match
         with tempfile.TemporaryDirectory() as tmp, averaged_weights(self.optimizer):
             lora = self.strategy.lora_tensors()  # a collective under ZeRO-3: every rank calls it
-            folder = Path(tmp)
-            if rank == 0:
-                save_checkpoint(folder, lora, self.cfg.lora, self.lr_schedule, metrics["step"],
-                                {"initial_eval": self.initial_eval, "nonfinite": self.nonfinite})
-                if self.ema is not None:
-                    self.ema.save(folder)
-                    export_lora(folder, self.ema.lora_tensors(), self.cfg.lora, EMA_LORA_FILE)
-            if rank == 0 or self.strategy.sharded_optimizer:
-                save_optimizer(folder, rank, self.strategy.optimizer_state())
-            sizes = [file_sizes(folder)]
-            if world > 1:  # rank 0's record lists every rank's files: a partly uploaded checkpoint is not complete
-                sizes = [None] * world
-                torch.distributed.all_gather_object(sizes, file_sizes(folder))
-            if rank == 0:
-                write_record(folder, metrics["step"], {k: v for s in sizes for k, v in s.items()})
-            has_files = any(folder.iterdir())
+            has_files = write_checkpoint(Path(tmp), metrics["step"], self.rank, self.world, lora, self.cfg.lora,
+                                         self.lr_schedule, {"initial_eval": self.initial_eval,
+                                                            "nonfinite": self.nonfinite},
+                                         self.strategy.optimizer_state, self.strategy.sharded_optimizer,
+                                         ema_files if self.ema is not None else None)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
     def close(self) -> None:

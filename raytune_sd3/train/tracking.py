@@ -11,20 +11,18 @@ import os
 import uuid
 from pathlib import Path
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import JobConfig, redact
-
-RUN_ID_FILE = "wandb_run_id"
+from raytune_sd3.run_layout import RunLayout
 
 
 def _run_id(out_dir: Path) -> str:
     """This output_dir's W&B run id: made once, then read back by every restart of the run."""
-    path = out_dir / RUN_ID_FILE
+    path = RunLayout(out_dir).wandb_run_id
     if path.exists():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id)
-    tmp.replace(path)
+    atomic.write_text(path, run_id)
     return run_id
 
 

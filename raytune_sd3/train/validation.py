@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from raytune_sd3 import atomic
 from raytune_sd3.config import FlowConfig, ValidationConfig
 from raytune_sd3.flow import NUM_TRAIN_TIMESTEPS, flow_loss, noisy_input
 
@@ -151,8 +152,6 @@ def sample_images(transformer, vae, scheduler, embeds: list[dict], uncond: dict,
     for i, _, size, k in images:
         path = out_dir / image_name(i, size, k)
         if save:
-            tmp = path.with_suffix(".tmp.png")
-            tmp.write_bytes(pngs[path.name])
-            tmp.replace(path)
+            atomic.write_bytes(path, pngs[path.name])
         written.append(path)
     return written

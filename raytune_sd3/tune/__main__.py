@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from raytune_sd3.driver import cli
 
@@ -45,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         from raytune_sd3.config import load_job
         from raytune_sd3.driver.placement import resolve_as_saved
         from raytune_sd3.driver.resume import guard_study
+        from raytune_sd3.run_layout import RunLayout
         from raytune_sd3.tune.run import report, study_job
 
         if args.report_only:
             guard_study(cfg, resume=False, restart=False, report_only=True)
-            saved = Path(cfg.output_dir) / "job.yaml"
+            saved = RunLayout.of(cfg).job
             if saved.is_file():  # the study's `auto` choices, so best.yaml says what the trials ran with
                 resolve_as_saved(cfg, load_job(saved))
             return 0 if report(cfg)["best"] else 3

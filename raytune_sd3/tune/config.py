@@ -25,6 +25,7 @@ from raytune_sd3.config import (  # noqa: F401 - the section's schema lives in c
     load_job,
     set_key,
 )
+from raytune_sd3.run_layout import RunLayout
 
 
 def explicit_trials(tc: TuneConfig, base: dict) -> list[dict[str, Any]]:
@@ -103,7 +104,7 @@ def check_study(cfg: JobConfig) -> TuneConfig:
                                 "needs explicit trials inside it; set the key in the trial or widen the space)")
     for where, params in checks:
         try:
-            job_for_params(base, params, Path(cfg.output_dir) / "trials" / "check")
+            job_for_params(base, params, RunLayout.of(cfg).trial("check"))
         except ConfigError as e:
             detail = str(e).split("\n", 1)[-1].strip()
             problems.append(f"{where}: {params} makes an invalid job: {detail}")

@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from raytune_sd3.config import JobConfig, dump_job
+from raytune_sd3.run_layout import (
+    STUDY_BEST,
+    STUDY_BEST_RUN,
+    STUDY_CURVES,
+    STUDY_MAP,
+    STUDY_TABLE_CSV,
+    STUDY_TABLE_MD,
+    RunLayout,
+)
 from raytune_sd3.tune.config import get_key, job_for_params
 
 STATUSES = ("stable", "stopped", "diverged", "failed", "unfinished")
@@ -102,7 +111,7 @@ def trial_record(trial_id: str, params: dict[str, Any], tune_status: str, result
 
 def read_initial_eval(output_dir: Path | str) -> float | None:
     """The eval loss before training (the step-0 line of a trial's metrics.jsonl), if it was written."""
-    path = Path(output_dir) / "metrics.jsonl"
+    path = RunLayout(output_dir).metrics
     if not path.exists():
         return None
     for line in path.read_text().splitlines():
@@ -150,7 +159,7 @@ def write_tables(records: list[TrialRecord], keys: list[str], study_dir: Path, t
     rows = table_rows(records, keys, study_dir)
     columns = ["trial", "status", *keys, "final_eval_loss", "best_eval_loss", "best_step", "steps", "note",
                "output_dir"]
-    csv_path, md_path = study_dir / "trials.csv", study_dir / "trials.md"
+    csv_path, md_path = study_dir / STUDY_TABLE_CSV, study_dir / STUDY_TABLE_MD
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
@@ -280,8 +289,8 @@ def plot_stability_map(records: list[TrialRecord], base: dict, path: Path) -> Pa
 def write_best_job(base: dict, best: TrialRecord, study_dir: Path, study_name: str) -> Path:
     """The best trial's settings as a job for `python -m raytune_sd3.train`: no tune section, its own output_dir,
     the study's cache (nothing is re-encoded)."""
-    job: JobConfig = job_for_params(base, best.params, study_dir / "best")
-    path = study_dir / "best.yaml"
+    job: JobConfig = job_for_params(base, best.params, study_dir / STUDY_BEST_RUN)
+    path = study_dir / STUDY_BEST
     step, value = best.final_eval
     header = [f"# Best stable trial {best.trial_id} of study {study_name}: eval loss {value:.4g} at step {step}.",
               "# Settings: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()),
@@ -296,12 +305,12 @@ def write_report(base: dict, records: list[TrialRecord], keys: list[str], study_
     study_dir = Path(study_dir)
     csv_path, md_path = write_tables(records, keys, study_dir, f"Study {study_name}")
     paths: dict[str, Path | None] = {"csv": csv_path, "md": md_path,
-                                     "curves": plot_eval_curves(records, study_dir / "eval_loss.png"),
-                                     "map": plot_stability_map(records, base, study_dir / "stability.png")}
+                                     "curves": plot_eval_curves(records, study_dir / STUDY_CURVES),
+                                     "map": plot_stability_map(records, base, study_dir / STUDY_MAP)}
     best = best_trial(records)
     if best:
         paths["best"] = write_best_job(base, best, study_dir, study_name)
     else:
-        (study_dir / "best.yaml").unlink(missing_ok=True)
+        (study_dir / STUDY_BEST).unlink(missing_ok=True)
         paths["best"] = None
     return paths

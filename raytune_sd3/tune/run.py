@@ -11,8 +11,9 @@ import logging
 import time
 from pathlib import Path
 
-from raytune_sd3.config import JobConfig, dump_job
+from raytune_sd3.config import JobConfig
 from raytune_sd3.driver.resume import guard_study
+from raytune_sd3.run_layout import RunLayout, write_job
 
 log = logging.getLogger("raytune_sd3")
 
@@ -44,7 +45,6 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
               verbose: bool = False) -> int:
     """The whole study command on a validated job; returns the exit status."""
     # imported here for start-up time: driver.caching, testmodels.resolve, tune.study load torch and ray
-    from raytune_sd3.data.manifest import LEGACY_MANIFEST, MANIFEST
     from raytune_sd3.driver.caching import prepare_data
     from raytune_sd3.driver.cli import connect
     from raytune_sd3.driver.placement import WaitReporter
@@ -59,12 +59,11 @@ def study_job(cfg: JobConfig, resume: bool = False, restart: bool = False, retry
 
     refuse_on_cluster(cfg, cluster)  # as in driver/training.py
     guard_study(cfg, resume, restart, report_only=False)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.yaml").write_text(dump_job(cfg))
-    manifest = out / MANIFEST
-    if resume and not manifest.exists() and (out / LEGACY_MANIFEST).exists():
-        manifest = out / LEGACY_MANIFEST  # a study begun by an earlier version: its JSON manifest is read as it is
+    layout = RunLayout.of(cfg)
+    write_job(cfg)
+    manifest = layout.manifest
+    if resume and not manifest.exists() and layout.legacy_manifest.exists():
+        manifest = layout.legacy_manifest  # a study begun by an earlier version: its JSON manifest is read as it is
     if resume and manifest.exists():
         # The study's trials were compared on this cache and eval set: a resumed study keeps them as they were.
         log.info("resume: reusing %s (the cache is not touched)", manifest)

@@ -17,7 +17,8 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raytune_sd3.config import JobConfig, dump_job
+from raytune_sd3.config import JobConfig
+from raytune_sd3.run_layout import RunLayout, write_job
 from raytune_sd3.tune.config import (
     TuneConfig,
     explicit_trials,
@@ -132,7 +133,7 @@ class StudyReportCallback(TuneReportCallback):
 
 
 def trial_dir(study_dir: Path | str, trial_id: str) -> Path:
-    return Path(study_dir) / "trials" / trial_id
+    return RunLayout(study_dir).trial(trial_id)
 
 
 def run_trial(params: dict, base: dict, manifest: str, pretrained: str) -> None:
@@ -142,9 +143,7 @@ def run_trial(params: dict, base: dict, manifest: str, pretrained: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = job_for_params(base, params, trial_dir(base["output_dir"], trial_id))
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.yaml").write_text(dump_job(cfg))
+    write_job(cfg)
     metric = (base.get("tune") or {}).get("metric", "eval_loss")
     # A trial restarted by --resume finds its Train run in <trial>/ray and continues from the last checkpoint.
     build_trainer(cfg, Path(manifest), pretrained, callbacks=[StudyReportCallback(metric)]).fit()
@@ -156,9 +155,7 @@ def run_trial(params: dict, base: dict, manifest: str, pretrained: str) -> None:
 
 def experiment_path(cfg: JobConfig) -> Path:
     """Where Tune keeps the study's state (what --resume restores): the job's run folder, as for a training run."""
-    from raytune_sd3.driver.resume import run_dir
-
-    return run_dir(cfg)
+    return RunLayout.of(cfg).run_dir
 
 
 def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = False,
@@ -223,14 +220,13 @@ def collect_trials(cfg: JobConfig, path: Path | None = None) -> list[TrialRecord
 
 def keep_final_loras(records: list[TrialRecord]) -> int:
     """Copy each stable trial's final LoRA from its last Train checkpoint into its folder; returns how many."""
-    # imported here for start-up time: driver.training, models.lora load torch
-    from raytune_sd3.driver.training import copy_final_lora
-    from raytune_sd3.models.lora import LORA_FILE
+    # imported here for start-up time: train.checkpoint loads torch
+    from raytune_sd3.train.checkpoint import copy_final_lora
 
     copied = 0
     for r in records:
-        src = Path(r.final_checkpoint or "") / LORA_FILE
-        if r.status == "stable" and r.final_checkpoint and src.exists() and not (Path(r.output_dir) / LORA_FILE).exists():
+        src = RunLayout(r.final_checkpoint or "").lora  # a checkpoint holds the LoRA under the same name
+        if r.status == "stable" and r.final_checkpoint and src.exists() and not RunLayout(r.output_dir).lora.exists():
             copy_final_lora(r.final_checkpoint, r.output_dir)
             copied += 1
     return copied

@@ -1,15 +1,23 @@
-"""Checkpoint completeness (train/state.py): a checkpoint on storage counts only when checkpoint.json is there and
-every file it lists is there at its size, and a restart picks the newest such one. The oracle is what each test did
-to the folder (a file cut short, one missing, a record half written), not our reader."""
+"""Checkpoint completeness and the resume point (train/checkpoint.py): a checkpoint on storage counts only when
+checkpoint.json is there and every file it lists is there at its size, and a restart picks the newest such one over
+an older one Ray Train registered. The oracle is what each test did to the folder (a file cut short, one missing, a
+record half written), not our reader."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from raytune_sd3.train.state import RECORD, file_sizes, newest_on_storage, read_record, write_record
+from raytune_sd3.run_layout import CHECKPOINT_RECORD as RECORD
+from raytune_sd3.train.checkpoint import (
+    choose_resume_point,
+    file_sizes,
+    newest_on_storage,
+    read_record,
+    write_record,
+)
 
-# What a 2-rank ZeRO checkpoint holds (names as train/state.py writes them), with distinct sizes.
+# What a 2-rank ZeRO checkpoint holds (names as train/checkpoint.py writes them), with distinct sizes.
 FILES = {"pytorch_lora_weights.safetensors": 300, "lora_raw.safetensors": 310, "train_state.pt": 120,
          "optimizer_rank0.pt": 500, "optimizer_rank1.pt": 501}
 
@@ -72,3 +80,40 @@ def test_a_restart_takes_the_newest_complete_checkpoint(tmp_path):
     assert newest_on_storage(tmp_path) == (8, eight)
     lora.write_bytes(whole)
     assert newest_on_storage(tmp_path) == (12, twelve)
+
+
+def test_the_resume_point_is_the_newest_whole_checkpoint_registered_or_not(tmp_path):
+    """What a restarted rank 0 resumes from: nothing on a first start; Ray Train's registered checkpoint while
+    storage holds nothing newer and whole; a newer whole one on storage (written just before the worker was lost,
+    not yet registered) over it; never one with a file cut short."""
+    run_dir = tmp_path / "ray" / "run"
+    assert choose_resume_point(None, None) == (None, "")
+    assert choose_resume_point(run_dir, None) == (None, "")  # the folder not made yet
+    four = _checkpoint(run_dir, 0, step=4)
+    point, line = choose_resume_point(run_dir, four)
+    assert (point.folder, point.step, point.registered) == (four, 4, True)
+    assert line == "resuming from step 4 (Ray Train's checkpoint checkpoint_000000)"
+
+    eight = _checkpoint(run_dir, 1, step=8)
+    point, line = choose_resume_point(run_dir, four)
+    assert (point.folder, point.step, point.registered) == (eight, 8, False)
+    assert line == ("resuming from step 8 (checkpoint_000001), the newest complete checkpoint on storage "
+                    "(Ray Train had registered step 4)")
+    point, line = choose_resume_point(run_dir, None)  # a restart that Ray Train gives no checkpoint
+    assert (point.folder, point.step) == (eight, 8) and line.endswith("(Ray Train had registered none)")
+
+    raw = eight / "lora_raw.safetensors"
+    raw.write_bytes(raw.read_bytes()[:-1])  # caught mid-upload: the registered one it is
+    assert choose_resume_point(run_dir, four)[0].folder == four
+    raw.unlink()
+    assert choose_resume_point(run_dir, None)[0].folder == four  # missing: the newest whole one, unregistered
+
+
+def test_a_registered_checkpoint_as_new_as_storage_is_resumed_from_as_registered(tmp_path):
+    """Ray Train's copy wins a tie (it may live on other storage: resumed from through as_directory())."""
+    run_dir = tmp_path / "run"
+    eight = _checkpoint(run_dir, 1, step=8)
+    registered = _checkpoint(tmp_path / "elsewhere", 1, step=8)
+    point, _ = choose_resume_point(run_dir, registered)
+    assert (point.folder, point.registered) == (registered, True)
+    assert choose_resume_point(run_dir, eight)[0].registered
