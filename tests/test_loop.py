@@ -86,6 +86,11 @@ def _lrs(cfg, steps: int) -> list[float]:
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train)
     schedule = make_lr_schedule(opt, cfg)
     start_training(opt)
+    return _stepped(opt, schedule, steps)
+
+
+def _stepped(opt, schedule, steps: int) -> list[float]:
+    """The learning rate of each of `steps` optimizer steps."""
     lrs = []
     for _ in range(steps):
         lrs.append(schedule.get_last_lr()[0])
@@ -99,13 +104,7 @@ def _diffusers(name: str, lr: float, steps: int, **kw) -> list[float]:
     from diffusers.optimization import get_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
-    schedule = get_scheduler(name, opt, **kw)
-    lrs = []
-    for _ in range(steps):
-        lrs.append(schedule.get_last_lr()[0])
-        opt.step()
-        schedule.step()
-    return lrs
+    return _stepped(opt, get_scheduler(name, opt, **kw), steps)
 
 
 def test_polynomial_schedule_is_diffusers_and_the_formula():
