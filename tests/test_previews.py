@@ -111,6 +111,7 @@ def test_urllib3s_retry_messages_never_quote_the_token(caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")  # setup_logging (another test ran it) sets urllib3 to WARNING
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
