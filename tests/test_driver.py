@@ -52,7 +52,7 @@ def test_a_finished_run_is_found_without_ray(tmp_path):
     not finished (the normal path decides). A key a resumed run may change does not matter."""
     from raytune_sd3.config import dump_job
     from raytune_sd3.driver.placement import Cluster, resolve_auto
-    from raytune_sd3.driver.resume import finished_run
+    from raytune_sd3.driver.resume import finished_run, validation_changes
     from raytune_sd3.run_layout import LORA as LORA_FILE
     from raytune_sd3.run_layout import RunLayout
     from raytune_sd3.train.checkpoint import file_sizes, write_record
@@ -84,6 +84,15 @@ def test_a_finished_run_is_found_without_ray(tmp_path):
     assert finished_run(job("train.checkpoint_every=3", "train.max_failures=5")) == (steps, lora)
     assert finished_run(job(f"train.max_steps={steps + 10}")) is None  # trains on
     assert finished_run(job("train.learning_rate=3e-3")) is None  # another run: guard_resume refuses it
+    # a run with a webhook recorded its URL redacted (a redacted URL does not validate): still found, and its
+    # rerun with the URL given again sees no validation change
+    hooked = "validation.webhook_url=https://discord.com/api/webhooks/1/secret-token"
+    hooked_run = job(hooked)
+    resolve_auto(hooked_run, Cluster(({"CPU": 4.0},)))
+    (out / "job.yaml").write_text(dump_job(hooked_run))
+    assert "webhook_url: <redacted>" in (out / "job.yaml").read_text()
+    assert finished_run(job(hooked)) == (steps, lora) and validation_changes(job(hooked)) == []
+    (out / "job.yaml").write_text(dump_job(ran))
     (last / "train_state.pt").write_bytes(b"s")  # the last checkpoint not whole: the newest whole one is earlier
     assert finished_run(job()) is None
     (last / "train_state.pt").write_bytes(b"s" * steps)

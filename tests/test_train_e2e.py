@@ -1,5 +1,8 @@
-"""The demo job end to end through the real CLI: local Ray, tiny SD3, Ray Data cache, 2-worker DDP, outputs."""
-
+"""The demo job end to end through the real CLI: local Ray, tiny SD3, Ray Data cache, 2-worker DDP, outputs.
+run1 also carries the validation extras (one run proves them all; each pipeline run costs a minute of the suite):
+CLIP score in metrics.jsonl at each validation step, equal to the score of the PNGs on disk; curves.png with the
+loss and the CLIP score side by side; previews and final images at a real HTTP webhook whose token reaches no file
+and not the console; and, in its revalidation, a failing webhook that costs one warning, never the run."""
 import json
 import os
 import re
@@ -11,20 +14,39 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from raytune_sd3.config import load_job
+from raytune_sd3.train.clip_score import ClipScorer
+from tests.webhook_server import WebhookServer
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"step", "loss", "lr", "grad_norm", "step_time_s", "images_per_s"}
 
 
 SECRET = "wandb-key-that-must-not-leak-0123456789"
+TOKEN = "webhook-token-that-must-not-leak-42"
 # run1's settings beyond jobs/tiny.yaml (every rerun of it passes them again): a card peak for an MFU, W&B offline,
-# an EMA of the LoRA that the validation images are sampled with, and a negative prompt.
+# an EMA of the LoRA that the validation images are sampled with, a negative prompt, and the validation extras:
+# validation at steps 20 and 40, CLIP scores, previews at sampler step 4 of 8 to a webhook (its URL, a secret, is
+# recorded redacted, so a rerun may name another server: webhook_url()).
 NEGATIVE = "a green triangle"
 RUN1_SETS = ("train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline", "train.ema_decay=0.9",
-             "validation.use_ema=true", f"validation.negative_prompt={NEGATIVE}")
+             "validation.use_ema=true", f"validation.negative_prompt={NEGATIVE}", "validation.every_steps=20",
+             "validation.clip_score=true", "validation.preview_steps=4")
+PROMPTS = ["a red circle on a white background", "a blue square on a black background"]  # jobs/tiny.yaml's
+
+
+def webhook_url(server: WebhookServer | None = None) -> str:
+    """The webhook setting of a run of run1: the server's, or a closed port for a rerun that must reach none."""
+    path = f"/api/webhooks/99/{TOKEN}"
+    return "validation.webhook_url=" + (server.url(path) if server else f"http://127.0.0.1:9{path}")
+
+
+def saved_job(out: Path):
+    """The job.yaml a run of run1 wrote, loaded as a rerun would (its webhook URL was redacted: given again)."""
+    return load_job(out / "job.yaml", [webhook_url()])
 
 
 def run_job(tmp: Path, out: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -47,16 +69,17 @@ def first_run(tmp_path_factory):
     As on a fresh machine: an empty model home (the tiny model is built) and matplotlib's font cache not yet made."""
     tmp = tmp_path_factory.mktemp("e2e")
     fresh = {"RAYTUNE_SD3_HOME": str(tmp / "home"), "MPLCONFIGDIR": str(tmp / "matplotlib")}
-    r = run_job(tmp, "run1", *RUN1_SETS,
-                f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET, **fresh})
+    with WebhookServer() as server:
+        r = run_job(tmp, "run1", *RUN1_SETS, webhook_url(server),
+                    f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET, **fresh})
     assert (tmp / "home").is_dir() and (tmp / "matplotlib").is_dir()  # both made by this run: it was a first run
-    return tmp, r.stdout + r.stderr
+    return tmp, r.stdout + r.stderr, server
 
 
 @pytest.mark.slow
 def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
     out = first_run[0] / "run1"
-    cfg = load_job(out / "job.yaml")
+    cfg = saved_job(out)
     assert cfg.output_dir == out and cfg.train.max_steps == 40
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -137,7 +160,7 @@ def test_a_finished_run_rerun_is_not_retrained(first_run):
     out = tmp / "run1"
     files = [out / "metrics.jsonl", out / "pytorch_lora_weights.safetensors", out / "ray.log"]
     before = [(f.stat().st_mtime_ns, f.read_bytes()) for f in files]
-    r = run_job(tmp, "run1", *RUN1_SETS,
+    r = run_job(tmp, "run1", *RUN1_SETS, webhook_url(),
                 f"model.revision={SECRET}", env={"WANDB_API_KEY": SECRET})  # redact() knows the key by it
     assert "already trained: step 40 of 40" in r.stdout + r.stderr
     assert "Ray's own output" not in r.stdout + r.stderr  # Ray was never started
@@ -175,7 +198,7 @@ def test_mfu_from_the_counted_flops(first_run, tiny_sd3):
 
     out = first_run[0] / "run1"
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    cfg = load_job(out / "job.yaml")
+    cfg = saved_job(out)
     model = load_transformer(tiny_sd3)
     add_lora(model, cfg.lora, seed=0)
     x = dict(hidden_states=torch.randn(cfg.train.batch_size, 16, 8, 8), timestep=torch.full((4,), 500.0),
@@ -229,14 +252,21 @@ def test_wandb_offline_run_has_the_metrics_and_images_and_no_secret(first_run):
         for key in ("loss", "eval_loss", "grad_norm"):
             if key in m:
                 assert history[step][key] == pytest.approx(m[key]), (step, key)
-    # the two validation prompts' images, at the last step (the only validation of this job), captioned with their
-    # prompts
-    prompts = load_job(out / "job.yaml").validation.prompts
-    assert history[40]["validation/count"] == 2
-    assert history[40]["validation/captions"] == [f"{p} (64x64)" for p in prompts]
-    assert not any("validation/count" in history[step] for step in range(40))
+    # the two validation prompts' images at each validation step (20, 40), captioned with their prompts, and each
+    # prompt's CLIP score, equal to the score of the PNG on disk
+    prompts = saved_job(out).validation.prompts
+    scorer = ClipScorer(first_run[0] / "home" / "models" / "tiny-clip")  # the tiny CLIP that run built
+    for step in (20, 40):
+        assert history[step]["validation/count"] == 2
+        assert history[step]["validation/captions"] == [f"{p} (64x64)" for p in prompts]
+        per_prompt = scorer.score_folder(out / "validation" / f"step_{step:06d}", PROMPTS)
+        assert history[step]["clip_score/00"] == pytest.approx(per_prompt[0], abs=1e-4)
+        assert history[step]["clip_score/01"] == pytest.approx(per_prompt[1], abs=1e-4)
+        assert history[step]["clip_score"] == pytest.approx(sum(per_prompt.values()) / 2, abs=1e-4)
+    assert not any("validation/count" in h or "clip_score/00" in h for step, h in history.items()
+                   if step not in (20, 40))
 
-    assert load_job(out / "job.yaml").model.revision == "<redacted>"  # the key reached the config, and was cut
+    assert saved_job(out).model.revision == "<redacted>"  # the key reached the config, and was cut
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked and SECRET not in console
 
@@ -250,7 +280,7 @@ def test_the_run_writes_its_model_card(first_run):
     out = first_run[0] / "run1"
     text = (out / "README.md").read_text()
     meta = front_matter(text)
-    assert [w["text"] for w in meta["widget"]] == load_job(out / "job.yaml").validation.prompts
+    assert [w["text"] for w in meta["widget"]] == saved_job(out).validation.prompts
     assert all((out / w["output"]["url"]).read_bytes() == (out / "validation" / "step_000040" / Path(
         w["output"]["url"]).name).read_bytes() for w in meta["widget"])
     assert "trained with raytune_sd3 for 40 steps" in text and 'pipe.load_lora_weights("path/to/this/folder")' in text
@@ -258,29 +288,82 @@ def test_the_run_writes_its_model_card(first_run):
 
 
 @pytest.mark.slow
+def test_clip_score_is_logged_at_each_validation_step_and_plotted(first_run):
+    out = first_run[0] / "run1"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["clip_score"] for r in records if "clip_score" in r}
+    assert set(scores) == {20, 40}
+    # the logged mean is the score of the images written at that step, by the tiny CLIP the run defaulted to
+    scorer = ClipScorer(first_run[0] / "home" / "models" / "tiny-clip")
+    for step, logged in scores.items():
+        per_prompt = scorer.score_folder(out / "validation" / f"step_{step:06d}", PROMPTS)
+        assert set(per_prompt) == {0, 1}
+        assert logged == pytest.approx(sum(per_prompt.values()) / 2, abs=1e-4)
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1300, 450)  # two panels: loss, CLIP score
+
+
+@pytest.mark.slow
+def test_previews_and_final_images_reach_the_webhook(first_run):
+    server = first_run[2]
+    assert server.errors == []
+    got = sorted((r.payload["content"].split(":")[0], r.payload["embeds"][0]["title"]) for r in server.received)
+    # per validation step (20, 40) and prompt: a preview at sampler step 4 of 8 (the 8th is the final image) and
+    # the final image, 64x64
+    assert got == sorted((f"step {s}, {what} (64x64)", p) for s in (20, 40) for p in PROMPTS
+                         for what in ("preview at sampler step 4/8", "final image"))
+    assert all(r.image.shape == (64, 64, 3) for r in server.received)
+    assert all(r.path == f"/api/webhooks/99/{TOKEN}" for r in server.received)
+
+
+def files_holding(folder: Path, secret: str) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_the_webhook_token_is_in_no_file_and_not_on_the_console(first_run):
+    out, console = first_run[0] / "run1", first_run[1]
+    assert (out / "job.yaml").read_text().count("webhook_url: <redacted>") == 1
+    assert files_holding(out, TOKEN) == []  # job.yaml, ray.log, metrics, checkpoints, settings
+    assert TOKEN not in console
+
+
+@pytest.mark.slow
 def test_a_finished_run_rerun_with_other_validation_settings_validates_again(first_run):
-    """The README's `--set validation.clip_score=true` on a finished run: no step is trained (the LoRA and the
-    metrics of steps 1-40 unchanged); the final LoRA is validated with the new settings, whose measure is on the
-    last metrics line, and an error.log of an earlier attempt is moved aside. (Last in this file: it adds a line
-    to run1's metrics.jsonl.)"""
+    """Another validation setting on a finished run (as the README's `--set validation.clip_score=true`): no step
+    is trained (the LoRA and the metrics of steps 1-40 unchanged); the final LoRA is validated with the new
+    settings, whose measure is on the last metrics line, and an error.log of an earlier attempt is moved aside.
+    Its webhook answers 503 to everything: 2 previews and 2 final images, 3 attempts each as far as the end of the
+    run lets the retries go (the poster waits 15 s at most), one warning in ray.log for the kind, not one per image,
+    and the run succeeds. (Last in this file: it adds a line to run1's metrics.jsonl.)"""
     tmp = first_run[0]
     out = tmp / "run1"
     lora = (out / "pytorch_lora_weights.safetensors").read_bytes()
     before = (out / "metrics.jsonl").read_text().splitlines()
     (out / "error.log").write_text("an earlier failure")
-    r = run_job(tmp, "run1", *RUN1_SETS,
-                f"model.revision={SECRET}", "validation.clip_score=true", env={"WANDB_API_KEY": SECRET})
+    with WebhookServer(statuses=[503]) as server:
+        r = run_job(tmp, "run1", *RUN1_SETS, webhook_url(server),
+                    f"model.revision={SECRET}", "validation.guidance=4.0", env={"WANDB_API_KEY": SECRET})
     said = r.stdout + r.stderr
-    assert "validating its final LoRA again" in said and "validation.clip_score: False -> True" in said, said[-3000:]
+    assert "validating its final LoRA again" in said and "validation.guidance: 3.0 -> 4.0" in said, said[-3000:]
     after = (out / "metrics.jsonl").read_text().splitlines()
     assert after[:len(before)] == before and len(after) == len(before) + 1
     last = json.loads(after[-1])
     assert last["step"] == 40 and last["revalidated"] == 1 and last["clip_score"] > 0
+    assert last["clip_score"] != json.loads(before[-1]).get("clip_score")  # other images: another guidance
     assert last["eval_loss"] == json.loads(before[-1])["eval_loss"]  # the final step's measures are kept
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() == lora
     assert not (out / "error.log").exists() and (out / "error.previous.log").read_text() == "an earlier failure"
-    r = run_job(tmp, "run1", *RUN1_SETS,
-                f"model.revision={SECRET}", "validation.clip_score=true", env={"WANDB_API_KEY": SECRET})
+
+    assert server.received == [] and 3 <= server.requests <= 4 * 3
+    # (Ray Train's worker-output capture may write the background thread's line to both the worker's .out and
+    # .err, so ray.log can hold it twice: one distinct line)
+    warnings = {line for line in (out / "ray.log").read_text().splitlines() if "validation webhook" in line}
+    assert len(warnings) == 1 and "HTTP 503" in next(iter(warnings)), warnings
+    assert files_holding(out, TOKEN) == [] and TOKEN not in said
+
+    r = run_job(tmp, "run1", *RUN1_SETS, webhook_url(),
+                f"model.revision={SECRET}", "validation.guidance=4.0", env={"WANDB_API_KEY": SECRET})
     assert "already trained: step 40 of 40" in r.stdout + r.stderr  # now the run's own settings
 
 

@@ -14,7 +14,15 @@ Everything public is re-exported here: `from raytune_sd3.config import JobConfig
 
 from raytune_sd3.config.errors import ConfigError
 from raytune_sd3.config.job_file import JobFileError, parse_yaml, read_yaml_file
-from raytune_sd3.config.loading import MAX_ERRORS, absolute_paths, dump_job, load_job, model_is_path, use_data_dir
+from raytune_sd3.config.loading import (
+    MAX_ERRORS,
+    absolute_paths,
+    dump_job,
+    load_job,
+    load_recorded_job,
+    model_is_path,
+    use_data_dir,
+)
 from raytune_sd3.config.optimizers import BNB, OPTIMIZERS, POLYNOMIAL_LR_END, OptimizerFacts
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
 from raytune_sd3.config.schema import (
@@ -73,7 +81,7 @@ from raytune_sd3.config.tune_space import FIXED_KEYS, SEARCH_PACKAGES, TUNABLE_P
 
 __all__ = [
     "ConfigError", "JobFileError", "parse_yaml", "read_yaml_file",
-    "MAX_ERRORS", "absolute_paths", "dump_job", "load_job", "model_is_path", "use_data_dir",
+    "MAX_ERRORS", "absolute_paths", "dump_job", "load_job", "load_recorded_job", "model_is_path", "use_data_dir",
     "BNB", "OPTIMIZERS", "POLYNOMIAL_LR_END", "OptimizerFacts", "OptimizerName", "ProdigyConfig",
     "apply_overrides", "did_you_mean", "get_key", "set_key",
     "HF_TOKEN_ENV", "INIT_FROM_SETS", "adapter_problem", "MAX_LORA_RANK", "MAX_RESOLUTION", "NAME_MAX", "QUANTO_KINDS", "TINY_MODELS", "DataConfig",

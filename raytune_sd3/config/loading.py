@@ -14,7 +14,7 @@ from raytune_sd3.config.errors import ConfigError
 from raytune_sd3.config.job_file import JobFileError, read_yaml_file
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean
 from raytune_sd3.config.schema import TINY_MODELS, JobConfig, is_uri
-from raytune_sd3.config.secrets import SECRET_KEY, one_screen, redact, shorten, show
+from raytune_sd3.config.secrets import REDACTED, SECRET_KEY, one_screen, redact, shorten, show
 
 
 def _suggest(model: type[BaseModel], loc: tuple) -> str:
@@ -96,6 +96,25 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
         raise ConfigError(_format_errors(e, source)) from None
     return absolute_paths(cfg)
 
+
+def load_recorded_job(path: str | Path, current: JobConfig) -> JobConfig:
+    """The job.yaml a run wrote, read for what that run resolved (its `auto`s). A secret it recorded redacted (a
+    redacted webhook URL does not validate) takes the value of the same key in `current`, the job of the command at
+    hand, or reads as unset where that has none."""
+    def filled(node: Any, given: Any) -> Any:
+        if isinstance(node, dict):
+            given = given if isinstance(given, dict) else {}
+            return {k: filled(v, given.get(k)) for k, v in node.items() if v != REDACTED or given.get(k) is not None}
+        if isinstance(node, list):
+            given = given if isinstance(given, list) else []
+            return [filled(v, given[i] if i < len(given) else None) for i, v in enumerate(node)]
+        return given if node == REDACTED else node
+
+    try:
+        raw = read_yaml_file(Path(path))
+    except JobFileError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return load_job(path, raw=filled(raw if isinstance(raw, dict) else {}, current.model_dump(mode="json")))
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Relative paths are relative to where the command runs; Ray workers run elsewhere, so fix them now."""

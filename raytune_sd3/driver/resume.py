@@ -89,11 +89,11 @@ def finished_run(cfg: JobConfig) -> tuple[int, Path] | None:
     saved, settings, lora = layout.job, layout.settings, layout.lora
     if not (saved.is_file() and settings.is_file() and lora.is_file()):
         return None
-    from raytune_sd3.config import load_job
+    from raytune_sd3.config import load_recorded_job
 
     try:
         resolved = cfg.model_copy(deep=True)
-        resolve_as_saved(resolved, load_job(saved))
+        resolve_as_saved(resolved, load_recorded_job(saved, cfg))
         same = json.loads(json.dumps(redact(run_settings(resolved)))) == json.loads(settings.read_text())
     except (ConfigError, ValueError, OSError):  # an unreadable record: let the normal path say what is wrong
         return None

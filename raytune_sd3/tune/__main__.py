@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = cli.read_job(args, preflight=not args.report_only)
         check_study(cfg)  # no Ray or torch yet: a bad study fails in about a second
-        from raytune_sd3.config import load_job
+        from raytune_sd3.config import load_recorded_job
         from raytune_sd3.driver.placement import resolve_as_saved
         from raytune_sd3.driver.resume import guard_study
         from raytune_sd3.run_layout import RunLayout
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             guard_study(cfg, resume=False, restart=False, report_only=True)
             saved = RunLayout.of(cfg).job
             if saved.is_file():  # the study's `auto` choices, so best.yaml says what the trials ran with
-                resolve_as_saved(cfg, load_job(saved))
+                resolve_as_saved(cfg, load_recorded_job(saved, cfg))
             return 0 if report(cfg)["best"] else 3
         return study_job(cfg, resume=args.resume, restart=args.restart, retry_failed=args.retry_failed,
                          verbose=args.verbose)
