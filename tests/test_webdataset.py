@@ -8,6 +8,8 @@ buckets of shards, tables and store folders from the images' first bytes (or a t
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -29,6 +31,8 @@ from raytune_sd3.data.reading import read_file
 from raytune_sd3.data.webdataset import expand_braces, member_name, shard_sources
 from raytune_sd3.driver.checks import Report, check_data
 from raytune_sd3.driver.preflight import check_paths
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def png(i: int, size: tuple[int, int] = (48, 32)) -> bytes:
@@ -192,6 +196,12 @@ def test_bad_shards_are_one_screen_naming_the_key_before_any_work(tmp_path, s3_e
         {"id": "w", "type": "webdataset", "urls": [uri], "image_key": "png", "caption_key": "json:text"}]}})
     assert secret not in dump_job(cfg) and "AKIAIOSFODNN7EXAMPLE" not in dump_job(cfg)
     assert "image_key: png" in dump_job(cfg) and "caption_key: json:text" in dump_job(cfg)  # settings, not secrets
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml", "--set",
+                        f"output_dir={tmp_path / 'run'}", "--set",
+                        f"data.datasets=[{{id: w, type: webdataset, urls: '{tmp_path / 'broken.tar'}'}}]"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert f"urls: {tmp_path}/broken.tar is not a tar archive" in r.stderr + r.stdout  # the train command, before Ray
     with pytest.raises(ConfigError, match="urls are the tar shards of type webdataset"):
         load_job(raw={"output_dir": str(tmp_path / "out"), "data": {"datasets": [
             {"id": "w", "instance_data_dir": str(tmp_path), "urls": "x.tar"}]}})

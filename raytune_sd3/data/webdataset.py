@@ -182,7 +182,6 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-
 def index_shard(shard: ShardFile, ds: DatasetConfig) -> tuple[list[Sample], set[str], tuple[int, int]]:
     """The shard's samples that have an image member (in tar order), every member key seen (for the message when
     none is an image) and the shard's (size, mtime_ns). WebDatasetError when it is not a tar archive."""
