@@ -40,6 +40,7 @@ from raytune_sd3.config import (
     parse_resolutions,
 )
 from raytune_sd3.data.discovery import IMAGE_EXTS
+from raytune_sd3.data.files import redacted
 from raytune_sd3.driver.cli import command_parser
 from raytune_sd3.simpletuner_files import ConvertError, read_backends, read_config
 
@@ -345,11 +346,14 @@ def _epoch_steps(epochs: int, datasets: list[dict[str, Any]], train: Any, conv: 
     global batches; None when a data set's folder cannot be counted here."""
     images = 0
     for ds in datasets:
-        folder = Path(ds["instance_data_dir"]).expanduser()
-        if not folder.is_dir():
+        # A bucket, a table or shards (no instance_data_dir) are not counted here: only a folder on this machine.
+        given = ds.get("instance_data_dir")
+        folder = Path(given).expanduser() if given and not is_uri(str(given)) else None
+        if folder is None or not folder.is_dir():
             conv.not_converted.append(
                 f"num_train_epochs = {epochs} (SimpleTuner trains epochs when max_train_steps is not set; "
-                f"{folder} is not here to count its images, so this job trains train.max_steps = "
+                f"{redacted(str(given or ds.get('urls') or ds.get('dataset') or ds['id']))} is not a folder here to "
+                f"count its images, so this job trains train.max_steps = "
                 f"{train.max_steps}: set it to epochs x images x (repeats + 1) / global batch, or convert where "
                 "the images are)")
             return None
@@ -725,6 +729,7 @@ DATASET_RULES: dict[str, Rule] = {
     "split": to("split", str),
     "image_column": to("image_column", str),
     "caption_column": to("caption_column", str),
+    "urls": to("urls", str),
     "caption_strategy": _caption_strategy,
     "instance_prompt": to("instance_prompt", str),
     "resolution": _resolution,
@@ -866,6 +871,46 @@ def _huggingface(entry: dict[str, Any], where: str, conv: Conversion) -> dict[st
     return {**entry, "dataset": str(name)}
 
 
+WEBSHART_LOADER = ("cache_dir", "metadata_cache_dir", "shard_cache_dir", "shard_cache_gb", "parallel_downloads",
+                   "buffer_size", "max_file_size", "optimize_captions", "optimise_captions")
+
+
+def _webshart(entry: dict[str, Any], where: str, conv: Conversion) -> dict[str, Any]:
+    """SimpleTuner's `type: webshart` (WebDataset tar shards read through the webshart package, from a folder or a
+    hub data set it downloads) -> our type webdataset: the shards' folder (or URI) becomes `urls`, every .tar under
+    it; captions from each sample's .txt member. A hub data set is downloaded first, never at run time."""
+    block = dict(entry.pop("webshart", None) or {})
+    if block.pop("hf_token", None) is not None:
+        conv.secrets.append(f"{where}webshart.hf_token (a credential is never copied into a job file)")
+    shards = entry.pop("source", None) or block.pop("source", None)
+    subfolder = entry.pop("subfolder", None) or block.pop("subfolder", None)
+    if not shards:
+        raise Never(f"[{entry['id']}] type webshart has no source: set the folder of its tar shards")
+    shards = str(shards)
+    if not (is_uri(shards) or shards.startswith(("/", ".", "~")) or Path(shards).expanduser().exists()):
+        raise Never(f"[{entry['id']}] type webshart source {shards} is a hub data set, which webshart downloads while "
+                    f"training: download its shards first (hf download --repo-type dataset {shards} --local-dir "
+                    "DIR) and set source to DIR (or copy them to a bucket)")
+    urls = shards.rstrip("/") + (f"/{str(subfolder).strip('/')}" if subfolder else "")
+    metadata = entry.pop("metadata", None) or block.pop("metadata", None)
+    if metadata:
+        conv.not_converted.append(f"{where}metadata = {_fmt(metadata)} (webshart's JSON index: sizes and captions "
+                                  "are read from the shards here, captions from each sample's .txt member)")
+    for key in WEBSHART_LOADER:
+        for value, label in ((entry.pop(key, None), key), (block.pop(key, None), f"webshart.{key}")):
+            if value is not None:
+                conv.ignored.append(f"{where}{label} = {_fmt(value)} (webshart's download and cache settings: "
+                                    "shards are read where they are, each image by one ranged read)")
+    for key, value in block.items():
+        conv.not_converted.append(f"{where}webshart.{key} = {_fmt(value)} (no equivalent in raytune_sd3)")
+    if entry.get("caption_strategy", "webshart") == "webshart":
+        entry["caption_strategy"] = "textfile"  # ours, for shards: caption_key txt
+    entry.pop("metadata_backend", None)
+    conv.defaults.append(f"{where}type webshart -> type webdataset, urls {redacted(urls)} (every .tar under it, read "
+                         "in place; captions from each sample's .txt member: caption_key txt)")
+    return {**entry, "type": "webdataset", "urls": urls}
+
+
 def convert_dataset(entry: dict[str, Any], config: dict[str, Any], conv: Conversion, source: Path) -> dict | None:
     """One data-loader entry -> our data set (a dict), or None for an entry that is not an image folder."""
     where = f"{source.name}[{entry['id']}]"
@@ -890,15 +935,17 @@ def convert_dataset(entry: dict[str, Any], config: dict[str, Any], conv: Convers
             entry = _aws_folder(dict(entry), f"{where}.", conv)
         elif backend == "huggingface":
             entry = _huggingface(dict(entry), f"{where}.", conv)
+        elif backend == "webshart":
+            entry = _webshart(dict(entry), f"{where}.", conv)
     except Never as e:
         conv.never.append(f"{source}: {e}")
         return None
-    if backend not in ("local", "aws", "huggingface"):
+    if backend not in ("local", "aws", "huggingface", "webshart"):
         conv.never.append(f"{source}: [{entry['id']}] type {backend}: raytune_sd3 reads folders (local, mounted or "
-                          "in S3/GCS), Parquet files and Hugging Face data sets; copy its images (and .txt "
-                          "captions) to one of those")
+                          "in S3/GCS), Parquet files, Hugging Face data sets and WebDataset shards; copy its images "
+                          "(and .txt captions) to one of those")
         return None
-    if backend != "huggingface" and not entry.get("instance_data_dir"):
+    if backend not in ("huggingface", "webshart") and not entry.get("instance_data_dir"):
         conv.never.append(f"{source}: [{entry['id']}] has no instance_data_dir: set the folder of its images")
         return None
     explicit = {**{k: config[k] for k in DATASET_GLOBALS if config.get(k) not in (None, "")}, **entry}

@@ -534,7 +534,11 @@ def test_what_changes_training_is_refused_unless_lossy(tmp_path, capsys, setting
     ({"id": "hub-photos", "type": "huggingface", "split": "train"},
      "[hub-photos] type huggingface has no dataset_name"),
     ({"id": "web", "type": "csv", "csv_file": "/data/urls.csv"},
-     "[web] type csv: raytune_sd3 reads folders (local, mounted or in S3/GCS), Parquet files and Hugging Face"),
+     "[web] type csv: raytune_sd3 reads folders (local, mounted or in S3/GCS), Parquet files, Hugging Face data sets "
+     "and WebDataset shards"),
+    ({"id": "shards", "type": "webshart", "source": "someone/shards", "caption_strategy": "webshart"},
+     "[shards] type webshart source someone/shards is a hub data set, which webshart downloads while training: "
+     "download its shards first (hf download --repo-type dataset someone/shards --local-dir DIR)"),
     ({"id": "edges", "instance_data_dir": "/data/edges", "conditioning": [{"type": "canny"}]},
      "multidatabackend.json[edges].conditioning = [{\"type\": \"canny\"}] (conditioning data are for ControlNet"),
     ({"id": "clips", "dataset_type": "video", "instance_data_dir": "/data/clips"},
@@ -551,9 +555,9 @@ def test_data_we_cannot_read_is_refused_naming_the_entry(tmp_path, capsys, entry
     assert AWS_SECRET not in err and not out.exists()
 
 
-def test_aws_and_huggingface_data_sets_become_a_bucket_folder_and_a_table(tmp_path):
-    """SimpleTuner's two remote kinds (both of its SD3 examples use huggingface) map onto ours; the bucket's
-    credentials stay out of the job (the environment gives them)."""
+def test_aws_huggingface_and_webshart_data_sets_become_a_bucket_folder_a_table_and_shards(tmp_path):
+    """SimpleTuner's remote kinds (both of its SD3 examples use huggingface; webshart reads WebDataset tar shards)
+    map onto ours; the bucket's credentials and the hub token stay out of the job (the environment gives them)."""
     backends = [
         {"id": "s3-photos", "type": "aws", "aws_bucket_name": "photos", "aws_data_prefix": "set/one/",
          "aws_endpoint_url": "http://minio:9000", "aws_region_name": "eu-west-1",
@@ -561,18 +565,24 @@ def test_aws_and_huggingface_data_sets_become_a_bucket_folder_and_a_table(tmp_pa
          "caption_strategy": "textfile", "resolution": 512},
         {"id": "hub", "type": "huggingface", "dataset_name": "bghira/pseudo-camera-10k", "split": "train",
          "caption_strategy": "huggingface", "metadata_backend": "huggingface", "image_column": "png",
-         "caption_column": "text", "resolution": 512}]
+         "caption_column": "text", "resolution": 512},
+        {"id": "shards", "type": "webshart", "source": "/data/wds", "subfolder": "train", "metadata":
+         "/data/wds-index", "caption_strategy": "webshart", "metadata_backend": "webshart", "resolution": 512,
+         "webshart": {"shard_cache_gb": 10, "hf_token": "not-for-the-job-1234"}}]
     cfg, mdb = write_setup(tmp_path, minimal(), backends)
     out = tmp_path / "job.yaml"
     assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == 0
-    s3, hub = load_job(out).data.datasets
+    s3, hub, shards = load_job(out).data.datasets
+    assert (shards.type, shards.urls, shards.caption_strategy, shards.caption_key, shards.image_key) == (
+        "webdataset", "/data/wds/train", "textfile", "txt", "jpg;jpeg;png;webp")
     assert (s3.type, s3.instance_data_dir) == (
         "local", "s3://photos/set/one?endpoint_override=minio:9000&scheme=http&region=eu-west-1")
     assert (hub.type, hub.dataset, hub.split, hub.image_column, hub.caption_column) == (
         "huggingface", "bghira/pseudo-camera-10k", "train", "png", "text")
     text = out.read_text()
-    assert AWS_SECRET not in text and "AKIAIOSFODNN7EXAMPLE" not in text
+    assert AWS_SECRET not in text and "AKIAIOSFODNN7EXAMPLE" not in text and "not-for-the-job-1234" not in text
     assert "hf download --repo-type dataset bghira/pseudo-camera-10k" in text
+    assert "webshart.shard_cache_gb = 10" in text and "metadata = \"/data/wds-index\"" in text
 
 
 # --- one SimpleTuner setting at a time: the exact value in the job ---------------------------------------------------

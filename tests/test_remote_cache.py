@@ -4,6 +4,7 @@ kept out of messages."""
 
 import io
 import socket
+import tarfile
 import time
 
 import pyarrow as pa
@@ -53,7 +54,8 @@ def test_ray_data_caches_images_from_a_bucket_into_a_bucket_that_training_reads(
                                                                                s3_endpoint, ray_local, monkeypatch):
     """Images in a bucket and the cache in a bucket: the Ray Data tasks read each image from the store (no node has
     a copy), a warm run reads no image byte (the stat index keys each object by its listed size and mtime) and no
-    entry header, and training reads the entries back. The keys are those of the same images on disk."""
+    entry header, and training reads the entries back. The keys are those of the same images on disk, as rows of a
+    Parquet file and as members of WebDataset shards in the bucket."""
     import pyarrow.fs as pafs
 
     from raytune_sd3.data import encode
@@ -122,6 +124,27 @@ def test_ray_data_caches_images_from_a_bucket_into_a_bucket_that_training_reads(
     assert [r["latent_key"] for r in third.rows][3:] == local_keys[3:]
     assert len(CachedBatches(read_manifest(rows_manifest), read_manifest(rows_manifest)["rows"], seed=0,
                              global_batch=2).micro_batch(0, 0, 1, 0, 1, 2)["latents"]) == 2
+
+    # The same bytes again as WebDataset shards in the bucket (type webdataset): every sample reuses an entry above,
+    # none is encoded; the tasks read each image by a ranged read of its shard.
+    for shard in range(2):
+        tar_bytes = io.BytesIO()
+        with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+            for i in range(3 * shard, 3 * shard + 3):
+                for member, data in ((f"{i:04d}.png", images_bytes[i]), (f"{i:04d}.txt", f"shape {i}".encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        with s3_endpoint.fs.open_output_stream(f"cache-bucket/shards/s-{shard}.tar") as f:
+            f.write(tar_bytes.getvalue())
+    shards_cfg = load_job(raw={**rows_cfg.model_dump(mode="json", exclude={"data"}), "output_dir": str(tmp_path / "wds"),
+                               "data": {**cfg.data.model_dump(mode="json", exclude={"datasets"}), "datasets": [
+                                   {"id": "w", "type": "webdataset", "resolution": 32,
+                                    "urls": f"s3://cache-bucket/shards/s-{{0..1}}.tar?{s3_endpoint.query}"}]}})
+    fourth = prepare_data(shards_cfg, tiny_sd3)[1]
+    assert (fourth.latents_encoded, fourth.latents_reused) == (0, 6)
+    assert [r["latent_key"] for r in fourth.rows] == [r["latent_key"] for r in third.rows]
+    assert fourth.rows[4]["path"].startswith("s3://cache-bucket/shards/s-1.tar#member=0004.png&offset=")
 
     # An object rewritten in place (other bytes, the same length) has another listed mtime: hashed again.
     name = items[0].path.removeprefix("s3://cache-bucket/")

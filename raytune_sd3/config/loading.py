@@ -130,6 +130,9 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
             ds.dataset = str(Path(ds.dataset).expanduser().resolve())  # a folder here, not a hub id
         if isinstance(ds.metadata_file, Path):
             ds.metadata_file = ds.metadata_file.expanduser().resolve()
+        if ds.urls is not None:  # shard patterns: a local one made absolute, its braces kept
+            urls = [u if is_uri(u) else str(Path(u).expanduser().resolve()) for u in ds.urls_list]
+            ds.urls = urls[0] if isinstance(ds.urls, str) else urls
     if cfg.train.deepspeed_config is not None:
         cfg.train.deepspeed_config = cfg.train.deepspeed_config.expanduser().resolve()
     if cfg.lora.init_from is not None:

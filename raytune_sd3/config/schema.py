@@ -127,10 +127,11 @@ class TextConfig(Section):
 class DatasetConfig(Section):
     id: str
     """A short name for this data set (used in cache reports and errors)."""
-    type: Literal["local", "demo", "parquet", "huggingface"] = "local"
+    type: Literal["local", "demo", "parquet", "huggingface", "webdataset"] = "local"
     """`local`: images in instance_data_dir; `demo`: coloured shapes generated into instance_data_dir on first use;
     `parquet`: rows of Parquet files (`path`, `image_column`, `caption_column`); `huggingface`: a Hugging Face data
-    set already on this machine (`dataset`, `split`, the same columns)."""
+    set already on this machine (`dataset`, `split`, the same columns); `webdataset`: samples of tar shards (`urls`,
+    `image_key`, `caption_key`)."""
     instance_data_dir: FolderOrUri | None = None
     """Folder of images (searched recursively): a local or mounted path, or a URI of a folder in object storage
     (`s3://bucket/prefix`, `gs://...`; options in its query as for data.cache_dir, e.g.
@@ -199,6 +200,16 @@ class DatasetConfig(Section):
     filter: str | None = None
     """type parquet / huggingface: rows to keep, a comparison of columns and values joined by and / or / not, e.g.
     `width >= 512 and source == "web"` or `label in [1, 2]`."""
+    urls: Annotated[str, BeforeValidator(_path_text)] | list[Annotated[str, BeforeValidator(_path_text)]] | None = None
+    """type webdataset: the tar shards, local or in object storage (s3://, gs://; options in the query as for
+    instance_data_dir), one or a list; brace patterns name many (`s3://bucket/shards/data-{000..099}.tar`,
+    `{train,extra}-0.tar`), and a folder means every .tar under it. Every shard named must exist."""
+    image_key: str = "jpg;jpeg;png;webp"
+    """type webdataset: the member holding a sample's image, by its extension (`000123.jpg`: jpg); alternatives
+    separated by `;`, the first found used."""
+    caption_key: str = "txt"
+    """type webdataset: the member holding a sample's caption: `txt` (its lines, one drawn per epoch), or
+    `json:FIELD` for a field of the .json member (a string or a list of strings), e.g. `json:caption`."""
 
     @field_validator("resolution")
     @classmethod
@@ -217,31 +228,44 @@ class DatasetConfig(Section):
         return max(self.resolutions)
 
     @property
+    def urls_list(self) -> list[str]:
+        """type webdataset: `urls` as a list (one pattern given alone is a list of one)."""
+        return [self.urls] if isinstance(self.urls, str) else list(self.urls or [])
+
+    @property
     def in_store(self) -> bool:
         """Whether instance_data_dir is a URI (object storage) rather than a local folder."""
         return isinstance(self.instance_data_dir, str)
 
     @model_validator(mode="after")
     def _prompt_when_needed(self) -> DatasetConfig:
-        rows = self.type in ("parquet", "huggingface")
+        rows = self.type in ("parquet", "huggingface", "webdataset")  # images named by a source, not a folder
         if not rows and self.instance_data_dir is None:
             raise ValueError(f"type {self.type} needs instance_data_dir (the folder of its images)")
         if rows and self.instance_data_dir is not None:
-            raise ValueError(f"type {self.type} reads its images from its rows: remove instance_data_dir (give "
-                             f"{'path' if self.type == 'parquet' else 'dataset'})")
+            source = {"parquet": "rows: give path", "huggingface": "rows: give dataset"}.get(self.type, "shards: give urls")
+            raise ValueError(f"type {self.type} reads its images from its {source} and remove instance_data_dir")
+        if (self.type == "webdataset") != (self.urls is not None):
+            raise ValueError("urls are the tar shards of type webdataset: set them there, and only there")
+        if self.type == "webdataset" and not self.urls_list:
+            raise ValueError("type webdataset needs at least one shard in urls")
+        if self.type == "webdataset" and not [k for k in self.image_key.split(";") if k.strip()]:
+            raise ValueError("image_key names the image member by its extension, e.g. jpg or jpg;png")
         if (self.type == "parquet") != (self.path is not None):
             raise ValueError("path is the Parquet file or folder of type parquet: set it there, and only there")
         if (self.type == "huggingface") != (self.dataset is not None):
             raise ValueError("dataset is the Hugging Face data set of type huggingface: set it there, and only there")
         if rows and self.caption_strategy not in ("textfile", "instanceprompt"):
-            raise ValueError(f"type {self.type}: captions come from caption_column (or instance_prompt with "
-                             "caption_strategy instanceprompt), not from files")
-        if rows and self.caption_strategy != "instanceprompt" and not self.caption_column:
+            raise ValueError(f"type {self.type}: captions come from "
+                             f"{'caption_key' if self.type == 'webdataset' else 'caption_column'} (or instance_prompt "
+                             "with caption_strategy instanceprompt), not from files")
+        if self.type in ("parquet", "huggingface") and self.caption_strategy != "instanceprompt" and \
+                not self.caption_column:
             raise ValueError(f"type {self.type} needs caption_column (or caption_strategy instanceprompt)")
         if rows and self.mask_suffix:
             raise ValueError(f"type {self.type}: masks are read from files beside images; use type local for "
                              "masked loss")
-        if self.filter is not None and not rows:
+        if self.filter is not None and self.type not in ("parquet", "huggingface"):
             raise ValueError("filter selects rows of type parquet or huggingface data sets")
         if self.filter is not None:
             import ast

@@ -20,10 +20,13 @@ SECRET_NAMES = ("hub_token", "hf_token", "huggingface_token", "hugging_face_hub_
                 "wandb_api_key", "comet_api_key", "neptune_api_token", "aws_access_key_id", "aws_secret_access_key",
                 "aws_session_token", "azure_storage_key", "google_application_credentials", "ray_auth_token",
                 "webhook_url", "webhook_config")
-SECRET_KEY = re.compile(rf"^-*(?:{'|'.join(SECRET_NAMES)})$"  # the credential names SimpleTuner and trackers use
+# Settings whose names end in a credential word: a WebDataset sample's members are named by their "keys".
+NOT_SECRET_NAMES = ("image_key", "caption_key")
+SECRET_KEY = re.compile(rf"^(?!-*(?:{'|'.join(NOT_SECRET_NAMES)})$)(?:"
+                        rf"-*(?:{'|'.join(SECRET_NAMES)})$"  # the credential names SimpleTuner and trackers use
                         # any name that ends in a credential word: my_api_key, s3_secret, password, token
-                        r"|(^|_)(token|auth_token|access_token|api_?key|key|secret|secret_key|access_key(_id)?"
-                        r"|password|passwd|credentials?|private_key)$", re.I)
+                        r"|.*?(^|_)(token|auth_token|access_token|api_?key|key|secret|secret_key|access_key(_id)?"
+                        r"|password|passwd|credentials?|private_key)$)", re.I)
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|:/{1,2}[^/\s:@]+:[^/\s@]+@"  # ":/": a URL made a path
                           # Discord and Slack webhook URLs (their path is the token)
                           r"|\bhttps?:/{1,2}[^\s/]+/api/webhooks/[^\s\"'<>]+|\bhttps?:/{1,2}hooks\.slack\.com/services/[^\s\"'<>]+"

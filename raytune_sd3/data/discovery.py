@@ -21,6 +21,7 @@ from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.data.files import filesystem, redacted
 from raytune_sd3.data.sources import DataFolder
 from raytune_sd3.data.tables import ROW, rows_of
+from raytune_sd3.data.webdataset import index_all, member_path
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 PATH_COLUMNS = ("file_name", "path", "image", "filename")
@@ -162,6 +163,8 @@ def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[d
     listed (data/sources.py) and its caption files read in threads; no image is opened here."""
     if ds.type in ("parquet", "huggingface"):
         return _discover_rows(ds, alignment)
+    if ds.type == "webdataset":
+        return _discover_shards(ds, alignment)
     if ds.in_store:
         return _discover_in_store(ds, alignment)
     given = Path(ds.instance_data_dir)
@@ -228,6 +231,48 @@ def _discover_rows(ds: DatasetConfig, alignment: int) -> tuple[list[Item], list[
     if not items and not skipped:
         raise ValueError(f"data set '{ds.id}': no rows" + (f" left by filter {ds.filter!r}" if ds.filter else ""))
     return items, skipped
+
+
+def _discover_shards(ds: DatasetConfig, alignment: int) -> tuple[list[Item], list[dict]]:
+    """The samples of a webdataset's shards (data/webdataset.py), each named by its image member; only the tar
+    headers and the caption members are read here. A sample without a usable caption is skipped. Its stat is
+    (the member's size, the shard's mtime): a rewritten shard is read again."""
+    sizings = [s.to_json() for s in sizings_of(ds, alignment)]
+    items, skipped = [], []
+    key, _, field = ds.caption_key.partition(":")
+    for shard, samples, (_, shard_mtime) in index_all(ds):
+        for sample in samples:
+            path = member_path(shard, sample)
+            try:
+                captions = ([ds.instance_prompt or ""] if ds.caption_strategy == "instanceprompt"
+                            else _member_captions(sample.caption, key, field.strip() or None))
+            except CaptionError as e:
+                skipped.append({"path": path, "reason": str(e)})
+                continue
+            items += [Item(path, captions[0], ds.id, sizing, tuple(captions[1:]), "", ds.is_regularisation_data,
+                           ds.repeats, (sample.size, shard_mtime)) for sizing in sizings]
+    return items, skipped
+
+
+def _member_captions(member: tuple[str, bytes] | None, key: str, field: str | None) -> list[str]:
+    """The captions of a sample's caption member (name, bytes): its lines, or its JSON `field` (a string or a list
+    of strings); CaptionError when it has none."""
+    if member is None:
+        raise CaptionError(f"no .{key} member (caption_key) in its sample")
+    name, data = member
+    if field is None:
+        return parse_captions(data, name)
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CaptionError(f"{name} is not JSON ({type(e).__name__}); caption_key json:{field} reads a field of "
+                           "it") from None
+    value = value.get(field) if isinstance(value, dict) else None
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    found = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    if not found:
+        raise CaptionError(f"{name} has no caption in its field {field!r}")
+    return found
 
 
 def _with_suffix(name: str, suffix: str) -> str:

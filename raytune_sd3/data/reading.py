@@ -1,6 +1,7 @@
 """Reading one image's bytes wherever its data set keeps it: a local file (by its path), an object in a store
-(by its name; data/sources.py) or a row of a table (`<file>#row=<n>`; data/tables.py). `sources` maps a store
-folder's or a table file's name to where it is ({name: location} for a folder, {name: TableFile} for a table file);
+(by its name; data/sources.py), a row of a table (`<file>#row=<n>`; data/tables.py) or a member of a tar shard
+(`<shard>#member=...`; data/webdataset.py). `sources` maps a store folder's, a table file's or a shard's name to
+where it is ({name: location} for a folder, {name: TableFile} for a table file, {name: ShardFile} for a shard);
 the caching stage's tasks get it as an argument, so the options and credentials of a URI never ride in a row."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import time
 
 from raytune_sd3.data.sources import folder_of
 from raytune_sd3.data.tables import TableFile, read_cell, split_row
+from raytune_sd3.data.webdataset import ShardFile, read_member, split_member
 
-Sources = dict[str, "str | TableFile"]
+Sources = dict[str, "str | TableFile | ShardFile"]
 
 
 def read_file(path: str, sources: Sources | None = None) -> tuple[bytes, int]:
@@ -21,6 +23,9 @@ def read_file(path: str, sources: Sources | None = None) -> tuple[bytes, int]:
     row = split_row(path)
     if row is not None and isinstance((sources or {}).get(row[0]), TableFile):
         return read_cell(sources[row[0]], row[1]), read_at
+    member = split_member(path)
+    if member is not None and isinstance((sources or {}).get(member[0]), ShardFile):
+        return read_member(sources[member[0]], member[2], member[3]), read_at
     folder = folder_of(path, {k: v for k, v in (sources or {}).items() if isinstance(v, str)})
     if folder is None:
         with open(path, "rb") as f:
@@ -29,9 +34,12 @@ def read_file(path: str, sources: Sources | None = None) -> tuple[bytes, int]:
 
 
 def is_local(path: str, sources: Sources | None) -> bool:
-    """Whether `path` is a local file (not an object of a store, nor a row of a table)."""
+    """Whether `path` is a local file (not an object of a store, a row of a table or a member of a shard)."""
     row = split_row(path)
     if row is not None and isinstance((sources or {}).get(row[0]), TableFile):
+        return False
+    member = split_member(path)
+    if member is not None and isinstance((sources or {}).get(member[0]), ShardFile):
         return False
     return folder_of(path, {k: v for k, v in (sources or {}).items() if isinstance(v, str)}) is None
 

@@ -19,6 +19,7 @@ from raytune_sd3.data.manifest import Rows, split_eval, write_manifest
 from raytune_sd3.data.reader import BucketError, bucket_of, plan_buckets
 from raytune_sd3.data.sources import sources_of
 from raytune_sd3.data.tables import table_sources
+from raytune_sd3.data.webdataset import shard_sources
 from raytune_sd3.driver.placement import ensure_resolved
 from raytune_sd3.models.loading import component_identity, vae_scaling
 from raytune_sd3.run_layout import RunLayout
@@ -57,7 +58,7 @@ def prepare_data(cfg: JobConfig, pretrained: str, check_buckets: bool = True) ->
     spec = cache_spec(cfg, pretrained)
     negative = [cfg.validation.negative_prompt] if cfg.validation.negative_prompt is not None else []
     sources = {**sources_of([str(ds.instance_data_dir) for ds in cfg.data.datasets if ds.in_store]),
-               **table_sources(cfg.data.datasets)}
+               **table_sources(cfg.data.datasets), **shard_sources(cfg.data.datasets)}
     report = build_cache(spec, items, ["", *cfg.validation.prompts, *negative], cfg.data.encode_batch_size,
                          cfg.data.encode_actors, cfg.data.max_image_pixels, cfg.data.random_flip, sources)
     report.skipped = skipped + report.skipped

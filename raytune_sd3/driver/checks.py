@@ -111,8 +111,10 @@ def check_data(cfg: JobConfig, report: Report) -> int:
                 rows += [{"width": w, "height": h, "dataset_id": ds.id, "repeats": 0}] * ds.demo_images
                 total += ds.demo_images
             continue
-        if ds.in_store or ds.type in ("parquet", "huggingface"):
-            total += _check_store(ds, cfg.data.bucket_alignment, report)
+        if ds.in_store or ds.type in ("parquet", "huggingface", "webdataset"):
+            count, found = _check_store(ds, cfg.data.bucket_alignment, report)
+            rows += found
+            total += count
             continue
         if not ds.instance_data_dir.is_dir():
             report.fail("data", f"data.datasets[{i}] ({ds.id}): {ds.instance_data_dir} is not reachable from here")
@@ -132,22 +134,33 @@ def check_data(cfg: JobConfig, report: Report) -> int:
     return total
 
 
-def _check_store(ds, alignment: int, report: Report) -> int:
-    """A data set in a store or a table: its images counted from the listing or the rows (no image is opened);
-    their buckets are known once the caching stage has read them. Returns the count."""
+def _check_store(ds, alignment: int, report: Report) -> tuple[int, list[dict]]:
+    """A data set in a store, a table or tar shards: its images counted from the listing, the rows or the tar
+    headers, their buckets from each image's first bytes (one ranged read; a table's width and height columns where
+    it has them). Returns the count and the bucket rows of the images that can be read."""
     from raytune_sd3.data.discovery import discover
     from raytune_sd3.data.files import redacted
+    from raytune_sd3.data.sizes import sizes_of, table_sizes
+    from raytune_sd3.data.sources import sources_of
+    from raytune_sd3.data.tables import table_sources
+    from raytune_sd3.data.webdataset import shard_sources
 
     try:
         items = discover(ds, alignment)[0]
+        sources = {**sources_of([str(ds.instance_data_dir)] if ds.in_store else []), **table_sources([ds]),
+                   **shard_sources([ds])}
+        known = table_sizes(ds) if ds.type in ("parquet", "huggingface") else {}
     except (ValueError, OSError) as e:
         report.fail("data", f"{ds.id}: {str(e)[:300]}")
-        return 0
-    images = len({it.path for it in items})
-    where = redacted(str(ds.instance_data_dir or ds.path or ds.dataset))
-    report.ok("data", f"{ds.id}: {images} images in {where}; their buckets are counted when the caching stage "
-                      "reads them")
-    return images
+        return 0, []
+    paths = sorted({it.path for it in items})
+    sizes = dict(zip(paths, sizes_of(paths, sources, known), strict=True))
+    rows = _bucket_rows(items, sizes)
+    where = redacted(str(ds.instance_data_dir or ds.path or ds.dataset or ", ".join(ds.urls_list)))
+    unreadable = sum(1 for v in sizes.values() if v is None)
+    bad = f", {unreadable} unreadable (skipped when caching)" if unreadable else ""
+    report.ok("data", f"{ds.id}: {len(paths)} images in {where}{bad}, {_buckets(rows, ds.id)}")
+    return len(paths), rows
 
 
 def check_batches(cfg: JobConfig, rows: list[dict], report: Report) -> None:
@@ -206,15 +219,19 @@ def _hold_out(rows: list[dict], n: int, spare: bool, bucket: tuple[int, int] | N
     return [r for members in by_bucket.values() for r in members]
 
 
-def _bucket_rows(items: list) -> list[dict]:
-    """Each item's bucket from its header (unreadable images are left out, as caching would skip them)."""
+def _bucket_rows(items: list, sizes: dict[str, tuple[int, int] | None] | None = None) -> list[dict]:
+    """Each item's bucket from its header, or from `sizes` {path: (width, height) or None} where given
+    (unreadable images are left out, as caching would skip them)."""
     from raytune_sd3.data.buckets import Sizing, plan
     from raytune_sd3.data.pixels import image_size
 
     rows = []
     for it in items:
         try:
-            w, h = plan(*image_size(it.path), Sizing.from_json(it.sizing), 0).size
+            size = sizes[it.path] if sizes is not None else image_size(it.path)
+            if size is None:
+                continue
+            w, h = plan(*size, Sizing.from_json(it.sizing), 0).size
         except Exception:  # noqa: BLE001 - the cache stage reports why
             continue
         rows.append({"width": w, "height": h, "dataset_id": it.dataset_id, "repeats": it.repeats})

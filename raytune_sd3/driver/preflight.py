@@ -24,6 +24,12 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
             if (problem := table_problem(ds)) is not None:
                 problems.append(f"data.datasets[{i}] ({ds.id}, type {ds.type}): {problem}")
             continue
+        if ds.type == "webdataset":
+            from raytune_sd3.data.webdataset import webdataset_problem
+
+            if (problem := webdataset_problem(ds)) is not None:
+                problems.append(f"data.datasets[{i}] ({ds.id}, type webdataset): {problem}")
+            continue
         if ds.in_store:
             problems += _store_problems(i, ds)
             continue
