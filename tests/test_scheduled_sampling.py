@@ -151,6 +151,28 @@ def test_offset_0_or_probability_0_trains_bitwise_the_plain_step(tiny_sd3, predi
     assert metrics[0]["rollout_steps"] > 0
 
 
+def test_the_x0_loss_of_the_step_reads_the_input_the_model_was_given(tiny_sd3, monkeypatch):
+    """flow.prediction x0 turns the prediction into x0 from the model's input: with a rollout, the rolled one."""
+    from raytune_sd3.train import loop
+
+    seen = {}
+    run = tiny_run(tiny_sd3, one_worker_job("flow.prediction=x0", "flow.scheduled_sampling.max_step_offset=4"))
+    forward, loss = run._forward, loop.flow_loss
+
+    def spied_forward(model, batch, fb):
+        seen["input"] = fb.noisy
+        return forward(model, batch, fb)
+
+    def spied_loss(*args, noisy=None, **kwargs):
+        seen["noisy"] = noisy
+        return loss(*args, noisy=noisy, **kwargs)
+
+    monkeypatch.setattr(run, "_forward", spied_forward)
+    monkeypatch.setattr(loop, "flow_loss", spied_loss)
+    run.train_step(1)
+    assert seen["noisy"] is not None and torch.equal(seen["noisy"], seen["input"])
+
+
 def test_a_resumed_run_rolls_out_as_the_straight_run_did(tiny_sd3, tmp_path):
     """Steps 1-4 straight, and 1-2 then a checkpoint and a fresh worker for 3-4: bitwise the same LoRA (the rollout
     draws come from the step's seed, not from a generator state that a checkpoint would have to carry)."""
