@@ -106,6 +106,7 @@ def tiny_run(pretrained: str, cfg, resume_from: Path | None = None):
     run = WorkerRun.__new__(WorkerRun)  # its __init__ needs Ray Train's context
     run.cfg, run.t, run.rank, run.world, run.accum = cfg, cfg.train, 0, 1, 1
     run.device, run.dtype, run.peak, run.nonfinite, run.ema = torch.device("cpu"), torch.float32, None, 0, None
+    run.flops_of_shape = {}
     run.autocast, run.attention = contextlib.nullcontext(), contextlib.nullcontext
     run.reader = type("Reader", (), {"steps_per_epoch": 10})()
     transformer = load_transformer(pretrained)
@@ -171,6 +172,19 @@ def test_the_x0_loss_of_the_step_reads_the_input_the_model_was_given(tiny_sd3, m
     monkeypatch.setattr(loop, "flow_loss", spied_loss)
     run.train_step(1)
     assert seen["noisy"] is not None and torch.equal(seen["noisy"], seen["input"])
+
+
+def test_the_step_flops_count_one_forward_of_an_item_per_rolled_step(tiny_sd3):
+    """MFU counts the rollout's forwards: F_train + k_total x F_forward / batch (flops.FlopCount, one forward)."""
+    run = tiny_run(tiny_sd3, one_worker_job("flow.scheduled_sampling.max_step_offset=4"))
+    batch = run.batches.get()
+    fb = make_flow_batch(run.cfg.flow, batch["latents"], sigmas=batch["sigmas"], noise=batch["noise"])
+    plain = {k: v for k, v in batch.items() if k != "rollout_steps"}
+    base = run._train_flops(plain, batch["latents"], fb)
+    count = run.flops_of_shape[tuple(batch["latents"].shape)]
+    assert base == count.training() > count.forward > 0
+    rolled = {**batch, "rollout_steps": torch.tensor([2, 0, 4])}
+    assert run._train_flops(rolled, batch["latents"], fb) == base + count.forward * 6 // 3
 
 
 def test_a_resumed_run_rolls_out_as_the_straight_run_did(tiny_sd3, tmp_path):

@@ -37,7 +37,7 @@ from raytune_sd3.run_layout import EMA_LORA, RunLayout
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
 from raytune_sd3.train.checkpoint import load_checkpoint, load_optimizer, resume_point, write_checkpoint
 from raytune_sd3.train.ema import LoraEma
-from raytune_sd3.train.flops import count_flops, peak_tflops
+from raytune_sd3.train.flops import FlopCount, count_flops, peak_tflops
 from raytune_sd3.train.optim import (
     applied_lr,
     averaged_weights,
@@ -156,7 +156,7 @@ class WorkerRun:
         self.batches = self.tracker = self.vae = None
         self.ema: LoraEma | None = None  # the EMA of the LoRA weights (train.ema_decay)
         self.validation_extras: ValidationExtras | None = None  # CLIP score and previews, on rank 0
-        self.flops_of_shape: dict[tuple, int] = {}
+        self.flops_of_shape: dict[tuple, FlopCount] = {}
         # Ray Train's own switch for its preemption watcher (read by its controller from the same environment).
         self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
         self.notice_seen = False  # one checkpoint a notice: this attempt's workers go with the node
@@ -465,11 +465,14 @@ class WorkerRun:
 
     def _train_flops(self, batch: dict, latents: torch.Tensor, fb) -> int:
         """F_train of one micro-batch (train/flops.py), counted once per bucket shape by an extra forward pass:
-        every rank reaches a new shape at the same step (one bucket per step), as ZeRO-3's gathers need."""
+        every rank reaches a new shape at the same step (one bucket per step), as ZeRO-3's gathers need. A rollout
+        (scheduled sampling) adds one forward of an item per step it rolls (the forward's FLOPs are per item)."""
         shape = tuple(latents.shape)
         if shape not in self.flops_of_shape:
             module = self.strategy.transformer
             with self.autocast:
                 self.flops_of_shape[shape] = count_flops(module, lambda: self._forward(module, batch, fb),
-                                                         self.device).training()
-        return self.flops_of_shape[shape]
+                                                         self.device)
+        count = self.flops_of_shape[shape]
+        rolled = int(batch["rollout_steps"].sum()) if "rollout_steps" in batch else 0
+        return count.training() + count.forward * rolled // shape[0]
