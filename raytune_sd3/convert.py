@@ -396,6 +396,73 @@ def _ema_validation(v: Any, s: Scope) -> dict[str, Any]:
     return {"validation.use_ema": str(v) == "ema_only"}
 
 
+# SimpleTuner's scheduled sampling (its documentation): off unless max_step_offset > 0; probability 0.0 by default
+# (so nothing rolls until it is set); a ramp from prob_start 0.0 to prob_end 0.5 over ramp_steps; sampler unipc.
+SIMPLETUNER_ROLLOUT = "scheduled_sampling_"
+SIMPLETUNER_ROLLOUT_PROB_END = 0.5
+SIMPLETUNER_ROLLOUT_SAMPLER = "unipc"
+
+
+def _rollout_on(settings: dict[str, Any]) -> bool:
+    return _int(settings.get(SIMPLETUNER_ROLLOUT + "max_step_offset") or 0) > 0
+
+
+def _scheduled_sampling(v: Any, s: Scope) -> dict[str, Any]:
+    """scheduled_sampling_max_step_offset with its probability or ramp -> flow.scheduled_sampling."""
+    offset, st = _int(v), s.settings
+    if offset <= 0:
+        return {}
+    ours = "flow.scheduled_sampling."
+    ramp = _int(st.get(SIMPLETUNER_ROLLOUT + "ramp_steps") or 0)
+    if ramp:
+        out = {ours + "ramp_steps": ramp,
+               ours + "prob_start": float(st.get(SIMPLETUNER_ROLLOUT + "prob_start") or 0.0),
+               ours + "prob_end": float(st.get(SIMPLETUNER_ROLLOUT + "prob_end", SIMPLETUNER_ROLLOUT_PROB_END))}
+        if st.get(SIMPLETUNER_ROLLOUT + "probability") is not None:
+            s.note("scheduled_sampling_probability with scheduled_sampling_ramp_steps: the ramp's prob_start and "
+                   "prob_end set the chance here (flow.scheduled_sampling.prob_start/prob_end)")
+    else:
+        chance = float(st.get(SIMPLETUNER_ROLLOUT + "probability") or 0.0)
+        if chance == 0:
+            s.note("scheduled_sampling_max_step_offset without scheduled_sampling_probability (SimpleTuner's "
+                   "default 0.0) rolls nothing out: flow.scheduled_sampling left off")
+            return {}
+        out = {ours + "probability": chance}
+    if st.get(SIMPLETUNER_ROLLOUT + "sampler") is None:
+        s.note(f"scheduled sampling: SimpleTuner's default rollout sampler ({SIMPLETUNER_ROLLOUT_SAMPLER}) is another "
+               "solver of the same ODE; the rollouts here take Euler steps (FlowMatchEulerDiscreteScheduler's)")
+    return {ours + "max_step_offset": offset, **out}
+
+
+def _needs_rollout(rule: Rule) -> Rule:
+    """A scheduled-sampling setting: read only with scheduled_sampling_max_step_offset > 0, as SimpleTuner does."""
+    def wrapped(v: Any, s: Scope) -> dict[str, Any]:
+        if not _rollout_on(s.settings):
+            raise Ignored("only read with scheduled_sampling_max_step_offset > 0")
+        return rule(v, s)
+    return wrapped
+
+
+ROLLOUT_RULES: dict[str, Rule] = {
+    SIMPLETUNER_ROLLOUT + "max_step_offset": _scheduled_sampling,
+    **{SIMPLETUNER_ROLLOUT + k: _needs_rollout(lambda v, s: {})  # read by _scheduled_sampling
+       for k in ("probability", "ramp_steps", "prob_start", "prob_end")},
+    SIMPLETUNER_ROLLOUT + "start_step": _needs_rollout(refuse_unless(
+        lambda v: _int(v) == 0, "the probability ramp starts at step 0 here")),
+    SIMPLETUNER_ROLLOUT + "ramp_shape": _needs_rollout(refuse_unless(
+        lambda v: str(v).lower() == "linear", "the probability ramps linearly here")),
+    SIMPLETUNER_ROLLOUT + "strategy": _needs_rollout(refuse_unless(
+        lambda v: str(v).lower() == "uniform", "the rollout length is uniform in 0..max_step_offset here")),
+    SIMPLETUNER_ROLLOUT + "sampler": _needs_rollout(refuse_unless(
+        lambda v: str(v).lower() == "euler", "the rollouts take Euler steps here (SimpleTuner's euler)")),
+    SIMPLETUNER_ROLLOUT + "order": _needs_rollout(ignore("only SimpleTuner's higher-order samplers read it")),
+    SIMPLETUNER_ROLLOUT + "reflexflow": _needs_rollout(refuse_unless(
+        lambda v: not _bool(v), "ReflexFlow's extra loss terms are not built here")),
+    **{SIMPLETUNER_ROLLOUT + "reflexflow_" + k: _needs_rollout(ignore("only read with scheduled_sampling_reflexflow"))
+       for k in ("alpha", "beta1", "beta2")},
+}
+
+
 def _push_to_hub(v: Any, s: Scope) -> dict[str, Any]:
     if _bool(v) and not s.settings.get("hub_model_id"):
         raise NotConverted("set hub.repo_id (owner/name, or a name under the token's account) to upload")
@@ -618,6 +685,7 @@ CONFIG_RULES: dict[str, Rule] = {
                                            "the EMA is updated after every optimizer step here")),
     **{k: _needs_ema(ignore("the EMA lives on each training worker's device (in the memory estimate)"))
        for k in ("ema_device", "ema_cpu_only", "ema_foreach_disable")},
+    **ROLLOUT_RULES,
     "loss_type": refuse_unless(lambda v: str(v) == "l2", "our loss is the mean squared error (SimpleTuner's l2)"),
     "snr_gamma": refuse_unless(lambda v: float(v) == 0, "no min-SNR loss weighting here (flow.weighting none, "
                                "sigma_sqrt or cosmap)"),

@@ -5,16 +5,20 @@
     model(noisy, t = sigma' * 1000) -> v
     velocity target (default):  loss = mean((v - (noise - latents))^2)
     x0 target (diffusers):      loss = mean(w(sigma') * (v * -sigma' + noisy - latents)^2)
+
+Scheduled sampling (flow.scheduled_sampling) replaces `noisy` of a chosen item by what the model itself makes of it:
+noised to a sigma k training timesteps above the drawn one, then k Euler steps x <- x + (s_next - s) * v down to it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from raytune_sd3.config import FlowConfig
+from raytune_sd3.config import FlowConfig, ScheduledSamplingConfig
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's scheduler: timestep = sigma * 1000
 
@@ -77,13 +81,16 @@ def flow_loss(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     mask: torch.Tensor | None = None,
+    noisy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample loss, shape (B,), computed in fp32. `sigmas` are the shifted ones used to build the input."""
+    """Per-sample loss, shape (B,), computed in fp32. `sigmas` are the shifted ones used to build the input;
+    `noisy` is the input the model saw where it is not the plain noised latents (a rollout's)."""
     pred, latents, noise = model_pred.float(), latents.float(), noise.float()
     if cfg.prediction == "velocity":
         target = noise - latents
     else:  # diffusers' preconditioning: turn the velocity into an x0 estimate
-        pred = pred * -_per_sample(sigmas, pred) + noisy_input(latents, noise, sigmas)
+        seen = noisy_input(latents, noise, sigmas) if noisy is None else noisy.float()
+        pred = pred * -_per_sample(sigmas, pred) + seen
         target = latents
     err = (pred - target) ** 2
     if mask is not None:
@@ -127,3 +134,67 @@ def make_flow_batch(
     sigmas = shift_sigmas(sigmas.to(latents.device, non_blocking=True),
                           resolve_shift(cfg, latents.shape[-2], latents.shape[-1]))
     return FlowBatch(noisy_input(latents, noise, sigmas), sigmas * NUM_TRAIN_TIMESTEPS, sigmas, noise)
+
+
+# --- scheduled sampling (rollout) ----------------------------------------------------------------------------------
+
+
+def draw_rollout_steps(ss: ScheduledSamplingConfig, step: int, batch_size: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Rollout length k of each item of optimizer step `step`, (batch_size,) int64 on the CPU: 0 for an item not
+    chosen (chance ss.probability_at(step)), else uniform in 0..max_step_offset. Both draws are made for every item,
+    in this order, so the stream does not depend on the chance (a ramp changes which items roll, not their k)."""
+    chosen = torch.rand(batch_size, generator=generator) < ss.probability_at(step)
+    k = torch.randint(0, ss.max_step_offset + 1, (batch_size,), generator=generator)
+    return k * chosen
+
+
+def rollout_sigmas(target: torch.Tensor, k: int, shift: float) -> torch.Tensor:
+    """The k + 1 shifted sigmas (fp32) a rollout of k Euler steps visits, noisiest first, ending at the unshifted
+    scalar `target` (shifted as the step shifts it). The grid is the training schedule's (FlowMatchEulerDiscrete-
+    Scheduler's 1000 timesteps: 1/1000 apart before the shift, as SimpleTuner rolls over its training timesteps),
+    squeezed to end at pure noise (sigma 1) where target + k/1000 would pass it."""
+    target = target.float().reshape(1)
+    source = torch.clamp(target + k / NUM_TRAIN_TIMESTEPS, max=1.0)
+    steps = torch.arange(k, -1, -1, dtype=torch.float32) / k  # 1 .. 0
+    return shift_sigmas(target + (source - target) * steps, shift)
+
+
+RolloutVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""velocity(x (n, C, H, W), timesteps (n,), index (n,) long): the model's prediction for the batch items `index`."""
+
+
+@torch.no_grad()
+def rolled_out_input(velocity: RolloutVelocity, latents: torch.Tensor, noise: torch.Tensor, plain: torch.Tensor,
+                     sigmas: torch.Tensor, rollout_steps: torch.Tensor, shift: float) -> torch.Tensor:
+    """The model's input with scheduled sampling: `plain` (B, C, H, W, the plain noised latents of make_flow_batch)
+    where rollout_steps[i] is 0, else the item noised at rollout_sigmas(sigmas[i], k)[0] with the same noise and
+    stepped k times as FlowMatchEulerDiscreteScheduler.step does (x + (s_next - s) * v in fp32, back to x's dtype).
+    `sigmas` (B,) unshifted and `rollout_steps` (B,) are the CPU draws: every decision here is made on the host from
+    them, so the rollout reads nothing back from the device. Items roll in lockstep with their ends aligned (pass j
+    steps the items with k >= longest - j), so each pass is one forward over the items still rolling."""
+    ks = [int(k) for k in rollout_steps]
+    longest = max(ks, default=0)
+    if longest == 0:
+        return plain
+    rolled = [i for i, k in enumerate(ks) if k]
+    grids = {i: rollout_sigmas(sigmas[i], ks[i], shift) for i in rolled}
+    x = plain.clone()
+    index = _to(torch.tensor(rolled), plain.device)
+    source = _to(torch.stack([grids[i][0] for i in rolled]), plain.device)
+    x[index] = noisy_input(latents[index], noise[index], source)
+    for j in range(longest):
+        active = [i for i in rolled if ks[i] >= longest - j]
+        at = [j - (longest - ks[i]) for i in active]  # each item's place on its own grid
+        now = torch.stack([grids[i][a] for i, a in zip(active, at, strict=True)])
+        step = torch.stack([grids[i][a + 1] for i, a in zip(active, at, strict=True)]) - now
+        index, now, step = (_to(t, plain.device) for t in (torch.tensor(active), now, step))
+        v = velocity(x[index], now * NUM_TRAIN_TIMESTEPS, index)
+        moved = x[index].float()
+        x[index] = (moved + _per_sample(step, moved) * v.float()).to(x.dtype)
+    return x
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor onto `device` without a host sync (pinned, so the copy is queued, not waited for)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -24,6 +24,9 @@ Assumptions, each stated where it is used:
   not modelled. Quantised linears (model.quantize; the AdaLN, embedding and output linears stay in `dtype`)
   cost QUANT_BYTES per weight, and their activations are the unquantised base's (models/quantize.py); nf4 and
   int2 add one dequantised weight in flight; paged optimizer state is counted on the GPU.
+- Scheduled sampling (flow.scheduled_sampling) adds no term: its rollout forwards run without autograd (a block's
+  temporaries are freed as it ends, below what the training forward keeps) and end before the training forward
+  starts; they cost time (up to max_step_offset forwards a micro-batch), not memory.
 
 The tracer that checks these figures (one real training step's peak tensor memory, on "meta" in seconds for any
 size) lives beside the benchmarks: benchmarks/tracer.py.

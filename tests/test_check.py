@@ -208,6 +208,25 @@ def test_the_ema_costs_one_fp32_copy_of_the_lora_on_every_worker(capsys):
     assert "EMA of the LoRA (fp32, whole on every worker)" in capsys.readouterr().out
 
 
+def test_scheduled_sampling_costs_no_memory_and_is_never_told_to_use_zero3():
+    """Its rollout forwards keep no activations (memory.py): the same estimate, a line saying what it costs, and no
+    fix that the door would refuse (ZeRO-3 with scheduled sampling)."""
+    from raytune_sd3.driver.checks import Report, check_memory
+
+    fixes = {}
+    for rollout in ([], ["flow.scheduled_sampling.max_step_offset=5"]):
+        cfg = load_job(ROOT / "jobs" / "sd35.yaml", ["train.num_workers=8", "train.gradient_checkpointing=true",
+                                                      "train.batch_size=1", "train.grad_accum=1", *rollout])
+        report = Report()
+        check_memory(cfg, report, 16 * 2**30, "a 16 GB card", "ddp", None, None)
+        fixes[bool(rollout)] = [line for line in report.lines if line.startswith("[FAIL] memory")]
+        assert any(line.startswith("[ok]   rollout  flow.scheduled_sampling: up to 5 extra forward passes")
+                   for line in report.lines) is bool(rollout)
+    plain, rolled = fixes[False][0], fixes[True][0]
+    assert "--set train.strategy=zero3" in plain and "zero3" not in rolled
+    assert plain.split(". Change")[0] == rolled.split(". Change")[0]  # the same GiB: no extra memory
+
+
 # --- the CLI ------------------------------------------------------------------------------------------------------
 
 

@@ -697,3 +697,43 @@ def test_an_ema_updated_every_few_steps_is_not_ours(tmp_path):
     assert load_job(raw=conv.job).train.ema_decay == 0.995
     assert any("ema_update_interval = 10 (the EMA is updated after every optimizer step here" in line
                for line in conv.report())
+
+
+@pytest.mark.parametrize(("settings", "ours", "listed"), [
+    ({"scheduled_sampling_max_step_offset": 10, "scheduled_sampling_probability": 1.0,
+      "scheduled_sampling_sampler": "euler"}, {"max_step_offset": 10, "probability": 1.0}, None),
+    ({"scheduled_sampling_max_step_offset": 5, "scheduled_sampling_probability": 1.0,
+      "scheduled_sampling_ramp_steps": 1000}, {"max_step_offset": 5, "ramp_steps": 1000, "prob_start": 0.0,
+                                               "prob_end": 0.5}, "default rollout sampler (unipc)"),
+    ({"scheduled_sampling_max_step_offset": 5, "scheduled_sampling_ramp_steps": 100,
+      "scheduled_sampling_prob_start": 0.2, "scheduled_sampling_prob_end": 0.9, "scheduled_sampling_sampler": "euler"},
+     {"max_step_offset": 5, "ramp_steps": 100, "prob_start": 0.2, "prob_end": 0.9}, None),
+    ({"scheduled_sampling_max_step_offset": 5}, None, "SimpleTuner's default 0.0) rolls nothing out"),
+    ({"scheduled_sampling_max_step_offset": 0, "scheduled_sampling_probability": 0.5}, None,
+     "scheduled_sampling_probability = 0.5 (only read with scheduled_sampling_max_step_offset > 0)"),
+])
+def test_simpletuners_scheduled_sampling_becomes_ours(tmp_path, settings, ours, listed):
+    conv = convert_simpletuner(*write_setup(tmp_path, minimal(**settings), BARE_SET))
+    ss = load_job(raw=conv.job).flow.scheduled_sampling
+    assert (ss.model_dump(exclude_none=True, exclude_defaults=False) if ss else None) == (
+        None if ours is None else {"ramp_steps": 0, **ours})
+    if listed:
+        assert listed in "\n".join(conv.report())
+
+
+@pytest.mark.parametrize(("setting", "key"), [
+    ({"scheduled_sampling_sampler": "unipc"}, 'scheduled_sampling_sampler = "unipc"'),
+    ({"scheduled_sampling_strategy": "biased_early"}, 'scheduled_sampling_strategy = "biased_early"'),
+    ({"scheduled_sampling_ramp_shape": "cosine"}, 'scheduled_sampling_ramp_shape = "cosine"'),
+    ({"scheduled_sampling_start_step": 100}, "scheduled_sampling_start_step = 100"),
+    ({"scheduled_sampling_reflexflow": True}, "scheduled_sampling_reflexflow = true"),
+])
+def test_rollouts_we_do_not_take_are_refused_unless_lossy(tmp_path, capsys, setting, key):
+    cfg, mdb = write_setup(tmp_path, minimal(scheduled_sampling_max_step_offset=4, scheduled_sampling_probability=1,
+                                             **setting), ONE_SQUARE_SET)
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"  {cfg}: {key} (" in err and "pass --lossy" in err and not out.exists()
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 0
+    assert load_job(out).flow.scheduled_sampling.max_step_offset == 4

@@ -28,13 +28,15 @@ REQUIRED = {"step", "loss", "lr", "grad_norm", "step_time_s", "images_per_s"}
 SECRET = "wandb-key-that-must-not-leak-0123456789"
 TOKEN = "webhook-token-that-must-not-leak-42"
 # run1's settings beyond jobs/tiny.yaml (every rerun of it passes them again): a card peak for an MFU, W&B offline,
-# an EMA of the LoRA that the validation images are sampled with, a negative prompt, and the validation extras:
-# validation at steps 20 and 40, CLIP scores, previews at sampler step 4 of 8 to a webhook (its URL, a secret, is
-# recorded redacted, so a rerun may name another server: webhook_url()).
+# an EMA of the LoRA that the validation images are sampled with, a negative prompt, scheduled sampling (each DDP
+# rank rolls its own items a different number of forwards), and the validation extras: validation at steps 20 and
+# 40, CLIP scores, previews at sampler step 4 of 8 to a webhook (its URL, a secret, is recorded redacted, so a
+# rerun may name another server: webhook_url()).
 NEGATIVE = "a green triangle"
 RUN1_SETS = ("train.peak_tflops=0.05", "wandb.project=raytune-sd3-tests", "wandb.mode=offline", "train.ema_decay=0.9",
              "validation.use_ema=true", f"validation.negative_prompt={NEGATIVE}", "validation.every_steps=20",
-             "validation.clip_score=true", "validation.preview_steps=4")
+             "validation.clip_score=true", "validation.preview_steps=4",
+             "flow.scheduled_sampling.max_step_offset=2", "flow.scheduled_sampling.probability=0.5")
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]  # jobs/tiny.yaml's
 
 
@@ -87,6 +89,12 @@ def test_outputs_of_the_tiny_job(first_run, tiny_sd3):
     assert [r["step"] for r in steps] == list(range(1, 41))
     assert all(REQUIRED <= set(r) for r in steps)
     assert all(r["images_per_s"] > 0 and r["grad_norm"] > 0 for r in steps)
+    # scheduled sampling: the mean rollout length of each step's global batch (2 workers), as the draws give it
+    from raytune_sd3.train.loop import rollout_steps_of
+
+    drawn = [float(torch.cat([rollout_steps_of(cfg, r["step"], slot) for slot in (0, 1)]).float().mean())
+             for r in steps]
+    assert [r["rollout_steps"] for r in steps] == drawn and 0 < sum(drawn) < 2 * len(drawn)
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert set(evals) == {0, 20, 40}
     # learning is real: fixed sigmas and fixed noise on held-out images, so the drop is not noise
@@ -191,7 +199,8 @@ def test_a_diverging_run_exits_3_with_the_reason(first_run):
 
 @pytest.mark.slow
 def test_mfu_from_the_counted_flops(first_run, tiny_sd3):
-    """metrics' MFU is F_train (train/flops.py, counted on the step's batch shape) over the step time and the peak."""
+    """metrics' MFU is F_train (train/flops.py, counted on the step's batch shape) plus one forward of an item per
+    rolled step of rank 0's items (scheduled sampling), over the step time and the peak."""
     from raytune_sd3.models.loading import load_transformer
     from raytune_sd3.models.lora import add_lora
     from raytune_sd3.train.flops import count_flops
@@ -204,8 +213,11 @@ def test_mfu_from_the_counted_flops(first_run, tiny_sd3):
     x = dict(hidden_states=torch.randn(cfg.train.batch_size, 16, 8, 8), timestep=torch.full((4,), 500.0),
              encoder_hidden_states=torch.randn(4, 77 + 77, model.config.joint_attention_dim),
              pooled_projections=torch.randn(4, model.config.pooled_projection_dim), return_dict=False)
-    flops = count_flops(model, lambda: model(**x)).training()
+    from raytune_sd3.train.loop import rollout_steps_of
+
+    count = count_flops(model, lambda: model(**x))
     for m in steps:
+        flops = count.training() + count.forward * int(rollout_steps_of(cfg, m["step"], 0).sum()) // 4
         assert m["tflops_per_s"] == pytest.approx(flops / m["step_time_s"] / 1e12, rel=1e-6)
         assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.05, rel=1e-6) and 0 < m["mfu"]
 

@@ -390,6 +390,9 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     report.block(est.table(gpu_bytes))
     for note in est.notes:
         report.warn("memory", note)
+    if (ss := cfg.flow.scheduled_sampling) is not None:  # time, not memory: its forwards keep no activations
+        report.ok("rollout", f"flow.scheduled_sampling: up to {ss.max_step_offset} extra forward passes (no gradient) "
+                             "per micro-batch; no extra memory")
     if not gpu_bytes:
         report.ok("memory", f"{est.total / GIB:.1f} GiB per GPU (no --cluster or --gpu given to compare with)")
         return
@@ -410,6 +413,8 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     if not t.gradient_checkpointing and at(ckpt=True).total <= TIGHT * gpu_bytes:
         fixes.append("--set train.gradient_checkpointing=true")
     for strat in ("zero2", "zero3"):
+        if strat == "zero3" and cfg.flow.scheduled_sampling is not None:
+            continue  # refused together (config/schema.py): ZeRO-3's forwards must run in step on every worker
         if STRATEGIES.index(strat) > STRATEGIES.index(strategy) and at(strat=strat).total <= TIGHT * gpu_bytes:
             fixes.append(f"--set train.strategy={strat}")
             break

@@ -21,7 +21,14 @@ from raytune_sd3 import atomic
 from raytune_sd3.config import OPTIMIZERS, JobConfig
 from raytune_sd3.data.manifest import READER_COLUMNS, read_manifest, split_eval
 from raytune_sd3.data.reader import CachedBatches, Prefetcher
-from raytune_sd3.flow import draw_noise, flow_loss, make_flow_batch
+from raytune_sd3.flow import (
+    draw_noise,
+    draw_rollout_steps,
+    flow_loss,
+    make_flow_batch,
+    resolve_shift,
+    rolled_out_input,
+)
 from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
 from raytune_sd3.models.lora import LoraAutocast, add_lora, export_lora
 from raytune_sd3.models.lora_files import load_lora_file, read_lora_file
@@ -30,7 +37,7 @@ from raytune_sd3.run_layout import EMA_LORA, RunLayout
 from raytune_sd3.train.attention import attention_kernel, sampling_attention
 from raytune_sd3.train.checkpoint import load_checkpoint, load_optimizer, resume_point, write_checkpoint
 from raytune_sd3.train.ema import LoraEma
-from raytune_sd3.train.flops import count_flops, peak_tflops
+from raytune_sd3.train.flops import FlopCount, count_flops, peak_tflops
 from raytune_sd3.train.optim import (
     applied_lr,
     averaged_weights,
@@ -87,10 +94,22 @@ def divergence_reason(metrics: dict, initial_eval: float | None, nonfinite: int,
     return None
 
 
-def _step_seed(seed: int, step: int, slot: int) -> int:
-    """Seed of the sigmas and noise of one micro-batch; `slot` = micro * world + rank is its place in the global
-    batch, so a run on fewer workers with more accumulation (elastic) draws the same noise for the same images."""
-    return int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0])
+ROLLOUT_STREAM = 1  # the rollout draws' own stream: the noise stream stays what it is with the feature on or off
+
+
+def _step_seed(seed: int, step: int, slot: int, *stream: int) -> int:
+    """Seed of the sigmas and noise of one micro-batch (of its rollout draws with `stream` ROLLOUT_STREAM); `slot` =
+    micro * world + rank is its place in the global batch, so a run on fewer workers with more accumulation
+    (elastic) draws the same noise for the same images. Nothing of it is kept in a checkpoint: a resumed step
+    draws from the same seed."""
+    return int(np.random.SeedSequence([seed, step, slot, *stream]).generate_state(1)[0])
+
+
+def rollout_steps_of(cfg: JobConfig, step: int, slot: int) -> torch.Tensor:
+    """The rollout lengths (train.batch_size,) of the micro-batch at `slot` of optimizer step `step` (1-based)."""
+    ss = cfg.flow.scheduled_sampling
+    generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, step, slot, ROLLOUT_STREAM))
+    return draw_rollout_steps(ss, step, cfg.train.batch_size, generator)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -137,7 +156,7 @@ class WorkerRun:
         self.batches = self.tracker = self.vae = None
         self.ema: LoraEma | None = None  # the EMA of the LoRA weights (train.ema_decay)
         self.validation_extras: ValidationExtras | None = None  # CLIP score and previews, on rank 0
-        self.flops_of_shape: dict[tuple, int] = {}
+        self.flops_of_shape: dict[tuple, FlopCount] = {}
         # Ray Train's own switch for its preemption watcher (read by its controller from the same environment).
         self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
         self.notice_seen = False  # one checkpoint a notice: this attempt's workers go with the node
@@ -290,10 +309,13 @@ class WorkerRun:
                     c0 = time.perf_counter()
                     step_flops += self._train_flops(batch, latents, fb)
                     t0 += time.perf_counter() - c0  # the counting pass is not training time
+                rolled = None
+                if "rollout_steps" in batch and batch["rollout_steps"].any():
+                    rolled = fb.noisy = self._roll_out(batch, latents, fb)
                 with self.strategy.accumulating(sync=micro == self.accum - 1), self.autocast:
                     pred = self._forward(self.strategy.wrapped, batch, fb)
                     mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
-                    per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask)
+                    per_sample = flow_loss(cfg.flow, pred, latents, fb.noise, fb.sigmas, mask, noisy=rolled)
                     loss = (per_sample * batch["loss_weight"].to(device, non_blocking=True)).mean() / self.accum
                     self.strategy.backward(loss)
                 loss_sum += loss.detach()
@@ -312,6 +334,9 @@ class WorkerRun:
                    "images_per_s": t.batch_size * self.accum * world / step_time,
                    "epoch": step / self.reader.steps_per_epoch, "nonfinite_steps": self.nonfinite, "workers": world,
                    **optimizer_metrics(self.optimizer)}
+        if cfg.flow.scheduled_sampling is not None:  # the global batch's mean, from the draws (no collective)
+            lengths = [rollout_steps_of(cfg, step, slot) for slot in range(self.accum * world)]
+            metrics["rollout_steps"] = float(torch.cat(lengths).float().mean())
         if self.peak:  # this rank's model FLOPs over its step time, against one card's peak
             metrics.update(tflops_per_s=step_flops / step_time / 1e12,
                            mfu=step_flops / step_time / (self.peak * 1e12))
@@ -403,9 +428,34 @@ class WorkerRun:
         """Add its sigmas and noise to a micro-batch (Prefetcher's `then`, run in the read-ahead thread): drawn from
         the seed of its step and place in the global batch, so the stream does not depend on where it is drawn."""
         step, micro = args[0] + 1, args[1]
-        seed = _step_seed(self.t.seed, step, micro * self.world + self.rank)
+        slot = micro * self.world + self.rank
+        seed = _step_seed(self.t.seed, step, slot)
         sigmas, noise = draw_noise(self.cfg.flow, tuple(batch["latents"].shape), torch.Generator().manual_seed(seed))
-        return {**batch, "sigmas": sigmas, "noise": noise}
+        batch = {**batch, "sigmas": sigmas, "noise": noise}
+        if self.cfg.flow.scheduled_sampling is not None:
+            batch["rollout_steps"] = rollout_steps_of(self.cfg, step, slot)
+        return batch
+
+    def _roll_out(self, batch: dict, latents: torch.Tensor, fb) -> torch.Tensor:
+        """The micro-batch's input with scheduled sampling (flow.rolled_out_input): the current model, LoRA on, no
+        gradient, in eval mode (no LoRA dropout), on the unwrapped module (no DDP hooks: these forwards reduce
+        nothing). No activation is kept, so the step's memory peak stays the training forward's."""
+        module = self.strategy.transformer
+        prompt = batch["prompt_embeds"].to(self.device, self.dtype, non_blocking=True)
+        pooled = batch["pooled"].to(self.device, self.dtype, non_blocking=True)
+
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return module(hidden_states=x, timestep=timesteps, encoder_hidden_states=prompt[index],
+                          pooled_projections=pooled[index], return_dict=False)[0]
+
+        shift = resolve_shift(self.cfg.flow, latents.shape[-2], latents.shape[-1])
+        module.eval()
+        try:
+            with self.autocast:
+                return rolled_out_input(velocity, latents, fb.noise, fb.noisy, batch["sigmas"],
+                                        batch["rollout_steps"], shift)
+        finally:
+            module.train()
 
     def _forward(self, model, batch: dict, fb) -> torch.Tensor:
         return model(hidden_states=fb.noisy, timestep=fb.timesteps,
@@ -415,11 +465,14 @@ class WorkerRun:
 
     def _train_flops(self, batch: dict, latents: torch.Tensor, fb) -> int:
         """F_train of one micro-batch (train/flops.py), counted once per bucket shape by an extra forward pass:
-        every rank reaches a new shape at the same step (one bucket per step), as ZeRO-3's gathers need."""
+        every rank reaches a new shape at the same step (one bucket per step), as ZeRO-3's gathers need. A rollout
+        (scheduled sampling) adds one forward of an item per step it rolls (the forward's FLOPs are per item)."""
         shape = tuple(latents.shape)
         if shape not in self.flops_of_shape:
             module = self.strategy.transformer
             with self.autocast:
                 self.flops_of_shape[shape] = count_flops(module, lambda: self._forward(module, batch, fb),
-                                                         self.device).training()
-        return self.flops_of_shape[shape]
+                                                         self.device)
+        count = self.flops_of_shape[shape]
+        rolled = int(batch["rollout_steps"].sum()) if "rollout_steps" in batch else 0
+        return count.training() + count.forward * rolled // shape[0]
