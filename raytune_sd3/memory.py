@@ -119,9 +119,27 @@ def targeted_layers(shape: TransformerShape, targets: str | list[str],
 
 
 def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, blocks: list[int] | None = None,
-                kind: str = "lora") -> int:
-    """Adapter parameters: rank x (in + out) per targeted linear, and for DoRA its magnitude (out) too."""
-    return sum(rank * (i + o) + (o if kind == "dora" else 0) for _, i, o in targeted_layers(shape, targets, blocks))
+                kind: str = "lora", factor: int = -1, full_matrix: bool = False) -> int:
+    """Adapter parameters: rank x (in + out) per targeted linear, and for DoRA its magnitude (out) too; for LyCORIS's
+    lokr / loha (`factor`, `full_matrix`: LoKr's) what the library gives each layer."""
+    layers = targeted_layers(shape, targets, blocks)
+    if kind in ("lokr", "loha"):
+        from raytune_sd3.models.lycoris import lycoris_layer_params  # the library counts its own factors
+
+        return sum(lycoris_layer_params(kind, i, o, rank, factor, full_matrix) for _, i, o in layers)
+    return sum(rank * (i + o) + (o if kind == "dora" else 0) for _, i, o in layers)
+
+
+def lycoris_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None,
+                  act_bytes: int) -> tuple[float, float]:
+    """(activations, transient) that a LyCORIS adapter adds on an unquantised base: each layer rebuilds its whole
+    weight difference (out x in) from its factors and keeps it, cast to the activations' dtype, for the backward
+    of its matmul; building it takes the product, the sum with the base weight and the difference in fp32 (the
+    largest layer's set is the transient peak). On a quantised base LyCORIS runs its factors on the input instead
+    (its bypass mode: rank-sized activations, counted as a LoRA's)."""
+    layers = targeted_layers(shape, targets, blocks)
+    kept = sum(i * o * act_bytes for _, i, o in layers)
+    return kept, max((3 * i * o * 4 for _, i, o in layers), default=0)
 
 
 def dora_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None, act_bytes: int,
@@ -287,7 +305,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              mixed_precision: str = "no", quantization: str | None = None, blocks: list[int] | None = None,
              vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
              gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
-             runtime: bool = True, lora_kind: str = "lora", ema: bool = False) -> MemoryEstimate:
+             runtime: bool = True, lora_kind: str = "lora", ema: bool = False, lokr_factor: int = -1,
+             lokr_full_matrix: bool = False) -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
     `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
@@ -295,7 +314,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     `runtime`: add the CUDA context / NCCL / fragmentation margin (off for CPU comparisons).
     `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
     `quantization`: model.quantize (None or "none": unquantised).
-    `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set.
+    `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set;
+    lokr / loha (`lokr_factor`, `lokr_full_matrix`: lora.lycoris) their own parameters and rebuilt weights.
     `ema`: train.ema_decay is set: one fp32 copy of the LoRA parameters on every worker.
     """
     if strategy not in STRATEGIES:
@@ -337,7 +357,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     if vae_params:
         est.add(f"VAE {_count(vae_params)} params ({dtype}, for validation images)", vae_params * wb)
 
-    p_lora = lora_params(shape, targets, rank, blocks, lora_kind)
+    p_lora = lora_params(shape, targets, rank, blocks, lora_kind, lokr_factor, lokr_full_matrix)
     lb = BYTES[lora_dtype]
     shard = {"ddp": 1, "zero2": n, "zero3": n}[strategy]
     part = f", 1/{n}" if shard > 1 else ""
@@ -374,6 +394,13 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         est.add("DoRA: base and LoRA outputs kept per layer" + (", one block's" if gradient_checkpointing else ""),
                 kept)
         est.add("DoRA row norms, one layer at a time (the largest)", transient)
+        act += kept
+    if lora_kind in ("lokr", "loha") and not quantization:
+        kept, transient = lycoris_bytes(shape, targets, blocks, act_b)
+        kept /= shape.num_layers if gradient_checkpointing else 1  # one block's, recomputed
+        est.add("LyCORIS: each layer's rebuilt weight difference kept for backward"
+                + (", one block's" if gradient_checkpointing else ""), kept)
+        est.add("LyCORIS weight rebuild, one layer at a time (the largest)", transient)
         act += kept
     est.add("backward transient (one block's activation gradients)",
             backward_transient_bytes(shape, act_b, batch, resolution, t5_tokens))

@@ -1,0 +1,147 @@
+"""LyCORIS LoKr / LoHa (lora.kind lokr | loha): trained on the tiny transformer, saved in LyCORIS's SD3 layout,
+loaded back by the library itself with the trained output reproduced; checkpoints, the EMA, quantised bases and
+validation images run through the adapter; bad settings refused at the door."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raytune_sd3.config import ConfigError, LoraConfig, ValidationConfig, load_job
+from raytune_sd3.models.loading import load_sampler, load_transformer, load_vae
+from raytune_sd3.models.lora import (
+    LORA_FILE,
+    adapter_tensors,
+    add_lora,
+    export_lora,
+    load_adapter_tensors,
+    target_modules,
+)
+from raytune_sd3.models.quantize import quantize_transformer
+from raytune_sd3.train.checkpoint import load_checkpoint, save_checkpoint
+from raytune_sd3.train.ema import LoraEma
+from raytune_sd3.train.validation import sample_images
+from tests.test_lora import _inputs
+from tests.test_lora_files import TINY
+from tests.test_validation import embeds  # noqa: F401 - the module's fixture
+
+LOKR_W2 = {"lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+
+
+def _train(model, params, steps: int = 3) -> None:
+    """A few AdamW steps of the adapter towards a zero output (moves every factor off its init)."""
+    opt = torch.optim.AdamW(params, lr=5e-2)
+    for _ in range(steps):
+        (model(**_inputs())[0] ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("kind,lycoris,tensors", [
+    ("lokr", None, {"lokr_w1", "lokr_w2", "alpha"}),  # rank 4 >= half of 32/4: LyCORIS makes w2 whole
+    ("lokr", {"factor": 2}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}),
+    ("lokr", {"factor": 2, "full_matrix": True}, {"lokr_w1", "lokr_w2", "alpha"}),
+    ("loha", None, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}),
+])
+def test_trained_adapter_loads_back_with_lycoris_and_gives_the_trained_output(tiny_sd3, tmp_path, kind, lycoris,
+                                                                                tensors):
+    from lycoris import create_lycoris_from_weights
+
+    cfg = LoraConfig(rank=4, alpha=2.0, targets="attention+context", kind=kind, lycoris=lycoris)
+    model = load_transformer(tiny_sd3)
+    with torch.no_grad():
+        base = model(**_inputs())[0]
+    params = add_lora(model, cfg, seed=0)
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs())[0], base)  # the update starts at zero
+    _train(model, params)
+    with torch.no_grad():
+        ours = model(**_inputs())[0]
+    assert (ours - base).abs().max() > 1e-3  # the adapter is not a no-op
+
+    path = export_lora(tmp_path, adapter_tensors(model), cfg)
+    assert path == tmp_path / LORA_FILE
+    saved = load_file(str(path))
+    # LyCORIS's SD3 layout: lycoris_<diffusers module path with _>.<factor>, one set per adapted layer
+    layers = {re.sub(r"\.", "_", f"lycoris_{m}") for m in target_modules(model, cfg)}
+    assert {k.split(".")[0] for k in saved} == layers
+    assert {k.split(".", 1)[1] for k in saved} == tensors
+    assert "lycoris_transformer_blocks_0_attn_add_q_proj.alpha" in saved
+    if lycoris == {"factor": 2}:
+        assert saved["lycoris_transformer_blocks_0_attn_to_q.lokr_w1"].shape == (2, 2)
+
+    fresh = load_transformer(tiny_sd3)
+    network, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+    network.apply_to()
+    assert len(network.loras) == len(layers)
+    with torch.no_grad():
+        theirs = fresh(**_inputs())[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+
+
+def test_checkpoint_and_ema_keep_the_adapter(tiny_sd3, tmp_path):
+    cfg = LoraConfig(rank=4, kind="lokr", lycoris={"factor": 2})
+    model = load_transformer(tiny_sd3)
+    params = add_lora(model, cfg, seed=0)
+    ema = LoraEma(model, 0.5)
+    _train(model, params)
+    ema.update()
+    trained = adapter_tensors(model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(params, lr=1.0), lambda s: 1.0)
+    save_checkpoint(tmp_path, trained, cfg, schedule, step=3)
+
+    resumed = load_transformer(tiny_sd3)
+    add_lora(resumed, cfg, seed=1)  # another init, which the checkpoint overwrites
+    load_checkpoint(tmp_path, resumed, schedule)
+    for k, v in adapter_tensors(resumed).items():
+        assert torch.equal(v, trained[k]), k
+    with torch.no_grad():
+        assert torch.equal(resumed(**_inputs())[0], model(**_inputs())[0])
+
+    averaged = ema.lora_tensors()  # the EMA under the file's names, alpha included
+    assert set(averaged) == set(trained)
+    assert not torch.equal(averaged["lycoris_transformer_blocks_0_attn_to_q.lokr_w1"],
+                           trained["lycoris_transformer_blocks_0_attn_to_q.lokr_w1"])
+    with pytest.raises(RuntimeError, match="lokr_w2"):
+        load_adapter_tensors(resumed, {k: v for k, v in trained.items() if "lokr_w2" not in k})
+
+
+def test_quantised_base_trains_a_lokr_through_its_bypass(tiny_sd3, tmp_path):
+    """optimum-quanto's int8 linears are not plain weights: LyCORIS adds its update to their output instead."""
+    cfg = LoraConfig(rank=4, kind="lokr", lycoris={"factor": 2})
+    model = quantize_transformer(load_transformer(tiny_sd3), "int8")
+    params = add_lora(model, cfg, seed=0)
+    assert all(m.bypass_mode for m in model.lycoris.loras)
+    loss = lambda: (model(**_inputs())[0] ** 2).mean().item()  # noqa: E731
+    before = loss()
+    _train(model, params, steps=6)
+    assert loss() < 0.97 * before
+    assert (tmp_path / LORA_FILE) == export_lora(tmp_path, adapter_tensors(model), cfg)
+
+
+def test_validation_images_go_through_the_adapter(tiny_sd3, embeds, tmp_path):  # noqa: F811
+    cfg = ValidationConfig(prompts=["x"], resolution="64x64", steps=2, guidance=3.0, seed=7)
+    vae, sched = load_vae(tiny_sd3), load_sampler(tiny_sd3)
+    model = load_transformer(tiny_sd3)
+    base = sample_images(model, vae, sched, embeds[:1], embeds[2], cfg, tmp_path / "base", "cpu")
+    params = add_lora(model, LoraConfig(rank=4, kind="loha"), seed=0)
+    _train(model, params)
+    adapted = sample_images(model, vae, sched, embeds[:1], embeds[2], cfg, tmp_path / "loha", "cpu")
+    assert base[0].read_bytes() != adapted[0].read_bytes()
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["lora.lycoris.factor=4"], "lora: lora.lycoris (factor, full_matrix) holds LoKr's settings, and lora.kind is lora"),
+    (["lora.kind=loha", "lora.lycoris.full_matrix=true"], "remove lora.lycoris, or set lora.kind: lokr"),
+    (["lora.kind=lokx"], "lora.kind"),
+    (["lora.kind=lokr", "lora.lycoris.factor=0"], "lora.lycoris.factor: "),
+    (["lora.kind=lokr", "lora.lycoris.factor=-3"], "-1 for LyCORIS's balanced split"),
+    (["lora.kind=lokr", "lora.lycoris.facter=4"], "lora.lycoris.facter"),
+    (["lora.kind=loha", "lora.dropout=0.1"], "have no dropout"),
+    (["lora.kind=loha", "train.strategy=zero3"], "lora.kind loha with train.strategy zero3 cannot train: LyCORIS"),
+])
+def test_bad_lycoris_settings_are_refused_at_the_door(overrides, says):
+    with pytest.raises(ConfigError) as err:
+        load_job(TINY, overrides)
+    assert says in str(err.value)
