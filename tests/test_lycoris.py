@@ -192,3 +192,25 @@ def test_gradient_checkpointing_and_bf16_autocast_give_the_same_lokr_gradients(t
     assert all(g is not None and g.abs().max() > 0 for g in plain)
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_the_model_cards_snippet_loads_the_lokr_with_lycoris(tiny_sd3, tmp_path):
+    """The Hub card of a lokr run loads it with LyCORIS's loader (load_lora_weights reads no LyCORIS file), and
+    the pipeline then gives the trained output."""
+    from raytune_sd3.hub.publish import front_matter, model_card
+    from tests.test_ema import job
+
+    cfg = job("model.pretrained=tiny-sd3", "lora.kind=lokr", "lora.lycoris.factor=2", f"output_dir={tmp_path}")
+    model = load_transformer(tiny_sd3)
+    _train(model, add_lora(model, cfg.lora, seed=0))
+    export_lora(tmp_path, adapter_tensors(model), cfg.lora)
+    text = model_card(cfg, [])
+    assert "A LyCORIS LoKr for `tiny-sd3`" in text and "lycoris" in front_matter(text)["tags"]
+    code = text.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(tmp_path))
+    assert "load_lora_weights" not in code
+    lines = [line.split(".to(")[0].replace("torch.bfloat16", "torch.float32") if "from_pretrained" in line
+             else line for line in code.splitlines() if not line.startswith("image =")]  # no CUDA here: fp32, exact
+    scope: dict = {}
+    exec("\n".join(lines), scope)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["pipe"].transformer(**_inputs())[0], model(**_inputs())[0])
