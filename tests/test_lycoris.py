@@ -107,10 +107,14 @@ def test_checkpoint_and_ema_keep_the_adapter(tiny_sd3, tmp_path):
         load_adapter_tensors(resumed, {k: v for k, v in trained.items() if "lokr_w2" not in k})
 
 
-def test_quantised_base_trains_a_lokr_through_its_bypass(tiny_sd3, tmp_path):
-    """optimum-quanto's int8 linears are not plain weights: LyCORIS adds its update to their output instead."""
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_quantised_base_trains_a_lokr_through_its_bypass(tiny_sd3, tmp_path, quantize):
+    """optimum-quanto's int8 and bitsandbytes' nf4 linears are not plain weights: LyCORIS adds its update to their
+    output instead (nf4 on bitsandbytes' CPU back end, in the dev extra)."""
+    if quantize == "nf4":
+        pytest.importorskip("bitsandbytes")
     cfg = LoraConfig(rank=4, kind="lokr", lycoris={"factor": 2})
-    model = quantize_transformer(load_transformer(tiny_sd3), "int8")
+    model = quantize_transformer(load_transformer(tiny_sd3), quantize, device="cpu")
     params = add_lora(model, cfg, seed=0)
     assert all(m.bypass_mode for m in model.lycoris.loras)
     loss = lambda: (model(**_inputs())[0] ** 2).mean().item()  # noqa: E731
