@@ -218,3 +218,42 @@ def test_the_model_cards_snippet_loads_the_lokr_with_lycoris(tiny_sd3, tmp_path)
     exec("\n".join(lines), scope)
     with torch.no_grad():
         torch.testing.assert_close(scope["pipe"].transformer(**_inputs())[0], model(**_inputs())[0])
+
+
+def _ddp_rank(rank: int, port: int, tiny_sd3: str, out: dict) -> None:
+    """One of two gloo ranks: the tiny model with a LoKr under DDP as the DDP strategy wraps it (frozen base and
+    buffers left alone), one backward on this rank's own inputs; its LoKr gradients after DDP's all-reduce."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raytune_sd3.train.strategy import skip_frozen_sync
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = load_transformer(tiny_sd3)
+    params = add_lora(model, LoraConfig(rank=4, kind="lokr", lycoris={"factor": 2}), seed=0)
+    skipped = skip_frozen_sync(model)
+    wrapped = DistributedDataParallel(model)
+    (wrapped(**_inputs(seed=rank))[0] ** 2).mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out[rank] = {"grads": [p.grad.clone() for p in params], "skipped_trainable": sorted(set(skipped) & trainable),
+                 "skipped_lycoris": sum(n.startswith("lycoris.") for n in skipped)}
+    dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_the_lokr_gradients(tiny_sd3):
+    """Under DDP (two real gloo ranks) every rank holds the mean of the ranks' LoKr gradients: the network is the
+    transformer's submodule, so DDP reduces its parameters (and skips only its buffers, equal everywhere)."""
+    from tests.conftest import run_gloo_ranks
+
+    out = run_gloo_ranks(_ddp_rank, tiny_sd3)
+    alone = []
+    for seed in (0, 1):
+        model = load_transformer(tiny_sd3)
+        params = add_lora(model, LoraConfig(rank=4, kind="lokr", lycoris={"factor": 2}), seed=0)
+        (model(**_inputs(seed=seed))[0] ** 2).mean().backward()
+        alone.append([p.grad for p in params])
+    assert out[0]["skipped_trainable"] == [] and out[0]["skipped_lycoris"] > 0  # its alpha buffers
+    for g0, g1, a, b in zip(out[0]["grads"], out[1]["grads"], *alone, strict=True):
+        assert torch.equal(g0, g1)
+        torch.testing.assert_close(g0, (a + b) / 2, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(*alone, strict=True))  # the ranks' own gradients differ
