@@ -41,7 +41,11 @@ def add_lycoris(transformer: nn.Module, modules: list[str], cfg: LoraConfig, see
 
 
 def _network(module: nn.Module, names: list[str], cfg: LoraConfig):
+    import logging
+
     from lycoris import LycorisNetwork
+
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # its INFO lines (a dozen per network) are for its CLI
 
     # LyCORIS keeps its targets in class attributes; each network is built right after setting them, exact names only
     LycorisNetwork.apply_preset({"enable_conv": False, "target_module": [], "target_name": names, "use_fnmatch": True,
