@@ -130,18 +130,6 @@ def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, bl
     return sum(rank * (i + o) + (o if kind == "dora" else 0) for _, i, o in layers)
 
 
-def lycoris_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None,
-                  act_bytes: int) -> tuple[float, float]:
-    """(activations, transient) that a LyCORIS adapter adds on an unquantised base: each layer rebuilds its whole
-    weight difference (out x in) from its factors and keeps it, cast to the activations' dtype, for the backward
-    of its matmul; building it takes the product, the sum with the base weight and the difference in fp32 (the
-    largest layer's set is the transient peak). On a quantised base LyCORIS runs its factors on the input instead
-    (its bypass mode: rank-sized activations, counted as a LoRA's)."""
-    layers = targeted_layers(shape, targets, blocks)
-    kept = sum(i * o * act_bytes for _, i, o in layers)
-    return kept, max((3 * i * o * 4 for _, i, o in layers), default=0)
-
-
 def dora_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None, act_bytes: int,
                lora_bytes: int, batch: int, s_img: int, s_txt: int) -> tuple[float, float]:
     """(activations, transient) that DoRA adds to a LoRA (peft's DoraLinearLayer): each layer keeps its base output
@@ -154,6 +142,21 @@ def dora_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[i
                for name, _, o in layers)
     transient = max(((i * i + 2 * i * o) * lora_bytes + i * o * act_bytes for _, i, o in layers), default=0)
     return kept, transient
+
+
+def lycoris_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None, kind: str,
+                  act_bytes: int, batch: int, s_img: int, s_txt: int) -> tuple[float, float]:
+    """(activations, transient) that a LyCORIS adapter adds to a LoRA's (models/lycoris.py runs it in LyCORIS's
+    bypass mode: the base layer's output plus the factors applied to the input). LoKr applies its two Kronecker
+    factors one after the other and keeps the middle product for backward, as wide as the layer's output; LoHa
+    builds its out x in weight difference (the Hadamard product of two rank products, fp32) and keeps it, cast
+    to the activations' dtype, for its matmul's backward. Assumed from LyCORIS's code, not traced."""
+    layers = targeted_layers(shape, targets, blocks)
+    text = ("add_", "to_add_out", "ff_context")  # layers on the text stream; the rest see the image tokens
+    if kind == "lokr":
+        kept = sum(batch * (s_txt if any(t in name for t in text) else s_img) * o * act_bytes for name, _, o in layers)
+        return kept, 0.0
+    return sum(i * o * act_bytes for _, i, o in layers), max((3 * i * o * 4 for _, i, o in layers), default=0)
 
 
 # --- activations ------------------------------------------------------------------------------------------------
@@ -395,12 +398,14 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
                 kept)
         est.add("DoRA row norms, one layer at a time (the largest)", transient)
         act += kept
-    if lora_kind in ("lokr", "loha") and not quantization:
-        kept, transient = lycoris_bytes(shape, targets, blocks, act_b)
+    if lora_kind in ("lokr", "loha"):
+        kept, transient = lycoris_bytes(shape, targets, blocks, lora_kind, act_b, batch, s_img, s_all - s_img)
         kept /= shape.num_layers if gradient_checkpointing else 1  # one block's, recomputed
-        est.add("LyCORIS: each layer's rebuilt weight difference kept for backward"
+        est.add(("LoKr: each layer's middle product" if lora_kind == "lokr" else
+                 "LoHa: each layer's weight difference") + " kept for backward"
                 + (", one block's" if gradient_checkpointing else ""), kept)
-        est.add("LyCORIS weight rebuild, one layer at a time (the largest)", transient)
+        if transient:
+            est.add("LoHa weight difference built in fp32, one layer at a time (the largest)", transient)
         act += kept
     est.add("backward transient (one block's activation gradients)",
             backward_transient_bytes(shape, act_b, batch, resolution, t5_tokens))

@@ -76,8 +76,12 @@ def test_trained_adapter_loads_back_with_lycoris_and_gives_the_trained_output(ti
     network.apply_to()
     assert len(network.loras) == len(layers)
     with torch.no_grad():
-        theirs = fresh(**_inputs())[0]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+        rebuilt = fresh(**_inputs())[0]  # the library's default: W + dW rebuilt (fp32 here: float rounding)
+        for module in network.loras:
+            module.bypass_mode = True  # as we train: W x + dW x
+        bypassed = fresh(**_inputs())[0]
+    torch.testing.assert_close(rebuilt, ours, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bypassed, ours, rtol=0, atol=0)
 
 
 def test_checkpoint_and_ema_keep_the_adapter(tiny_sd3, tmp_path):
@@ -108,15 +112,14 @@ def test_checkpoint_and_ema_keep_the_adapter(tiny_sd3, tmp_path):
 
 
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
-def test_quantised_base_trains_a_lokr_through_its_bypass(tiny_sd3, tmp_path, quantize):
+def test_quantised_base_trains_a_lokr(tiny_sd3, tmp_path, quantize):
     """optimum-quanto's int8 and bitsandbytes' nf4 linears are not plain weights: LyCORIS adds its update to their
-    output instead (nf4 on bitsandbytes' CPU back end, in the dev extra)."""
+    output (its bypass mode, which we use on every base; nf4 on bitsandbytes' CPU back end, in the dev extra)."""
     if quantize == "nf4":
         pytest.importorskip("bitsandbytes")
     cfg = LoraConfig(rank=4, kind="lokr", lycoris={"factor": 2})
     model = quantize_transformer(load_transformer(tiny_sd3), quantize, device="cpu")
     params = add_lora(model, cfg, seed=0)
-    assert all(m.bypass_mode for m in model.lycoris.loras)
     loss = lambda: (model(**_inputs())[0] ** 2).mean().item()  # noqa: E731
     before = loss()
     _train(model, params, steps=6)
@@ -257,3 +260,4 @@ def test_ddp_all_reduces_the_lokr_gradients(tiny_sd3):
         assert torch.equal(g0, g1)
         torch.testing.assert_close(g0, (a + b) / 2, rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(a, b) for a, b in zip(*alone, strict=True))  # the ranks' own gradients differ
+

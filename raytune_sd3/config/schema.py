@@ -1046,10 +1046,10 @@ def adapter_problem(kind: str, strategy: str) -> str | None:
                 "row norms) outside that layer's own forward, where ZeRO-3 holds only this worker's shard of it; use "
                 "train.strategy zero2 or ddp (with model.quantize to fit a large base), or lora.kind: lora")
     if kind in LYCORIS_KINDS and strategy == "zero3":
-        return (f"lora.kind {kind} with train.strategy zero3 cannot train: LyCORIS replaces each adapted layer's "
-                "forward with its own, which reads that layer's weight and its own factors outside the module hooks "
-                "where ZeRO-3 gathers them from every worker's shard; use train.strategy zero2 or ddp (with "
-                "model.quantize to fit a large base), or lora.kind: lora")
+        return (f"lora.kind {kind} with train.strategy zero3 cannot train: LyCORIS runs its factors inside each "
+                "adapted layer's forward, never through their own module's call, so ZeRO-3's hooks never gather them "
+                "from the workers' shards; use train.strategy zero2 or ddp (with model.quantize to fit a large "
+                "base), or lora.kind: lora")
     return None
 
 

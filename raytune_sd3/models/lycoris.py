@@ -53,9 +53,12 @@ def _network(module: nn.Module, names: list[str], cfg: LoraConfig):
                                  "lora_prefix": "lycoris"})
     lokr = cfg.lycoris_settings
     own = {"factor": lokr.factor, "full_matrix": lokr.full_matrix} if cfg.kind == "lokr" else {}
+    # bypass: each layer adds its factors' product applied to the input (x W^T + x dW^T) instead of rebuilding
+    # (W + dW) - W, which on a bf16 base rounds a small dW to the weight's ulp (98% of it lost at |dW|/|W| = 1e-4)
+    # and keeps an out x in weight per layer for backward
     network = LycorisNetwork(module, multiplier=1.0, lora_dim=cfg.rank,
                              alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                             network_module=cfg.kind, warn_on_unmatched=False, **own)
+                             network_module=cfg.kind, warn_on_unmatched=False, bypass_mode=True, **own)
     if len(network.loras) != len(names):
         raise ValueError(f"lora.kind {cfg.kind}: LyCORIS adapted {len(network.loras)} of the {len(names)} layers "
                          "lora.targets selects")
