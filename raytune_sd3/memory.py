@@ -364,9 +364,10 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     lb = BYTES[lora_dtype]
     shard = {"ddp": 1, "zero2": n, "zero3": n}[strategy]
     part = f", 1/{n}" if shard > 1 else ""
-    est.add(f"LoRA {_count(p_lora)} params ({lora_dtype}){part if strategy == 'zero3' else ''}",
+    adapter = {"lokr": "LoKr", "loha": "LoHa"}.get(lora_kind, "LoRA")
+    est.add(f"{adapter} {_count(p_lora)} params ({lora_dtype}){part if strategy == 'zero3' else ''}",
             p_lora * lb / (n if strategy == "zero3" else 1))
-    est.add(f"LoRA gradients ({lora_dtype}){part}", p_lora * lb / shard)
+    est.add(f"{adapter} gradients ({lora_dtype}){part}", p_lora * lb / shard)
     if strategy == "ddp" and num_workers > 1:
         est.add(f"DDP gradient buckets ({lora_dtype})", p_lora * lb)
     if optimizer not in OPTIMIZERS:
