@@ -26,8 +26,6 @@ from tests.test_lora import _inputs
 from tests.test_lora_files import TINY
 from tests.test_validation import embeds  # noqa: F401 - the module's fixture
 
-LOKR_W2 = {"lokr_w2", "lokr_w2_a", "lokr_w2_b"}
-
 
 def _train(model, params, steps: int = 3) -> None:
     """A few AdamW steps of the adapter towards a zero output (moves every factor off its init)."""
