@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from raytune_sd3 import atomic
 from raytune_sd3.config import (
+    MAX_LORA_RANK,
     OPTIMIZERS,
     POLYNOMIAL_LR_END,
     SECRET_KEY,
@@ -553,6 +554,99 @@ def _optimizer_config(v: Any, s: Scope) -> dict[str, Any]:
     return out
 
 
+def _is_lycoris(s: Scope) -> bool:
+    return str(s.settings.get("lora_type", "standard")).lower() == "lycoris"
+
+
+def _peft_only(rule: Rule) -> Rule:
+    """A setting of SimpleTuner's peft LoRA, which it does not read with lora_type lycoris."""
+    def wrapped(v: Any, s: Scope) -> dict[str, Any]:
+        if _is_lycoris(s):
+            raise Ignored("not read with lora_type lycoris (its lycoris_config sets the adapter)")
+        return rule(v, s)
+    return wrapped
+
+
+def _if_lycoris(rule: Rule) -> Rule:
+    def wrapped(v: Any, s: Scope) -> dict[str, Any]:
+        if not _is_lycoris(s):
+            raise Ignored("only read with lora_type lycoris")
+        return rule(v, s)
+    return wrapped
+
+
+# SimpleTuner's apply_preset target_module classes -> lora.targets: SD3's Attention holds to_q/k/v/out.0 and the
+# text stream's add_*_proj/to_add_out (and attn2's on SD3.5), FeedForward the ff and ff_context layers
+LYCORIS_TARGETS = {frozenset({"Attention"}): "attention+context", frozenset({"Attention", "FeedForward"}): "all"}
+LYCORIS_READ = {"algo", "multiplier", "linear_dim", "linear_alpha", "factor", "full_matrix", "apply_preset"}
+
+
+def _lora_type(v: Any, s: Scope) -> dict[str, Any]:
+    if str(v).lower() not in ("standard", "lycoris"):
+        raise Refused("SimpleTuner's LoRA types are standard (peft) and lycoris")
+    if _is_lycoris(s) and not s.settings.get("lycoris_config"):
+        raise Refused("lora_type lycoris without lycoris_config: give the LyCORIS config file (its algo, "
+                      "linear_dim, factor ...), or lora_type standard")
+    return {}
+
+
+def _lycoris_config(v: Any, s: Scope) -> dict[str, Any]:
+    """SimpleTuner's lycoris_config JSON (lora_type lycoris) -> lora.kind, rank, alpha, targets and lora.lycoris."""
+    if not _is_lycoris(s):
+        raise Ignored("only read with lora_type lycoris")
+    given = Path(str(v)).expanduser()
+    # SimpleTuner reads it from its own folder, the one above config/ in its layout
+    found = [p for p in ([given] if given.is_absolute() else [s.folder / given, s.folder.parent / given])
+             if p.is_file()]
+    if not found:
+        raise Refused(f"{given} is not a file here (nor beside {s.source.name}): give its absolute path, so its "
+                      "LyCORIS settings are converted")
+    try:
+        lyco = json.loads(found[0].read_text())
+    except (OSError, ValueError) as e:
+        raise Refused(f"{found[0]} is not a JSON file ({e})") from None
+    algo = str(lyco.get("algo", "lora")).lower()
+    if algo not in ("lokr", "loha"):
+        raise Refused(f"LyCORIS algo {algo!r} in {found[0]}: LyCORIS is trained here as lokr or loha (lora.kind); "
+                      "its lora is lora.kind lora (lora_type standard)")
+    if float(lyco.get("multiplier", 1.0)) != 1.0:
+        raise Refused(f"multiplier {lyco['multiplier']} in {found[0]}: the adapter trains at strength 1 here")
+    out: dict[str, Any] = {"lora.kind": algo}
+
+    def lost(key: str, why: str) -> None:
+        s.conv.refused.append(f"{s.refusal(s.label('lycoris_config', v))} {key} = {_fmt(lyco[key])} ({why})")
+
+    # LoKr with whole factors (full_matrix, or a linear_dim too large to factor: LyCORIS then makes them whole
+    # itself) has scale 1: its linear_dim (often 10000) and alpha mean nothing
+    full = algo == "lokr" and (_bool(lyco.get("full_matrix", False))
+                               or _int(lyco.get("linear_dim", 4)) > MAX_LORA_RANK)
+    if not full:
+        out["lora.rank"] = _int(lyco.get("linear_dim", 4))  # LyCORIS's defaults
+        out["lora.alpha"] = float(lyco.get("linear_alpha", 1))
+    preset = lyco.get("apply_preset") or {}
+    modules = frozenset(str(m) for m in preset.get("target_module", []))
+    if modules in LYCORIS_TARGETS:
+        out["lora.targets"] = LYCORIS_TARGETS[modules]
+    else:
+        out["lora.targets"] = "all"
+        lost("apply_preset", "LyCORIS here adapts the layers of lora.targets: target_module [Attention] is "
+             "attention+context, [Attention, FeedForward] all (used)")
+    factors = {float(c["factor"]) for c in (preset.get("module_algo_map") or {}).values()
+               if isinstance(c, dict) and "factor" in c}
+    if preset.get("name_algo_map") or len(factors) > 1 or any(
+            set(c) - {"factor"} for c in (preset.get("module_algo_map") or {}).values() if isinstance(c, dict)):
+        lost("apply_preset", "per-module LyCORIS settings: one factor for every layer here")
+    if algo == "lokr":
+        out["lora.lycoris.factor"] = _int(lyco.get("factor", factors.pop() if len(factors) == 1 else -1))
+        out["lora.lycoris.full_matrix"] = full
+    elif "factor" in lyco or "full_matrix" in lyco:
+        s.conv.ignored.append(f"{s.label('lycoris_config', v)} factor / full_matrix (LoKr's; LoHa reads neither)")
+    for key in sorted(set(lyco) - LYCORIS_READ):
+        s.conv.not_converted.append(f"{s.label('lycoris_config', v)} {key} = {_fmt(lyco[key])} (no such LyCORIS "
+                                    "setting here)")
+    return out
+
+
 def _beta(n: int) -> Rule:
     def rule(v: Any, s: Scope) -> dict[str, Any]:
         if "optimizer_config" in s.settings:
@@ -699,17 +793,18 @@ CONFIG_RULES: dict[str, Rule] = {
     "base_model_precision": _base_precision,
     "base_model_default_dtype": _base_dtype,
     **{f"text_encoder_{i}_precision": only(lambda v: v == "no_change", NO_CHANGE) for i in (1, 2, 3)},
-    "lora_type": refuse_unless(lambda v: str(v).lower() == "standard", "LyCORIS (lokr, loha) is not built here "
-                               "yet: --lossy trains a plain LoRA (lora.kind lora or dora)"),
-    "lycoris_config": ignore("only read with lora_type lycoris"),
+    "lora_type": _lora_type,
+    "lycoris_config": _lycoris_config,
+    "validation_lycoris_strength": _if_lycoris(only(lambda v: float(v) == 1.0, "validation images use the whole "
+                                                    "adapter here (strength 1)")),
     "init_lora": path("lora.init_from"),  # its kind, rank, alpha and targets are checked against the file
-    "lora_rank": to("lora.rank", _int),
-    "lora_alpha": to("lora.alpha", float),
-    "lora_dropout": to("lora.dropout", float),
-    "peft_lora_target_modules": to("lora.targets", lambda v: [str(x) for x in (json.loads(v) if isinstance(v, str)
-                                                                               else v)]),  # JSON, as SimpleTuner
-    "lora_init_type": refuse_unless(lambda v: v == "default", "LoRA starts with peft's default init here"),
-    "use_dora": flag("lora.kind", "dora"),
+    "lora_rank": _peft_only(to("lora.rank", _int)),
+    "lora_alpha": _peft_only(to("lora.alpha", float)),
+    "lora_dropout": _peft_only(to("lora.dropout", float)),
+    "peft_lora_target_modules": _peft_only(to("lora.targets", lambda v: [
+        str(x) for x in (json.loads(v) if isinstance(v, str) else v)])),  # JSON, as SimpleTuner
+    "lora_init_type": _peft_only(refuse_unless(lambda v: v == "default", "LoRA starts with peft's default init here")),
+    "use_dora": _peft_only(flag("lora.kind", "dora")),
     "tokenizer_max_length": _t5_length,
     "t5_padding": choice("text.t5_padding", {"zero": "zero", "unmodified": "unmodified"}, "zero or unmodified"),
     "sd3_clip_uncond_behaviour": choice("text.uncond", {"empty_string": "empty_string", "zero": "zero"},

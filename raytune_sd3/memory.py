@@ -122,9 +122,15 @@ def targeted_layers(shape: TransformerShape, targets: str | list[str],
 
 
 def lora_params(shape: TransformerShape, targets: str | list[str], rank: int, blocks: list[int] | None = None,
-                kind: str = "lora") -> int:
-    """Adapter parameters: rank x (in + out) per targeted linear, and for DoRA its magnitude (out) too."""
-    return sum(rank * (i + o) + (o if kind == "dora" else 0) for _, i, o in targeted_layers(shape, targets, blocks))
+                kind: str = "lora", factor: int = -1, full_matrix: bool = False) -> int:
+    """Adapter parameters: rank x (in + out) per targeted linear, and for DoRA its magnitude (out) too; for LyCORIS's
+    lokr / loha (`factor`, `full_matrix`: LoKr's) what the library gives each layer."""
+    layers = targeted_layers(shape, targets, blocks)
+    if kind in ("lokr", "loha"):
+        from raytune_sd3.models.lycoris import lycoris_layer_params  # the library counts its own factors
+
+        return sum(lycoris_layer_params(kind, i, o, rank, factor, full_matrix) for _, i, o in layers)
+    return sum(rank * (i + o) + (o if kind == "dora" else 0) for _, i, o in layers)
 
 
 def dora_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None, act_bytes: int,
@@ -139,6 +145,21 @@ def dora_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[i
                for name, _, o in layers)
     transient = max(((i * i + 2 * i * o) * lora_bytes + i * o * act_bytes for _, i, o in layers), default=0)
     return kept, transient
+
+
+def lycoris_bytes(shape: TransformerShape, targets: str | list[str], blocks: list[int] | None, kind: str,
+                  act_bytes: int, batch: int, s_img: int, s_txt: int) -> tuple[float, float]:
+    """(activations, transient) that a LyCORIS adapter adds to a LoRA's (models/lycoris.py runs it in LyCORIS's
+    bypass mode: the base layer's output plus the factors applied to the input). LoKr applies its two Kronecker
+    factors one after the other and keeps the middle product for backward, as wide as the layer's output; LoHa
+    builds its out x in weight difference (the Hadamard product of two rank products, fp32) and keeps it, cast
+    to the activations' dtype, for its matmul's backward. Assumed from LyCORIS's code, not traced."""
+    layers = targeted_layers(shape, targets, blocks)
+    text = ("add_", "to_add_out", "ff_context")  # layers on the text stream; the rest see the image tokens
+    if kind == "lokr":
+        kept = sum(batch * (s_txt if any(t in name for t in text) else s_img) * o * act_bytes for name, _, o in layers)
+        return kept, 0.0
+    return sum(i * o * act_bytes for _, i, o in layers), max((3 * i * o * 4 for _, i, o in layers), default=0)
 
 
 # --- activations ------------------------------------------------------------------------------------------------
@@ -290,7 +311,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              mixed_precision: str = "no", quantization: str | None = None, blocks: list[int] | None = None,
              vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
              gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
-             runtime: bool = True, lora_kind: str = "lora", ema: bool = False) -> MemoryEstimate:
+             runtime: bool = True, lora_kind: str = "lora", ema: bool = False, lokr_factor: int = -1,
+             lokr_full_matrix: bool = False) -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
     `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
@@ -298,7 +320,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     `runtime`: add the CUDA context / NCCL / fragmentation margin (off for CPU comparisons).
     `gradient_checkpointing`: each block keeps only its inputs and recomputes the rest in backward.
     `quantization`: model.quantize (None or "none": unquantised).
-    `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set.
+    `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set;
+    lokr / loha (`lokr_factor`, `lokr_full_matrix`: lora.lycoris) their own parameters and rebuilt weights.
     `ema`: train.ema_decay is set: one fp32 copy of the LoRA parameters on every worker.
     """
     if strategy not in STRATEGIES:
@@ -340,13 +363,14 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     if vae_params:
         est.add(f"VAE {_count(vae_params)} params ({dtype}, for validation images)", vae_params * wb)
 
-    p_lora = lora_params(shape, targets, rank, blocks, lora_kind)
+    p_lora = lora_params(shape, targets, rank, blocks, lora_kind, lokr_factor, lokr_full_matrix)
     lb = BYTES[lora_dtype]
     shard = {"ddp": 1, "zero2": n, "zero3": n}[strategy]
     part = f", 1/{n}" if shard > 1 else ""
-    est.add(f"LoRA {_count(p_lora)} params ({lora_dtype}){part if strategy == 'zero3' else ''}",
+    adapter = {"lokr": "LoKr", "loha": "LoHa"}.get(lora_kind, "LoRA")
+    est.add(f"{adapter} {_count(p_lora)} params ({lora_dtype}){part if strategy == 'zero3' else ''}",
             p_lora * lb / (n if strategy == "zero3" else 1))
-    est.add(f"LoRA gradients ({lora_dtype}){part}", p_lora * lb / shard)
+    est.add(f"{adapter} gradients ({lora_dtype}){part}", p_lora * lb / shard)
     if strategy == "ddp" and num_workers > 1:
         est.add(f"DDP gradient buckets ({lora_dtype})", p_lora * lb)
     if optimizer not in OPTIMIZERS:
@@ -377,6 +401,15 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         est.add("DoRA: base and LoRA outputs kept per layer" + (", one block's" if gradient_checkpointing else ""),
                 kept)
         est.add("DoRA row norms, one layer at a time (the largest)", transient)
+        act += kept
+    if lora_kind in ("lokr", "loha"):
+        kept, transient = lycoris_bytes(shape, targets, blocks, lora_kind, act_b, batch, s_img, s_all - s_img)
+        kept /= shape.num_layers if gradient_checkpointing else 1  # one block's, recomputed
+        est.add(("LoKr: each layer's middle product" if lora_kind == "lokr" else
+                 "LoHa: each layer's weight difference") + " kept for backward"
+                + (", one block's" if gradient_checkpointing else ""), kept)
+        if transient:
+            est.add("LoHa weight difference built in fp32, one layer at a time (the largest)", transient)
         act += kept
     est.add("backward transient (one block's activation gradients)",
             backward_transient_bytes(shape, act_b, batch, resolution, t5_tokens))

@@ -68,6 +68,11 @@ def test_parameter_counts_match_diffusers(name, tiny_configs):
         model = _meta_model(config)
         params = add_lora(model, LoraConfig(rank=16, targets=targets, kind=kind))
         assert lora_params(shape, targets, 16, kind=kind) == sum(p.numel() for p in params), targets
+    lycoris = (("lokr", None), ("lokr", {"factor": 8}), ("lokr", {"factor": 16, "full_matrix": True}), ("loha", None))
+    for kind, lokr in lycoris if name == "tiny-sd35" else ():  # the library counts; this checks the layers match
+        model = _meta_model(config)
+        params = add_lora(model, LoraConfig(rank=4, targets="attention+context", kind=kind, lycoris=lokr))
+        assert lora_params(shape, "attention+context", 4, kind=kind, **(lokr or {})) == sum(p.numel() for p in params)
 
 
 def test_published_sizes():

@@ -678,6 +678,50 @@ def test_dora_and_init_lora_are_converted(tmp_path):
     assert load_job(tmp_path / "plain.yaml").lora.kind == "lora"
 
 
+@pytest.mark.parametrize(("lycoris", "lora", "lost"), [
+    # SimpleTuner's LoKr example: whole factors, so its linear_dim 10000 and alpha are not a rank
+    ({"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16, "full_matrix": True,
+      "apply_preset": {"target_module": ["Attention", "FeedForward"]}},
+     {"kind": "lokr", "rank": 16, "alpha": None, "targets": "all", "lycoris": {"factor": 16, "full_matrix": True}}, ""),
+    # its LoHa default: per-class factors are LoKr's, ignored
+    ({"algo": "loha", "multiplier": 1.0, "linear_dim": 32, "linear_alpha": 16,
+      "apply_preset": {"target_module": ["Attention"]}},
+     {"kind": "loha", "rank": 32, "alpha": 16.0, "targets": "attention+context", "lycoris": None}, ""),
+    # one factor per module class, the same for both: it is the factor
+    ({"algo": "lokr", "linear_dim": 8, "linear_alpha": 8, "apply_preset": {
+        "target_module": ["Attention", "FeedForward"], "module_algo_map": {"Attention": {"factor": 8},
+                                                                           "FeedForward": {"factor": 8}}}},
+     {"kind": "lokr", "rank": 8, "alpha": 8.0, "targets": "all", "lycoris": {"factor": 8, "full_matrix": False}}, ""),
+    # different ones are lost (refused unless --lossy)
+    ({"algo": "lokr", "linear_dim": 8, "apply_preset": {"target_module": ["Attention", "FeedForward"],
+                                                        "module_algo_map": {"Attention": {"factor": 16},
+                                                                            "FeedForward": {"factor": 8}}}},
+     {"kind": "lokr", "targets": "all", "lycoris": {"factor": -1, "full_matrix": False}}, "one factor for every"),
+])
+def test_lycoris_config_becomes_lora_kind_and_lycoris(tmp_path, capsys, lycoris, lora, lost):
+    """lora_type lycoris + its lycoris_config JSON (read from SimpleTuner's folder, as SimpleTuner does)."""
+    cfg, mdb = write_setup(tmp_path, minimal(lora_type="lycoris", lycoris_config="config/lycoris_config.json",
+                                             lora_rank=4, lora_dropout=0.1), ONE_SQUARE_SET)
+    (cfg.parent / "lycoris_config.json").write_text(json.dumps(lycoris))
+    out = tmp_path / "job.yaml"
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out)]) == (2 if lost else 0)
+    if lost:
+        assert lost in capsys.readouterr().err and not out.exists()
+        assert main(["simpletuner", str(cfg), str(mdb), "-o", str(out), "--lossy"]) == 0
+    got = load_job(out).lora.model_dump(mode="json")
+    assert {k: got[k] for k in lora} == lora
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"lora_type": "lycoris"}, "lora_type lycoris without lycoris_config"),
+    ({"lora_type": "lycoris", "lycoris_config": "/nowhere/lycoris.json"}, "is not a file here"),
+])
+def test_lycoris_without_its_config_is_refused(tmp_path, capsys, settings, message):
+    cfg, mdb = write_setup(tmp_path, minimal(**settings), ONE_SQUARE_SET)
+    assert main(["simpletuner", str(cfg), str(mdb), "-o", str(tmp_path / "job.yaml")]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("settings", "decay", "use_ema", "listed"), [
     ({"use_ema": True, "ema_decay": 0.99, "ema_validation": "ema_only", "ema_device": "cpu"}, 0.99, True,
      "ema_device"),

@@ -114,7 +114,8 @@ def test_the_job_takes_the_files_settings_and_refuses_others_naming_both(tiny_sd
 @pytest.mark.parametrize("keys, message", [
     ({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 32)},
      "kohya sd-scripts' MMDiT layout"),
-    ({"lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.zeros(4, 4)}, "a LyCORIS adapter"),
+    ({"lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.zeros(4, 4)},
+     "a LyCORIS adapter: lora.init_from continues a LoRA or DoRA only"),
     ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
       "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
       "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)},
@@ -142,7 +143,7 @@ def test_files_that_cannot_start_a_run_are_refused_at_the_door(tmp_path, keys, m
 def test_combinations_refused_by_the_schema(tmp_path):
     with pytest.raises(ConfigError, match="lora.kind dora with train.strategy zero3 cannot train: DoRA reads"):
         load_job(TINY, ["lora.kind=dora", "train.strategy=zero3"])
-    with pytest.raises(ConfigError, match=r"lora.kind: .*'lora' or 'dora'"):
-        load_job(TINY, ["lora.kind=lokr"])
+    with pytest.raises(ConfigError, match=r"lora.kind: .*'lora', 'dora', 'lokr' or 'loha'"):
+        load_job(TINY, ["lora.kind=lokx"])
     with pytest.raises(ConfigError, match="tune searches lora.rank, which lora.init_from takes from its file"):
         load_job(TINY, [f"lora.init_from={tmp_path}", "tune.num_trials=2", "tune.space={lora.rank: {choice: [4, 8]}}"])

@@ -45,7 +45,9 @@ def job_estimator(cfg: JobConfig, config: dict, model: str, strategy: str | None
                         strategy=strat, mixed_precision=t.mixed_precision, quantization=quant,
                         blocks=cfg.lora.blocks, vae_params=vae, validation_resolution=val_res,
                         vae_channels=vae_channels(model), gradient_checkpointing=ckpt, lora_dtype=cfg.lora.dtype,
-                        optimizer=t.optimizer, lora_kind=cfg.lora.kind, ema=t.ema_decay is not None)
+                        optimizer=t.optimizer, lora_kind=cfg.lora.kind, ema=t.ema_decay is not None,
+                        lokr_factor=cfg.lora.lycoris_settings.factor,
+                        lokr_full_matrix=cfg.lora.lycoris_settings.full_matrix)
 
     return at
 

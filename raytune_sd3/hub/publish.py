@@ -23,7 +23,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from raytune_sd3 import atomic
-from raytune_sd3.config import HF_TOKEN_ENV, TINY_MODELS, JobConfig, dump_job, model_is_path, redact
+from raytune_sd3.config import HF_TOKEN_ENV, LYCORIS_KINDS, TINY_MODELS, JobConfig, dump_job, model_is_path, redact
 from raytune_sd3.run_layout import CARD, CARD_IMAGES, LORA, RunLayout
 
 log = logging.getLogger("raytune_sd3")
@@ -140,10 +140,11 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     licence = base_model_licence(base)
     family = ["sd3.5", "sd3.5-diffusers"] if "3.5" in base or base == "tiny-sd35" else ["sd3", "sd3-diffusers"]
     trigger = trigger_of(cfg)
+    lycoris = cfg.lora.kind in LYCORIS_KINDS
     meta = ModelCardData(
         base_model=hub_base, library_name="diffusers", pipeline_tag="text-to-image",
         tags=list(dict.fromkeys(["text-to-image", "diffusers", "lora", "sd3", *family, "template:sd-lora",
-                                 "raytune_sd3"])),
+                                 *(["lycoris", cfg.lora.kind] if lycoris else []), "raytune_sd3"])),
         **licence,  # license, license_name, license_link: those known, none claimed otherwise
         instance_prompt=trigger,  # the Hub's LoRA widget fields (ModelCardData keeps extra keys as given)
         widget=[{"text": prompt, "output": {"url": path}} for path, prompt in images] or None)
@@ -152,8 +153,9 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
     t = cfg.train
     where = cfg.hub.repo_id or "path/to/this/folder"
     batch = (f"global batch {t.global_batch}" if t.num_workers != "auto" else f"batch {t.batch_size} per worker")
+    what = f"A LyCORIS {'LoKr' if cfg.lora.kind == 'lokr' else 'LoHa'}" if lycoris else "A LoRA"
     lines = [f"# {name}", "",
-             f"A LoRA for [{base}](https://huggingface.co/{base})" if hub_base else f"A LoRA for `{base}`",
+             f"{what} for [{base}](https://huggingface.co/{base})" if hub_base else f"{what} for `{base}`",
              f"trained with raytune_sd3 for {steps if steps is not None else t.max_steps} steps (rank "
              f"{cfg.lora.rank} on `{cfg.lora.targets}`, {batch}, learning rate {t.learning_rate:g}, flow shift "
              f"{cfg.flow.shift}" + (f", on a {cfg.model.quantize}-quantised base; it loads into the unquantised "
@@ -166,7 +168,7 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
               *base_note, "",
               f"pipe = StableDiffusion3Pipeline.from_pretrained({load_base}, torch_dtype=torch.bfloat16)"
               '.to("cuda")',
-              f"pipe.load_lora_weights({json.dumps(where)})  # {LORA}",
+              *(_lycoris_load(cfg, where) if lycoris else [f"pipe.load_lora_weights({json.dumps(where)})  # {LORA}"]),
               f"image = pipe({json.dumps(trigger or (cfg.validation.prompts or ['a photo'])[0])}, "
               f"num_inference_steps={cfg.validation.steps}, guidance_scale={cfg.validation.guidance:g}).images[0]",
               "```", ""]
@@ -189,6 +191,17 @@ def model_card(cfg: JobConfig, images: list[tuple[str, str]], steps: int | None 
               ""]
     card = ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines))  # None-valued keys are left out
     return redact(str(card))  # prompts and settings may carry a token or URL credentials: none leaves
+
+
+def _lycoris_load(cfg: JobConfig, where: str) -> list[str]:
+    """The snippet's lines that put a LoKr / LoHa into `pipe`: LyCORIS's own loader (diffusers' load_lora_weights
+    does not read LyCORIS's layout; ComfyUI and Forge load the file as it is)."""
+    file = (f"hf_hub_download({json.dumps(cfg.hub.repo_id)}, {json.dumps(LORA)})" if cfg.hub.repo_id
+            else json.dumps(f"{where}/{LORA}"))
+    return [*(["from huggingface_hub import hf_hub_download"] if cfg.hub.repo_id else []),
+            "from lycoris import create_lycoris_from_weights  # pip install lycoris-lora",
+            f"network, _ = create_lycoris_from_weights(1.0, {file}, pipe.transformer)",
+            "network.merge_to()  # the LyCORIS update, added into the transformer's weights"]
 
 
 def trained_steps(out: Path) -> int | None:

@@ -5,6 +5,8 @@ and the adapter config in its header, so `StableDiffusion3Pipeline.load_lora_wei
 folded into lora_B (scale 1) so ComfyUI, which reads alpha only from `.alpha` tensors, gets the same weights.
 A DoRA (lora.kind dora) adds `...lora_magnitude_vector` per layer and `use_dora` in the header: folding alpha into
 lora_B leaves W + BA, and so DoRA's row norms, unchanged.
+LyCORIS's LoKr and LoHa (lora.kind lokr | loha) go on the same layers through models/lycoris.py; the functions here
+take either, and save a LyCORIS adapter in LyCORIS's own layout.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import torch
 from torch import nn
 
 from raytune_sd3 import atomic
-from raytune_sd3.config import LoraConfig
+from raytune_sd3.config import LYCORIS_KINDS, LoraConfig
+from raytune_sd3.models.lycoris import (
+    add_lycoris,
+    has_lycoris,
+    load_lycoris_tensors,
+    lycoris_tensors,
+    save_lycoris,
+)
 from raytune_sd3.run_layout import LORA as LORA_FILE
 
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -46,8 +55,12 @@ def target_modules(transformer: nn.Module, cfg: LoraConfig) -> list[str]:
 
 
 def add_lora(transformer: nn.Module, cfg: LoraConfig, seed: int = 0) -> list[nn.Parameter]:
-    """Freeze the base, add a peft LoRA adapter (B = 0, so the output starts unchanged); returns trainable params."""
+    """Freeze the base, add a peft LoRA adapter (B = 0, so the output starts unchanged), or for lora.kind lokr /
+    loha a LyCORIS network on the same layers; returns trainable params."""
     from peft import LoraConfig as PeftLoraConfig
+
+    if cfg.kind in LYCORIS_KINDS:
+        return add_lycoris(transformer, target_modules(transformer, cfg), cfg, seed)
 
     transformer.requires_grad_(False)
     peft_cfg = PeftLoraConfig(
@@ -100,10 +113,32 @@ class LoraAutocast:
 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """peft's LoRA tensors of `transformer` (diffusers names, unfolded), as fp32 CPU copies."""
+    """The adapter's tensors of `transformer` (peft's diffusers names, unfolded; LyCORIS's), as fp32 CPU copies."""
+    return {k: v.float() for k, v in adapter_tensors(transformer).items()}
+
+
+def adapter_tensors(transformer: nn.Module, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as they train (their dtype), CPU copies: peft's LoRA tensors, or a LyCORIS network's
+    state dict. `params`: values to use instead of the module's, by `named_parameters` name (ZeRO's fp32 masters,
+    the EMA). What checkpoints keep, and what export_lora and load_adapter_tensors take."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    if has_lycoris(transformer):
+        return lycoris_tensors(transformer, params)
+    return {k: v.detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(transformer, state_dict=params).items()}
+
+
+def load_adapter_tensors(transformer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy what adapter_tensors gave back into the adapter; RuntimeError naming keys the model lacks."""
+    from peft.utils import set_peft_model_state_dict
+
+    if has_lycoris(transformer):
+        load_lycoris_tensors(transformer, tensors)
+        return
+    result = set_peft_model_state_dict(transformer, tensors)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"LoRA keys the model lacks: {result.unexpected_keys[:3]}")
 
 
 def fold_alpha(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, torch.Tensor]:
@@ -120,9 +155,13 @@ def adapter_metadata(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict:
 
 
 def export_lora(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: LoraConfig, name: str = LORA_FILE) -> Path:
-    """The user-facing file `out_dir/name` from peft's tensors (`lora_state_dict`) of any lora.kind: alpha folded,
-    metadata in the header, written atomically; loads with StableDiffusion3Pipeline.load_lora_weights. Every
-    adapter file the trainer writes goes through here (e.g. another name for a second set of weights)."""
+    """The user-facing file `out_dir/name` from the adapter's tensors (`adapter_tensors`) of any lora.kind, written
+    atomically. A LoRA or DoRA: alpha folded, metadata in the header; loads with
+    StableDiffusion3Pipeline.load_lora_weights. LoKr / LoHa: LyCORIS's own state dict (alpha as its `.alpha`
+    tensors), which LyCORIS, SimpleTuner, ComfyUI and Forge load. Every adapter file the trainer writes goes through
+    here (e.g. another name for a second set of weights)."""
+    if cfg.kind in LYCORIS_KINDS:
+        return save_lycoris(Path(out_dir) / name, tensors)
     folded = fold_alpha(tensors, cfg)
     return save_lora(out_dir, folded, adapter_metadata(folded, cfg), name)
 

@@ -6,7 +6,8 @@ key conversion: ours, diffusers' and SimpleTuner's or ai-toolkit's (`transformer
 in the header's `lora_adapter_metadata` or as `.alpha` tensors), a peft save (`base_model.model.` prefix) and
 diffusers' older `.lora.down/.up` names. diffusers has no converter for SD3 files in kohya sd-scripts' MMDiT layout
 (`lora_unet_joint_blocks_N_...`, fused qkv), for LyCORIS (`lycoris_...`, `.lokr_`, `.hada_`) or for kohya's DoRA
-(`dora_scale`), so neither have we: those are refused with the reason.
+(`dora_scale`), so neither have we: those are refused with the reason (a LoKr / LoHa run, lora.kind lokr | loha,
+starts its adapter fresh; resuming one reads its own checkpoint, not this).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def read_lora_file(location: str | Path) -> LoraFile:
     except (SafetensorError, OSError) as e:
         raise LoraFileError(f"{path} is not a readable .safetensors file ({e})") from None
     for marker, what in _FOREIGN.items():
+        if any(marker in k for k in raw) and "LyCORIS" in what:
+            raise LoraFileError(f"{path} is {what}: lora.init_from continues a LoRA or DoRA only (a lora.kind lokr "
+                                "or loha run starts its adapter fresh); remove lora.init_from")
         if any(marker in k for k in raw):
             raise LoraFileError(f"{path} is {what}, which diffusers' SD3 loader cannot convert and so neither can "
                                 "raytune_sd3: start from a LoRA in diffusers' layout (transformer.<layer>.lora_A.weight)")

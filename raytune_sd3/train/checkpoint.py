@@ -1,8 +1,8 @@
 """A training checkpoint: writing it (every rank's part, then rank 0's record of them), reading it back, and
 choosing the one a restart resumes from. What a checkpoint folder holds (names: run_layout.py):
 
-    pytorch_lora_weights.safetensors  the user-facing LoRA (diffusers layout, alpha folded)
-    lora_raw.safetensors              peft's tensors as trained (unfolded), for resuming
+    pytorch_lora_weights.safetensors  the user-facing LoRA (diffusers layout, alpha folded; LyCORIS's for lokr/loha)
+    lora_raw.safetensors              the adapter's tensors as trained (peft's unfolded, or LyCORIS's), for resuming
     train_state.pt                    LR scheduler state, step, torch RNG, loop state (loaded with weights_only=True)
     optimizer_rank{R}.pt              optimizer state (rank 0's under DDP; each rank's shard under ZeRO)
     lora_ema_raw.safetensors          with train.ema_decay: the EMA by parameter name, fp32 (train/ema.py), and
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from raytune_sd3 import atomic
 from raytune_sd3.config import LoraConfig
-from raytune_sd3.models.lora import export_lora
+from raytune_sd3.models.lora import export_lora, load_adapter_tensors
 from raytune_sd3.run_layout import (
     CHECKPOINT_EMA_LORA,
     CHECKPOINT_FOLDERS,
@@ -95,12 +95,10 @@ def write_record(folder: Path, step: int, sizes: dict[str, int]) -> None:
 
 def load_checkpoint(folder: Path, transformer, scheduler) -> tuple[int, dict]:
     """Restore LoRA, scheduler and RNG from `folder`; returns (step it was taken at, extra loop state)."""
-    from peft.utils import set_peft_model_state_dict
-
-    raw = load_file(str(folder / CHECKPOINT_RAW_LORA))
-    result = set_peft_model_state_dict(transformer, raw)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"checkpoint {folder} has LoRA keys the model lacks: {result.unexpected_keys[:3]}")
+    try:
+        load_adapter_tensors(transformer, load_file(str(folder / CHECKPOINT_RAW_LORA)))
+    except RuntimeError as e:
+        raise RuntimeError(f"checkpoint {folder}: its adapter does not fit the model ({e})") from None
     state = torch.load(folder / CHECKPOINT_TRAIN_STATE, weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

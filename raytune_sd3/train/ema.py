@@ -50,11 +50,10 @@ class LoraEma:
         self.updates += 1
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        """The EMA as peft's LoRA tensors (the names strategy.lora_tensors() gives), fp32 CPU copies."""
-        from peft.utils import get_peft_model_state_dict
+        """The EMA as the adapter's tensors (the names strategy.lora_tensors() gives), fp32 CPU copies."""
+        from raytune_sd3.models.lora import adapter_tensors
 
-        cpu = {name: t.detach().cpu() for name, t in self.shadow.items()}
-        return {k: v.contiguous() for k, v in get_peft_model_state_dict(self.module, state_dict=cpu).items()}
+        return adapter_tensors(self.module, {name: t.detach().cpu() for name, t in self.shadow.items()})
 
     def save(self, folder: Path) -> None:
         save_file({name: t.detach().cpu().contiguous() for name, t in self.shadow.items()}, str(folder / EMA_RAW),

@@ -7,7 +7,8 @@ The loop calls the same things whatever the strategy:
     backward(loss)
     step(loss) -> StepResult       clip, then step unless the loss or the gradient is not finite; the step's loss,
                                    gradient norm and whether it stepped, read from the device once
-    lora_tensors()                 peft's LoRA tensors, complete on rank 0 (gathered under ZeRO-3)
+    lora_tensors()                 the adapter's tensors (models/lora.py adapter_tensors), complete on rank 0
+                                   (gathered under ZeRO-3)
     optimizer_state() / load_optimizer_state(state)   weights_only-loadable; per rank when sharded_optimizer
 and two flags: sharded_optimizer (each rank saves its own optimizer file) and sharded_params (ZeRO-3: a forward
 pass is a collective, so eval and validation sampling must run on every rank).
@@ -124,9 +125,9 @@ class DDPStrategy:
         return clip_and_step(self.params, self.optimizer, loss, self.cfg)
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
+        from raytune_sd3.models.lora import adapter_tensors
 
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        return adapter_tensors(self.transformer)
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
@@ -266,11 +267,12 @@ class DeepSpeedStrategy:
         ZeRO-3 the module's are partitioned (empty tensors on each rank), and with bf16 they are rounded.
         """
         from deepspeed.utils import safe_get_full_fp32_param
-        from peft.utils import get_peft_model_state_dict
+
+        from raytune_sd3.models.lora import adapter_tensors
 
         full = {name: safe_get_full_fp32_param(p).detach().cpu()
                 for name, p in self.transformer.named_parameters() if p.requires_grad}
-        return {k: v.contiguous() for k, v in get_peft_model_state_dict(self.transformer, state_dict=full).items()}
+        return adapter_tensors(self.transformer, full)
 
     def optimizer_state(self) -> dict:
         """This rank's ZeRO state (base optimizer's shard + fp32 master shard), in types torch.load(weights_only=True)
