@@ -49,6 +49,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def shared_ray(tmp_path_factory) -> dict[str, str]:
+    """One `ray start` head for the session, which a test's CLI runs join where the test is not about starting Ray:
+    the environment this yields (RAY_ADDRESS, the head's token) saves each such run Ray's start, about 10 s on 2
+    cores. Its workers get what a local Ray's would (RAYTUNE_SD3_HOME and the fake AWS keys above, no preemption
+    watcher)."""
+    from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
+    from tests.ray_head import start_head
+
+    yield from start_head(tmp_path_factory.mktemp("shared-ray") / "head.log", env=LOCAL_RAY_ENV_VARS)
+
+
 # moto 5 answers CompleteMultipartUpload with a <CompleteMultipartUploadResponse> root where S3 sends
 # <CompleteMultipartUploadResult>; the AWS C++ SDK under pyarrow then reads the 200 as an error. The server is
 # otherwise real S3 over HTTP, so it runs with that one element renamed.

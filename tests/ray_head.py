@@ -143,6 +143,39 @@ def _kill_node(proc: subprocess.Popen, marker_value: str) -> None:
     proc.wait(timeout=30)
 
 
+def start_head(log: Path, *args: str, env: dict[str, str] | None = None):
+    """A `ray start --block --head` of our own (token auth, every port free, a private temp dir, 4 CPUs unless `args`
+    say otherwise), up once its dashboard answers. Yields the environment that reaches it (RAY_ADDRESS, the token);
+    stops the head and everything it started on exit. A generator: wrap it in contextlib.contextmanager or yield
+    from it in a fixture."""
+    import secrets
+    import tempfile
+
+    gcs, dash, client, agent, env_agent, metrics_port = _free_ports(6)
+    temp_dir = tempfile.mkdtemp(prefix="rth-", dir="/tmp")
+    token, marker = secrets.token_hex(32), secrets.token_hex(8)
+    head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    head_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1",
+                     "TOKENIZERS_PARALLELISM": "false", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                     "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(HEAD_START_S), "DASHBOARD_METRIC_PORT": str(metrics_port),
+                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})})
+    cpus = [] if any(a.startswith("--num-cpus") for a in args) else ["--num-cpus=4"]
+    with open(log, "wb") as f:
+        head = subprocess.Popen(
+            [RAY, "start", "--block", "--disable-usage-stats", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+             f"--runtime-env-agent-port={env_agent}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+             f"--temp-dir={temp_dir}", *cpus, *args],
+            env={**head_env, MARKER: marker}, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    try:
+        _wait_for_dashboard(head, dash, token, log)
+        yield {**head_env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+    finally:
+        _stop_head(head, marker)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def _wait_for_dashboard(proc: subprocess.Popen, port: int, token: str, log: Path) -> None:
     url = f"http://127.0.0.1:{port}/api/version"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})

@@ -4,7 +4,6 @@ bucketed multi-data-set job trained end to end."""
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +225,7 @@ def test_ray_data_caches_buckets_masks_and_several_resolutions(tiny_sd3, tmp_pat
 
 
 @pytest.mark.slow
-def test_bucketed_job_with_masks_and_a_regularisation_set_trains(tmp_path):
+def test_bucketed_job_with_masks_and_a_regularisation_set_trains(tmp_path, shared_ray):
     inst, reg = tmp_path / "inst", tmp_path / "reg"
     inst.mkdir()
     reg.mkdir()
@@ -249,7 +248,7 @@ def test_bucketed_job_with_masks_and_a_regularisation_set_trains(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=os.environ.copy())
+                       text=True, timeout=600, env=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     out = tmp_path / "out"
     report = json.loads((out / "cache_report.json").read_text())

@@ -25,15 +25,15 @@ def _cmd(tmp: Path, *extra: str) -> list[str]:
         a for s in sets for a in ("--set", s)]
 
 
-def _run(tmp: Path, *extra: str, expect: int = 0) -> tuple[dict, str]:
-    r = subprocess.run(_cmd(tmp, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _run(tmp: Path, *extra: str, expect: int = 0, env: dict | None = None) -> tuple[dict, str]:
+    r = subprocess.run(_cmd(tmp, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == expect, r.stdout[-2000:] + r.stderr[-3000:]
     report = tmp / "out" / "cache_report.json"
     return (json.loads(report.read_text()) if not extra else json.loads(r.stdout[r.stdout.index("{"):])), r.stderr
 
 
 @pytest.mark.slow
-def test_killed_caching_resumes_and_bad_entries_are_found(tmp_path):
+def test_killed_caching_resumes_and_bad_entries_are_found(tmp_path, shared_ray):
     latents = tmp_path / "out" / "cache" / "latents"
     # Its own session: killing the group takes the local Ray it started down with it, as a lost machine would.
     proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -65,7 +65,7 @@ def test_killed_caching_resumes_and_bad_entries_are_found(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-100])
     assert not store.has("latents", truncated.stem)
 
-    report, _ = _run(tmp_path)
+    report, _ = _run(tmp_path, env=shared_ray)  # the resumed run joins the session's Ray
     assert (report["latents_encoded"], report["latents_reused"]) == (IMAGES - len(done) + 2, len(done) - 2)
     verified, _ = _run(tmp_path, "--verify")
     assert verified["removed"] == 0 and verified["good"] == verified["entries"]

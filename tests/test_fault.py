@@ -43,11 +43,11 @@ def _our_train_workers(tag: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """A 2-worker run with nothing going wrong: the trajectory the others must reproduce. Returns its tmp folder."""
+def uninterrupted(tmp_path_factory, shared_ray) -> Path:
+    """A 2-worker run with nothing going wrong: the trajectory the others must reproduce (on the session's shared
+    Ray; the killed run starts its own, whose workers carry its tag). Returns its tmp folder."""
     tmp = tmp_path_factory.mktemp("fault")
-    env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": uuid.uuid4().hex}
-    ref = subprocess.run(_cmd(tmp, "uninterrupted"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(_cmd(tmp, "uninterrupted"), cwd=ROOT, env=shared_ray, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
     return tmp
 

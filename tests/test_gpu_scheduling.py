@@ -9,12 +9,8 @@ waiting for the one GPU, a bug retried until max_failures was spent) must not co
 """
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,31 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def one_gpu_head(tmp_path_factory):
-    from tests.ray_head import BIN, HEAD_START_S, MARKER, RAY, _free_ports, _stop_head, _wait_for_dashboard
+    from tests.ray_head import start_head
 
-    tmp = tmp_path_factory.mktemp("gpu-head")
-    gcs, dash, client, agent, env_agent, metrics_port = _free_ports(6)
-    temp_dir = tempfile.mkdtemp(prefix="rtg-", dir="/tmp")
-    token, marker = secrets.token_hex(32), secrets.token_hex(8)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(HEAD_START_S), "DASHBOARD_METRIC_PORT": str(metrics_port),
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    with open(tmp / "head.log", "wb") as f:
-        head = subprocess.Popen(
-            [RAY, "start", "--block", "--disable-usage-stats", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-             f"--runtime-env-agent-port={env_agent}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-             "--num-cpus=4", "--num-gpus=1", f"--temp-dir={temp_dir}"],
-            env={**env, MARKER: marker}, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-    try:
-        _wait_for_dashboard(head, dash, token, tmp / "head.log")
-        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-    finally:
-        _stop_head(head, marker)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    yield from start_head(tmp_path_factory.mktemp("gpu-head") / "head.log", "--num-gpus=1")
 
 
 def _train(env: dict, tmp: Path, *sets: str, timeout: int = 400) -> tuple[subprocess.CompletedProcess, float]:

@@ -176,7 +176,7 @@ def test_a_finished_run_rerun_is_not_retrained(first_run):
 
 
 @pytest.mark.slow
-def test_a_diverging_run_exits_3_with_the_reason(first_run):
+def test_a_diverging_run_exits_3_with_the_reason(first_run, shared_ray):
     """An absurd learning rate on the demo's (already filled) cache: the gradient-norm guard stops the run as
     diverged, the CLI exits 3 and says why, metrics.jsonl ends with the reason, and no LoRA is copied out.
     It starts from run1's LoRA (lora.init_from, its folder): its step-0 eval loss is run1's last one."""
@@ -185,7 +185,7 @@ def test_a_diverging_run_exits_3_with_the_reason(first_run):
            "--set", f"data.cache_dir={tmp / 'cache'}", "--set", f"data.datasets.0.instance_data_dir={tmp / 'demo'}",
            "--set", "train.learning_rate=1.0e+3", "--set", "train.grad_norm_limit=1.0e+4", "--set", "train.max_steps=12",
            "--set", "validation.prompts=[]", "--set", f"lora.init_from={tmp / 'run1'}"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=shared_ray)
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
     records = [json.loads(line) for line in (tmp / "diverged" / "metrics.jsonl").read_text().splitlines()]
     ended = [json.loads(line) for line in (tmp / "run1" / "metrics.jsonl").read_text().splitlines()
@@ -341,7 +341,7 @@ def test_the_webhook_token_is_in_no_file_and_not_on_the_console(first_run):
 
 
 @pytest.mark.slow
-def test_a_finished_run_rerun_with_other_validation_settings_validates_again(first_run):
+def test_a_finished_run_rerun_with_other_validation_settings_validates_again(first_run, shared_ray):
     """Another validation setting on a finished run (as the README's `--set validation.clip_score=true`): no step
     is trained (the LoRA and the metrics of steps 1-40 unchanged); the final LoRA is validated with the new
     settings, whose measure is on the last metrics line, and an error.log of an earlier attempt is moved aside.
@@ -355,7 +355,7 @@ def test_a_finished_run_rerun_with_other_validation_settings_validates_again(fir
     (out / "error.log").write_text("an earlier failure")
     with WebhookServer(statuses=[503]) as server:
         r = run_job(tmp, "run1", *RUN1_SETS, webhook_url(server),
-                    f"model.revision={SECRET}", "validation.guidance=4.0", env={"WANDB_API_KEY": SECRET})
+                    f"model.revision={SECRET}", "validation.guidance=4.0", env={**shared_ray, "WANDB_API_KEY": SECRET})
     said = r.stdout + r.stderr
     assert "validating its final LoRA again" in said and "validation.guidance: 3.0 -> 4.0" in said, said[-3000:]
     after = (out / "metrics.jsonl").read_text().splitlines()

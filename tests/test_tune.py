@@ -344,15 +344,17 @@ def _trial_statuses(experiment: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
-    """The study above, run, killed after two finished trials, and resumed. Returns what the tests check."""
+def study(tmp_path_factory, shared_ray) -> dict:
+    """The study above, run, killed after two finished trials, and resumed, on the session's shared Ray (killing
+    the driver ends its Ray job, trials included). Returns what the tests check."""
     tmp = tmp_path_factory.mktemp("tune")
     out = tmp / "study"
     cmd = tune_cmd(out, tmp)
     first_log = tmp / "first-driver.log"
     t0 = time.perf_counter()
     with open(first_log, "w") as log:
-        driver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=shared_ray)
         try:
             deadline, statuses = time.time() + 900, {}
             while time.time() < deadline and driver.poll() is None:
@@ -372,7 +374,7 @@ def study(tmp_path_factory) -> dict:
     print(f"tiny study, until killed: {time.perf_counter() - t0:.0f}s")
 
     t0 = time.perf_counter()
-    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     print(f"resumed: {time.perf_counter() - t0:.0f}s")
     return {"tmp": tmp, "out": out, "finished": finished, "before": before, "first_log": first_log.read_text(),
@@ -451,11 +453,11 @@ def test_study_encodes_the_data_set_once(study):
 
 
 @pytest.mark.slow
-def test_best_yaml_trains(study, tmp_path):
+def test_best_yaml_trains(study, tmp_path, shared_ray):
     best = study["out"] / "best.yaml"
     r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", str(best), "--set", "train.max_steps=2",
                         "--set", f"output_dir={tmp_path / 'best'}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").exists()
     report = json.loads((tmp_path / "best" / "cache_report.json").read_text())
