@@ -27,3 +27,20 @@ def test_local_ray_has_spare_logical_cpus_and_no_preemption_watcher(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     started = json.loads(r.stdout.strip().splitlines()[-1])
     assert started == {"worker_env": "0", "cpus": max(4, 2 * os.cpu_count())}
+
+
+def test_an_address_where_no_cluster_listens_is_one_screen_in_seconds(tmp_path):
+    """RAY_ADDRESS naming a port nobody listens on: ray.init would retry it for ever (seen: still retrying after 10
+    minutes, its native warnings on the console); the command exits 2 at once, naming the variable and the fix."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    r = subprocess.run([sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml", "--set",
+                        f"output_dir={tmp_path / 'out'}"], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:{port}" in r.stderr and "unset RAY_ADDRESS" in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and len((r.stdout + r.stderr).splitlines()) <= 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from raytune_sd3.config import JobConfig
+from raytune_sd3.config import ConfigError, JobConfig, redact
 
 
 def _job_env_vars() -> dict[str, str] | None:
@@ -28,6 +28,26 @@ LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 started_locally = False  # whether this process's Ray is a local one it started (a cluster's nodes are elsewhere)
+
+
+_JOIN_FIX = ("Start a cluster there (`ray start --head`), fix the address, or unset {source} to start a local "
+             "Ray; a cluster with token auth also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
+             "~/.ray/auth_token)")
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing listens at a host:port cluster address (its GCS), or None (it answers, or the address is another
+    form: auto, ray://, a job's)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
 
 def local_num_cpus(cfg: JobConfig) -> int:
@@ -59,8 +79,16 @@ def init_ray(cfg: JobConfig, configure_logging: bool = True) -> None:
         address = "auto"  # a job's entrypoint always runs on a cluster node (Ray normally sets RAY_ADDRESS for it)
     if address:
         # Inside `ray job submit` (or any existing cluster) resources are the cluster's: never pass num_cpus.
-        ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True,
-                 configure_logging=configure_logging)
+        source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+        if (problem := _unreachable(address)) is not None:  # ray.init would retry a dead address for ever
+            raise ConfigError(f"{source}: no Ray cluster answers at {redact(address)} ({problem}). {_JOIN_FIX}"
+                              .replace("{source}", source))
+        try:
+            ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True,
+                     configure_logging=configure_logging)
+        except ConnectionError:  # Ray's own message is a traceback ending in "Failed to connect"; say what to do
+            raise ConfigError(f"{source}: the Ray cluster at {redact(address)} did not let this process join. "
+                              f"{_JOIN_FIX}".replace("{source}", source)) from None
         return
     num_cpus = local_num_cpus(cfg)
     # The dashboard process also serves the state API that Train and Tune use to release finished workers.
