@@ -1,20 +1,18 @@
 """The EMA of the LoRA weights (train/ema.py) on real steps of the train loop (WorkerRun.train_step) on the tiny
 model, without Ray: against the formula, through a checkpoint and resume, and as a file diffusers loads."""
 
-import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from raytune_sd3.config import ConfigError, load_job
-from raytune_sd3.models.lora import add_lora, export_lora
+from raytune_sd3.models.lora import export_lora
 from raytune_sd3.run_layout import EMA_LORA as EMA_LORA_FILE
-from raytune_sd3.train.checkpoint import load_checkpoint, save_checkpoint
-from raytune_sd3.train.ema import LoraEma, ema_decay_at
-from raytune_sd3.train.loop import WorkerRun, make_lr_schedule
-from raytune_sd3.train.optim import make_optimizer
-from raytune_sd3.train.strategy import DDPStrategy
+from raytune_sd3.train.checkpoint import save_checkpoint
+from raytune_sd3.train.ema import ema_decay_at
+from raytune_sd3.train.loop import WorkerRun
+from tests.worker_run import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,50 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def job(*overrides: str):
     return load_job(ROOT / "jobs" / "tiny.yaml", ["train.num_workers=1", "train.mixed_precision=no",
                                                   "model.dtype=fp32", *overrides])
-
-
-class Batches:
-    """Micro-batches as the cache reader gives them (random latents and embeddings of the tiny model's shapes, fixed
-    by the step), with their sigmas and noise drawn by the loop's own _with_noise."""
-
-    def __init__(self, run: WorkerRun, first_step: int):
-        self.run, self.step = run, first_step
-
-    def get(self) -> dict:
-        g = torch.Generator().manual_seed(self.step)
-        batch = {"latents": torch.randn(2, 16, 8, 8, generator=g), "prompt_embeds": torch.randn(2, 12, 96, generator=g),
-                 "pooled": torch.randn(2, 80, generator=g), "loss_weight": torch.ones(2)}
-        self.step += 1
-        return self.run._with_noise((self.step - 2, 0), batch)
-
-
-def tiny_run(pretrained: str, cfg, resume_from: Path | None = None) -> WorkerRun:
-    """A WorkerRun set up as _setup_model does on one worker (its Ray parts left out): tiny transformer + LoRA,
-    optimizer, LR schedule, EMA, and a checkpoint to resume from."""
-    from raytune_sd3.models.loading import load_transformer
-
-    run = WorkerRun.__new__(WorkerRun)  # its __init__ needs Ray Train's context
-    run.cfg, run.t, run.rank, run.world, run.accum = cfg, cfg.train, 0, 1, 1
-    run.device, run.dtype, run.peak, run.nonfinite = torch.device("cpu"), torch.float32, None, 0
-    run.autocast, run.attention = contextlib.nullcontext(), contextlib.nullcontext
-    run.reader = type("Reader", (), {"steps_per_epoch": 10})()
-    transformer = load_transformer(pretrained)
-    params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)
-    run.optimizer = optimizer = make_optimizer(params, cfg.train)
-    run.lr_schedule = make_lr_schedule(optimizer, cfg)
-    run.start_step = 0
-    if resume_from is not None:
-        run.start_step, _ = load_checkpoint(resume_from, transformer, run.lr_schedule)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
-    run.ema = LoraEma(transformer, cfg.train.ema_decay)
-    if resume_from is not None:
-        run.ema.load(resume_from)
-    strategy = DDPStrategy.__new__(DDPStrategy)  # world 1: no DDP wrapper
-    strategy.transformer = strategy.wrapped = transformer
-    strategy.params, strategy.optimizer, strategy.cfg, strategy.world = params, optimizer, cfg, 1
-    run.strategy = strategy
-    run.batches = Batches(run, run.start_step + 1)
-    return run
 
 
 def trainable(run: WorkerRun) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Scheduled sampling (flow.scheduled_sampling): a rollout against diffusers' FlowMatchEulerDiscreteScheduler stepping
 the same tiny model, the plain step untouched where nothing rolls, the draws' stream and ramp, and the door."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from raytune_sd3.config import ConfigError, FlowConfig, LoraConfig, ScheduledSam
 from raytune_sd3.flow import draw_rollout_steps, flow_loss, make_flow_batch, rolled_out_input
 from raytune_sd3.models.loading import load_transformer
 from raytune_sd3.models.lora import add_lora
+from tests import worker_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFT = 3.0
@@ -79,49 +81,7 @@ def _diffusers(transformer, x: dict, i: int, unshifted: list[float]) -> torch.Te
 # --- the train step (WorkerRun.train_step on the tiny model, without Ray) --------------------------------------
 
 
-class Batches:
-    """Micro-batches as the cache reader gives them (random latents and embeddings of the tiny model's shapes, fixed
-    by the step), with their sigmas, noise and rollout lengths drawn by the loop's own _with_noise."""
-
-    def __init__(self, run, first_step: int):
-        self.run, self.step = run, first_step
-
-    def get(self) -> dict:
-        g = torch.Generator().manual_seed(self.step)
-        batch = {"latents": torch.randn(3, 16, 8, 8, generator=g), "prompt_embeds": torch.randn(3, 12, 96, generator=g),
-                 "pooled": torch.randn(3, 80, generator=g), "loss_weight": torch.ones(3)}
-        self.step += 1
-        return self.run._with_noise((self.step - 2, 0), batch)
-
-
-def tiny_run(pretrained: str, cfg, resume_from: Path | None = None):
-    """A WorkerRun set up as _setup_model does on one worker (its Ray parts left out), resumed from a checkpoint."""
-    import contextlib
-
-    from raytune_sd3.train.checkpoint import load_checkpoint
-    from raytune_sd3.train.loop import WorkerRun, make_lr_schedule
-    from raytune_sd3.train.optim import make_optimizer
-    from raytune_sd3.train.strategy import DDPStrategy
-
-    run = WorkerRun.__new__(WorkerRun)  # its __init__ needs Ray Train's context
-    run.cfg, run.t, run.rank, run.world, run.accum = cfg, cfg.train, 0, 1, 1
-    run.device, run.dtype, run.peak, run.nonfinite, run.ema = torch.device("cpu"), torch.float32, None, 0, None
-    run.flops_of_shape = {}
-    run.autocast, run.attention = contextlib.nullcontext(), contextlib.nullcontext
-    run.reader = type("Reader", (), {"steps_per_epoch": 10})()
-    transformer = load_transformer(pretrained)
-    params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)
-    run.optimizer = optimizer = make_optimizer(params, cfg.train)
-    run.lr_schedule = make_lr_schedule(optimizer, cfg)
-    start = 0
-    if resume_from is not None:
-        start, _ = load_checkpoint(resume_from, transformer, run.lr_schedule)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
-    strategy = DDPStrategy.__new__(DDPStrategy)  # world 1: no DDP wrapper
-    strategy.transformer = strategy.wrapped = transformer.train()
-    strategy.params, strategy.optimizer, strategy.cfg, strategy.world = params, optimizer, cfg, 1
-    run.strategy, run.batches = strategy, Batches(run, start + 1)
-    return run
+tiny_run = functools.partial(worker_run.tiny_run, batch=3)  # 3 items: a rolled batch can mix lengths
 
 
 def trained(run, steps) -> tuple[dict[str, torch.Tensor], list[dict]]:
