@@ -230,6 +230,14 @@ def test_scheduled_sampling_costs_no_memory_and_is_never_told_to_use_zero3():
     plain, rolled = fixes[False][0], fixes[True][0]
     assert "--set train.strategy=zero3" in plain and "zero3" not in rolled
     assert plain.split(". Change")[0] == rolled.split(". Change")[0]  # the same GiB: no extra memory
+    # the door's own rules decide (driver/checks._door_allows): an EMA or a DoRA is refused under ZeRO-3 too
+    for refused in ("train.ema_decay=0.999", "lora.kind=dora"):
+        cfg = load_job(ROOT / "jobs" / "sd35.yaml", ["train.num_workers=8", "train.gradient_checkpointing=true",
+                                                      "train.batch_size=1", "train.grad_accum=1", refused])
+        report = Report()
+        check_memory(cfg, report, 16 * 2**30, "a 16 GB card", "ddp", None, None)
+        (line,) = [line for line in report.lines if line.startswith("[FAIL] memory")]
+        assert "Change one of" in line and "zero3" not in line, (refused, line)
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------

@@ -413,8 +413,8 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     if not t.gradient_checkpointing and at(ckpt=True).total <= TIGHT * gpu_bytes:
         fixes.append("--set train.gradient_checkpointing=true")
     for strat in ("zero2", "zero3"):
-        if strat == "zero3" and cfg.flow.scheduled_sampling is not None:
-            continue  # refused together (config/schema.py): ZeRO-3's forwards must run in step on every worker
+        if not _door_allows(cfg, strategy=strat):  # e.g. EMA, DoRA, LyCORIS, a rollout or Prodigy under ZeRO-3
+            continue
         if STRATEGIES.index(strat) > STRATEGIES.index(strategy) and at(strat=strat).total <= TIGHT * gpu_bytes:
             fixes.append(f"--set train.strategy={strat}")
             break
@@ -427,6 +427,17 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
         fixes.append(f"a GPU with more memory: {bigger[0]}")
     report.fail("memory", f"does not fit: {est.total / GIB:.1f} GiB per GPU, {over:.1f} GiB over {gpu_name}'s "
                           f"{gpu_bytes / GIB:.1f} GiB. Change one of: " + "; ".join(fixes or ["the model size"]))
+
+
+def _door_allows(cfg: JobConfig, **train: object) -> bool:
+    """Whether the job with these train settings passes the schema's own rules: a fix offered must not be one the
+    door then refuses."""
+    dumped = cfg.model_dump()
+    try:
+        JobConfig.model_validate({**dumped, "train": {**dumped["train"], **train}})
+    except ValueError:  # pydantic's ValidationError is one
+        return False
+    return True
 
 
 def target_cluster(cfg: JobConfig, cluster: str | None, gpu: str | None, here: bool = True) -> Cluster:
