@@ -526,6 +526,30 @@ def test_other_optimizers_are_untouched_by_averaged_weights():
     assert not is_schedule_free(opt) and applied_lr(opt, 0.5) == 0.5 and optimizer_metrics(opt) == {}
 
 
+
+def test_the_loops_eval_loss_of_a_schedule_free_run_is_measured_at_its_average(tiny_sd3):
+    """WorkerRun.evaluate on real steps of the tiny model: the eval loss is that of the average x (eval mode), not
+    of the training point y the params hold between steps, and training goes on at y after it."""
+    from raytune_sd3.train.validation import eval_loss
+    from tests.worker_run import tiny_run
+
+    cfg = load_job(ROOT / "jobs" / "tiny.yaml", ["train.num_workers=1", "train.mixed_precision=no", "model.dtype=fp32",
+                                                  "train.optimizer=adamw_schedulefree", "train.lr_scheduler=constant",
+                                                  "train.lr_warmup_steps=0"])
+    run = tiny_run(tiny_sd3, cfg)
+    start_training(run.optimizer)  # as WorkerRun.run does
+    for step in (1, 2, 3):
+        run.train_step(step)
+    g = torch.Generator().manual_seed(99)
+    run.eval_batches = {"latents": torch.randn(2, 16, 8, 8, generator=g),
+                        "prompt_embeds": torch.randn(2, 12, 96, generator=g), "pooled": torch.randn(2, 80, generator=g)}
+    model, cpu = run.strategy.transformer, torch.device("cpu")
+    at_y = eval_loss(model, run.eval_batches, cfg.flow, cpu)
+    with averaged_weights(run.optimizer):
+        at_x = eval_loss(model, run.eval_batches, cfg.flow, cpu)
+    assert run.evaluate() == at_x != at_y
+    assert run.optimizer.param_groups[0]["train_mode"] and eval_loss(model, run.eval_batches, cfg.flow, cpu) == at_y
+
 # --- resume: a checkpoint as the loop writes it (inside averaged_weights), read back as the loop reads it -----------
 
 
