@@ -312,7 +312,7 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
              vae_params: int | None = SD3_VAE_PARAMS, validation_resolution: int = 0, vae_channels: int = 128,
              gradient_checkpointing: bool = False, lora_dtype: str = "fp32", optimizer: str = "adamw",
              runtime: bool = True, lora_kind: str = "lora", ema: bool = False, lokr_factor: int = -1,
-             lokr_full_matrix: bool = False) -> MemoryEstimate:
+             lokr_full_matrix: bool = False, ema_sampling: bool = False) -> MemoryEstimate:
     """Peak per-GPU memory of one LoRA training step (see the module docstring for the assumptions).
 
     `vae_params`: a rank keeps the VAE loaded once it has made validation images, rank 0 always (None: no
@@ -323,6 +323,8 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
     `lora_kind`: lora.kind; dora adds its magnitudes, two outputs kept per layer and its row-norm working set;
     lokr / loha (`lokr_factor`, `lokr_full_matrix`: lora.lycoris) their own parameters and rebuilt weights.
     `ema`: train.ema_decay is set: one fp32 copy of the LoRA parameters on every worker.
+    `ema_sampling`: validation.use_ema: while validation samples with the EMA swapped in, the trained LoRA is kept
+    aside (one more copy, in lora_dtype), between steps like the decode.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -420,8 +422,10 @@ def estimate(shape: TransformerShape, *, dtype: str, targets: str | list[str], r
         # Validation runs between steps (activations freed); the VAE decode keeps ~6 full-resolution maps of the
         # decoder's widest level (block_out_channels[0] channels). Assumed, not traced.
         decode = 6 * vae_channels * validation_resolution**2 * wb
-        if decode > act and decode - act > 0.01 * est.total:
+        kept = p_lora * lb if ema_sampling else 0
+        if decode + kept > act and decode + kept - act > 0.01 * est.total:
             est.notes.append(f"the validation decode at {validation_resolution}px (~{decode / GIB:.1f} GiB) sets "
                              "the peak")
-            est.add("validation VAE decode beyond the training activations", decode - act)
+            est.add("validation VAE decode beyond the training activations"
+                    + (" (+ the trained LoRA kept aside while the EMA samples)" if kept else ""), decode + kept - act)
     return est

@@ -211,6 +211,12 @@ def test_the_ema_costs_one_fp32_copy_of_the_lora_on_every_worker(capsys):
         assert with_ema - plain == 4 * lora_params(shape, "all", 64)
     check_main(["jobs/sd35.yaml", "--skip-paths", "--set", "train.ema_decay=0.999"])
     assert "EMA of the LoRA (fp32, whole on every worker)" in capsys.readouterr().out
+    # validation.use_ema: while the EMA samples, the trained LoRA is kept aside, between steps as the VAE decode is:
+    # one more copy where validation sets the peak (an 8192 px decode), none where training does (1024 px)
+    for val_res, extra in ((8192, 4 * lora_params(shape, "all", 64)), (1024, 0)):
+        plain, sampling = (estimate(shape, ema=True, ema_sampling=s, validation_resolution=val_res, **kw).total
+                           for s in (False, True))
+        assert sampling - plain == extra, val_res
 
 
 def test_scheduled_sampling_costs_no_memory_and_is_never_told_to_use_zero3():

@@ -47,7 +47,8 @@ def job_estimator(cfg: JobConfig, config: dict, model: str, strategy: str | None
                         vae_channels=vae_channels(model), gradient_checkpointing=ckpt, lora_dtype=cfg.lora.dtype,
                         optimizer=t.optimizer, lora_kind=cfg.lora.kind, ema=t.ema_decay is not None,
                         lokr_factor=cfg.lora.lycoris_settings.factor,
-                        lokr_full_matrix=cfg.lora.lycoris_settings.full_matrix)
+                        lokr_full_matrix=cfg.lora.lycoris_settings.full_matrix,
+                        ema_sampling=cfg.validation.use_ema)
 
     return at
 
