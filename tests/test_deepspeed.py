@@ -270,13 +270,13 @@ def round_trip(local_ray, tiny_sd3, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("deepspeed_round_trip")
     (tmp / "zero3.json").write_text(json.dumps(ZERO3_JSON))
     jobs = {}
-    for strategy in ("zero2", "zero3"):
-        # ZeRO-2 in fp32, training a LyCORIS LoKr (its factors reach the engine as the LoRA's do); ZeRO-3 as it
-        # shards a large base: bf16 base, bf16 autocast (the forward gets fp32 inputs).
-        extra = ([f"train.deepspeed_config={tmp / 'zero3.json'}", "model.dtype=bf16", "train.mixed_precision=bf16"]
-                 if strategy == "zero3" else ["lora.kind=lokr", "lora.lycoris.factor=2"])
-        cfg = _job(tmp, f"train.strategy={strategy}", "train.batch_size=2", "train.grad_accum=2", *extra)
-        jobs[strategy] = cfg.model_dump(mode="json")
+    # ZeRO-2 in fp32, training a LyCORIS LoKr (its factors reach the engine as the LoRA's do), and a DoRA (its
+    # magnitudes too); ZeRO-3 as it shards a large base: bf16 base, bf16 autocast (the forward gets fp32 inputs).
+    for name, extra in (("zero2", ["lora.kind=lokr", "lora.lycoris.factor=2"]), ("zero2-dora", ["lora.kind=dora"]),
+                        ("zero3", [f"train.deepspeed_config={tmp / 'zero3.json'}", "model.dtype=bf16",
+                                   "train.mixed_precision=bf16"])):
+        cfg = _job(tmp, f"train.strategy={name.split('-')[0]}", "train.batch_size=2", "train.grad_accum=2", *extra)
+        jobs[name] = cfg.model_dump(mode="json")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests package
     trainer = TorchTrainer(_round_trip_worker, torch_config=TorchConfig(backend="gloo"),
                            train_loop_config={"dir": str(tmp), "jobs": jobs, "pretrained": tiny_sd3},
@@ -288,10 +288,11 @@ def round_trip(local_ray, tiny_sd3, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero2-dora", "zero3"])
 def test_optimizer_state_round_trip_resumes_exactly(round_trip, strategy):
     r = round_trip[strategy]
-    assert any(".lokr_w1" in k for k in r["saved"]) == (strategy == "zero2")  # ZeRO-2's run trains a LoKr
+    assert any(".lokr_w1" in k for k in r["saved"]) == (strategy == "zero2")  # ZeRO-2's first run trains a LoKr
+    assert any("magnitude" in k for k in r["saved"]) == (strategy == "zero2-dora")  # its second a DoRA
     for k, v in r["saved"].items():
         torch.testing.assert_close(r["loaded"][k], v, rtol=0, atol=0)  # the state alone restores the weights
     (norm_a, stepped_a), lora_a = r["continued"]
