@@ -51,7 +51,7 @@ def test_entries_are_written_whole_checked_and_listed(s3_uri):
 
 
 def test_ray_data_caches_images_from_a_bucket_into_a_bucket_that_training_reads(tiny_sd3, tmp_path, s3_uri,
-                                                                               s3_endpoint, ray_local, monkeypatch):
+                                                                               s3_endpoint, fresh_ray, monkeypatch):
     """Images in a bucket and the cache in a bucket: the Ray Data tasks read each image from the store (no node has
     a copy), a warm run reads no image byte (the stat index keys each object by its listed size and mtime) and no
     entry header, and training reads the entries back. The keys are those of the same images on disk, as rows of a
