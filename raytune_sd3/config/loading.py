@@ -116,6 +116,7 @@ def load_recorded_job(path: str | Path, current: JobConfig) -> JobConfig:
         raise ConfigError(f"{path}: {e}") from None
     return load_job(path, raw=filled(raw if isinstance(raw, dict) else {}, current.model_dump(mode="json")))
 
+
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Relative paths are relative to where the command runs; Ray workers run elsewhere, so fix them now."""
     cfg.output_dir = cfg.output_dir.expanduser().resolve()

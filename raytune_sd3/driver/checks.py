@@ -413,9 +413,11 @@ def check_memory(cfg: JobConfig, report: Report, gpu_bytes: float | None, gpu_na
     if not t.gradient_checkpointing and at(ckpt=True).total <= TIGHT * gpu_bytes:
         fixes.append("--set train.gradient_checkpointing=true")
     for strat in ("zero2", "zero3"):
+        if STRATEGIES.index(strat) <= STRATEGIES.index(strategy):
+            continue
         if not _door_allows(cfg, strategy=strat):  # e.g. EMA, DoRA, LyCORIS, a rollout or Prodigy under ZeRO-3
             continue
-        if STRATEGIES.index(strat) > STRATEGIES.index(strategy) and at(strat=strat).total <= TIGHT * gpu_bytes:
+        if at(strat=strat).total <= TIGHT * gpu_bytes:
             fixes.append(f"--set train.strategy={strat}")
             break
     for quant in ("int8", "int4"):

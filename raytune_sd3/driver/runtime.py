@@ -30,9 +30,10 @@ LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 started_locally = False  # whether this process's Ray is a local one it started (a cluster's nodes are elsewhere)
 
 
-_JOIN_FIX = ("Start a cluster there (`ray start --head`), fix the address, or unset {source} to start a local "
-             "Ray; a cluster with token auth also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
-             "~/.ray/auth_token)")
+def _join_fix(source: str) -> str:
+    return (f"Start a cluster there (`ray start --head`), fix the address, or unset {source} to start a local Ray; "
+            "a cluster with token auth also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token)")
 
 
 def _unreachable(address: str) -> str | None:
@@ -81,14 +82,14 @@ def init_ray(cfg: JobConfig, configure_logging: bool = True) -> None:
         # Inside `ray job submit` (or any existing cluster) resources are the cluster's: never pass num_cpus.
         source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
         if (problem := _unreachable(address)) is not None:  # ray.init would retry a dead address for ever
-            raise ConfigError(f"{source}: no Ray cluster answers at {redact(address)} ({problem}). {_JOIN_FIX}"
-                              .replace("{source}", source))
+            raise ConfigError(f"{source}: no Ray cluster answers at {redact(address)} ({problem}). "
+                              + _join_fix(source))
         try:
             ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=True,
                      configure_logging=configure_logging)
         except ConnectionError:  # Ray's own message is a traceback ending in "Failed to connect"; say what to do
             raise ConfigError(f"{source}: the Ray cluster at {redact(address)} did not let this process join. "
-                              f"{_JOIN_FIX}".replace("{source}", source)) from None
+                              + _join_fix(source)) from None
         return
     num_cpus = local_num_cpus(cfg)
     # The dashboard process also serves the state API that Train and Tune use to release finished workers.
