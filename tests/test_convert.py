@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from raytune_sd3.config import load_job
-from raytune_sd3.convert import SIMPLETUNER_DEFAULTS, ConvertError, convert_simpletuner, main
+from raytune_sd3.convert import ConvertError, convert_simpletuner
+from raytune_sd3.convert.__main__ import main
+from raytune_sd3.convert.config_keys import SIMPLETUNER_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_TOKEN = "hf_" + "Q7xkLmN2pRsT4uVwXyZ9aBcDeFgHiJ"  # fake, split so no scanner mistakes it for a real one

@@ -161,14 +161,14 @@ def test_success_sets_an_earlier_error_log_aside(tmp_path):
     set_aside_error_log(tmp_path)  # nothing to move: no error
 
 
-@pytest.mark.parametrize("module", ["train.__main__", "tune.__main__", "cache", "check", "hub.__main__", "convert"])
+@pytest.mark.parametrize("module", ["train.__main__", "tune.__main__", "cache", "check", "hub.__main__", "convert.__main__"])
 def test_every_command_parser_redacts_and_declares_its_own_options(module, capsys):
     """All six commands build their parser with driver/cli.py: argparse's own error quotes the command line with
     URL credentials stripped; the job commands share JOB, --set, --data, --verbose, the others have their own."""
     import importlib
 
     main = importlib.import_module(f"raytune_sd3.{module}").main
-    args = ["simpletuner", "a", "b", "-o", "c"] if module == "convert" else ["job.yaml"]
+    args = ["simpletuner", "a", "b", "-o", "c"] if module == "convert.__main__" else ["job.yaml"]
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--nope=s3://me:pa55w0rd-in-url@bucket/x"])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from raytune_sd3.config import OPTIMIZERS, TrainConfig, load_job
-from raytune_sd3.convert import NO_SIMPLETUNER_EQUIVALENT, SIMPLETUNER_OPTIMIZERS
+from raytune_sd3.convert.optimizer import NO_SIMPLETUNER_EQUIVALENT, SIMPLETUNER_OPTIMIZERS
 from raytune_sd3.driver.preflight import needs_cuda_problem
 from raytune_sd3.memory import estimate, lora_params
 from raytune_sd3.models.catalogue import KNOWN_TRANSFORMERS, TransformerShape

@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from raytune_sd3.convert.report import ConvertError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the same parser, before it joined the standard library
     import tomli as tomllib
-
-
-class ConvertError(ValueError):
-    """An input that cannot be converted; the message names the file."""
 
 
 # config.env names SimpleTuner's loader reads, as the option each sets (its env_file map): the irregular ones ...
