@@ -15,9 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
@@ -26,71 +24,27 @@ from pydantic import (
 )
 
 from raytune_sd3.config.optimizers import OPTIMIZERS, POLYNOMIAL_LR_END
-from raytune_sd3.config.secrets import REDACTED, SECRET_KEY, remember_secret, show
+from raytune_sd3.config.secrets import REDACTED, SECRET_KEY, remember_secret
+from raytune_sd3.config.section import (
+    MAX_RESOLUTION,
+    FileOrUri,
+    FolderOrUri,
+    FolderPath,
+    PathText,
+    Resolution,
+    Section,
+    is_uri,
+    not_a_file,
+    path_text,
+)
 from raytune_sd3.config.tune_space import check_key
 
 TINY_MODELS = ("tiny-sd3", "tiny-sd35")
-# Upper bounds on sizes, so a typo (10**30) is refused at the door instead of overflowing in pyarrow or "fitting" in
-# 1e25 GiB. Far above what SD3 trains at (1024-2048 px) or what LoRA uses (4-128).
-MAX_RESOLUTION = 8192
 MAX_LORA_RANK = 1024
-NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, APFS, NTFS)
-
-
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: every float is finite (.nan or .inf in a learning rate, shift or guidance scale is a
-    # mistake); the few keys where .inf means "never" say so and opt back in (train.divergence_factor,
-    # train.grad_norm_limit; NaN stays refused there by their bounds).
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
-                              allow_inf_nan=False)
-
-
-def _path_text(v: Any) -> Any:
-    """A path (or URI) as written: not empty (that would be the working directory), no NUL byte, no name longer
-    than a filesystem allows."""
-    if isinstance(v, str | Path):
-        text = str(v)
-        if not text.strip():
-            raise ValueError("is empty, which would mean the working directory; give the path")
-        if "\x00" in text:
-            raise ValueError("contains a NUL byte, which no path can hold")
-        longest = max(len(part.encode("utf-8", "replace")) for part in text.split("/"))
-        if longest > NAME_MAX and not is_uri(text):
-            raise ValueError(f"has a name of {longest:,} bytes; a file or folder name is at most {NAME_MAX} bytes")
-    return v
-
-
-def _not_a_file(v: Any) -> Any:
-    if isinstance(v, str | Path) and not is_uri(str(v)) and Path(v).expanduser().is_file():
-        raise ValueError(f"{show(str(v))} is a file; this must be a folder (or a new path)")
-    return v
-
-
-PathText = Annotated[Path, BeforeValidator(_path_text)]
-"""A file's path."""
-
-
-def _path_or_uri(v: Any) -> Any:
-    """A URI stays the text it was written as (a Path would fold its // into a relative folder); else a Path."""
-    if not isinstance(v, str | Path):
-        raise ValueError(f"is a path or a URI, not {type(v).__name__}")
-    v = _path_text(v)
-    return v if isinstance(v, str) and is_uri(v) else Path(v)
-
-
-FolderOrUri = Annotated[Path | str, BeforeValidator(lambda v: _not_a_file(_path_or_uri(v)))]
-"""A folder's path, or the URI of a folder in object storage (s3://bucket/prefix?endpoint_override=...)."""
-FileOrUri = Annotated[Path | str, BeforeValidator(_path_or_uri)]
-"""A file's path, or its URI."""
-FolderPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_not_a_file)]
-"""A folder's path: an existing file is refused (writing or searching it would fail later, deep in a worker)."""
-Resolution = Annotated[int, Field(ge=16, le=MAX_RESOLUTION)]
 
 
 class ModelConfig(Section):
-    pretrained: Annotated[str, BeforeValidator(_path_text)] = "tiny-sd3"
+    pretrained: Annotated[str, BeforeValidator(path_text)] = "tiny-sd3"
     """A diffusers SD3 directory (a relative or ~ path is made absolute where the command runs), a hub id already
     in the local HF cache, or tiny-sd3 / tiny-sd35 (built offline)."""
     revision: str | None = None
@@ -201,7 +155,7 @@ class DatasetConfig(Section):
     filter: str | None = None
     """type parquet / huggingface: rows to keep, a comparison of columns and values joined by and / or / not, e.g.
     `width >= 512 and source == "web"` or `label in [1, 2]`."""
-    urls: Annotated[str, BeforeValidator(_path_text)] | list[Annotated[str, BeforeValidator(_path_text)]] | None = None
+    urls: Annotated[str, BeforeValidator(path_text)] | list[Annotated[str, BeforeValidator(path_text)]] | None = None
     """type webdataset: the tar shards, local or in object storage (s3://, gs://; options in the query as for
     instance_data_dir), one or a list; brace patterns name many (`s3://bucket/shards/data-{000..099}.tar`,
     `{train,extra}-0.tar`), and a folder means every .tar under it. Every shard named must exist."""
@@ -297,7 +251,7 @@ class DatasetConfig(Section):
 class DataConfig(Section):
     datasets: list[DatasetConfig] = Field(min_length=1)
     """The data sets of this job."""
-    cache_dir: Annotated[str, BeforeValidator(_path_text), AfterValidator(_not_a_file)] | None = None
+    cache_dir: Annotated[str, BeforeValidator(path_text), AfterValidator(not_a_file)] | None = None
     """Where encoded latents and text embeddings live; default `<output_dir>/cache`. Reused by later runs. On a
     cluster: a folder every node mounts, or a URI (`s3://bucket/cache`, `gs://...`; options in its query, e.g.
     `?endpoint_override=host:9000&scheme=http` for MinIO; credentials from the environment)."""
@@ -761,7 +715,6 @@ def check_global_batch(t: TrainConfig) -> None:
                          "global_batch_size out, or set train.batch_size: auto to choose the split")
 
 
-
 class Domain(Section):
     """One search dimension; exactly one of its fields is set."""
 
@@ -1126,12 +1079,6 @@ def adapter_problem(kind: str, strategy: str) -> str | None:
                 "from the workers' shards; use train.strategy zero2 or ddp (with model.quantize to fit a large "
                 "base), or lora.kind: lora")
     return None
-
-
-def is_uri(location: str) -> bool:
-    """True for `scheme://...` other than file://, which is a local path (a cache or storage location)."""
-    scheme = urlsplit(str(location)).scheme
-    return len(scheme) > 1 and "://" in str(location) and scheme != "file"
 
 
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
