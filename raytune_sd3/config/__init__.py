@@ -23,6 +23,7 @@ from raytune_sd3.config.loading import (
     model_is_path,
     use_data_dir,
 )
+from raytune_sd3.config.model import TINY_MODELS, ModelConfig, TextConfig
 from raytune_sd3.config.optimizers import BNB, OPTIMIZERS, POLYNOMIAL_LR_END, OptimizerFacts
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
 from raytune_sd3.config.schema import (
@@ -31,7 +32,6 @@ from raytune_sd3.config.schema import (
     LYCORIS_KINDS,
     MAX_LORA_RANK,
     QUANTO_KINDS,
-    TINY_MODELS,
     DataConfig,
     DatasetConfig,
     Domain,
@@ -40,13 +40,11 @@ from raytune_sd3.config.schema import (
     JobConfig,
     LoraConfig,
     LycorisConfig,
-    ModelConfig,
     OptimizerName,
     ProdigyConfig,
     RayConfig,
     ScheduledSamplingConfig,
     SchedulerConfig,
-    TextConfig,
     TrainConfig,
     TuneConfig,
     ValidationConfig,
@@ -73,15 +71,7 @@ from raytune_sd3.config.secrets import (
     shorten,
     show,
 )
-from raytune_sd3.config.section import (
-    MAX_RESOLUTION,
-    NAME_MAX,
-    FolderPath,
-    PathText,
-    Resolution,
-    Section,
-    is_uri,
-)
+from raytune_sd3.config.section import MAX_RESOLUTION, NAME_MAX, FolderPath, PathText, Resolution, Section, is_uri
 from raytune_sd3.config.tune_space import FIXED_KEYS, SEARCH_PACKAGES, TUNABLE_PREFIXES, WHY_NOT, check_key
 
 __all__ = [
