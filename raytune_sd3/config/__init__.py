@@ -12,6 +12,7 @@
 Everything public is re-exported here: `from raytune_sd3.config import JobConfig, load_job`.
 """
 
+from raytune_sd3.config.data import DataConfig, DatasetConfig
 from raytune_sd3.config.errors import ConfigError
 from raytune_sd3.config.job_file import JobFileError, parse_yaml, read_yaml_file
 from raytune_sd3.config.loading import (
@@ -32,8 +33,6 @@ from raytune_sd3.config.schema import (
     LYCORIS_KINDS,
     MAX_LORA_RANK,
     QUANTO_KINDS,
-    DataConfig,
-    DatasetConfig,
     Domain,
     FlowConfig,
     HubConfig,
