@@ -14,6 +14,7 @@ Everything public is re-exported here: `from raytune_sd3.config import JobConfig
 
 from raytune_sd3.config.data import DataConfig, DatasetConfig
 from raytune_sd3.config.errors import ConfigError
+from raytune_sd3.config.flow import FlowConfig, ScheduledSamplingConfig
 from raytune_sd3.config.job_file import JobFileError, parse_yaml, read_yaml_file
 from raytune_sd3.config.loading import (
     MAX_ERRORS,
@@ -34,7 +35,6 @@ from raytune_sd3.config.schema import (
     MAX_LORA_RANK,
     QUANTO_KINDS,
     Domain,
-    FlowConfig,
     HubConfig,
     JobConfig,
     LoraConfig,
@@ -42,7 +42,6 @@ from raytune_sd3.config.schema import (
     OptimizerName,
     ProdigyConfig,
     RayConfig,
-    ScheduledSamplingConfig,
     SchedulerConfig,
     TrainConfig,
     TuneConfig,
