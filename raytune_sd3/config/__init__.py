@@ -12,6 +12,14 @@
 Everything public is re-exported here: `from raytune_sd3.config import JobConfig, load_job`.
 """
 
+from raytune_sd3.config.adapter import (
+    INIT_FROM_SETS,
+    LYCORIS_KINDS,
+    MAX_LORA_RANK,
+    LoraConfig,
+    LycorisConfig,
+    adapter_problem,
+)
 from raytune_sd3.config.data import DataConfig, DatasetConfig
 from raytune_sd3.config.errors import ConfigError
 from raytune_sd3.config.flow import FlowConfig, ScheduledSamplingConfig
@@ -30,15 +38,10 @@ from raytune_sd3.config.optimizers import BNB, OPTIMIZERS, POLYNOMIAL_LR_END, Op
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
 from raytune_sd3.config.schema import (
     HF_TOKEN_ENV,
-    INIT_FROM_SETS,
-    LYCORIS_KINDS,
-    MAX_LORA_RANK,
     QUANTO_KINDS,
     Domain,
     HubConfig,
     JobConfig,
-    LoraConfig,
-    LycorisConfig,
     OptimizerName,
     ProdigyConfig,
     RayConfig,
@@ -47,7 +50,6 @@ from raytune_sd3.config.schema import (
     TuneConfig,
     ValidationConfig,
     WandbConfig,
-    adapter_problem,
     check_global_batch,
     parse_resolutions,
     quantised_base_problem,

@@ -11,8 +11,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from raytune_sd3.config.secrets import show
 
-# Upper bounds on sizes, so a typo (10**30) is refused at the door instead of overflowing in pyarrow or "fitting" in
-# 1e25 GiB. Far above what SD3 trains at (1024-2048 px) or what LoRA uses (4-128).
+# An upper bound on image sizes, so a typo (10**30) is refused at the door instead of overflowing in pyarrow or
+# "fitting" in 1e25 GiB. Far above what SD3 trains at (1024-2048 px).
 MAX_RESOLUTION = 8192
 NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, APFS, NTFS)
 
