@@ -38,21 +38,15 @@ from raytune_sd3.config.optimizers import BNB, OPTIMIZERS, POLYNOMIAL_LR_END, Op
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
 from raytune_sd3.config.schema import (
     HF_TOKEN_ENV,
-    QUANTO_KINDS,
     Domain,
     HubConfig,
     JobConfig,
-    OptimizerName,
-    ProdigyConfig,
     RayConfig,
     SchedulerConfig,
-    TrainConfig,
     TuneConfig,
     ValidationConfig,
     WandbConfig,
-    check_global_batch,
     parse_resolutions,
-    quantised_base_problem,
 )
 from raytune_sd3.config.secrets import (
     HEX_KEY,
@@ -72,6 +66,14 @@ from raytune_sd3.config.secrets import (
     show,
 )
 from raytune_sd3.config.section import MAX_RESOLUTION, NAME_MAX, FolderPath, PathText, Resolution, Section, is_uri
+from raytune_sd3.config.training import (
+    QUANTO_KINDS,
+    OptimizerName,
+    ProdigyConfig,
+    TrainConfig,
+    check_global_batch,
+    quantised_base_problem,
+)
 from raytune_sd3.config.tune_space import FIXED_KEYS, SEARCH_PACKAGES, TUNABLE_PREFIXES, WHY_NOT, check_key
 
 __all__ = [
