@@ -44,9 +44,7 @@ from raytune_sd3.config.schema import (
     RayConfig,
     SchedulerConfig,
     TuneConfig,
-    ValidationConfig,
     WandbConfig,
-    parse_resolutions,
 )
 from raytune_sd3.config.secrets import (
     HEX_KEY,
@@ -75,6 +73,7 @@ from raytune_sd3.config.training import (
     quantised_base_problem,
 )
 from raytune_sd3.config.tune_space import FIXED_KEYS, SEARCH_PACKAGES, TUNABLE_PREFIXES, WHY_NOT, check_key
+from raytune_sd3.config.validation import ValidationConfig, parse_resolutions
 
 __all__ = [
     "ConfigError", "JobFileError", "parse_yaml", "read_yaml_file",
