@@ -36,16 +36,7 @@ from raytune_sd3.config.loading import (
 from raytune_sd3.config.model import TINY_MODELS, ModelConfig, TextConfig
 from raytune_sd3.config.optimizers import BNB, OPTIMIZERS, POLYNOMIAL_LR_END, OptimizerFacts
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean, get_key, set_key
-from raytune_sd3.config.schema import (
-    HF_TOKEN_ENV,
-    Domain,
-    HubConfig,
-    JobConfig,
-    RayConfig,
-    SchedulerConfig,
-    TuneConfig,
-    WandbConfig,
-)
+from raytune_sd3.config.schema import Domain, JobConfig, SchedulerConfig, TuneConfig
 from raytune_sd3.config.secrets import (
     HEX_KEY,
     JOB_SECRETS,
@@ -64,6 +55,7 @@ from raytune_sd3.config.secrets import (
     show,
 )
 from raytune_sd3.config.section import MAX_RESOLUTION, NAME_MAX, FolderPath, PathText, Resolution, Section, is_uri
+from raytune_sd3.config.services import HF_TOKEN_ENV, HubConfig, RayConfig, WandbConfig
 from raytune_sd3.config.training import (
     QUANTO_KINDS,
     OptimizerName,
