@@ -1,6 +1,9 @@
 """The job config, at the ground floor of the package (it imports nothing else of ours).
 
-- `schema`: the typed job, one class per YAML section, validated at the door before Ray or any model starts;
+- `schema`: the typed job (JobConfig), validated at the door before Ray or any model starts, the rules across its
+  sections, and the `tune:` study over its keys;
+- the sections, one module each: `section` (the base, path and size types), `model` (model:, text:), `data`,
+  `flow`, `adapter` (lora:), `training` (train:), `validation`, `services` (wandb:, ray:, hub:);
 - `optimizers`: the one registry of train.optimizer (what each keeps, needs and refuses);
 - `tune_space`: which keys a Tune study may vary, and why the others may not;
 - `overrides`: dotted keys (`--set a.b=c`, a trial's parameters);

@@ -1,8 +1,13 @@
-"""The job config: one typed schema, validated at the door before Ray or any model starts.
+"""The whole job: `JobConfig`, one typed schema validated at the door before Ray or any model starts, and the rules
+that cross its sections.
 
-A job is a YAML file whose sections mirror the classes below (`model`, `text`, `data`, `flow`, `lora`, `train`,
-`validation`, `ray`, `wandb`, `hub`); `output_dir` sits at the top level as in SimpleTuner. Every field has a one-line docstring.
-Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the file and key.
+A job is a YAML file whose sections mirror JobConfig's fields (`model`, `text`, `data`, `flow`, `lora`, `train`,
+`validation`, `ray`, `wandb`, `hub`, each typed in its own module of this package); `output_dir` sits at the top level
+as in SimpleTuner. Every field has a one-line docstring. Unknown keys, wrong types and impossible combinations raise
+`ConfigError` naming the file and key.
+
+The `tune:` study (TuneConfig, its Domain and SchedulerConfig) lives here too: its keys are keys of the whole job,
+checked against JobConfig itself, so a module of its own would import this one and this one it (a circle).
 """
 
 from __future__ import annotations
