@@ -1,4 +1,4 @@
-"""The job file's key-by-key reference, generated from the schema (raytune_sd3/config/schema.py), so it cannot drift:
+"""The job file's key-by-key reference, generated from the schema (JobConfig and its sections), so it cannot drift:
 
     python docs/reference.py        # rewrites docs/config.md; tests/test_docs.py fails while it is out of date
 """

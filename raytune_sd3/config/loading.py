@@ -12,9 +12,11 @@ from pydantic import BaseModel, ValidationError
 
 from raytune_sd3.config.errors import ConfigError
 from raytune_sd3.config.job_file import JobFileError, read_yaml_file
+from raytune_sd3.config.model import TINY_MODELS
 from raytune_sd3.config.overrides import apply_overrides, did_you_mean
-from raytune_sd3.config.schema import TINY_MODELS, JobConfig, is_uri
+from raytune_sd3.config.schema import JobConfig
 from raytune_sd3.config.secrets import REDACTED, SECRET_KEY, one_screen, redact, shorten, show
+from raytune_sd3.config.section import is_uri
 
 
 def _suggest(model: type[BaseModel], loc: tuple) -> str:
