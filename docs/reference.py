@@ -60,7 +60,7 @@ def _section(annotation) -> type[BaseModel] | None:
 
 def render() -> str:
     lines = ["# Job file reference", "",
-             "Every key of a job file (`jobs/*.yaml`), generated from the schema in `raytune_sd3/config/schema.py` by",
+             "Every key of a job file (`jobs/*.yaml`), generated from the schema in `raytune_sd3/config/` by",
              "`python docs/reference.py`. Any key can be overridden on the command line: `--set section.key=value`",
              "(a list item by its index: `--set data.datasets.0.resolution=512`).", ""]
     queue: list[tuple[str, type[BaseModel]]] = [("", JobConfig)]

@@ -2,7 +2,7 @@
 
 Every optimizer the trainer builds, with what the rest of the package needs to know of it. The schema's Literal is
 made from it; the factory (train/optim.py BUILDERS), the memory estimate (memory.py), the SimpleTuner converter
-(convert.py) and the preflight (driver/preflight.py) read it; tests/test_optim.py fails when a name here is missing
+(convert/optimizer.py) and the preflight (driver/preflight.py) read it; tests/test_optim.py fails when a name here is missing
 from any of them, or when a state size here differs from what the optimizer really keeps.
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "RAY_AUTH_TOKEN")
 # One notion of a secret for the whole project: by its key (ours, W&B's, SimpleTuner's names) or by its value (a
-# Hugging Face token; credentials inside a URL). Used by redact() and by convert.py. A key is a secret by its whole
+# Hugging Face token; credentials inside a URL). Used by redact() and by convert/rules.py. A key is a secret by its whole
 # name, never by a substring: tokenizer_max_length or num_tokens are settings, not credentials.
 SECRET_NAMES = ("hub_token", "hf_token", "huggingface_token", "hugging_face_hub_token", "webshart_hf_token",
                 "wandb_api_key", "comet_api_key", "neptune_api_token", "aws_access_key_id", "aws_secret_access_key",
