@@ -194,4 +194,5 @@ def test_a_bucket_that_cannot_be_read_is_one_screen_before_any_work(gcs, bucket,
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
     refused = problems(bucket.replace("anonymous@", ""))
     assert "data.datasets[0].instance_data_dir: gs://data-bucket/sets/one cannot be read" in refused
-    assert "GOOGLE_APPLICATION_CREDENTIALS" in refused and "endpoint_override=" not in refused
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in refused and "gs://anonymous@bucket/" in refused
+    assert "endpoint_override=" not in refused and "Traceback" not in refused

@@ -95,7 +95,8 @@ class DataFolder:
 
 
 CREDENTIALS_FIX = ("check the bucket, the URI's endpoint_override and the credentials in the environment "
-                   "(AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://)")
+                   "(AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://, "
+                   "or gs://anonymous@bucket/... for a public bucket or an emulator)")
 
 
 def _first_line(e: Exception) -> str:
