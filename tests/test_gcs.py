@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from raytune_sd3.data.reading import read_file
 from raytune_sd3.data.sizes import sizes_of
 from raytune_sd3.data.sources import DataFolder, sources_of
 from raytune_sd3.data.store import CacheStore
+from raytune_sd3.driver import checks
 from raytune_sd3.driver.checks import Report, check_data, probe_storage
 from raytune_sd3.driver.preflight import check_paths
 
@@ -197,3 +199,22 @@ def test_a_bucket_that_cannot_be_read_is_one_screen_before_any_work(gcs, bucket,
     assert "data.datasets[0].instance_data_dir: gs://data-bucket/sets/one cannot be read" in refused
     assert "GOOGLE_APPLICATION_CREDENTIALS" in refused and "gs://anonymous@bucket/" in refused
     assert "endpoint_override=" not in refused and "Traceback" not in refused
+
+
+def test_check_reports_a_store_that_does_not_answer_instead_of_retrying_it_for_minutes(tmp_path, monkeypatch):
+    """`check` lists a data set in a store to count it. GCS's client retries a store that keeps failing (no endpoint
+    listening, no credentials found) for minutes unless told otherwise, so the check bounds it (STORE_RETRY_S) and
+    reports the data set. A deadline, not a timing: without the bound the check is still waiting at the deadline."""
+    monkeypatch.setattr(checks, "STORE_RETRY_S", 1.0)
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"gs://anonymous@data-bucket/sets/one?endpoint_override=127.0.0.1:{port}&scheme=http"
+    cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "train": {"batch_size": 1, "num_workers": 1},
+                        "data": {"eval_samples": 0, "datasets": [{"id": "d", "instance_data_dir": uri}]}})
+    report = Report()
+    checking = threading.Thread(target=check_data, args=(cfg, report), daemon=True)
+    checking.start()
+    checking.join(60)
+    assert not checking.is_alive(), "check_data still retries a store that does not answer"
+    assert any(x.startswith("[FAIL] data") and " d: " in x and "UNAVAILABLE" in x for x in report.lines), report.lines
