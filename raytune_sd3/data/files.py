@@ -113,10 +113,8 @@ class CacheFiles:
 
     def listing(self, folder: str) -> list[pafs.FileInfo]:
         """Every file under `folder` (recursive; sizes and modification times included), sorted by path."""
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.join(folder), recursive=True))
-        except FileNotFoundError:
-            return []
+        # allow_not_found: a folder not written yet is empty (GCS says so with an OSError, not FileNotFoundError)
+        infos = self.fs.get_file_info(pafs.FileSelector(self.join(folder), recursive=True, allow_not_found=True))
         return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
     def files(self, folder: str, suffix: str) -> list[str]:

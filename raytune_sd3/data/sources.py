@@ -11,7 +11,9 @@ one stream of requests however many threads wait on it (pyarrow's recursive File
 `DataFolder.listing` walks the first levels of sub-folders (one delimited request each) until it has enough of
 them, then lists each sub-folder's tree in its own thread (pyarrow's calls release the GIL): a data set kept in
 sub-folders is listed that many streams at once. A flat prefix of a million objects stays one stream: S3 offers no
-way to split it without knowing its keys.
+way to split it without knowing its keys. GCS is listed as one recursive stream: pyarrow's one-level listing there
+reports only the sub-folders that have a marker object (which `gcloud storage cp -r` and most uploaders never
+write), so a walk would miss the images in all the others.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class DataFolder:
 
     def listing(self) -> list[pafs.FileInfo]:
         """Every object under the folder (sizes and modification times included), in no particular order."""
+        if self.fs.type_name == "gcs":  # no walk (see the module's docstring)
+            return [i for i in self._list_tree(self.root) if i.type == pafs.FileType.File]
         files, frontier = [], [self.root]
         with ThreadPoolExecutor(LIST_THREADS) as pool:
             for _ in range(SPLIT_DEPTH):
@@ -91,7 +95,8 @@ class DataFolder:
 
 
 CREDENTIALS_FIX = ("check the bucket, the URI's endpoint_override and the credentials in the environment "
-                   "(AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://)")
+                   "(AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://, "
+                   "or gs://anonymous@bucket/... for a public bucket or an emulator)")
 
 
 def _first_line(e: Exception) -> str:

@@ -134,6 +134,11 @@ def check_data(cfg: JobConfig, report: Report) -> int:
     return total
 
 
+# A data set's GCS store that keeps failing (no endpoint, no credentials found) is reported after this long: its
+# client's own default is to retry for minutes, and the preflight answers in seconds.
+STORE_RETRY_S = 15.0
+
+
 def _check_store(ds, alignment: int, report: Report) -> tuple[int, list[dict]]:
     """A data set in a store, a table or tar shards: its images counted from the listing, the rows or the tar
     headers, their buckets from each image's first bytes (one ranged read; a table's width and height columns where
@@ -146,7 +151,7 @@ def _check_store(ds, alignment: int, report: Report) -> tuple[int, list[dict]]:
     from raytune_sd3.data.webdataset import shard_sources
 
     try:
-        items = discover(ds, alignment)[0]
+        items = discover(ds, alignment, retry_limit_s=STORE_RETRY_S)[0]
         sources = {**sources_of([str(ds.instance_data_dir)] if ds.in_store else []), **table_sources([ds]),
                    **shard_sources([ds])}
         known = table_sizes(ds) if ds.type in ("parquet", "huggingface") else {}
