@@ -28,7 +28,7 @@ from raytune_sd3.data.reading import read_file
 from raytune_sd3.data.sizes import sizes_of
 from raytune_sd3.data.sources import DataFolder, sources_of
 from raytune_sd3.data.store import CacheStore
-from raytune_sd3.driver import checks
+from raytune_sd3.driver import preflight
 from raytune_sd3.driver.checks import Report, check_data, probe_storage
 from raytune_sd3.driver.preflight import check_paths
 
@@ -205,7 +205,7 @@ def test_check_reports_a_store_that_does_not_answer_instead_of_retrying_it_for_m
     """`check` lists a data set in a store to count it. GCS's client retries a store that keeps failing (no endpoint
     listening, no credentials found) for minutes unless told otherwise, so the check bounds it (STORE_RETRY_S) and
     reports the data set. A deadline, not a timing: without the bound the check is still waiting at the deadline."""
-    monkeypatch.setattr(checks, "STORE_RETRY_S", 1.0)
+    monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
     with socket.socket() as s:  # a port nothing listens on once this closes
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
