@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from raytune_sd3.config import DatasetConfig, is_uri
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.data.files import filesystem, redacted
-from raytune_sd3.data.sources import DataFolder
+from raytune_sd3.data.sources import CREDENTIALS_FIX, DataFolder
 from raytune_sd3.data.tables import ROW, rows_of
 from raytune_sd3.data.webdataset import index_all, member_path
 
@@ -105,11 +105,15 @@ def _metadata_bytes(path: Path | str) -> bytes:
         return Path(path).read_bytes()
     import pyarrow.fs as pafs
 
-    fs, fs_path, _ = filesystem(str(path))
-    if fs.get_file_info(fs_path).type != pafs.FileType.File:
-        raise ValueError(f"metadata_file {redacted(str(path))} does not exist")
-    with fs.open_input_file(fs_path) as f:
-        return f.readall()
+    try:
+        fs, fs_path, _ = filesystem(str(path))
+        if fs.get_file_info(fs_path).type != pafs.FileType.File:
+            raise ValueError(f"metadata_file {redacted(str(path))} does not exist")
+        with fs.open_input_file(fs_path) as f:
+            return f.readall()
+    except OSError as e:  # the client's status runs to many lines: the file, the fix and its first line
+        raise ValueError(f"metadata_file {redacted(str(path))} cannot be read; {CREDENTIALS_FIX} "
+                         f"({type(e).__name__}: {str(e).strip()[:180]})") from None
 
 
 def read_metadata(path: Path | str, root: Path | str) -> dict[str, list[str]]:
