@@ -28,7 +28,7 @@ from raytune_sd3.data.reading import read_file
 from raytune_sd3.data.sizes import sizes_of
 from raytune_sd3.data.sources import DataFolder, sources_of
 from raytune_sd3.data.store import CacheStore
-from raytune_sd3.driver import checks
+from raytune_sd3.driver import preflight
 from raytune_sd3.driver.checks import Report, check_data, probe_storage
 from raytune_sd3.driver.preflight import check_paths
 
@@ -205,7 +205,7 @@ def test_check_reports_a_store_that_does_not_answer_instead_of_retrying_it_for_m
     """`check` lists a data set in a store to count it. GCS's client retries a store that keeps failing (no endpoint
     listening, no credentials found) for minutes unless told otherwise, so the check bounds it (STORE_RETRY_S) and
     reports the data set. A deadline, not a timing: without the bound the check is still waiting at the deadline."""
-    monkeypatch.setattr(checks, "STORE_RETRY_S", 1.0)
+    monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
     with socket.socket() as s:  # a port nothing listens on once this closes
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -218,3 +218,31 @@ def test_check_reports_a_store_that_does_not_answer_instead_of_retrying_it_for_m
     checking.join(60)
     assert not checking.is_alive(), "check_data still retries a store that does not answer"
     assert any(x.startswith("[FAIL] data") and " d: " in x and "UNAVAILABLE" in x for x in report.lines), report.lines
+
+
+def test_a_metadata_file_in_a_store_that_does_not_answer_is_refused_soon(tmp_path, monkeypatch):
+    """A local folder whose captions are in a metadata file on gs://: the preflight reads its columns, bounded as
+    every open of a data set's store is (STORE_RETRY_S), and names the key. A deadline, not a timing."""
+    monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    make_demo_dataset(tmp_path / "photos", 2, size=32)
+    meta = f"gs://anonymous@captions/meta.jsonl?endpoint_override=127.0.0.1:{port}&scheme=http"
+    cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "data": {"datasets": [
+        {"id": "d", "instance_data_dir": str(tmp_path / "photos"), "caption_strategy": "metadata",
+         "metadata_file": meta}]}})
+    found = []
+
+    def preflight_paths() -> None:
+        try:
+            check_paths(cfg)
+        except ConfigError as e:
+            found.append(str(e))
+
+    checking = threading.Thread(target=preflight_paths, daemon=True)
+    checking.start()
+    checking.join(60)
+    assert not checking.is_alive(), "the preflight still retries a metadata file's store that does not answer"
+    assert "data.datasets[0].metadata_file: metadata_file gs://captions/meta.jsonl cannot be read" in found[0], found
+    assert len(found[0].splitlines()) == 2 and f"127.0.0.1:{port}" not in found[0]

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from raytune_sd3.config import DatasetConfig, is_uri
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.data.files import filesystem, redacted
-from raytune_sd3.data.sources import DataFolder
+from raytune_sd3.data.sources import CREDENTIALS_FIX, DataFolder
 from raytune_sd3.data.tables import ROW, rows_of
 from raytune_sd3.data.webdataset import index_all, member_path
 
@@ -105,11 +105,15 @@ def _metadata_bytes(path: Path | str) -> bytes:
         return Path(path).read_bytes()
     import pyarrow.fs as pafs
 
-    fs, fs_path, _ = filesystem(str(path))
-    if fs.get_file_info(fs_path).type != pafs.FileType.File:
-        raise ValueError(f"metadata_file {redacted(str(path))} does not exist")
-    with fs.open_input_file(fs_path) as f:
-        return f.readall()
+    try:
+        fs, fs_path, _ = filesystem(str(path))
+        if fs.get_file_info(fs_path).type != pafs.FileType.File:
+            raise ValueError(f"metadata_file {redacted(str(path))} does not exist")
+        with fs.open_input_file(fs_path) as f:
+            return f.readall()
+    except OSError as e:  # the client's status runs to many lines: the file, the fix and its first line
+        raise ValueError(f"metadata_file {redacted(str(path))} cannot be read; {CREDENTIALS_FIX} "
+                         f"({type(e).__name__}: {str(e).strip()[:180]})") from None
 
 
 def read_metadata(path: Path | str, root: Path | str) -> dict[str, list[str]]:
@@ -157,18 +161,17 @@ def find_mask(image: Path, suffix: str) -> Path | None:
     return next((m for m in found if m.is_file()), None)
 
 
-def discover(ds: DatasetConfig, alignment: int = 64,
-             retry_limit_s: float | None = None) -> tuple[list[Item], list[dict]]:
+def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[dict]]:
     """Every image under ds.instance_data_dir (recursive, sorted) with its captions, one Item per resolution, and
     the files skipped (with the reason) because they have no usable caption or no mask. A folder in a store is
-    listed (data/sources.py) and its caption files read in threads; no image is opened here. `retry_limit_s`: how
-    long a GCS folder's client retries (data/files.py), for a caller that must answer soon."""
+    listed (data/sources.py) and its caption files read in threads; no image is opened here. A caller that must
+    answer soon bounds how long a store is retried with data.files.stores_retried_for."""
     if ds.type in ("parquet", "huggingface"):
         return _discover_rows(ds, alignment)
     if ds.type == "webdataset":
         return _discover_shards(ds, alignment)
     if ds.in_store:
-        return _discover_in_store(ds, alignment, retry_limit_s)
+        return _discover_in_store(ds, alignment)
     given = Path(ds.instance_data_dir)
     root = given.resolve()
     # Under a resolved root only a file itself can be a link (rglob does not enter linked folders), so a path is
@@ -193,9 +196,8 @@ def discover(ds: DatasetConfig, alignment: int = 64,
     return _items(ds, alignment, images, str(given), metadata, caption_file, mask, {})
 
 
-def _discover_in_store(ds: DatasetConfig, alignment: int,
-                       retry_limit_s: float | None = None) -> tuple[list[Item], list[dict]]:
-    folder = DataFolder(str(ds.instance_data_dir), retry_limit_s)
+def _discover_in_store(ds: DatasetConfig, alignment: int) -> tuple[list[Item], list[dict]]:
+    folder = DataFolder(str(ds.instance_data_dir))
     listed = {folder.name_of(i.path): (i.size, i.mtime_ns) for i in folder.listing()}
     images = sorted(n for n in listed if PurePosixPath(n).suffix.lower() in IMAGE_EXTS
                     and not (ds.mask_suffix and PurePosixPath(n).stem.endswith(ds.mask_suffix)))

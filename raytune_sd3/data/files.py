@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -35,14 +37,40 @@ def redacted(uri: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+# How long a store opened now retries a failing request; set only while the driver checks (stores_retried_for).
+_retry_limit_s: float | None = None
+
+
+@contextmanager
+def stores_retried_for(seconds: float) -> Iterator[None]:
+    """Within it, every store this process opens (filesystem(): data folders, tables, shards, metadata files, masks)
+    gives up on a request after retrying it for `seconds` instead of its client's default (GCS: minutes), so the
+    driver's checks say in seconds that an endpoint does not answer or that credentials are missing.
+    Process-wide rather than a context variable: the data modules open stores in thread pools, which a context
+    variable does not reach. Ray's tasks run in processes of their own and keep the default, longer retries."""
+    global _retry_limit_s
+    before, _retry_limit_s = _retry_limit_s, seconds
+    try:
+        yield
+    finally:
+        _retry_limit_s = before
+
+
+def retry_limit() -> float | None:
+    """The bound stores_retried_for sets now, None outside it (for a cache of clients: one per bound)."""
+    return _retry_limit_s
+
+
 def filesystem(location: str, retry_limit_s: float | None = None) -> tuple[pafs.FileSystem, str, bool]:
     """(filesystem, root path in it, whether an upload publishes a file whole) for a folder or a URI.
-    `retry_limit_s`: how long a GCS client retries before it gives up (its default is minutes), unless the URI's
-    query sets retry_limit_seconds."""
+    `retry_limit_s`: how long a GCS client retries before it gives up (its default is minutes; by default the bound
+    of stores_retried_for, where one is set), unless the URI's query sets retry_limit_seconds. pyarrow takes no
+    such option for S3, whose client gives up after a few attempts of seconds each."""
     if not is_uri(location):
         # pyarrow's local paths are absolute; a relative cache_dir means this process's working directory.
         return pafs.LocalFileSystem(), os.path.abspath(location), False
     scheme = urlsplit(location).scheme
+    retry_limit_s = _retry_limit_s if retry_limit_s is None else retry_limit_s
     if retry_limit_s is not None and scheme in ("gs", "gcs") and "retry_limit_seconds=" not in location:
         location += ("&" if "?" in location else "?") + f"retry_limit_seconds={retry_limit_s:g}"
     try:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
-from raytune_sd3.data.files import filesystem, redacted
+from raytune_sd3.data.files import filesystem, redacted, retry_limit
 
 LIST_THREADS = 16  # listings in flight at once; each is a chain of HTTP requests, so threads wait, not compute
 SPLIT_DEPTH = 3  # folder levels walked (one delimited request each) looking for sub-folders to list in parallel
@@ -34,10 +34,10 @@ class DataFolder:
     """A folder of a data set in a store, given as a URI with its options (`s3://bucket/prefix?endpoint_override=
     host:9000&scheme=http`). `name` is how its objects are named (no query, no credentials)."""
 
-    def __init__(self, location: str, retry_limit_s: float | None = None):
+    def __init__(self, location: str):
         self.location = location
         self.name = redacted(location).rstrip("/")
-        self.fs, root, _ = filesystem(location, retry_limit_s)
+        self.fs, root, _ = filesystem(location)
         self.root = root.rstrip("/")
 
     def name_of(self, fs_path: str) -> str:
@@ -109,13 +109,15 @@ def sources_of(locations: list[str]) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _folder(location: str) -> DataFolder:
-    return DataFolder(location)  # one client per store and process: a client's start costs more than a read
+def _folder(location: str, retry_limit_s: float | None) -> DataFolder:
+    # One client per store and process: a client's start costs more than a read. Keyed by the bound its client was
+    # made with too, so one the driver's checks made (stores_retried_for) is not reused after them.
+    return DataFolder(location)
 
 
 def folder_of(path: str, sources: dict[str, str] | None) -> DataFolder | None:
     """The store folder `path` (an object's name) lies in, or None for a local file."""
     for name, location in (sources or {}).items():
         if path.startswith(name + "/"):
-            return _folder(location)
+            return _folder(location, retry_limit())
     return None

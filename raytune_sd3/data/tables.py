@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from raytune_sd3.config import DatasetConfig, is_uri
 from raytune_sd3.data.files import filesystem, redacted
 from raytune_sd3.data.rowfilter import parse_filter
+from raytune_sd3.data.sources import CREDENTIALS_FIX
 
 ROW = "#row="
 
@@ -72,7 +73,19 @@ def _files_under(location: str, suffix: str) -> list[str]:
 
 
 def table_files(ds: DatasetConfig) -> list[TableFile]:
-    """The files of a parquet or huggingface data set, in order; TableError when there are none."""
+    """The files of a parquet or huggingface data set, in order; TableError when there are none or their store
+    cannot be read (naming the key, without the URI's options or credentials)."""
+    key, where = ("path", str(ds.path)) if ds.type == "parquet" else ("dataset", str(ds.dataset))
+    try:
+        return _table_files(ds)
+    except OSError as e:
+        if not is_uri(where):
+            raise
+        raise TableError(f"{key}: {redacted(where)} cannot be read; {CREDENTIALS_FIX} ({type(e).__name__}: "
+                         f"{str(e).strip()[:180]})") from None
+
+
+def _table_files(ds: DatasetConfig) -> list[TableFile]:
     if ds.type == "parquet":
         files = [(f, "parquet") for f in _files_under(str(ds.path), ".parquet")]
         where = redacted(str(ds.path))

@@ -21,7 +21,7 @@ from raytune_sd3.config import (
 from raytune_sd3.data.buckets import sizings_of
 from raytune_sd3.driver.microbatch import TIGHT, job_estimator
 from raytune_sd3.driver.placement import Cluster, PlacementError, check_placement, local_machine, resolve_auto
-from raytune_sd3.driver.preflight import check_paths
+from raytune_sd3.driver.preflight import check_paths, checking_stores
 from raytune_sd3.hardware import GIB, GPU_GIB, gpu_memory
 from raytune_sd3.memory import STRATEGIES
 from raytune_sd3.models.catalogue import TransformerShape, transformer_config
@@ -92,6 +92,15 @@ def check_data(cfg: JobConfig, report: Report) -> int:
     """Counts the images of each data set and their aspect buckets (from the image headers), and checks that what
     the eval hold-out leaves fills a global batch in every bucket (once the worker count is known); returns the
     total."""
+    with checking_stores():
+        total, rows = _count_images(cfg, report)
+    if rows:
+        check_batches(cfg, rows, report)
+    return total
+
+
+def _count_images(cfg: JobConfig, report: Report) -> tuple[int, list[dict]]:
+    """check_data's count: the images of each data set and their bucket rows."""
     from raytune_sd3.data.discovery import discover
 
     total, rows = 0, []
@@ -129,14 +138,7 @@ def check_data(cfg: JobConfig, report: Report) -> int:
         cap = f", {captions} with a .txt caption" if ds.caption_strategy == "textfile" else ""
         report.ok("data", f"{ds.id}: {len(items)} images{cap}, {_buckets(rows, ds.id)}")
         total += len(items)
-    if rows:
-        check_batches(cfg, rows, report)
-    return total
-
-
-# A data set's GCS store that keeps failing (no endpoint, no credentials found) is reported after this long: its
-# client's own default is to retry for minutes, and the preflight answers in seconds.
-STORE_RETRY_S = 15.0
+    return total, rows
 
 
 def _check_store(ds, alignment: int, report: Report) -> tuple[int, list[dict]]:
@@ -151,7 +153,7 @@ def _check_store(ds, alignment: int, report: Report) -> tuple[int, list[dict]]:
     from raytune_sd3.data.webdataset import shard_sources
 
     try:
-        items = discover(ds, alignment, retry_limit_s=STORE_RETRY_S)[0]
+        items = discover(ds, alignment)[0]
         sources = {**sources_of([str(ds.instance_data_dir)] if ds.in_store else []), **table_sources([ds]),
                    **shard_sources([ds])}
         known = table_sizes(ds) if ds.type in ("parquet", "huggingface") else {}

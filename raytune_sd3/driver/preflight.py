@@ -7,46 +7,28 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from raytune_sd3.config import OPTIMIZERS, ConfigError, DatasetConfig, JobConfig, model_is_path
-from raytune_sd3.data.files import redacted
+from raytune_sd3.data.files import redacted, stores_retried_for
+
+# A data set's store that keeps failing (no endpoint answering, no credentials found) is reported after this long:
+# GCS's client retries for minutes by default, and the preflight answers in seconds.
+STORE_RETRY_S = 15.0
+
+
+def checking_stores() -> AbstractContextManager[None]:
+    """The bound on every store the driver opens while it checks the data sets (check_paths, check's count):
+    STORE_RETRY_S. Only there: the caching stage's Ray tasks keep their clients' longer retries."""
+    return stores_retried_for(STORE_RETRY_S)
 
 
 def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
     """ConfigError listing every missing or unusable path or credential of the job. `cuda`: whether the machine it
     will train on has CUDA (None: this one, when the job starts a local Ray; see bitsandbytes_problems)."""
-    problems = []
-    for i, ds in enumerate(cfg.data.datasets):
-        if ds.type in ("parquet", "huggingface"):
-            from raytune_sd3.data.tables import table_problem
-
-            if (problem := table_problem(ds)) is not None:
-                problems.append(f"data.datasets[{i}] ({ds.id}, type {ds.type}): {problem}")
-            continue
-        if ds.type == "webdataset":
-            from raytune_sd3.data.webdataset import webdataset_problem
-
-            if (problem := webdataset_problem(ds)) is not None:
-                problems.append(f"data.datasets[{i}] ({ds.id}, type webdataset): {problem}")
-            continue
-        if ds.in_store:
-            problems += _store_problems(i, ds)
-            continue
-        if ds.type == "local" and not ds.instance_data_dir.is_dir():
-            problems.append(
-                f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
-                "(point it at your images, or use type: demo)"
-            )
-        if isinstance(ds.metadata_file, Path) and not ds.metadata_file.is_file():
-            problems.append(f"data.datasets[{i}].metadata_file: {ds.metadata_file} is not a file")
-        elif ds.caption_strategy == "metadata" and ds.instance_data_dir.is_dir():
-            from raytune_sd3.data.discovery import read_metadata  # its columns, before any expensive work
-
-            try:
-                read_metadata(ds.metadata_file, ds.instance_data_dir)
-            except (ValueError, KeyError, OSError) as e:
-                problems.append(f"data.datasets[{i}].metadata_file: {e}")
+    with checking_stores():
+        problems = _data_problems(cfg)
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a file")
     elif cfg.train.deepspeed_config is not None and cfg.train.strategy != "ddp":
@@ -100,6 +82,42 @@ def check_paths(cfg: JobConfig, cuda: bool | None = None) -> None:
         raise ConfigError("job config refers to missing or unusable paths or credentials:\n  " + "\n  ".join(problems))
 
 
+def _data_problems(cfg: JobConfig) -> list[str]:
+    """check_paths' lines for the data sets: folders, tables, shards and metadata files that cannot be read."""
+    problems = []
+    for i, ds in enumerate(cfg.data.datasets):
+        if ds.type in ("parquet", "huggingface"):
+            from raytune_sd3.data.tables import table_problem
+
+            if (problem := table_problem(ds)) is not None:
+                problems.append(f"data.datasets[{i}] ({ds.id}, type {ds.type}): {problem}")
+            continue
+        if ds.type == "webdataset":
+            from raytune_sd3.data.webdataset import webdataset_problem
+
+            if (problem := webdataset_problem(ds)) is not None:
+                problems.append(f"data.datasets[{i}] ({ds.id}, type webdataset): {problem}")
+            continue
+        if ds.in_store:
+            problems += _store_problems(i, ds)
+            continue
+        if ds.type == "local" and not ds.instance_data_dir.is_dir():
+            problems.append(
+                f"data.datasets[{i}].instance_data_dir: {ds.instance_data_dir} is not a folder "
+                "(point it at your images, or use type: demo)"
+            )
+        if isinstance(ds.metadata_file, Path) and not ds.metadata_file.is_file():
+            problems.append(f"data.datasets[{i}].metadata_file: {ds.metadata_file} is not a file")
+        elif ds.caption_strategy == "metadata" and ds.instance_data_dir.is_dir():
+            from raytune_sd3.data.discovery import read_metadata  # its columns, before any expensive work
+
+            try:
+                read_metadata(ds.metadata_file, ds.instance_data_dir)
+            except (ValueError, KeyError, OSError) as e:
+                problems.append(f"data.datasets[{i}].metadata_file: {e}")
+    return problems
+
+
 def _store_problems(i: int, ds: DatasetConfig) -> list[str]:
     """Why a data set in a store cannot be read from here: its client refused the URI, the bucket or prefix is not
     there, the credentials are refused; or its metadata file is missing or unusable. A request or two."""
@@ -108,7 +126,7 @@ def _store_problems(i: int, ds: DatasetConfig) -> list[str]:
 
     key = f"data.datasets[{i}].instance_data_dir"
     try:
-        folder = DataFolder(str(ds.instance_data_dir), retry_limit_s=15)
+        folder = DataFolder(str(ds.instance_data_dir))
     except Exception as e:  # noqa: BLE001 - pyarrow's or fsspec's refusal of the URI is the reason
         return [f"{key}: {redacted(str(ds.instance_data_dir))}: {type(e).__name__}: {str(e)[:300]} (a folder URI "
                 "such as s3://bucket/prefix?endpoint_override=host:9000&scheme=http)"]
