@@ -45,7 +45,7 @@ def _our_train_workers(tag: str) -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shared_ray) -> Path:
     """A 2-worker run with nothing going wrong: the trajectory the others must reproduce (on the session's shared
-    Ray; the killed run starts its own, whose workers carry its tag). Returns its tmp folder."""
+    Ray). Returns its tmp folder."""
     tmp = tmp_path_factory.mktemp("fault")
     ref = subprocess.run(_cmd(tmp, "uninterrupted"), cwd=ROOT, env=shared_ray, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
@@ -156,14 +156,15 @@ def test_a_worker_error_carries_its_step_through_pickling(monkeypatch):
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_with_identical_metrics(uninterrupted):
+def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray):
     """A worker killed the moment a checkpoint reaches storage, before Ray Train's controller takes the report
     (it polls about every 2 s): the run resumes from that checkpoint, not the one before, and does not rewrite
     the steps up to it (their lines, step times included, are the ones written before the kill)."""
     tmp_path = uninterrupted
 
     tag = uuid.uuid4().hex
-    env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
+    # On the session's shared Ray: the driver passes its RAYTUNE_SD3_* variables on to the workers it starts.
+    env = {**shared_ray, "RAYTUNE_SD3_TEST_TAG": tag}
     proc = subprocess.Popen(_cmd(tmp_path, "killed"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"

@@ -513,11 +513,11 @@ def _metrics_lines(path: Path) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study, tmp_path):
+def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study, tmp_path, shared_ray):
     from tests.test_fault import _newest_checkpoint, _our_train_workers  # the step judged from the files alone
 
     out, tag = tmp_path / "study", uuid.uuid4().hex
-    env = {**os.environ, "RAYTUNE_SD3_TEST_TAG": tag}
+    env = {**shared_ray, "RAYTUNE_SD3_TEST_TAG": tag}  # the driver passes RAYTUNE_SD3_* on to the trials' workers
     sets = [f"data.cache_dir={study['out'] / 'cache'}", "tune.scheduler.type=none", "train.max_failures=0",
             "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}]"]  # after SMALL: they win
     cmd = tune_cmd(out, study["tmp"], *(a for s in sets for a in ("--set", s)))
@@ -565,6 +565,7 @@ def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study,
     rows = {r["trial"]: r for r in read_rows(out)}
     assert (rows[victim]["status"], rows[other]["status"]) == ("failed", "stable"), rows
     assert "--retry-failed" in r.stdout + r.stderr  # the report says how to rerun it
+    assert "nothing to resume" in r.stdout and "Ray's own output" not in r.stdout + r.stderr  # no Ray started
     assert (victim_metrics.read_bytes(), victim_metrics.stat().st_mtime_ns) == failed
     assert (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns) == finished
 

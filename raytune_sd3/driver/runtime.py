@@ -20,6 +20,8 @@ def _job_env_vars() -> dict[str, str] | None:
         return {}
 
 
+OWN_ENV_PREFIX = "RAYTUNE_SD3_"  # our settings' variables, passed on to every worker
+
 # Set in the workers of a local Ray that this process starts. Ray Train's preemption watcher is an extra actor
 # per fit (a process that imports ray.train) polling for the drain notices a cloud sends before it reclaims a spot
 # node; a single machine never gets one. Off, a fit on 2 cores reaches its first step ~2.5 s sooner. Clusters keep
@@ -67,8 +69,8 @@ def init_ray(cfg: JobConfig, configure_logging: bool = True) -> None:
     # Workers import the package from the driver's working tree unless it is installed there.
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                         "TOKENIZERS_PARALLELISM": "false"}}
-    if os.environ.get("RAYTUNE_SD3_HOME"):
-        env["env_vars"]["RAYTUNE_SD3_HOME"] = os.environ["RAYTUNE_SD3_HOME"]
+    # Our own variables (RAYTUNE_SD3_HOME: where the tiny models are built) reach every worker, on a cluster too.
+    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith(OWN_ENV_PREFIX)})
     job_env_vars = _job_env_vars()
     if job_env_vars is not None:
         # Inside `ray job submit`, ray.init merges the job's runtime_env (working_dir, excludes, env_vars...) with

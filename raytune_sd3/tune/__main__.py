@@ -46,12 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         from raytune_sd3.driver.resume import guard_study
         from raytune_sd3.run_layout import RunLayout
         from raytune_sd3.tune.run import report, study_job
+        from raytune_sd3.tune.study import trials_left
 
-        if args.report_only:
+        if args.report_only or (args.resume and not args.retry_failed and not trials_left(cfg)):
             guard_study(cfg, resume=False, restart=False, report_only=True)
             saved = RunLayout.of(cfg).job
             if saved.is_file():  # the study's `auto` choices, so best.yaml says what the trials ran with
                 resolve_as_saved(cfg, load_recorded_job(saved, cfg))
+            if args.resume:  # every trial has ended: nothing to run, so no Ray; the same job, as --resume demands
+                guard_study(cfg, resume=True, restart=False, report_only=False)
+                print("every trial of the study has ended: nothing to resume (the report is written again)")
             return 0 if report(cfg)["best"] else 3
         return study_job(cfg, resume=args.resume, restart=args.restart, retry_failed=args.retry_failed,
                          verbose=args.verbose)

@@ -36,6 +36,7 @@ OBJECTIVE = "objective"
 DIVERGED_OBJECTIVE = 1e6
 """The objective of a diverged trial: worse than any eval loss, yet finite (inf turns ASHA's percentiles into NaN)."""
 TRIAL_CPU = 0.01
+ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that --resume leaves as it is (failed: with --retry-failed)
 """CPUs of a trial's own actor, which only waits on its TorchTrainer (Tune refuses {"cpu": 0})."""
 
 
@@ -196,6 +197,18 @@ def run_study(cfg: JobConfig, manifest: Path, pretrained: str, resume: bool = Fa
         )
     tuner.fit()  # failed trials are results too: fit() returns them instead of raising
     return path
+
+
+def trials_left(cfg: JobConfig) -> bool:
+    """Whether `--resume` (without --retry-failed) would run anything: the saved study has a trial still to create
+    or one that has not ended. Read from Tune's saved state, without Ray. A grid's size is not counted: True."""
+    from ray.tune import ExperimentAnalysis
+
+    path, total = experiment_path(cfg), study_config(cfg).total_trials
+    if total is None or not tune.Tuner.can_restore(path):
+        return True
+    trials = ExperimentAnalysis(str(path)).trials
+    return len(trials) < total or any(t.status not in ENDED for t in trials)
 
 
 def collect_trials(cfg: JobConfig, path: Path | None = None) -> list[TrialRecord]:
