@@ -1,10 +1,13 @@
 """A data set in a bucket: seconds to list and to warm-check N objects on a local S3 server, per object, and to 1M.
 
-    python benchmarks/store.py                      # 100,000 objects in 100 sub-folders; ~15 min here (the upload)
+    python benchmarks/store.py                      # 100,000 objects in 100 sub-folders
     python benchmarks/store.py --objects 5000 --no-write
 
 A real S3 protocol server (moto, in its own process, as tests/test_remote_cache.py runs it) holds N small PNGs
-(each its own bytes) under s3://bench/set/ in --folders sub-folders. Timed, median of --repeats:
+(each its own bytes) under s3://bench/set/ in --folders sub-folders. They are put into the server's store by the
+server process itself before it starts answering (moto's backend, `put_object`): uploading them over HTTP cost
+~9 ms an object here, 15 minutes for 100,000, and is no part of what is measured. Everything timed goes through
+the server's HTTP API with our real client; one object is read back and compared first. Timed, median of --repeats:
   one listing   pyarrow's recursive FileSelector from the root: one paginated stream of ListObjectsV2 requests
                 (1,000 keys each), the baseline
   our listing   data/sources.py's DataFolder.listing: the first levels walked, each sub-folder's tree listed in
@@ -21,13 +24,14 @@ a listing page in tens of milliseconds from elsewhere, with the client's cores f
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import RESULTS, command, machine, machine_line, median, table, write_section
@@ -56,13 +60,47 @@ def png(i: int) -> bytes:
     return out.getvalue()
 
 
-def upload(fs, n: int, folders: int) -> None:
-    def put(i: int) -> None:
-        with fs.open_output_stream(f"bench/set/part{i % folders:04d}/img_{i:07d}.png") as f:
-            f.write(png(i))
+def key(i: int, folders: int) -> str:
+    return f"set/part{i % folders:04d}/img_{i:07d}.png"
 
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(put, range(n)))
+
+# Run in the server's process before conftest's S3_SERVER starts it: the bucket and its objects, straight into
+# moto's store (the state an upload leaves, without 100,000 HTTP requests through a Python server).
+SEED = f"""
+import inspect, io, os
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+
+{inspect.getsource(png)}
+{inspect.getsource(key)}
+n, folders = map(int, os.environ["BENCH_SEED"].split(","))
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+backend.create_bucket("bench", "us-east-1")
+for i in range(n):
+    backend.put_object("bench", key(i, folders), png(i))
+"""
+
+
+def seeded_server(n: int, folders: int):
+    """conftest's S3Server, its store holding the bench bucket's n objects before it answers its first request."""
+    from tests import conftest
+
+    plain = conftest.S3_SERVER
+    conftest.S3_SERVER = SEED + plain
+    try:
+        server = conftest.S3Server(env={"BENCH_SEED": f"{n},{folders}"})
+    finally:
+        conftest.S3_SERVER = plain
+    # S3Server waits 10 s for the port; seeding takes longer: wait here until it answers
+    for _ in range(max(600, n // 50)):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", server.port)) == 0:
+                return server
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the S3 server exited ({server.process.returncode}) while seeding")
+        time.sleep(0.1)
+    server.close()
+    raise RuntimeError("the S3 server did not answer after seeding")
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -88,15 +126,15 @@ def main(argv: list[str] | None = None) -> dict:
     from raytune_sd3.data.sources import DataFolder, sources_of
     from raytune_sd3.driver.caching import cache_spec
     from raytune_sd3.testmodels.resolve import resolve_pretrained
-    from tests.conftest import S3Server
 
     work = Path(tempfile.mkdtemp(prefix="raytune_sd3-bench-store-"))
-    server = S3Server()
+    t = time.perf_counter()
+    server = seeded_server(args.objects, args.folders)
     try:
-        server.fs.create_dir("bench")
-        t = time.perf_counter()
-        upload(server.fs, args.objects, args.folders)
-        print(f"{args.objects} objects uploaded in {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"server up with {args.objects} objects in {time.perf_counter() - t:.1f} s", flush=True)
+        last = args.objects - 1
+        with server.fs.open_input_stream(f"bench/{key(last, args.folders)}") as f:
+            assert f.read() == png(last), "the seeded server does not serve the object's bytes"
         uri = f"s3://bench/set?{server.query}"
         cfg = load_job(ROOT / "jobs" / "tiny.yaml", [f"output_dir={work / 'out'}", f"data.cache_dir={work / 'cache'}",
                                                       f"data.datasets.0.instance_data_dir={uri}",
