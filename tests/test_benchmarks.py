@@ -192,7 +192,8 @@ def test_warmstart_benchmark_runs(tmp_path):
 def test_store_benchmark_runs(tmp_path):
     out = run_script("store.py", "--objects", "200", "--folders", "4", "--repeats", "1", "--results",
                      str(tmp_path / "R.md"), timeout=300)
-    assert "| our listing |" in out and "minutes at 1M" in out
+    assert "| our listing (sub-folders in threads) |" in out and "our own, minutes at 1M" in out
+    assert "Our own cost: cold discovery" in out and "What a real store changes" in out
     assert "## a data set in a bucket" in (tmp_path / "R.md").read_text()
 
 

@@ -2,6 +2,7 @@
 touched one is hashed but reused, a deleted one drops out, and an index that is corrupt, of another format or
 written by a concurrent run is never fatal nor wrong."""
 
+import gc
 import logging
 import os
 import time
@@ -85,6 +86,20 @@ def _bmp(path, seed: int) -> None:
     os.utime(path, (HOUR_AGO, HOUR_AGO))  # older than the racy window, as a data set prepared earlier
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_keying_leaves_the_gc_as_it_found_it(enabled):
+    from raytune_sd3.data.encode import _gc_paused
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(KeyError), _gc_paused():
+            assert not gc.isenabled()
+            raise KeyError("a failure inside")
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+
+
 def test_a_warm_start_opens_no_image_and_sees_every_change(tiny_sd3, tmp_path, ray_local, monkeypatch):
     from tests.test_cache import _spec
 
@@ -111,6 +126,7 @@ def test_a_warm_start_opens_no_image_and_sees_every_change(tiny_sd3, tmp_path, r
     assert (warm.latents_encoded, warm.latents_reused, warm.texts_encoded) == (0, 6, 0)
     assert (warm.files_hashed, warm.files_from_index) == (0, 6)  # no image opened
     assert reads == []  # every entry known whole by its length: no header read either
+    assert gc.isenabled()  # keying pauses the cyclic GC (encode._gc_paused), and only while it runs
     assert [r["latent_key"] for r in warm.rows] == [r["latent_key"] for r in cold.rows]
 
     changed, touched, deleted = data / "img_0.bmp", data / "img_1.bmp", data / "img_2.bmp"

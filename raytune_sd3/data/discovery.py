@@ -199,8 +199,8 @@ def discover(ds: DatasetConfig, alignment: int = 64) -> tuple[list[Item], list[d
 def _discover_in_store(ds: DatasetConfig, alignment: int) -> tuple[list[Item], list[dict]]:
     folder = DataFolder(str(ds.instance_data_dir))
     listed = {folder.name_of(i.path): (i.size, i.mtime_ns) for i in folder.listing()}
-    images = sorted(n for n in listed if PurePosixPath(n).suffix.lower() in IMAGE_EXTS
-                    and not (ds.mask_suffix and PurePosixPath(n).stem.endswith(ds.mask_suffix)))
+    images = sorted(n for n in listed if suffix_of(n).lower() in IMAGE_EXTS
+                    and not (ds.mask_suffix and stem_of(n).endswith(ds.mask_suffix)))
     if not images:
         raise ValueError(f"data set '{ds.id}': no images ({', '.join(sorted(IMAGE_EXTS))}) under {folder.name}")
     metadata = read_metadata(ds.metadata_file, folder.name) if ds.caption_strategy == "metadata" else {}
@@ -211,7 +211,7 @@ def _discover_in_store(ds: DatasetConfig, alignment: int) -> tuple[list[Item], l
 
     def caption_file(image: str) -> tuple[bytes, str] | None:
         txt = _with_suffix(image, ".txt")
-        return (texts[txt], PurePosixPath(txt).name) if txt in texts else None
+        return (texts[txt], name_of(txt)) if txt in texts else None
 
     def mask(image: str) -> str:
         stem = _with_suffix(image, "")  # string work: a PurePosixPath would fold the URI's //
@@ -281,7 +281,25 @@ def _member_captions(member: tuple[str, bytes] | None, key: str, field: str | No
 
 
 def _with_suffix(name: str, suffix: str) -> str:
-    return name[:len(name) - len(PurePosixPath(name).suffix)] + suffix
+    return name[:len(name) - len(suffix_of(name))] + suffix
+
+
+# A name's last part, its stem and suffix, as PurePosixPath gives them, by string work: discovery asks them of
+# every listed object, and building a PurePosixPath cost more than the rest of an object's discovery (~15 us).
+def name_of(path: str) -> str:
+    return path[path.rfind("/") + 1:]
+
+
+def suffix_of(path: str) -> str:
+    name = name_of(path)
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
+def stem_of(path: str) -> str:
+    name = name_of(path)
+    dot = name.rfind(".")
+    return name[:dot] if 0 < dot < len(name) - 1 else name
 
 
 def _items(ds: DatasetConfig, alignment: int, images: list[str], given: str, metadata: dict[str, list[str]],
@@ -315,16 +333,13 @@ def _items(ds: DatasetConfig, alignment: int, images: list[str], given: str, met
 
 def _captions(path: str, ds: DatasetConfig, metadata: dict[str, list[str]],
               caption_file: Callable[[str], tuple[bytes, str] | None]) -> list[str]:
-    image = PurePosixPath(path)
     if ds.caption_strategy == "instanceprompt":
         return [ds.instance_prompt or ""]
     if ds.caption_strategy == "metadata":
-        named = PurePosixPath(redacted(str(ds.metadata_file))).name
-        if path not in metadata:
-            raise CaptionError(f"no row for {image.name} in {named}")
-        if not metadata[path]:
-            raise CaptionError(f"empty caption for {image.name} in {named}")
-        return metadata[path]
+        if metadata.get(path):
+            return metadata[path]
+        named = name_of(redacted(str(ds.metadata_file)))
+        raise CaptionError(f"{'empty caption' if path in metadata else 'no row'} for {name_of(path)} in {named}")
     if ds.caption_strategy == "textfile" and (found := caption_file(path)) is not None:
         return parse_captions(*found)
-    return [image.stem.replace("_", " ").strip()]  # underscores only, as SimpleTuner: "t-shirt" stays a word
+    return [stem_of(path).replace("_", " ").strip()]  # underscores only, as SimpleTuner: "t-shirt" stays a word
