@@ -1,5 +1,6 @@
-"""Starting Ray: a local Ray gets more logical CPUs than cores and no Train preemption watcher (one machine is
-never preempted)."""
+"""Starting Ray: a local Ray gets more logical CPUs than cores, no Train preemption watcher (one machine is never
+preempted) and Train's faster poll. (That the driver's RAYTUNE_SD3_* variables reach the workers of a cluster it joins
+is proven by test_fault's killed run and test_tune's failed trial: they find their workers by such a variable.)"""
 
 import json
 import os
@@ -15,7 +16,8 @@ from raytune_sd3.config import load_job
 from raytune_sd3.driver.runtime import init_ray
 
 init_ray(load_job("jobs/tiny.yaml", ["output_dir=" + sys.argv[1]]))
-env = ray.get(ray.remote(lambda: os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")).remote())
+names = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+env = ray.get(ray.remote(lambda: [os.environ.get(n) for n in names]).remote())
 print(json.dumps({"worker_env": env, "cpus": ray.cluster_resources()["CPU"]}))
 """
 
@@ -26,7 +28,7 @@ def test_local_ray_has_spare_logical_cpus_and_no_preemption_watcher(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     started = json.loads(r.stdout.strip().splitlines()[-1])
-    assert started == {"worker_env": "0", "cpus": max(4, 2 * os.cpu_count())}
+    assert started == {"worker_env": ["0", "0.5"], "cpus": max(4, 2 * os.cpu_count())}
 
 
 def test_an_address_where_no_cluster_listens_is_one_screen_in_seconds(tmp_path):

@@ -24,9 +24,10 @@ OWN_ENV_PREFIX = "RAYTUNE_SD3_"  # our settings' variables, passed on to every w
 
 # Set in the workers of a local Ray that this process starts. Ray Train's preemption watcher is an extra actor
 # per fit (a process that imports ray.train) polling for the drain notices a cloud sends before it reclaims a spot
-# node; a single machine never gets one. Off, a fit on 2 cores reaches its first step ~2.5 s sooner. Clusters keep
-# Ray's default.
-LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# node; a single machine never gets one. Off, a fit on 2 cores reaches its first step ~2.5 s sooner. Train's
+# controller polls its workers every 2 s: every 0.5 s, a fit's start, checkpoints and end are taken sooner (a 4-step
+# demo run on a running Ray, 2 cores: 37 against 39.5 s). Clusters keep Ray's defaults.
+LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 started_locally = False  # whether this process's Ray is a local one it started (a cluster's nodes are elsewhere)
