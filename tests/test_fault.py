@@ -158,8 +158,9 @@ def test_a_worker_error_carries_its_step_through_pickling(monkeypatch):
 @pytest.mark.slow
 def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray):
     """A worker killed the moment a checkpoint reaches storage, before Ray Train's controller takes the report
-    (it polls every 0.5 s on a local Ray or ours, every 2 s on a cluster): the run resumes from that checkpoint, not the one before, and does not rewrite
-    the steps up to it (their lines, step times included, are the ones written before the kill)."""
+    (it polls every 0.5 s on a local Ray or the session's, every 2 s on a cluster): the run resumes from that
+    checkpoint, not the one before, and does not rewrite the steps up to it (their lines, step times included, are
+    the ones written before the kill)."""
     tmp_path = uninterrupted
 
     tag = uuid.uuid4().hex
