@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +30,7 @@ from raytune_sd3.data.store import CacheStore
 from raytune_sd3.driver import preflight
 from raytune_sd3.driver.checks import Report, check_data, probe_storage
 from raytune_sd3.driver.preflight import check_paths
+from tests.silent_store import closed_port, preflight_and_check
 
 pytest.importorskip("gcp_storage_emulator")
 
@@ -206,43 +206,26 @@ def test_check_reports_a_store_that_does_not_answer_instead_of_retrying_it_for_m
     listening, no credentials found) for minutes unless told otherwise, so the check bounds it (STORE_RETRY_S) and
     reports the data set. A deadline, not a timing: without the bound the check is still waiting at the deadline."""
     monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
-    with socket.socket() as s:  # a port nothing listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()
     uri = f"gs://anonymous@data-bucket/sets/one?endpoint_override=127.0.0.1:{port}&scheme=http"
     cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "train": {"batch_size": 1, "num_workers": 1},
                         "data": {"eval_samples": 0, "datasets": [{"id": "d", "instance_data_dir": uri}]}})
-    report = Report()
-    checking = threading.Thread(target=check_data, args=(cfg, report), daemon=True)
-    checking.start()
-    checking.join(60)
-    assert not checking.is_alive(), "check_data still retries a store that does not answer"
-    assert any(x.startswith("[FAIL] data") and " d: " in x and "UNAVAILABLE" in x for x in report.lines), report.lines
+    refused, check = preflight_and_check(cfg)
+    assert "data.datasets[0].instance_data_dir: gs://data-bucket/sets/one" in refused, refused
+    assert f"127.0.0.1:{port}" not in refused + check and "Traceback" not in refused
+    assert any(x.startswith("[FAIL] data") and " d: " in x and "UNAVAILABLE" in x for x in check.splitlines()), check
 
 
 def test_a_metadata_file_in_a_store_that_does_not_answer_is_refused_soon(tmp_path, monkeypatch):
     """A local folder whose captions are in a metadata file on gs://: the preflight reads its columns, bounded as
     every open of a data set's store is (STORE_RETRY_S), and names the key. A deadline, not a timing."""
     monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
-    with socket.socket() as s:  # a port nothing listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()
     make_demo_dataset(tmp_path / "photos", 2, size=32)
     meta = f"gs://anonymous@captions/meta.jsonl?endpoint_override=127.0.0.1:{port}&scheme=http"
     cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "data": {"datasets": [
         {"id": "d", "instance_data_dir": str(tmp_path / "photos"), "caption_strategy": "metadata",
          "metadata_file": meta}]}})
-    found = []
-
-    def preflight_paths() -> None:
-        try:
-            check_paths(cfg)
-        except ConfigError as e:
-            found.append(str(e))
-
-    checking = threading.Thread(target=preflight_paths, daemon=True)
-    checking.start()
-    checking.join(60)
-    assert not checking.is_alive(), "the preflight still retries a metadata file's store that does not answer"
-    assert "data.datasets[0].metadata_file: metadata_file gs://captions/meta.jsonl cannot be read" in found[0], found
-    assert len(found[0].splitlines()) == 2 and f"127.0.0.1:{port}" not in found[0]
+    refused, _ = preflight_and_check(cfg)
+    assert "data.datasets[0].metadata_file: metadata_file gs://captions/meta.jsonl cannot be read" in refused, refused
+    assert len(refused.splitlines()) == 2 and f"127.0.0.1:{port}" not in refused

@@ -7,8 +7,6 @@ before any work."""
 
 import io
 import json
-import socket
-import threading
 
 import numpy as np
 import pyarrow as pa
@@ -18,12 +16,11 @@ from PIL import Image
 
 from raytune_sd3.config import ConfigError, DatasetConfig, load_job
 from raytune_sd3.data.discovery import discover
-from raytune_sd3.data.files import retry_limit
 from raytune_sd3.data.reading import read_file
 from raytune_sd3.data.tables import ROW, TableError, table_files, table_problem
 from raytune_sd3.driver import preflight
-from raytune_sd3.driver.checks import Report, check_data
 from raytune_sd3.driver.preflight import check_paths
+from tests.silent_store import closed_port, preflight_and_check
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # a Hugging Face Image feature
 
@@ -129,29 +126,11 @@ def test_a_table_in_a_store_that_does_not_answer_is_refused_soon_instead_of_retr
     unless told otherwise, so the preflight and `check` bound every open of a data set's store (STORE_RETRY_S) and
     say which key. A deadline, not a timing: without the bound both are still waiting at it."""
     monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
-    with socket.socket() as s:  # a port nothing listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()
     uri = f"gs://anonymous@tables/t?endpoint_override=127.0.0.1:{port}&scheme=http"
     cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "train": {"batch_size": 1, "num_workers": 1},
                         "data": {"eval_samples": 0, "datasets": [{"id": "t", "type": kind, key: uri}]}})
-    found = {}
-
-    def preflight_and_check() -> None:
-        try:
-            check_paths(cfg)
-        except ConfigError as e:
-            found["refused"] = str(e)
-        report = Report()
-        check_data(cfg, report)
-        found["check"] = "\n".join(report.lines)
-
-    checking = threading.Thread(target=preflight_and_check, daemon=True)
-    checking.start()
-    checking.join(60)
-    assert not checking.is_alive(), f"still retrying a store that does not answer (done: {sorted(found)})"
-    assert retry_limit() is None  # left with the checks: the caching stage's reads keep the clients' retries
-    refused, check = found["refused"], found["check"]
+    refused, check = preflight_and_check(cfg)
     assert f"data.datasets[0] (t, type {kind}): {key}: gs://tables/t cannot be read" in refused, refused
     assert f"[FAIL] data     t: {key}: gs://tables/t cannot be read" in check, check
     assert "UNAVAILABLE" in refused and len(refused.splitlines()) <= 3  # the client's reason, in one screen

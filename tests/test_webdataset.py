@@ -8,11 +8,9 @@ buckets of shards, tables and store folders from the images' first bytes (or a t
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,13 +25,14 @@ from raytune_sd3.config import ConfigError, DatasetConfig, dump_job, load_job
 from raytune_sd3.data import encode
 from raytune_sd3.data.discovery import discover
 from raytune_sd3.data.encode import CacheSpec, _keyed
-from raytune_sd3.data.files import CacheFiles, retry_limit
+from raytune_sd3.data.files import CacheFiles
 from raytune_sd3.data.index import RACY_NS, StatIndex
 from raytune_sd3.data.reading import read_file
 from raytune_sd3.data.webdataset import expand_braces, member_name, shard_sources
 from raytune_sd3.driver import preflight
 from raytune_sd3.driver.checks import Report, check_data
 from raytune_sd3.driver.preflight import check_paths
+from tests.silent_store import closed_port, preflight_and_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,29 +214,11 @@ def test_shards_in_a_store_that_does_not_answer_are_refused_soon_instead_of_retr
     unless told otherwise, so the preflight and `check` bound every open of a data set's store (STORE_RETRY_S) and
     say which key. A deadline, not a timing: without the bound both are still waiting at it."""
     monkeypatch.setattr(preflight, "STORE_RETRY_S", 1.0)
-    with socket.socket() as s:  # a port nothing listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()
     uri = f"gs://anonymous@shards/s-{{0..1}}.tar?endpoint_override=127.0.0.1:{port}&scheme=http"
     cfg = load_job(raw={"output_dir": str(tmp_path / "out"), "train": {"batch_size": 1, "num_workers": 1},
                         "data": {"eval_samples": 0, "datasets": [{"id": "w", "type": "webdataset", "urls": uri}]}})
-    found = {}
-
-    def preflight_and_check() -> None:
-        try:
-            check_paths(cfg)
-        except ConfigError as e:
-            found["refused"] = str(e)
-        report = Report()
-        check_data(cfg, report)
-        found["check"] = "\n".join(report.lines)
-
-    checking = threading.Thread(target=preflight_and_check, daemon=True)
-    checking.start()
-    checking.join(60)
-    assert not checking.is_alive(), f"still retrying a store that does not answer (done: {sorted(found)})"
-    assert retry_limit() is None  # left with the checks: the caching stage's reads keep the clients' retries
-    refused, check = found["refused"], found["check"]
+    refused, check = preflight_and_check(cfg)
     assert "data.datasets[0] (w, type webdataset): urls: gs://shards/s-{0..1}.tar cannot be read" in refused, refused
     assert "[FAIL] data     w: urls: gs://shards/s-{0..1}.tar cannot be read" in check, check
     assert "UNAVAILABLE" in refused and len(refused.splitlines()) <= 3  # the client's reason, in one screen
