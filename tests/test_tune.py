@@ -282,15 +282,18 @@ def test_report_files_from_records(tmp_path):
 
 # --- whole studies through the CLI ---------------------------------------------------------------------------------
 # One study, small on purpose (2 cores): 16 images, 8 steps, 1 worker per trial, one trial at a time, ASHA with a
-# grace period of 4 steps. It is killed after its second trial and resumed, so every status a study can give is
-# seen once: lr 1e-2 trains to the end; lr 3e-3 is behind it at step 4 and ASHA stops it; the driver is killed
-# then; --resume runs the absurd lr 1e3, which diverges. One trial at a time keeps ASHA's decisions deterministic
-# (with trials side by side they depend on which reaches a rung first).
+# grace period of 4 steps, train.max_failures=0. Every status a study can give is seen once, and every way to go on:
+# lr 1e-2 trains to the end; lr 3e-3 is behind it at step 4 and ASHA stops it; the driver is killed then; --resume
+# runs the absurd lr 1e3, which diverges, and a fourth trial (lr 1e-2 again: at step 4 it is level with the first,
+# so ASHA lets it on) whose Ray Train worker is killed once its step-4 checkpoint is on storage: a failed trial.
+# --resume alone keeps it failed and starts no Ray; --resume --retry-failed continues it from that checkpoint. One
+# trial at a time keeps ASHA's decisions deterministic (with trials side by side they depend on which reaches a
+# rung first).
 
 SMALL = ["data.datasets.0.demo_images=16", "data.eval_samples=4", "train.max_steps=8", "train.eval_every=4",
          "train.checkpoint_every=4", "tune.scheduler.grace_period=4", "tune.max_concurrent_trials=1",
          "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}, "
-         "{train.learning_rate: 1.0e+3}]"]
+         "{train.learning_rate: 1.0e+3}, {train.learning_rate: 1.0e-2}]"]
 
 
 def tune_cmd(study: Path, tmp: Path, *extra: str) -> list[str]:
@@ -343,18 +346,55 @@ def _trial_statuses(experiment: Path) -> dict[str, str]:
         return {}
 
 
+def _metrics_lines(path: Path) -> dict[int, str]:
+    return _metrics_lines_of(path.read_bytes())
+
+
+def _metrics_lines_of(text: bytes) -> dict[int, str]:
+    return {json.loads(line)["step"]: line for line in text.decode().splitlines() if line.strip()}
+
+
+def _files(trial: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in trial.rglob("*") if p.is_file()}
+
+
+def _kill_the_fourth_trial_at_step_4(driver: subprocess.Popen, out: Path, finished: list[str], tag: str) -> tuple:
+    """Kill the Ray Train worker of the trial that is neither finished nor the absurd one once its step-4 checkpoint
+    is on storage (one trial at a time: the only worker with our tag is its own). Returns (trial, step killed at)."""
+    from tests.test_fault import _newest_checkpoint, _our_train_workers  # the step judged from the files alone
+
+    deadline = time.time() + 600
+    while driver.poll() is None and time.time() < deadline:
+        for trial in (out / "trials").iterdir():
+            if trial.name in finished or not (trial / "job.yaml").is_file():
+                continue
+            if load_job(trial / "job.yaml").train.learning_rate != 1e-2:
+                continue  # the absurd one
+            newest = _newest_checkpoint(trial / "ray" / trial.name)
+            if newest is not None and newest >= 4:
+                workers = _our_train_workers(tag)
+                assert len(workers) == 1, workers
+                os.kill(workers[0], signal.SIGKILL)
+                return trial.name, newest
+        time.sleep(0.005)
+    return None, None
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, shared_ray) -> dict:
-    """The study above, run, killed after two finished trials, and resumed, on the session's shared Ray (killing
-    the driver ends its Ray job, trials included). Returns what the tests check."""
+    """The study above on the session's shared Ray (killing the driver ends its Ray job, trials included): run and
+    killed after two finished trials; resumed, with the fourth trial's worker killed; resumed again, then with
+    --retry-failed. Returns what the tests check: each run's console, and the table and files after each step."""
     tmp = tmp_path_factory.mktemp("tune")
     out = tmp / "study"
     cmd = tune_cmd(out, tmp)
+    tag = uuid.uuid4().hex
+    env = {**shared_ray, "RAYTUNE_SD3_TEST_TAG": tag}  # the driver passes RAYTUNE_SD3_* on to the trials' workers
     first_log = tmp / "first-driver.log"
     t0 = time.perf_counter()
     with open(first_log, "w") as log:
         driver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=shared_ray)
+                                  env=env)
         try:
             deadline, statuses = time.time() + 900, {}
             while time.time() < deadline and driver.poll() is None:
@@ -374,30 +414,55 @@ def study(tmp_path_factory, shared_ray) -> dict:
     print(f"tiny study, until killed: {time.perf_counter() - t0:.0f}s")
 
     t0 = time.perf_counter()
-    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=shared_ray)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    print(f"resumed: {time.perf_counter() - t0:.0f}s")
+    resume_log = tmp / "resume-driver.log"
+    with open(resume_log, "w") as log:
+        driver = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env=env)
+        try:
+            victim, killed_at = _kill_the_fourth_trial_at_step_4(driver, out, finished, tag)
+            assert victim is not None, resume_log.read_text()[-3000:]
+            assert driver.wait(timeout=600) == 0, resume_log.read_text()[-3000:]  # a failed trial is a result
+        finally:
+            driver.kill()
+            driver.wait()
+            _end_session(driver.pid)
+    print(f"resumed, a trial killed: {time.perf_counter() - t0:.0f}s")
+    victim_metrics = out / "trials" / victim / "metrics.jsonl"
+    failed = {"rows": read_rows(out), "metrics": victim_metrics.read_bytes(), "files": _files(out / "trials")}
+
+    t0 = time.perf_counter()
+    again = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    print(f"--resume: {time.perf_counter() - t0:.0f}s")
+    kept = {"rows": read_rows(out), "files": _files(out / "trials")}
+
+    t0 = time.perf_counter()
+    retried = subprocess.run(cmd + ["--resume", "--retry-failed"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert retried.returncode == 0, retried.stdout[-3000:] + retried.stderr[-5000:]
+    print(f"--resume --retry-failed: {time.perf_counter() - t0:.0f}s")
     return {"tmp": tmp, "out": out, "finished": finished, "before": before, "first_log": first_log.read_text(),
-            "resume_log": r.stdout + r.stderr}
+            "resume_log": resume_log.read_text(), "victim": victim, "killed_at": killed_at, "failed": failed,
+            "again_log": again.stdout + again.stderr, "kept": kept}
 
 
 @pytest.mark.slow
 def test_study_marks_the_absurd_lr_diverged_and_writes_the_report(study):
     out = study["out"]
     rows = read_rows(out)
-    assert len(rows) == 3
-    by_lr = {float(r["train.learning_rate"]): r for r in rows}
+    assert len(rows) == 4
+    by_lr = {float(r["train.learning_rate"]): r for r in rows if r["trial"] != study["victim"]}
     absurd = by_lr[1000.0]
     assert absurd["status"] == "diverged", absurd  # a result, not a failure
     assert absurd["note"].startswith(f"step {absurd['steps']}:") and int(absurd["steps"]) < 8
     assert by_lr[3e-3]["status"] == "stopped" and by_lr[3e-3]["note"] == "stopped by ASHA at step 4", rows
     stable = by_lr[1e-2]
     assert stable["status"] == "stable" and stable["steps"] == "8" and float(stable["final_eval_loss"]) > 0, rows
-    for r in rows:  # stable trials leave their LoRA; stopped and diverged ones do not
+    for r in rows:  # stable trials leave their LoRA (the retried one too); stopped and diverged ones do not
         has_lora = (out / r["output_dir"] / "pytorch_lora_weights.safetensors").exists()
         assert has_lora == (r["status"] == "stable")
     md = (out / "trials.md").read_text()
-    assert "3 trials: 1 stable, 1 stopped, 1 diverged" in md and all(r["trial"] in md for r in rows)
+    assert "4 trials: 2 stable, 1 stopped, 1 diverged" in md and all(r["trial"] in md for r in rows)
     for png in ("eval_loss.png", "stability.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -420,15 +485,16 @@ def test_a_study_prints_our_lines_only(study):
     for the resumed run; Tune's configuration box, its TensorBoard hint and the raylet's warnings in ray.log."""
     for console in (study["first_log"], study["resume_log"]):
         assert not [line for line in console.splitlines() if any(m in line for m in NOT_OURS)], console
-    assert "study study: 3 trials, 1 at a time" in study["first_log"]
+    assert "study study: 4 trials, 1 at a time" in study["first_log"]
     assert "best job:" in study["resume_log"] and len(study["resume_log"].splitlines()) <= 15, study["resume_log"]
 
 
 @pytest.mark.slow
 def test_killed_study_resumes_without_rerunning_finished_trials(study):
     out = study["out"]
-    rows = {float(row["train.learning_rate"]): row for row in read_rows(out)}
-    assert {row["trial"] for row in rows.values()} == {p.name for p in (out / "trials").iterdir()}
+    table = read_rows(out)
+    assert {row["trial"] for row in table} == {p.name for p in (out / "trials").iterdir()}
+    rows = {float(row["train.learning_rate"]): row for row in table if row["trial"] != study["victim"]}
     assert study["finished"] == [rows[1e-2]["trial"], rows[3e-3]["trial"]]  # the two that ended before the kill
     for t, mtime in study["before"].items():  # the finished trials did not train again
         assert (out / "trials" / t / "metrics.jsonl").stat().st_mtime == mtime
@@ -442,7 +508,7 @@ def test_study_encodes_the_data_set_once(study):
     report = json.loads((out / "cache_report.json").read_text())
     assert report["items"] == 16 and report["latents_encoded"] == 16 and report["latents_reused"] == 0
     trials = sorted((out / "trials").iterdir())
-    assert len(trials) == 3
+    assert len(trials) == 4
     # trials never ran the caching stage: no report or manifest of their own, the study's cache in their job
     assert not any((t / "cache_report.json").exists() or (t / MANIFEST).exists() for t in trials)
     assert all(Path(load_job(t / "job.yaml").cache_dir) == out / "cache" for t in trials)
@@ -502,85 +568,31 @@ def test_trials_of_a_study_are_one_wandb_group(tmp_path):
     assert plain.wandb.project is None and plain.wandb.group is None  # no W&B unless configured
 
 
-# A second study, smaller still: 2 trials, no ASHA (both would run to max_steps), train.max_failures=0 (the tiny
-# study's). The first trial's Ray Train worker is killed once its step-4 checkpoint is on storage, so that trial
-# errors while the other one finishes: a failed trial, which `--resume` keeps failed and `--resume --retry-failed`
-# continues from that checkpoint. On the first study's images and its filled cache (as a user's second study of the
-# same data would be): no Ray Data pass, which is not what this study is about (the first one tests the caching).
-
-def _metrics_lines(path: Path) -> dict[int, str]:
-    return {json.loads(line)["step"]: line for line in path.read_text().splitlines() if line.strip()}
-
-
 @pytest.mark.slow
-def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study, tmp_path, shared_ray):
-    from tests.test_fault import _newest_checkpoint, _our_train_workers  # the step judged from the files alone
+def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study):
+    out, victim, killed_at = study["out"], study["victim"], study["killed_at"]
+    failed = {r["trial"]: r for r in study["failed"]["rows"]}
+    assert failed[victim]["status"] == "failed" and failed[victim]["note"], failed
+    assert sorted(r["status"] for r in failed.values()) == ["diverged", "failed", "stable", "stopped"], failed
+    assert "--retry-failed" in study["resume_log"]  # the report says how to rerun it
+    written = _metrics_lines(out / "trials" / victim / "metrics.jsonl")  # now
+    assert killed_at == 4 and max(_metrics_lines_of(study["failed"]["metrics"])) < 8, "it ended before the kill"
 
-    out, tag = tmp_path / "study", uuid.uuid4().hex
-    env = {**shared_ray, "RAYTUNE_SD3_TEST_TAG": tag}  # the driver passes RAYTUNE_SD3_* on to the trials' workers
-    sets = [f"data.cache_dir={study['out'] / 'cache'}", "tune.scheduler.type=none", "train.max_failures=0",
-            "tune.trials=[{train.learning_rate: 1.0e-2}, {train.learning_rate: 3.0e-3}]"]  # after SMALL: they win
-    cmd = tune_cmd(out, study["tmp"], *(a for s in sets for a in ("--set", s)))
-    t0 = time.perf_counter()
-    log_path = tmp_path / "first-driver.log"
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        try:
-            victim, killed_at, deadline = None, None, time.time() + 600
-            while killed_at is None and driver.poll() is None and time.time() < deadline:
-                for trial in (out / "trials").glob("*") if (out / "trials").is_dir() else ():
-                    newest = _newest_checkpoint(trial / "ray" / trial.name)
-                    if newest is not None and newest >= 4:  # one trial at a time: the only worker with our tag is its own
-                        workers = _our_train_workers(tag)
-                        assert len(workers) == 1, workers
-                        os.kill(workers[0], signal.SIGKILL)
-                        victim, killed_at = trial.name, newest
-                        break
-                time.sleep(0.005)
-            assert killed_at is not None, log_path.read_text()[-3000:]
-            assert driver.wait(timeout=600) == 0, log_path.read_text()[-3000:]  # the other trial is stable
-        finally:
-            driver.kill()
-            driver.wait()
-            _end_session(driver.pid)
-    print(f"study with a failed trial: {time.perf_counter() - t0:.0f}s")
-    report = json.loads((out / "cache_report.json").read_text())
-    assert (report["latents_encoded"], report["latents_reused"]) == (0, 16), report  # the first study's cache
-    rows = {r["trial"]: r for r in read_rows(out)}
-    assert len(rows) == 2 and rows[victim]["status"] == "failed" and rows[victim]["note"], rows
-    (other,) = set(rows) - {victim}
-    assert rows[other]["status"] == "stable" and rows[other]["steps"] == "8", rows
-    victim_metrics, other_metrics = out / "trials" / victim / "metrics.jsonl", out / "trials" / other / "metrics.jsonl"
-    assert killed_at == 4 and max(_metrics_lines(victim_metrics)) < 8, "the trial ended before it could be killed"
-    finished = (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns)
-    failed = (victim_metrics.read_bytes(), victim_metrics.stat().st_mtime_ns)
-    up_to_checkpoint = [line for step, line in sorted(_metrics_lines(victim_metrics).items()) if step <= killed_at]
+    # --resume alone: a failed trial is a result of the study as it stands; nothing trains, no Ray starts
+    kept = {r["trial"]: r for r in study["kept"]["rows"]}
+    assert {t: r["status"] for t, r in kept.items()} == {t: r["status"] for t, r in failed.items()}, kept
+    assert "--retry-failed" in study["again_log"]
+    assert "nothing to resume" in study["again_log"] and "Ray's own output" not in study["again_log"]
+    assert study["kept"]["files"] == study["failed"]["files"]  # no trial's file written or touched
 
-    # --resume alone: a failed trial is a result of the study as it stands; nothing trains
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    print(f"--resume: {time.perf_counter() - t0:.0f}s")
-    rows = {r["trial"]: r for r in read_rows(out)}
-    assert (rows[victim]["status"], rows[other]["status"]) == ("failed", "stable"), rows
-    assert "--retry-failed" in r.stdout + r.stderr  # the report says how to rerun it
-    assert "nothing to resume" in r.stdout and "Ray's own output" not in r.stdout + r.stderr  # no Ray started
-    assert (victim_metrics.read_bytes(), victim_metrics.stat().st_mtime_ns) == failed
-    assert (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns) == finished
-
-    # --resume --retry-failed: the failed trial continues from its checkpoint to the end; the finished one is kept
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd + ["--resume", "--retry-failed"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    print(f"--resume --retry-failed: {time.perf_counter() - t0:.0f}s")
+    # --resume --retry-failed: the failed trial continues from its checkpoint to the end; the others are kept
     rows = {r["trial"]: r for r in read_rows(out)}
     # the same trial, in its own folder (Tune's restart_errored would replace it with a new trial from step 0)
-    assert set(rows) == {victim, other} == {p.name for p in (out / "trials").iterdir()}, rows
+    assert set(rows) == set(failed) == {p.name for p in (out / "trials").iterdir()}, rows
     assert rows[victim]["status"] == "stable" and rows[victim]["steps"] == "8", rows
-    after = _metrics_lines(victim_metrics)
-    assert sorted(after) == list(range(9))
-    assert [after[s] for s in range(killed_at + 1)] == up_to_checkpoint  # kept as written (step times too): resumed
+    assert sorted(written) == list(range(9))
+    before_kill = _metrics_lines_of(study["failed"]["metrics"])
+    assert [written[s] for s in range(killed_at + 1)] == [before_kill[s] for s in range(killed_at + 1)]  # resumed
     assert (out / "trials" / victim / "pytorch_lora_weights.safetensors").exists()
-    assert (other_metrics.read_bytes(), other_metrics.stat().st_mtime_ns) == finished
+    others = {p: t for p, t in study["failed"]["files"].items() if victim not in p.relative_to(out / "trials").parts}
+    assert others and {p: p.stat().st_mtime_ns for p in others} == others  # the other trials untouched
