@@ -106,6 +106,24 @@ def test_a_503_is_retried_after_its_retry_after_and_then_delivered(monkeypatch):
     assert server.requests == 2 and slept == [10] and poster.sent == 1 and warnings == []
 
 
+
+def test_a_dead_webhook_holds_the_runs_end_for_wait_s_at_most():
+    """close() sends what is queued but gives up after `wait_s`: a webhook that keeps answering 503 and asks for a
+    wait does not hold the end of a run (the loop closes with 15 s)."""
+    warnings = []
+    with WebhookServer(statuses=[503], retry_after="1") as server:
+        poster = WebhookPoster(server.url(), attempts=3, backoff=0.01, max_wait=1, warn=warnings.append)
+        for i in range(3):
+            poster.post(_image(i), Caption("p", 1, 1, 4, (32, 24)))
+        t0 = time.monotonic()
+        poster.close(wait_s=0.3)
+        waited = time.monotonic() - t0
+        assert server.requests == 1 and poster.sent == 0  # the first image's first try; its retry still waiting
+    assert 0.25 < waited < 1.0, waited
+    poster.close()  # the rest now fails at once (the server is gone) and the thread ends, its log filter with it
+    assert poster.failed == 3 and poster.sent == 0
+
+
 def test_urllib3s_retry_messages_never_quote_the_token(caplog):
     """urllib3 logs each retry with the request's path (the token): those records are dropped, not shown."""
     import logging
