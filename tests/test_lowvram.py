@@ -2,6 +2,7 @@
 them stops before Ray starts, saying why and what to use instead. (The nf4 layers themselves: test_quantize.py;
 the 12 GB estimate: test_check.py.)"""
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -144,3 +145,39 @@ def test_the_check_judges_the_gpu_it_checks_against_not_this_machine(tmp_path, c
     out = capsys.readouterr().out
     assert "[FAIL] paths    model.quantize nf4 needs bitsandbytes on an NVIDIA GPU" in out
     assert "(the machine checked against has no GPU)" in out
+
+
+def test_the_bitsandbytes_parts_of_a_job(tmp_path):
+    assert _job(tmp_path).bitsandbytes_parts == ["model.quantize nf4", "train.optimizer lion8bit_paged"]
+    assert _job(tmp_path, "model.quantize=int4", "train.optimizer=adamw8bit").bitsandbytes_parts == [
+        "train.optimizer adamw8bit"]
+    assert _job(tmp_path, "model.quantize=int4", "train.optimizer=lion").bitsandbytes_parts == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="checks a library that is installed")
+def test_a_worker_without_bitsandbytes_parts_loads_diffusers_and_peft_without_it(ray_local):
+    """leave_out_bitsandbytes in a Ray actor (as a training worker or an encoder calls it): diffusers and peft load
+    and peft's LoRA trains without bitsandbytes, which stays unloaded; in the driver's process it does nothing."""
+    import ray
+
+    from raytune_sd3.models.loading import leave_out_bitsandbytes
+
+    @ray.remote(num_cpus=0.1)
+    class Worker:
+        def run(self) -> tuple:
+            from raytune_sd3.models.loading import leave_out_bitsandbytes
+
+            leave_out_bitsandbytes()
+            import peft
+            from diffusers import SD3Transformer2DModel  # noqa: F401 - what a training worker loads
+
+            model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                                        peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+            model(torch.ones(1, 4)).sum().backward()
+            grads = [p.grad is not None for n, p in model.named_parameters() if "lora_" in n]
+            return sys.modules.get("bitsandbytes") is not None, importlib.util.find_spec("bitsandbytes"), grads
+
+    loaded, spec, grads = ray.get(Worker.remote().run.remote())
+    assert not loaded and spec is None and grads == [True, True]
+    leave_out_bitsandbytes()
+    assert "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None  # not in the driver's

@@ -21,6 +21,7 @@ from raytune_sd3.config.adapter import INIT_FROM_SETS, LoraConfig, adapter_probl
 from raytune_sd3.config.data import DataConfig
 from raytune_sd3.config.flow import FlowConfig
 from raytune_sd3.config.model import ModelConfig, TextConfig
+from raytune_sd3.config.optimizers import BNB, OPTIMIZERS
 from raytune_sd3.config.section import FolderPath, Section
 from raytune_sd3.config.services import HubConfig, RayConfig, WandbConfig
 from raytune_sd3.config.training import TrainConfig, quantised_base_problem
@@ -218,5 +219,12 @@ class JobConfig(Section):
     def cache_dir(self) -> str:
         """A local folder (absolute) or a URI."""
         return self.data.cache_dir or str(Path(self.output_dir) / "cache")
+
+    @property
+    def bitsandbytes_parts(self) -> list[str]:
+        """The settings of this job that run on bitsandbytes (model.quantize nf4, the 8-bit optimizers): the
+        preflight checks they can run, and a worker of a job with none leaves the library out."""
+        return (["model.quantize nf4"] if self.model.quantize == "nf4" else []) + (
+            [f"train.optimizer {self.train.optimizer}"] if OPTIMIZERS[self.train.optimizer].package == BNB else [])
 
 

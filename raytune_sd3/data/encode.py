@@ -209,8 +209,9 @@ class VaeEncoder:
 
     def __init__(self, spec: CacheSpec):
         # imported here for start-up time: models.loading loads torch
-        from raytune_sd3.models.loading import load_vae
+        from raytune_sd3.models.loading import leave_out_bitsandbytes, load_vae
 
+        leave_out_bitsandbytes()  # the cache's models are never quantised
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         self.spec, self.store = spec, CacheStore(spec.cache_dir)
         self.vae = load_vae(spec.pretrained, _device(), torch.float32, spec.revision)
@@ -238,8 +239,9 @@ class TextEncoder:
 
     def __init__(self, spec: CacheSpec):
         # imported here for start-up time: models.loading loads torch
-        from raytune_sd3.models.loading import load_text_encoders
+        from raytune_sd3.models.loading import leave_out_bitsandbytes, load_text_encoders
 
+        leave_out_bitsandbytes()  # the cache's models are never quantised
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         self.spec, self.store = spec, CacheStore(spec.cache_dir)
         self.enc = load_text_encoders(spec.pretrained, _device(), DTYPES[spec.text_encoder_dtype], spec.revision)

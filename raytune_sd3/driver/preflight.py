@@ -149,10 +149,9 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
     from raytune_sd3.models.quantize import BNB_INSTALL, NF4_NEEDS_CUDA
     from raytune_sd3.train.optim import BNB_FIX
 
-    users = ([("model.quantize nf4", NF4_NEEDS_CUDA)] if cfg.model.quantize == "nf4" else []) + (
-        [(f"train.optimizer {cfg.train.optimizer}", f"train.optimizer {cfg.train.optimizer} needs bitsandbytes on "
-          f"CUDA, and this job would train without it: {BNB_FIX}")]
-        if OPTIMIZERS[cfg.train.optimizer].cuda_only else [])
+    users = [(what, NF4_NEEDS_CUDA if what == "model.quantize nf4" else
+              f"{what} needs bitsandbytes on CUDA, and this job would train without it: {BNB_FIX}")
+             for what in cfg.bitsandbytes_parts]
     if not users:
         return []
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -171,9 +170,9 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
 
 def needs_cuda_problem(cfg: JobConfig) -> str | None:
     """After Ray resolved train.use_gpu against the cluster: why a bitsandbytes job cannot train there, or None."""
-    if cfg.train.use_gpu or (cfg.model.quantize != "nf4" and not OPTIMIZERS[cfg.train.optimizer].cuda_only):
+    if cfg.train.use_gpu or not cfg.bitsandbytes_parts:
         return None
-    what = "model.quantize nf4" if cfg.model.quantize == "nf4" else f"train.optimizer {cfg.train.optimizer}"
+    what = cfg.bitsandbytes_parts[0]
     return (f"{what} needs bitsandbytes on CUDA GPUs, and this Ray cluster has none: use model.quantize: int4 "
             "(optimum-quanto) and train.optimizer: lion or adamw, or a cluster with NVIDIA GPUs "
             "(--set train.use_gpu=true on one that starts them on demand)")

@@ -29,7 +29,14 @@ from raytune_sd3.flow import (
     resolve_shift,
     rolled_out_input,
 )
-from raytune_sd3.models.loading import DTYPES, compile_blocks, load_sampler, load_transformer, load_vae
+from raytune_sd3.models.loading import (
+    DTYPES,
+    compile_blocks,
+    leave_out_bitsandbytes,
+    load_sampler,
+    load_transformer,
+    load_vae,
+)
 from raytune_sd3.models.lora import LoraAutocast, add_lora, export_lora
 from raytune_sd3.models.lora_files import load_lora_file, read_lora_file
 from raytune_sd3.models.quantize import NF4_NEEDS_CUDA, quantize_transformer
@@ -137,6 +144,8 @@ class WorkerRun:
 
         self.config = config
         self.cfg = cfg = JobConfig.model_validate(config["job"])
+        if not cfg.bitsandbytes_parts:
+            leave_out_bitsandbytes()  # before diffusers and peft load
         self.t, self.pretrained = cfg.train, config["pretrained"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
