@@ -235,7 +235,7 @@ def test_a_real_ray_node_names_its_card_to_the_driver(tmp_path):
 import ray, yaml
 from raytune_sd3.config import load_job
 from raytune_sd3.driver.placement import read_cluster, resolve_auto
-ray.init(num_cpus=1, num_gpus=1, resources={{"accelerator_type:H100": 1}}, include_dashboard=False,
+ray.init(address="local", num_cpus=1, num_gpus=1, resources={{"accelerator_type:H100": 1}}, include_dashboard=False,
          log_to_driver=False)
 try:
     raw = yaml.safe_load(open({str(ROOT / "jobs" / "sd35.yaml")!r}))

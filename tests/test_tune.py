@@ -176,7 +176,7 @@ def fake_trial(config):  # eval loss falls faster with a larger learning rate, a
         tune.report({"step": step, "eval_loss": loss, OBJECTIVE: loss})
 
 
-ray.init(num_cpus=4, include_dashboard=False)
+ray.init(address="local", num_cpus=4, include_dashboard=False)  # never a cluster `ray start` left running
 for search in searches:  # one after the other, each a study of its own in this one Ray
     raw = yaml.safe_load(open(jobs + "/tune-sd35.yaml"))
     raw["tune"].update(search=search, num_trials=3, trials=[{"train.learning_rate": 1e-4, "flow.shift": "auto"}])
