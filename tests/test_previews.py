@@ -106,7 +106,6 @@ def test_a_503_is_retried_after_its_retry_after_and_then_delivered(monkeypatch):
     assert server.requests == 2 and slept == [10] and poster.sent == 1 and warnings == []
 
 
-
 def test_a_dead_webhook_holds_the_runs_end_for_wait_s_at_most():
     """close() sends what is queued but gives up after `wait_s`: a webhook that keeps answering 503 and asks for a
     wait does not hold the end of a run (the loop closes with 15 s)."""
@@ -119,7 +118,7 @@ def test_a_dead_webhook_holds_the_runs_end_for_wait_s_at_most():
         poster.close(wait_s=0.3)
         waited = time.monotonic() - t0
         assert server.requests == 1 and poster.sent == 0  # the first image's first try; its retry still waiting
-    assert 0.25 < waited < 1.0, waited
+    assert 0.25 < waited < 2.0, waited  # without the bound: every image's retries, about 6 s
     poster.close()  # the rest now fails at once (the server is gone) and the thread ends, its log filter with it
     assert poster.failed == 3 and poster.sent == 0
 

@@ -346,11 +346,7 @@ def _trial_statuses(experiment: Path) -> dict[str, str]:
         return {}
 
 
-def _metrics_lines(path: Path) -> dict[int, str]:
-    return _metrics_lines_of(path.read_bytes())
-
-
-def _metrics_lines_of(text: bytes) -> dict[int, str]:
+def _metrics_lines(text: bytes) -> dict[int, str]:
     return {json.loads(line)["step"]: line for line in text.decode().splitlines() if line.strip()}
 
 
@@ -575,8 +571,8 @@ def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study)
     assert failed[victim]["status"] == "failed" and failed[victim]["note"], failed
     assert sorted(r["status"] for r in failed.values()) == ["diverged", "failed", "stable", "stopped"], failed
     assert "--retry-failed" in study["resume_log"]  # the report says how to rerun it
-    written = _metrics_lines(out / "trials" / victim / "metrics.jsonl")  # now
-    assert killed_at == 4 and max(_metrics_lines_of(study["failed"]["metrics"])) < 8, "it ended before the kill"
+    before_kill = _metrics_lines(study["failed"]["metrics"])
+    assert killed_at == 4 and max(before_kill) < 8, "the trial ended before it could be killed"
 
     # --resume alone: a failed trial is a result of the study as it stands; nothing trains, no Ray starts
     kept = {r["trial"]: r for r in study["kept"]["rows"]}
@@ -590,8 +586,8 @@ def test_failed_trial_stays_failed_on_resume_and_reruns_with_retry_failed(study)
     # the same trial, in its own folder (Tune's restart_errored would replace it with a new trial from step 0)
     assert set(rows) == set(failed) == {p.name for p in (out / "trials").iterdir()}, rows
     assert rows[victim]["status"] == "stable" and rows[victim]["steps"] == "8", rows
+    written = _metrics_lines((out / "trials" / victim / "metrics.jsonl").read_bytes())
     assert sorted(written) == list(range(9))
-    before_kill = _metrics_lines_of(study["failed"]["metrics"])
     assert [written[s] for s in range(killed_at + 1)] == [before_kill[s] for s in range(killed_at + 1)]  # resumed
     assert (out / "trials" / victim / "pytorch_lora_weights.safetensors").exists()
     others = {p: t for p, t in study["failed"]["files"].items() if victim not in p.relative_to(out / "trials").parts}
