@@ -202,6 +202,19 @@ def _enables(section) -> bool:
     return section not in (None, False)
 
 
+def _no_shared_memory_op_on_cpu() -> None:
+    """On DeepSpeed's CPU accelerator its communication backend compiles a shared-memory all-reduce op as it starts
+    (28 s of g++ on 2 cores on each new machine, and an error where no C++ compiler is installed), though only
+    DeepSpeed's inference all-reduce calls it: ZeRO's collectives go through torch.distributed (gloo) either way.
+    Marked incompatible, the op is not built, as on a platform without it. DeepSpeed computes that table once per
+    process and keeps edits to it (deepspeed/ops/__init__.py); GPU accelerators never build this op."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO-2 (optimizer state and gradients sharded) or ZeRO-3 (also every parameter, the frozen base
     included), with our torch optimizer; our LR scheduler stays outside DeepSpeed and is stepped by the loop.
@@ -231,6 +244,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # else a page of config per worker
+        _no_shared_memory_op_on_cpu()
         self.name = cfg.train.strategy
         self.stage = 3 if self.name == "zero3" else 2
         # Under ZeRO-3 a forward pass gathers parameters from every rank: eval and sampling must run on all ranks.
