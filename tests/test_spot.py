@@ -33,22 +33,34 @@ def _drain_for_preemption(address: str, node_id: str, deadline_s: float) -> None
     assert accepted, why
 
 
+def _node_whose_cpus_are_taken(address: str, nodes: set[str]) -> str:
+    """The one node of `nodes` whose CPUs are in use (the training worker's), as the GCS's resource view says."""
+    import ray._raylet
+
+    usage = ray._raylet.GcsClient(address=address).get_all_resource_usage().resource_usage_data.batch
+    busy = [n.node_id.hex() for n in usage
+            if n.node_id.hex() in nodes and n.resources_available["CPU"] < n.resources_total["CPU"]]
+    assert len(busy) == 1, busy
+    return busy[0]
+
+
 @pytest.mark.slow
 def test_drain_notice_checkpoints_at_once_and_the_restart_is_not_a_failure(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
-
 
     fast_death = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                   "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.2")  # Train's watcher polls the GCS this often
     address_file = Path("/tmp/ray/ray_current_cluster")  # Cluster() records its address there, for other users too
     saved_address = address_file.read_bytes() if address_file.exists() else None
-    # Head: the driver, Train's controller, the cache's encoders (2 CPUs: no room for the 3-CPU training worker);
-    # the spot node holds the worker; a second node joins only when the first is taken, so the restart goes there.
+    # Head: the driver, Train's controller, the cache's encoders (2 CPUs: no room for the 3-CPU training worker).
+    # Two 3-CPU nodes: the worker's is drained, the restart goes to the other one. Both are there from the start: a
+    # node added at the notice took long enough on a loaded machine (10-20 s) for the run to pass its periodic
+    # checkpoint before the drain, which the restart then rightly resumed from.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "_system_config": fast_death})
     try:
-        spot = cluster.add_node(num_cpus=3)
+        spot_nodes = {cluster.add_node(num_cpus=3).node_id for _ in range(2)}
         if saved_address is None:
             address_file.unlink(missing_ok=True)
         else:
@@ -68,8 +80,7 @@ def test_drain_notice_checkpoints_at_once_and_the_restart_is_not_a_failure(tmp_p
         while time.time() < deadline and proc.poll() is None and drained is None:
             steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
             if steps and max(steps) >= NOTICE_AFTER:
-                drained = spot.node_id
-                cluster.add_node(num_cpus=3)  # where the restart goes: a draining node takes no new work
+                drained = _node_whose_cpus_are_taken(cluster.address, spot_nodes)
                 _drain_for_preemption(cluster.address, drained, deadline_s=DEADLINE_S)
             time.sleep(0.05)
         out, _ = proc.communicate(timeout=600)
