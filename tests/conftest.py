@@ -78,6 +78,19 @@ def shared_ray(tmp_path_factory) -> dict[str, str]:
     yield from start_head(tmp_path_factory.mktemp("shared-ray") / "head.log", env=LOCAL_RAY_ENV_VARS)
 
 
+DEMO_IMAGES = 24  # the demo runs that share demo_cache train on this many of the demo's images
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """One cache folder for the demo runs whose subject is not the caching stage (a lost worker or node, a drain
+    notice, DeepSpeed against DDP), all on jobs/tiny.yaml's first DEMO_IMAGES images with no validation prompts: the
+    first to run fills it, the others find it warm, as a user's rerun does (entries are keyed by content, so the same
+    images, model and settings give the same keys). Each warm start saves a Ray Data pass and its two encoder
+    actors (about 13 s here)."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
 # moto 5 answers CompleteMultipartUpload with a <CompleteMultipartUploadResponse> root where S3 sends
 # <CompleteMultipartUploadResult>; the AWS C++ SDK under pyarrow then reads the 200 as an error. The server is
 # otherwise real S3 over HTTP, so it runs with that one element renamed.

@@ -14,6 +14,7 @@ import torch
 from raytune_sd3.config import ConfigError, JobConfig, load_job
 from raytune_sd3.driver.preflight import check_paths
 from raytune_sd3.train.strategy import deepspeed_config
+from tests.conftest import DEMO_IMAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -111,7 +112,7 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def trained(local_ray, tmp_path_factory) -> dict[str, Path]:
+def trained(local_ray, tmp_path_factory, demo_cache) -> dict[str, Path]:
     """The demo job for 4 steps (2 micro-steps each, cosine LR) under bf16 autocast, with an eval loss at steps 0
     and 4, under each strategy: {strategy: output_dir}. 2 eval items x 5 sigmas in forwards of 2 pairs: 3 on one
     rank, 2 and one left out of the sum on the other (under ZeRO-3 each forward is a collective)."""
@@ -125,8 +126,8 @@ def trained(local_ray, tmp_path_factory) -> dict[str, Path]:
     outs, manifest = {}, None
     for strategy in ("ddp", "zero2", "zero3"):
         cfg = load_job(ROOT / "jobs" / "tiny.yaml", [
-            f"output_dir={tmp / strategy}", f"data.cache_dir={tmp / 'cache'}",
-            f"data.datasets.0.instance_data_dir={tmp / 'demo'}", "data.datasets.0.demo_images=10",
+            f"output_dir={tmp / strategy}", f"data.cache_dir={demo_cache}",
+            f"data.datasets.0.instance_data_dir={tmp / 'demo'}", f"data.datasets.0.demo_images={DEMO_IMAGES}",
             "data.eval_samples=2", "data.caption_dropout=0", "validation.prompts=[]", f"train.max_steps={STEPS}",
             "train.lr_warmup_steps=1", "train.batch_size=2", "train.grad_accum=2", f"train.strategy={strategy}",
             "train.mixed_precision=bf16",

@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DEMO_IMAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
-def _cmd(tmp: Path, out: str) -> list[str]:
-    sets = [f"output_dir={tmp / out}", f"data.cache_dir={tmp / 'cache'}",
+def _cmd(tmp: Path, out: str, cache: Path) -> list[str]:
+    sets = [f"output_dir={tmp / out}", f"data.cache_dir={cache}",
             f"data.datasets.0.instance_data_dir={tmp / 'demo'}", f"train.max_steps={STEPS}",
             "train.checkpoint_every=4", "train.eval_every=4", "train.max_failures=2", "validation.prompts=[]",
-            "data.datasets.0.demo_images=24"]
+            f"data.datasets.0.demo_images={DEMO_IMAGES}"]
     return [sys.executable, "-m", "raytune_sd3.train", "jobs/tiny.yaml"] + [a for s in sets for a in ("--set", s)]
 
 
@@ -43,11 +45,11 @@ def _our_train_workers(tag: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, shared_ray) -> Path:
+def uninterrupted(tmp_path_factory, shared_ray, demo_cache) -> Path:
     """A 2-worker run with nothing going wrong: the trajectory the others must reproduce (on the session's shared
     Ray). Returns its tmp folder."""
     tmp = tmp_path_factory.mktemp("fault")
-    ref = subprocess.run(_cmd(tmp, "uninterrupted"), cwd=ROOT, env=shared_ray, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(_cmd(tmp, "uninterrupted", demo_cache), cwd=ROOT, env=shared_ray, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
     return tmp
 
@@ -156,7 +158,7 @@ def test_a_worker_error_carries_its_step_through_pickling(monkeypatch):
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray):
+def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray, demo_cache):
     """A worker killed the moment a checkpoint reaches storage, before Ray Train's controller takes the report
     (it polls every 0.5 s on a local Ray or the session's, every 2 s on a cluster): the run resumes from that
     checkpoint, not the one before, and does not rewrite the steps up to it (their lines, step times included, are
@@ -166,7 +168,7 @@ def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray)
     tag = uuid.uuid4().hex
     # On the session's shared Ray: the driver passes its RAYTUNE_SD3_* variables on to the workers it starts.
     env = {**shared_ray, "RAYTUNE_SD3_TEST_TAG": tag}
-    proc = subprocess.Popen(_cmd(tmp_path, "killed"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(tmp_path, "killed", demo_cache), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     run_dir = tmp_path / "killed" / "ray" / "killed"
@@ -193,7 +195,7 @@ def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray)
 
 
 @pytest.mark.slow
-def test_elastic_run_shrinks_mid_run_and_matches_two_workers(uninterrupted, monkeypatch):
+def test_elastic_run_shrinks_mid_run_and_matches_two_workers(uninterrupted, demo_cache, monkeypatch):
     """num_workers [1, 2] on a 3-node Ray (a head that holds no training worker, two nodes that hold one each).
     Once step 4's checkpoint is on storage one node is lost, every process of it killed at once: Ray Train restarts
     the group with the one worker that still fits, which resumes from the newest checkpoint with twice the
@@ -224,7 +226,7 @@ def test_elastic_run_shrinks_mid_run_and_matches_two_workers(uninterrupted, monk
         else:
             address_file.write_bytes(saved_address)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-        cmd = _cmd(uninterrupted, "shrunk") + ["--set", "train.num_workers=[1,2]", "--set", "train.cpus_per_worker=3",
+        cmd = _cmd(uninterrupted, "shrunk", demo_cache) + ["--set", "train.num_workers=[1,2]", "--set", "train.cpus_per_worker=3",
                                                "--set", f"ray.address={cluster.address}"]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         metrics = uninterrupted / "shrunk" / "metrics.jsonl"

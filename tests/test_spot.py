@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DEMO_IMAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, NOTICE_AFTER = 100, 80, 3  # one periodic checkpoint (80): the notice comes well before it
 DEADLINE_S = 3  # the node's drain deadline: Train restarts the workers then (long before step 100)
@@ -45,7 +47,7 @@ def _node_whose_cpus_are_taken(address: str, nodes: set[str]) -> str:
 
 
 @pytest.mark.slow
-def test_drain_notice_checkpoints_at_once_and_the_restart_is_not_a_failure(tmp_path, monkeypatch):
+def test_drain_notice_checkpoints_at_once_and_the_restart_is_not_a_failure(tmp_path, demo_cache, monkeypatch):
     from ray.cluster_utils import Cluster
 
     fast_death = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
@@ -65,8 +67,8 @@ def test_drain_notice_checkpoints_at_once_and_the_restart_is_not_a_failure(tmp_p
             address_file.unlink(missing_ok=True)
         else:
             address_file.write_bytes(saved_address)
-        sets = [f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
-                f"data.datasets.0.instance_data_dir={tmp_path / 'demo'}", "data.datasets.0.demo_images=24",
+        sets = [f"output_dir={tmp_path / 'out'}", f"data.cache_dir={demo_cache}",
+                f"data.datasets.0.instance_data_dir={tmp_path / 'demo'}", f"data.datasets.0.demo_images={DEMO_IMAGES}",
                 f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}", f"train.eval_every={EVERY}",
                 "train.max_failures=0", "train.num_workers=1", "train.cpus_per_worker=3", "validation.prompts=[]",
                 f"ray.address={cluster.address}"]
