@@ -174,7 +174,7 @@ def test_lora_autocast_under_gradient_checkpointing(tiny_sd3):
 
 
 @pytest.mark.parametrize("base", ["fp32", "bf16", "int8", "nf4",
-                                  pytest.param("compiled", marks=pytest.mark.slow)])  # inductor: about 2 min here
+                                  pytest.param("compiled", marks=pytest.mark.slow)])  # inductor: ~50 s on a new machine
 def test_dora_on_every_base_the_job_allows(tiny_sd3, base):
     """lora.kind dora on each base the door lets it train on (full precision, bf16 under the loop's autocast, a
     quanto or bitsandbytes quantised base, the compiled blocks): a fresh DoRA leaves the output as it was (each
@@ -195,12 +195,18 @@ def test_dora_on_every_base_the_job_allows(tiny_sd3, base):
         plain = transformer(**inputs)[0]
     params = add_lora(transformer, LoraConfig(rank=4, kind="dora", targets="all"), seed=0)
     if base == "compiled":
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
         compile_blocks(transformer)
     context = LoraAutocast(transformer, "cpu") if dtype == torch.bfloat16 else torch.enable_grad()
     with context:
         out = transformer(**inputs)[0]
         out.float().pow(2).mean().backward()
     torch.testing.assert_close(out.float(), plain.float(), rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+    if base == "compiled":  # each block one graph: peft's weight fetch no longer breaks it at every DoRA layer
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2, dict(counters["graph_break"])
     magnitudes = {n: p for n, p in transformer.named_parameters() if "lora_magnitude_vector" in n}
     assert len(magnitudes) == len(params) // 3 == len(target_modules(load_transformer(tiny_sd3),
                                                                       LoraConfig(targets="all")))
