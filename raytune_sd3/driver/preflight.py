@@ -170,9 +170,12 @@ def bitsandbytes_problems(cfg: JobConfig, cuda: bool | None = None) -> list[str]
 
 def needs_cuda_problem(cfg: JobConfig) -> str | None:
     """After Ray resolved train.use_gpu against the cluster: why a bitsandbytes job cannot train there, or None."""
-    if cfg.train.use_gpu or not cfg.bitsandbytes_parts:
+    if cfg.train.use_gpu:
         return None
-    what = cfg.bitsandbytes_parts[0]
+    what = ("model.quantize nf4" if cfg.model.quantize == "nf4" else f"train.optimizer {cfg.train.optimizer}"
+            if OPTIMIZERS[cfg.train.optimizer].cuda_only else None)  # what needs CUDA, not only bitsandbytes
+    if what is None:
+        return None
     return (f"{what} needs bitsandbytes on CUDA GPUs, and this Ray cluster has none: use model.quantize: int4 "
             "(optimum-quanto) and train.optimizer: lion or adamw, or a cluster with NVIDIA GPUs "
             "(--set train.use_gpu=true on one that starts them on demand)")
