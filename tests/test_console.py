@@ -31,7 +31,7 @@ def test_the_bar_follows_appends_and_a_resume(tmp_path):
 
 
 ROUTED = """
-import logging, os, sys
+import logging, os, sys, warnings
 from pathlib import Path
 from raytune_sd3.driver import console
 
@@ -42,6 +42,7 @@ deepspeed = logging.getLogger("DeepSpeed")  # as DeepSpeed sets up its logger on
 deepspeed.propagate = False
 deepspeed.addHandler(logging.StreamHandler(sys.stdout))
 deepspeed.warning("accelerator guess")
+warnings.warn("a library's UserWarning")
 if not {verbose}:
     console.ray_log_to_file(Path(sys.argv[1]))
 logging.getLogger("ray._private.worker").warning("raylet chatter")
@@ -69,12 +70,14 @@ def test_third_parties_go_to_ray_log_and_ours_stay(tmp_path):
         "ours before", "ours after", "ours printed"], console_text
     ray_log = (tmp_path / "ray.log").read_text()
     for line in ("kernels.hub WARNING: third party before ray.log", "DeepSpeed WARNING: accelerator guess",
-                 "ray._private.worker WARNING: raylet chatter", "native line"):
+                 "py.warnings WARNING: ", "UserWarning: a library's UserWarning", "ray._private.worker WARNING: raylet chatter",
+                 "native line"):
         assert line in ray_log, ray_log
     assert "ours" not in ray_log
 
 
 def test_verbose_keeps_everything_on_the_console(tmp_path):
     console_text = _run_routed(tmp_path, verbose=True)
-    for line in ("ours before", "third party before ray.log", "accelerator guess", "raylet chatter", "native line"):
+    for line in ("ours before", "third party before ray.log", "accelerator guess", "a library's UserWarning",
+                 "raylet chatter", "native line"):
         assert line in console_text, console_text

@@ -1,8 +1,9 @@
 """The console is for a person: our own lines, one progress bar per stage, warnings and errors. Everything else
 goes to output_dir/ray.log, named on screen; `--verbose` brings it back to the console:
 - Ray's chatter (its loggers, its workers' output, Ray Data's progress dumps, Ray Train's report lines);
-- third parties' log records in this process (bitsandbytes' kernel hub, Ray's token-auth notice, matplotlib's font
-  cache, DeepSpeed's accelerator guess): kept from the start, written to ray.log once the run's folder is known;
+- third parties' log records and Python warnings in this process (bitsandbytes' kernel hub, Ray's token-auth notice,
+  matplotlib's font cache, DeepSpeed's accelerator guess, Ray Data's concurrency warning): kept from the start,
+  written to ray.log once the run's folder is known;
 - what native code writes to the process's stderr (Ray's C++ core worker).
 transformers' own handler and Tune's configuration box are silenced at their source (QUIET_ENV).
 
@@ -84,6 +85,9 @@ def setup_logging(verbose: bool = False) -> None:
     for name in OWN_HANDLER_LOGGERS:
         if _take_own_handlers not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_take_own_handlers)
+    # Python warnings are third parties' (ours are log lines): as records of "py.warnings", to ray.log. Ray Data's
+    # executor, which runs in this process, warns when a data set has fewer blocks than its concurrency.
+    logging.captureWarnings(True)
 
 
 def native_stderr_to(path: Path) -> None:
