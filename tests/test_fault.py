@@ -63,24 +63,37 @@ def _assert_same_trajectory(run: dict[int, dict], reference: dict[int, dict], re
             assert run[step]["eval_loss"] == pytest.approx(reference[step]["eval_loss"], rel=rel), step
 
 
-def _newest_checkpoint(run_dir: Path) -> int | None:
-    """The step of the newest checkpoint wholly on storage, judged without train/checkpoint.py (the run resumes by its
-    newest_on_storage, so that cannot be this test's oracle): its record is there and every file a DDP checkpoint
-    holds loads (a safetensors or torch file cut short by an upload in progress does not)."""
+def _whole_checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder if it is wholly on storage, judged without train/checkpoint.py (the run
+    resumes by its newest_on_storage, so that cannot be this test's oracle): its record is there and every file a DDP
+    checkpoint holds loads (a safetensors or torch file cut short by an upload in progress does not)."""
     import torch
     from safetensors.torch import load_file
 
-    steps = []
-    for folder in run_dir.glob("checkpoint_*") if run_dir.is_dir() else []:
-        try:
-            json.loads((folder / "checkpoint.json").read_text())
-            load_file(folder / "pytorch_lora_weights.safetensors")
-            load_file(folder / "lora_raw.safetensors")
-            torch.load(folder / "optimizer_rank0.pt", weights_only=True)
-            steps.append(int(torch.load(folder / "train_state.pt", weights_only=True)["step"]))
-        except Exception:  # not there yet, or not whole: a poll, not a verdict
-            continue
-    return max(steps, default=None)
+    try:
+        json.loads((folder / "checkpoint.json").read_text())
+        load_file(folder / "pytorch_lora_weights.safetensors")
+        load_file(folder / "lora_raw.safetensors")
+        torch.load(folder / "optimizer_rank0.pt", weights_only=True)
+        return int(torch.load(folder / "train_state.pt", weights_only=True)["step"])
+    except Exception:  # not there yet, or not whole: a poll, not a verdict
+        return None
+
+
+class NewestCheckpoint:
+    """Polled while a run trains: the step of the newest checkpoint of run_dir wholly on storage, or None. A folder
+    found whole stays whole (the run writes each once), so a poll loads only the folders not yet seen whole: polling
+    every few ms would otherwise take a core from the run it watches (4 file loads per folder per poll)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.whole = run_dir, {}
+
+    def __call__(self) -> int | None:
+        folders = [f.name for f in self.run_dir.glob("checkpoint_*")] if self.run_dir.is_dir() else []
+        for name in folders:
+            if name not in self.whole and (step := _whole_checkpoint_step(self.run_dir / name)) is not None:
+                self.whole[name] = step
+        return max((self.whole[n] for n in folders if n in self.whole), default=None)
 
 
 # --- telling a bug from a lost worker (driver/faults.py), without Ray -------------------------------------------
@@ -173,9 +186,9 @@ def test_killed_worker_resumes_with_identical_metrics(uninterrupted, shared_ray,
     metrics = tmp_path / "killed" / "metrics.jsonl"
     run_dir = tmp_path / "killed" / "ray" / "killed"
     killed_at, before = None, []
-    deadline = time.time() + 300
+    deadline, newest_checkpoint = time.time() + 300, NewestCheckpoint(run_dir)
     while time.time() < deadline and proc.poll() is None:
-        newest = _newest_checkpoint(run_dir)
+        newest = newest_checkpoint()
         if newest is not None and newest >= 8:  # past the first checkpoint, so "the one before" exists too
             workers = _our_train_workers(tag)
             assert len(workers) == 2, workers
@@ -231,10 +244,10 @@ def test_elastic_run_shrinks_mid_run_and_matches_two_workers(uninterrupted, demo
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         metrics = uninterrupted / "shrunk" / "metrics.jsonl"
         run_dir = uninterrupted / "shrunk" / "ray" / "shrunk"
-        before = None
+        before, newest_checkpoint = None, NewestCheckpoint(run_dir)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            newest = _newest_checkpoint(run_dir)
+            newest = newest_checkpoint()
             if newest is not None and newest >= 4:
                 cluster.remove_node(nodes[1], allow_graceful=False)  # raylet, its workers: the machine is gone
                 before = metrics.read_text().splitlines()  # final: nothing of the lost node writes any more

@@ -357,18 +357,22 @@ def _files(trial: Path) -> dict[Path, int]:
 def _kill_the_fourth_trial_at_step_4(driver: subprocess.Popen, out: Path, finished: list[str], tag: str) -> tuple:
     """Kill the Ray Train worker of the trial that is neither finished nor the absurd one once its step-4 checkpoint
     is on storage (one trial at a time: the only worker with our tag is its own). Returns (trial, step killed at)."""
-    from tests.test_fault import _newest_checkpoint, _our_train_workers  # the step judged from the files alone
+    from tests.test_fault import NewestCheckpoint, _our_train_workers  # the step judged from the files alone
 
-    deadline, victim = time.time() + 600, None
+    deadline, victim, newest_checkpoint, learning_rates = time.time() + 600, None, None, {}
     while driver.poll() is None and time.time() < deadline:
-        # Found once: the poll below must be quick, as the trial takes its next 4 steps in well under a second
-        # (a poll that also parsed each trial's job.yaml once saw step 8's checkpoint first, on a loaded machine).
+        # Found once, each trial's job.yaml read once: the poll below must be quick, as the trial takes its next 4
+        # steps in well under a second (a poll that also parsed each trial's job.yaml once saw step 8's checkpoint
+        # first, on a loaded machine), and cheap, as it shares the 2 cores with the study it watches.
         while victim is None and driver.poll() is None and time.time() < deadline:
-            victim = next((t for t in (out / "trials").iterdir() if t.name not in finished
-                           and (t / "job.yaml").is_file()
-                           and load_job(t / "job.yaml").train.learning_rate == 1e-2), None)  # not the absurd one
+            for t in (out / "trials").iterdir():
+                if t.name not in finished and t.name not in learning_rates and (t / "job.yaml").is_file():
+                    learning_rates[t.name] = load_job(t / "job.yaml").train.learning_rate
+            victim = next((out / "trials" / t for t, lr in learning_rates.items() if lr == 1e-2), None)  # not absurd
             time.sleep(0.005)
-        newest = _newest_checkpoint(victim / "ray" / victim.name) if victim is not None else None
+        if victim is not None and newest_checkpoint is None:
+            newest_checkpoint = NewestCheckpoint(victim / "ray" / victim.name)
+        newest = newest_checkpoint() if newest_checkpoint is not None else None
         if newest is not None and newest >= 4:
             workers = _our_train_workers(tag)
             assert len(workers) == 1, workers
