@@ -36,46 +36,50 @@ def tiny_pipe(tiny_sd3):
     return pipe
 
 
-def start_local_ray() -> None:
-    """A local Ray in this process, as the suite's in-process tests use it."""
+def start_local_ray(head: dict[str, str]) -> None:
+    """This process's Ray driver, as the suite's in-process tests use it: joined to the session's shared head (the
+    environment shared_ray yields). One cluster for the whole suite instead of a second one started in-process: an
+    idle cluster that has run Ray Data costs about 7 CPU-s a minute here (its dashboard, agents, idle workers and
+    Ray Data's stats and autoscaling actors), and both lived for most of the suite."""
     import ray
 
     from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
 
-    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {
+    os.environ["RAY_AUTH_TOKEN"] = head["RAY_AUTH_TOKEN"]  # the head's token auth: this driver's RPCs carry it
+    ray.init(address=head["RAY_ADDRESS"], runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": "1", "RAYTUNE_SD3_HOME": os.environ["RAYTUNE_SD3_HOME"], **LOCAL_RAY_ENV_VARS}})
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def shared_ray(tmp_path_factory) -> dict[str, str]:
+    """One `ray start` head for the session: the suite's in-process driver joins it (ray_local), and so do a test's
+    CLI runs where the test is not about starting Ray: the environment this yields (RAY_ADDRESS, the head's token)
+    saves each such run Ray's start, about 10 s on 2 cores. Its workers get what a local Ray's would
+    (RAYTUNE_SD3_HOME and the fake AWS keys above, no preemption watcher)."""
+    from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
+    from tests.ray_head import start_head
+
+    yield from start_head(tmp_path_factory.mktemp("shared-ray") / "head.log", env=LOCAL_RAY_ENV_VARS)
+
+
+@pytest.fixture(scope="session")
+def ray_local(shared_ray):
     import ray
 
     if not ray.is_initialized():
-        start_local_ray()
+        start_local_ray(shared_ray)
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def fresh_ray(ray_local):
-    """ray_local, restarted for one module. In the full suite (2026-12-07, twice in a row, never alone) the
+def fresh_ray(ray_local, shared_ray):
+    """ray_local, reconnected for one module. In the full suite (2026-12-07, twice in a row, never alone) the
     session's long-lived in-process Ray stopped hearing from its GCS (its subscriber poll no longer outstanding):
     a Ray Data actor pool then waited for ever for actors that were ALIVE. A new driver connection avoids that."""
     ray_local.shutdown()
-    start_local_ray()
+    start_local_ray(shared_ray)
     yield ray_local
-
-
-@pytest.fixture(scope="session")
-def shared_ray(tmp_path_factory) -> dict[str, str]:
-    """One `ray start` head for the session, which a test's CLI runs join where the test is not about starting Ray:
-    the environment this yields (RAY_ADDRESS, the head's token) saves each such run Ray's start, about 10 s on 2
-    cores. Its workers get what a local Ray's would (RAYTUNE_SD3_HOME and the fake AWS keys above, no preemption
-    watcher)."""
-    from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
-    from tests.ray_head import start_head
-
-    yield from start_head(tmp_path_factory.mktemp("shared-ray") / "head.log", env=LOCAL_RAY_ENV_VARS)
 
 
 DEMO_IMAGES = 24  # the demo runs that share demo_cache train on this many of the demo's images

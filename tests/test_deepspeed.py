@@ -4,7 +4,6 @@ and a per-rank optimizer state that resumes exactly."""
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -95,24 +94,7 @@ def test_config_errors_say_what_to_do(tmp_path, overrides, ds, message):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """conftest's ray_local, but never joining a cluster that `ray start` left on this machine (ray.init() would, and
-    then refuse num_cpus)."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    from raytune_sd3.driver.runtime import LOCAL_RAY_ENV_VARS
-
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAYTUNE_SD3_HOME")}
-    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**env, **LOCAL_RAY_ENV_VARS}})
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def trained(local_ray, tmp_path_factory, demo_cache) -> dict[str, Path]:
+def trained(ray_local, tmp_path_factory, demo_cache) -> dict[str, Path]:
     """The demo job for 4 steps (2 micro-steps each, cosine LR) under bf16 autocast, with an eval loss at steps 0
     and 4, under each strategy: {strategy: output_dir}. 2 eval items x 5 sigmas in forwards of 2 pairs: 3 on one
     rank, 2 and one left out of the sum on the other (under ZeRO-3 each forward is a collective)."""
@@ -262,7 +244,7 @@ def _round_trip_worker(config: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def round_trip(local_ray, tiny_sd3, tmp_path_factory) -> dict:
+def round_trip(ray_local, tiny_sd3, tmp_path_factory) -> dict:
     import ray.cloudpickle
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
