@@ -70,8 +70,8 @@ def test_third_parties_go_to_ray_log_and_ours_stay(tmp_path):
         "ours before", "ours after", "ours printed"], console_text
     ray_log = (tmp_path / "ray.log").read_text()
     for line in ("kernels.hub WARNING: third party before ray.log", "DeepSpeed WARNING: accelerator guess",
-                 "py.warnings WARNING: ", "UserWarning: a library's UserWarning", "ray._private.worker WARNING: raylet chatter",
-                 "native line"):
+                 "py.warnings WARNING: ", "UserWarning: a library's UserWarning",
+                 "ray._private.worker WARNING: raylet chatter", "native line"):
         assert line in ray_log, ray_log
     assert "ours" not in ray_log
 
