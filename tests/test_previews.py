@@ -5,6 +5,7 @@ exception or the URL's token; the Tiny AutoEncoder decodes the sampler's latents
 import io
 import socket
 import time
+import types
 
 import numpy as np
 import pytest
@@ -83,7 +84,10 @@ def test_a_503_is_retried_after_its_retry_after_and_then_delivered(monkeypatch):
     import urllib3.util.retry
 
     slept: list[float] = []
-    monkeypatch.setattr(urllib3.util.retry.time, "sleep", slept.append)
+    # urllib3's retry module alone gets a clock whose sleep is recorded: patching time.sleep itself would also record
+    # the sleeps of any other thread of this process (the session's Ray driver has several).
+    clock = types.SimpleNamespace(sleep=slept.append, time=time.time)
+    monkeypatch.setattr(urllib3.util.retry, "time", clock)
     warnings = []
     sent = _image(3)
     with WebhookServer(statuses=[503, 200], retry_after="7") as server:
